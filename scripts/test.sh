@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# `make test`: start the whole real stack (Kafka, registry, Postgres, S3, etcd, kube-apiserver,
+# controller-manager), run every test, and stop the stack whatever happened.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:/usr/local/go/bin:$PATH"
+export K2_STATE_DIR="${K2_STATE_DIR:-$PWD/.k2/test-state}"
+start=$(date +%s)
+k2 stack up --kube || { k2 stack down; exit 1; }
+eval "$(k2 stack env --kube)"
+python -m pytest "$@"
+rc=$?
+k2 stack down
+echo "make test: pytest exit $rc after $(( $(date +%s) - start ))s"
+exit $rc

@@ -1,0 +1,215 @@
+"""`k2`: the one command behind every K2 workload (ingest, stream, maintain, api, stack, demo, operator).
+
+Containers on Kubernetes run these same sub-commands, configured by the same `K2_*` variables.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from k2.observability import configure_logging, serve_metrics
+from k2.settings import TABLE_KINDS, Settings, TableKind
+
+app = typer.Typer(help="K2 market-data lakehouse", no_args_is_help=True, pretty_exceptions_show_locals=False)
+stack_app = typer.Typer(help="The local stack of real services (Kafka, registry, Postgres, S3, kube-apiserver)",
+                        no_args_is_help=True)
+ingest_app = typer.Typer(help="Feed ticks into Kafka", no_args_is_help=True)
+stream_app = typer.Typer(help="Kafka → Iceberg writers", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(stream_app, name="stream")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    serve_metrics(settings.metrics_port)
+    return settings
+
+
+def _kinds(value: str | None, default: tuple[TableKind, ...]) -> tuple[TableKind, ...]:
+    if not value:
+        return default
+    kinds = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [k for k in kinds if k not in TABLE_KINDS]
+    if unknown:
+        raise typer.BadParameter(f"unknown {unknown}; choose from {', '.join(TABLE_KINDS)}")
+    return kinds  # type: ignore[return-value]
+
+
+# stack ------------------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up(kube: Annotated[bool, typer.Option(help="also start etcd + kube-apiserver (+controller-manager)")] = False,
+             embedded: Annotated[bool, typer.Option(help="only Kafka + registry (SQLite/local files for Iceberg)")]
+             = False) -> None:
+    """Install (cached) and start the services; idempotent."""
+    from k2 import stack
+
+    configure_logging()
+    for service in stack.services(kube=kube, embedded=embedded):
+        console.print(f"[bold]{service.name}[/] … ", end="")
+        service.start()
+        console.print(f"[green]ready[/] on 127.0.0.1:{service.port}")
+    console.print(stack.connection_summary(kube=kube, embedded=embedded))
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every service this checkout started (by recorded PID)."""
+    from k2 import stack
+
+    configure_logging()
+    for service in reversed(stack.services(kube=True, embedded=False)):
+        service.stop()
+    console.print("stack stopped")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    from k2 import stack
+
+    table = RichTable("service", "port", "status", "log")
+    for service in stack.services(kube=True, embedded=False):
+        table.add_row(service.name, str(service.port), service.status(), str(service.log_path))
+    Console().print(table)
+
+
+@stack_app.command("env")
+def stack_env(kube: bool = False, embedded: bool = False) -> None:
+    """Print `export K2_…` lines that point K2 at the local stack."""
+    from k2 import stack
+
+    for key, value in stack.settings_env(kube=kube, embedded=embedded).items():
+        print(f"export {key}={value}")
+
+
+# ingest -----------------------------------------------------------------------------------------
+def _print_ingest(summary) -> None:
+    table = RichTable("rows read", "produced", "rejected", "messages/s", "balanced")
+    table.add_row(f"{summary.rows_read:,}", f"{summary.produced_total:,}", f"{summary.rejected_total:,}",
+                  f"{summary.messages_per_second:,.0f}", "yes" if summary.balanced else "NO")
+    Console().print(table)
+    for topic, count in sorted(summary.produced.items()):
+        Console().print(f"  {topic}: {count:,}")
+    for reason, count in sorted(summary.rejected.items()):
+        Console().print(f"  rejected {reason}: {count:,}")
+
+
+@ingest_app.command("asx")
+def ingest_asx(
+    path: Annotated[Path, typer.Argument(help="ASX-format folder: trades/, quotes/, reference-data/")],
+    symbols: Annotated[str | None, typer.Option(help="comma-separated symbols (default: all)")] = None,
+    topics: Annotated[str | None, typer.Option(help="kinds to ingest: trades,quotes")] = None,
+    dlq_file: Annotated[Path | None, typer.Option(help="local mode: rejected rows to this JSONL file")] = None,
+    progress: bool = True,
+) -> None:
+    """Ingest ASX CSV ticks into Kafka (Avro, Confluent wire format)."""
+    from k2.ingest.pipeline import ingest_files
+
+    settings = _settings()
+    summary = ingest_files(path, settings, symbols=set(symbols.split(",")) if symbols else None,
+                           kinds=_kinds(topics, ("trades", "quotes")), dlq_file=dlq_file, show_progress=progress)
+    _print_ingest(summary)
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+@ingest_app.command("synthetic")
+def ingest_synthetic(
+    symbols: Annotated[int, typer.Option(min=1, max=12)] = 4,
+    days: Annotated[int, typer.Option(min=1, max=60)] = 2,
+    seed: int = 42,
+    out: Annotated[Path | None, typer.Option(help="keep the generated CSV folder here")] = None,
+    dlq_file: Path | None = None,
+    progress: bool = True,
+) -> None:
+    """Generate deterministic realistic ticks (data/k2_synthetic) and ingest them."""
+    from k2.ingest.pipeline import ingest_files
+    from k2_synthetic import generate
+
+    settings = _settings()
+    with tempfile.TemporaryDirectory(prefix="k2-synthetic-") as tmp:
+        folder = generate(out or Path(tmp), symbols=symbols, days=days, seed=seed)
+        summary = ingest_files(folder, settings, dlq_file=dlq_file, show_progress=progress)
+    _print_ingest(summary)
+
+
+@app.command("generate")
+def generate_cmd(out: Path, symbols: int = 4, days: int = 2, seed: int = 42) -> None:
+    """Write deterministic synthetic ticks in the ASX CSV format."""
+    from k2_synthetic import generate
+
+    generate(out, symbols=symbols, days=days, seed=seed)
+    console.print(f"wrote {out}")
+
+
+# stream -----------------------------------------------------------------------------------------
+@stream_app.command("run")
+def stream_run(
+    tables: Annotated[str | None, typer.Option(help="comma-separated: trades,quotes,reference")] = None,
+    until_idle: Annotated[float | None, typer.Option(help="exit 0 once caught up and idle this many seconds")]
+    = None,
+    dlq_file: Path | None = None,
+    group_id: Annotated[str | None, typer.Option(help="consumer group prefix")] = None,
+) -> None:
+    """Consume the Avro topics into Iceberg tables, exactly once."""
+    from k2.stream.runner import run
+
+    settings = _settings()
+    result = run(settings, _kinds(tables, TABLE_KINDS), until_idle=until_idle, dlq_file=dlq_file,
+                 group_id=group_id)
+    for table, rows in result.rows_written.items():
+        console.print(f"{table}: {rows:,} rows committed")
+
+
+@app.command("maintain")
+def maintain_cmd(
+    tables: Annotated[str | None, typer.Option("--table", help="comma-separated table kinds")] = None,
+    retention_hours: Annotated[float, typer.Option(help="expire snapshots older than this")] = 24 * 7,
+    min_files: Annotated[int, typer.Option(help="compact partitions with at least this many files")] = 4,
+) -> None:
+    """Compact small files per partition and expire old snapshots."""
+    from k2.stream.maintenance import maintain
+
+    settings = _settings()
+    for report in maintain(settings, _kinds(tables, TABLE_KINDS), retention_hours=retention_hours,
+                           min_files=min_files):
+        console.print(report.describe())
+
+
+# api --------------------------------------------------------------------------------------------
+@app.command("api")
+def api_cmd(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Serve the REST API (FastAPI + uvicorn)."""
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run("k2.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_config=None, access_log=False, log_level=settings.log_level.lower())
+
+
+# operator ---------------------------------------------------------------------------------------
+@app.command("operator")
+def operator_cmd(namespace: Annotated[list[str] | None, typer.Option(help="watch only these namespaces")] = None,
+                 ) -> None:
+    """Run the kopf operator (in-cluster, or with the current kubeconfig)."""
+    from k2_operator.main import run as run_operator
+
+    configure_logging(Settings().log_level)
+    run_operator(namespaces=namespace or [])
+
+
+@app.command("demo")
+def demo_cmd(asx: Annotated[Path | None, typer.Option(help="load this ASX folder instead of synthetic ticks")]
+             = None, port: int = 8000, keep_running: bool = False) -> None:
+    """The guided tour: stack → ingest → stream → API → queries → chart."""
+    from k2.demo import run_demo
+
+    run_demo(asx=asx, port=port, keep_running=keep_running)

@@ -1,0 +1,180 @@
+"""CSV files → Kafka: parse, number, validate, encode, produce; rejects to the DLQ.
+
+Invariant, checked at the end of every run: rows read = messages produced + rows rejected.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from k2 import schemas, topics
+from k2.dlq import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
+from k2.ingest.asx import RecordBuilder, RowError, TickFile, discover, reference_records
+from k2.ingest.producer import TickProducer
+from k2.quality import GapDetector
+from k2.schemas.registry import client as registry_client
+from k2.schemas.registry import register, value_subject
+from k2.schemas.wire import AvroEncoder
+from k2.settings import Settings, TableKind
+
+log = structlog.get_logger("k2.ingest")
+
+
+@dataclass
+class IngestSummary:
+    rows_read: int = 0
+    produced: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def produced_total(self) -> int:
+        return sum(self.produced.values())
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def balanced(self) -> bool:
+        return self.rows_read == self.produced_total + self.rejected_total
+
+    @property
+    def messages_per_second(self) -> float:
+        return self.produced_total / self.seconds if self.seconds else 0.0
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to stop between rows; the producer is then flushed."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: the caller owns signals
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        log.warning("ingest.stopping", signal=signal.Signals(signum).name)
+        self.stop = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def register_schemas(settings: Settings, kinds: tuple[TableKind, ...]) -> dict[TableKind, AvroEncoder]:
+    """Register (or find) each kind's schema; an incompatible one raises before anything is produced."""
+    registry = registry_client(settings.registry_url)
+    encoders = {}
+    for kind in kinds:
+        reg = register(registry, value_subject(settings.topic(kind)), schemas.avro_schema(kind),
+                       settings.compatibility)
+        encoders[kind] = AvroEncoder(reg.schema_id, schemas.physical_schema(kind))
+    return encoders
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled)
+
+
+def ingest_files(
+    root: Path,
+    settings: Settings,
+    *,
+    symbols: set[str] | None = None,
+    kinds: tuple[TableKind, ...] = ("trades", "quotes"),
+    with_reference: bool = True,
+    create_topics: bool = True,
+    dlq_file: Path | None = None,
+    show_progress: bool = False,
+    producer_config: dict | None = None,
+) -> IngestSummary:
+    """Ingest an ASX-format folder (trades/, quotes/, reference-data/) into Kafka."""
+    files = discover(root, symbols, kinds)
+    all_kinds = (*kinds, "reference") if with_reference else kinds
+    if create_topics:
+        topics.ensure_pipeline_topics(settings, all_kinds)
+    encoders = register_schemas(settings, all_kinds)
+    producer = TickProducer(settings.kafka_bootstrap, producer_config)
+    dlq: DeadLetterSink = (FileDeadLetters(dlq_file) if dlq_file
+                           else KafkaDeadLetters(producer.producer, settings.dlq_topic))
+    detector = GapDetector("ingest", settings.gap_alert, settings.gap_halt)
+    summary = IngestSummary()
+    ingest_us = time.time_ns() // 1000
+    started = time.perf_counter()
+    total_bytes = sum(f.path.stat().st_size for f in files)
+
+    with _StopFlag() as flag, _progress(show_progress) as progress:
+        task = progress.add_task("ingest", total=total_bytes, rate="")
+
+        def advance(nbytes: int) -> None:
+            rate = summary.rows_read / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=nbytes, rate=f"{rate:,.0f} rows/s")
+
+        if with_reference:
+            topic, encoder = settings.topic("reference"), encoders["reference"]
+            for record in reference_records(root, ingest_us, symbols):
+                summary.rows_read += 1
+                producer.produce(topic, record["symbol"].encode(), encoder.encode(record))
+        for tick_file in files:
+            if flag.stop:
+                summary.interrupted = True
+                break
+            _ingest_file(tick_file, settings.topic(tick_file.kind), encoders[tick_file.kind], producer, dlq,
+                         detector, summary, ingest_us, flag, advance)
+        producer.flush()
+        dlq.flush()
+    summary.produced = Counter(producer.delivered)
+    summary.seconds = time.perf_counter() - started
+    log.info("ingest.summary", rows_read=summary.rows_read, produced=summary.produced_total,
+             rejected=summary.rejected_total, rejected_by_reason=dict(summary.rejected),
+             messages_per_second=round(summary.messages_per_second), balanced=summary.balanced,
+             interrupted=summary.interrupted)
+    if not summary.balanced:
+        raise RuntimeError(f"ingest lost rows: read {summary.rows_read}, produced {summary.produced_total}, "
+                           f"rejected {summary.rejected_total}")
+    return summary
+
+
+def _ingest_file(tick_file: TickFile, topic: str, encoder: AvroEncoder, producer: TickProducer,
+                 dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary, ingest_us: int,
+                 flag: _StopFlag, advance) -> None:
+    builder = RecordBuilder(tick_file, ingest_us)
+    key = tick_file.symbol.encode()
+    encode, produce, build = encoder.encode, producer.produce, builder.build
+    pending_bytes = 0
+    with tick_file.path.open(newline="") as fh:
+        for line_number, line in enumerate(fh, start=1):
+            summary.rows_read += 1
+            pending_bytes += len(line)
+            try:
+                record = build(line)
+            except RowError as exc:
+                summary.rejected[exc.reason] += 1
+                dlq.send(DeadLetter(stage="ingest", reason=exc.reason, detail=str(exc),
+                                    source=str(tick_file.path), line_number=line_number,
+                                    line=line.rstrip("\r\n")))
+                continue
+            detector.observe(record["symbol"], record["exchange_date"], record["sequence_number"])
+            produce(topic, key, encode(record))
+            if line_number % 20_000 == 0:
+                advance(pending_bytes)
+                pending_bytes = 0
+                if flag.stop:
+                    break
+    advance(pending_bytes)

@@ -1,0 +1,110 @@
+"""Logging and metrics for every K2 process.
+
+All `k2_*` metrics are declared here, in one registry, so the Grafana dashboard and the alert
+rules in the chart can be checked against what the code really exports.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# ingest
+MESSAGES_PRODUCED = Counter("k2_messages_produced", "Messages acknowledged by Kafka", ["topic"],
+                            registry=REGISTRY)
+BYTES_PRODUCED = Counter("k2_bytes_produced", "Payload bytes acknowledged by Kafka", ["topic"],
+                         registry=REGISTRY)
+PRODUCE_ERRORS = Counter("k2_produce_errors", "Messages Kafka refused", ["topic", "reason"], registry=REGISTRY)
+PRODUCE_LATENCY = Histogram("k2_produce_latency_seconds", "Produce call to delivery report", ["topic"],
+                            buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+ROWS_REJECTED = Counter("k2_rows_rejected", "Rows and messages sent to the DLQ", ["stage", "reason"],
+                        registry=REGISTRY)
+SEQUENCE_GAPS = Counter("k2_sequence_gaps", "Sequence gaps by severity (warning, alert, halt)",
+                        ["stage", "severity"], registry=REGISTRY)
+SEQUENCE_ANOMALIES = Counter("k2_sequence_anomalies", "Duplicate and out-of-order sequence numbers",
+                             ["stage", "kind"], registry=REGISTRY)
+
+# stream
+ROWS_WRITTEN = Counter("k2_rows_written", "Rows committed to Iceberg", ["table"], registry=REGISTRY)
+FILES_WRITTEN = Counter("k2_files_written", "Data files committed to Iceberg", ["table"], registry=REGISTRY)
+DUPLICATES_DROPPED = Counter("k2_duplicates_dropped", "Rows dropped by de-duplication", ["table"],
+                             registry=REGISTRY)
+COMMIT_DURATION = Histogram("k2_commit_duration_seconds", "Iceberg commit duration", ["table"],
+                            buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+COMMITS = Counter("k2_commits", "Iceberg commits by outcome", ["table", "outcome"], registry=REGISTRY)
+BATCH_ROWS = Histogram("k2_batch_rows", "Rows per micro-batch", ["table"],
+                       buckets=(1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000), registry=REGISTRY)
+CONSUMER_LAG = Gauge("k2_consumer_lag", "Messages behind the log end", ["table", "topic", "partition"],
+                     registry=REGISTRY)
+SNAPSHOTS = Gauge("k2_table_snapshots", "Snapshots retained per table", ["table"], registry=REGISTRY)
+
+# query + API
+HTTP_REQUESTS = Counter("k2_http_requests", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
+HTTP_DURATION = Histogram("k2_http_request_duration_seconds", "HTTP request duration", ["method", "route"],
+                          buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+QUERY_EXECUTIONS = Counter("k2_query_executions", "Engine queries", ["query", "outcome"], registry=REGISTRY)
+QUERY_DURATION = Histogram("k2_query_duration_seconds", "Engine query duration", ["query"],
+                           buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+ROWS_RETURNED = Counter("k2_query_rows_returned", "Rows returned to clients", ["query"], registry=REGISTRY)
+
+# operator
+RECONCILES = Counter("k2_operator_reconcile", "Reconciliations", ["kind", "outcome"], registry=REGISTRY)
+RECONCILE_DURATION = Histogram("k2_operator_reconcile_duration_seconds", "Reconciliation duration", ["kind"],
+                               buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+RECONCILE_ERRORS = Counter("k2_operator_reconcile_errors", "Failed reconciliations", ["kind", "reason"],
+                           registry=REGISTRY)
+MANAGED_RESOURCES = Gauge("k2_operator_resources", "Custom resources by Ready state", ["kind", "ready"],
+                          registry=REGISTRY)
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name a scrape can show (counters gain `_total`, histograms `_bucket`…)."""
+    names: set[str] = set()
+    for metric in REGISTRY.collect():
+        names.add(metric.name)
+        if metric.type == "counter":
+            names.update({f"{metric.name}_total", f"{metric.name}_created"})
+        elif metric.type == "histogram":
+            names.update(f"{metric.name}{s}" for s in ("_bucket", "_sum", "_count", "_created"))
+    return names
+
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
+    """structlog → one JSON object per line on stderr (console rendering on a terminal)."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    if json is None:
+        json = not sys.stderr.isatty()
+    processors: list = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(),
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+
+
+def serve_metrics(port: int) -> None:
+    """Expose the registry on its own port (for workloads without an HTTP server of their own)."""
+    if port:
+        start_http_server(port, registry=REGISTRY)

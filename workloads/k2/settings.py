@@ -1,0 +1,113 @@
+"""K2's one settings model.
+
+Every workload reads its configuration from `K2_*` environment variables through `Settings`, and
+the operator renders the very same fields into Deployment env with `Settings.to_env()`, so a CR
+field, its env var and the workload's typed value can never drift apart.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_API_KEY = "k2-dev-api-key-2026"
+TableKind = Literal["trades", "quotes", "reference"]
+TABLE_KINDS: tuple[TableKind, ...] = ("trades", "quotes", "reference")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="K2_", extra="ignore", frozen=True)
+
+    mode: Literal["dev", "prod"] = Field("dev", description="dev allows the built-in API key")
+
+    # Kafka + Schema Registry
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    registry_url: str = "http://127.0.0.1:8081"
+    asset_class: str = Field("equities", pattern=r"^[a-z][a-z0-9-]*$")
+    exchange: str = Field("asx", pattern=r"^[a-z][a-z0-9-]*$")
+    topic_partitions: int = Field(6, ge=1, le=1000)
+    topic_replication: int = Field(1, ge=1, le=7)
+    compatibility: Literal["BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL",
+                           "FULL_TRANSITIVE", "NONE"] = "BACKWARD"
+
+    # Iceberg catalog + warehouse (embedded defaults: SQLite + local files)
+    catalog_name: str = "k2"
+    catalog_uri: str = "sqlite:///.k2/catalog.db"
+    warehouse: str = ".k2/warehouse"
+    namespace: str = Field("market", pattern=r"^[a-z][a-z0-9_]*$")
+    s3_endpoint: str | None = None
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+
+    # stream writer
+    batch_rows: int = Field(50_000, ge=1)
+    batch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    batch_seconds: float = Field(2.0, gt=0)
+    target_file_size_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+
+    # data quality: sequence gaps below `gap_alert` warn, up to `gap_halt` alert, above halt
+    gap_alert: int = Field(10, ge=1)
+    gap_halt: int = Field(100, ge=1)
+    dlq_path: str = ".k2/dlq.jsonl"
+
+    # query API
+    api_keys: str = Field("", description="comma-separated API keys")
+    api_keys_file: Path | None = None
+    rate_limit: str = "100/minute"
+    max_rows: int = Field(10_000, ge=1)
+
+    log_level: str = "INFO"
+    metrics_port: int = Field(0, ge=0, le=65535, description="0: no separate metrics server")
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> Settings:
+        if self.gap_alert > self.gap_halt:
+            raise ValueError("gap_alert must not exceed gap_halt")
+        return self
+
+    # derived names: one place for the naming conventions
+    def topic(self, kind: TableKind) -> str:
+        return f"market.{self.asset_class}.{kind}.{self.exchange}"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"market.{self.asset_class}.dlq"
+
+    def table_identifier(self, kind: TableKind) -> str:
+        return f"{self.namespace}.{kind}"
+
+    @cached_property
+    def warehouse_uri(self) -> str:
+        if "://" in self.warehouse:
+            return self.warehouse
+        path = Path(self.warehouse).absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        return path.as_uri()
+
+    @cached_property
+    def resolved_catalog_uri(self) -> str:
+        """Relative SQLite paths are made absolute so every process of a run shares one file."""
+        prefix = "sqlite:///"
+        if self.catalog_uri.startswith(prefix) and not self.catalog_uri.startswith(prefix + "/"):
+            path = Path(self.catalog_uri[len(prefix):]).absolute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return prefix + str(path)
+        return self.catalog_uri
+
+    def to_env(self) -> dict[str, str]:
+        """The `K2_*` environment that reproduces these settings in another process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"K2_{name.upper()}"] = str(value)
+        return env
+
+
+def load() -> Settings:
+    return Settings()

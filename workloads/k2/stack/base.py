@@ -1,0 +1,240 @@
+"""How a local service is installed, started, probed and stopped.
+
+Every service of the local stack is a real program (Kafka, a schema registry, PostgreSQL, an S3
+server, kube-apiserver…). They differ only in how they are obtained and how they prove they
+serve, so each is one `Service` subclass and this module does the rest the same way for all:
+idempotent start, a port check that names the env var to change, readiness polled on the real
+protocol, logs and a PID file under the state folder, stop by recorded PID (whole process group).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("k2.stack")
+
+
+class StackError(RuntimeError):
+    """A service could not be installed, started or stopped; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Downloads and builds, keyed by version, outside any checkout so fresh clones reuse them."""
+    path = Path(os.environ.get("K2_CACHE_DIR", Path.home() / ".cache" / "k2"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def state_dir() -> Path:
+    """Data, logs and PID files of running services (per checkout unless K2_STATE_DIR is set)."""
+    path = Path(os.environ.get("K2_STATE_DIR", Path.cwd() / ".k2" / "state")).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def port_from_env(env_var: str, default: int) -> int:
+    raw = os.environ.get(env_var)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise StackError(f"{env_var}={raw!r} is not a port number") from exc
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+        what: str = "", timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run an install/build step; on failure raise with the tail of its output."""
+    log.info("stack.run", cmd=" ".join(map(str, cmd))[:300], what=what)
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-3000:]).strip()
+        raise StackError(f"{what or cmd[0]} failed (exit {proc.returncode}):\n{tail}")
+    return proc
+
+
+def require_tool(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise StackError(f"`{name}` is not on PATH: {hint}")
+    return path
+
+
+@dataclass
+class Service:
+    """One local service. Subclasses set the class attributes and implement the hooks."""
+
+    name: str = ""
+    port_env: str = ""
+    default_port: int = 0
+    start_timeout: float = 120.0
+
+    @property
+    def port(self) -> int:
+        return port_from_env(self.port_env, self.default_port)
+
+    @property
+    def home(self) -> Path:
+        """This service's state folder (data, config)."""
+        path = state_dir() / self.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def log_path(self) -> Path:
+        return state_dir() / "logs" / f"{self.name}.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return state_dir() / "pids" / f"{self.name}.pid"
+
+    # hooks -------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Fetch or build the program into cache_dir(); must be idempotent and fast when cached."""
+
+    def prepare(self) -> None:
+        """One-time state setup (format storage, initdb…); must be idempotent."""
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return {}
+
+    def ready(self) -> bool:
+        """True once the service answers on its real protocol (not merely an open port)."""
+        raise NotImplementedError
+
+    def after_ready(self) -> None:
+        """Post-start provisioning (create a bucket, a database…); must be idempotent."""
+
+    def extra_ports(self) -> dict[str, int]:
+        """Other ports the service binds, by env var, checked before start."""
+        return {}
+
+    def run_as(self) -> str | None:
+        """A system user to drop to (PostgreSQL refuses to run as root)."""
+        return None
+
+    # lifecycle ---------------------------------------------------------------------------
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:  # reap it if it is our own exited child, so a zombie does not look alive
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return None
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+    def safe_ready(self) -> bool:
+        try:
+            return bool(self.ready())
+        except Exception:  # noqa: BLE001 - a probe failing only means "not yet"
+            return False
+
+    def start(self) -> None:
+        if self.pid() is not None:
+            if self._wait_ready(self.start_timeout):
+                log.info("stack.already_running", service=self.name, port=self.port)
+                return
+            raise StackError(f"{self.name} is running (pid {self.pid()}) but does not answer; "
+                             f"see {self.log_path}")
+        for env_var, port in {self.port_env: self.port, **self.extra_ports()}.items():
+            if port_in_use(port):
+                raise StackError(f"{self.name}: port {port} is already in use by another process; "
+                                 f"free it or set {env_var} to another port")
+        self.install()
+        self.prepare()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        user = self.run_as()
+        if user:
+            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *cmd]
+        log.info("stack.start", service=self.name, port=self.port, cmd=" ".join(cmd)[:300])
+        with open(self.log_path, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **self.environment()}, start_new_session=True,
+                                    cwd=self.home)
+        self.pid_path.write_text(str(proc.pid))
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StackError(f"{self.name} exited with {proc.returncode} while starting:\n"
+                                 f"{self.log_tail()}")
+            if self.safe_ready():
+                self.after_ready()
+                log.info("stack.ready", service=self.name, port=self.port, pid=proc.pid)
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise StackError(f"{self.name} did not become ready within {self.start_timeout:.0f}s:\n"
+                         f"{self.log_tail()}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.safe_ready():
+                return True
+            if self.pid() is None:
+                return False
+            time.sleep(0.3)
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        pid = self.pid()
+        if pid is None:
+            self.pid_path.unlink(missing_ok=True)
+            return
+        log.info("stack.stop", service=self.name, pid=pid)
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid() is not None:
+            time.sleep(0.2)
+        if self.pid() is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            time.sleep(0.5)
+        self.pid_path.unlink(missing_ok=True)
+
+    def status(self) -> str:
+        pid = self.pid()
+        if pid is None:
+            return "stopped"
+        return "ready" if self.safe_ready() else "starting/unhealthy"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"

@@ -1,0 +1,157 @@
+"""Iceberg table definitions and the catalog: one place for schema, partitioning, sort order and
+properties, used by the stream writer (create/evolve), the operator (IcebergTable) and the query
+engine (pruning)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot
+from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrder
+from pyiceberg.transforms import BucketTransform, IdentityTransform
+
+from k2 import schemas
+from k2.settings import Settings, TableKind
+
+log = structlog.get_logger("k2.tables")
+
+OFFSETS_PROPERTY = "k2.kafka.offsets"  # snapshot summary key: {"topic": {"partition": next_offset}}
+KEY_COLUMNS: dict[TableKind, tuple[str, ...]] = {
+    "trades": ("symbol", "exchange_date", "sequence_number"),
+    "quotes": ("symbol", "exchange_date", "sequence_number"),
+    "reference": ("symbol", "company_id"),
+}
+
+
+@dataclass(frozen=True)
+class TableDefinition:
+    """What a K2 table looks like; rendered from an IcebergTable CR or the built-in defaults."""
+
+    namespace: str
+    name: str
+    schema: Schema
+    partition_by: tuple[tuple[str, str], ...] = ()  # (source column, transform: identity|bucket[N])
+    sort_by: tuple[str, ...] = ()
+    properties: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identifier(self) -> str:
+        return f"{self.namespace}.{self.name}"
+
+    def partition_spec(self) -> PartitionSpec:
+        fields = []
+        for position, (column, transform) in enumerate(self.partition_by):
+            source = self.schema.find_field(column)
+            if transform == "identity":
+                tf, name = IdentityTransform(), column
+            elif transform.startswith("bucket["):
+                buckets = int(transform[len("bucket["):-1])
+                tf, name = BucketTransform(buckets), f"{column}_bucket"
+            else:
+                raise ValueError(f"unsupported partition transform {transform!r}")
+            fields.append(PartitionField(source_id=source.field_id, field_id=1000 + position,
+                                         transform=tf, name=name))
+        return PartitionSpec(*fields)
+
+    def sort_order(self) -> SortOrder:
+        return SortOrder(*[SortField(source_id=self.schema.find_field(c).field_id, transform=IdentityTransform(),
+                                     direction=SortDirection.ASC, null_order=NullOrder.NULLS_LAST)
+                           for c in self.sort_by])
+
+
+def default_properties(settings: Settings) -> dict[str, str]:
+    return {
+        "write.format.default": "parquet",
+        "write.parquet.compression-codec": "zstd",
+        "write.target-file-size-bytes": str(settings.target_file_size_bytes),
+        "format-version": "2",
+    }
+
+
+def builtin_definition(kind: TableKind, settings: Settings) -> TableDefinition:
+    """K2's tables: ticks partitioned by exchange-local trading date and sorted so that one
+    symbol's rows sit together in time order (row-group statistics then prune by symbol)."""
+    partition_by: tuple[tuple[str, str], ...] = ()
+    sort_by: tuple[str, ...] = ()
+    if kind in ("trades", "quotes"):
+        partition_by = (("exchange_date", "identity"),)
+        sort_by = ("symbol", "exchange_timestamp", "sequence_number")
+    return TableDefinition(settings.namespace, kind, schemas.iceberg_schema(kind), partition_by, sort_by,
+                           default_properties(settings))
+
+
+def catalog(settings: Settings) -> Catalog:
+    props: dict[str, Any] = {"type": "sql", "uri": settings.resolved_catalog_uri,
+                             "warehouse": settings.warehouse_uri, "init_catalog_tables": "true"}
+    if settings.s3_endpoint:
+        props.update({"s3.endpoint": settings.s3_endpoint, "s3.region": settings.s3_region,
+                      "s3.path-style-access": "true"})
+        if settings.s3_access_key and settings.s3_secret_key:
+            props["s3.access-key-id"] = settings.s3_access_key.get_secret_value()
+            props["s3.secret-access-key"] = settings.s3_secret_key.get_secret_value()
+    return load_catalog(settings.catalog_name, **props)
+
+
+def ensure_table(cat: Catalog, definition: TableDefinition) -> Table:
+    """Create the table if absent; otherwise evolve its schema with compatible additions only."""
+    try:
+        cat.create_namespace(definition.namespace)
+    except NamespaceAlreadyExistsError:
+        pass
+    try:
+        table = cat.create_table(definition.identifier, schema=definition.schema,
+                                 partition_spec=definition.partition_spec(),
+                                 sort_order=definition.sort_order(), properties=definition.properties)
+        log.info("table.created", table=definition.identifier)
+        return table
+    except TableAlreadyExistsError:
+        table = cat.load_table(definition.identifier)
+    evolve_schema(table, definition.schema)
+    return table
+
+
+def evolve_schema(table: Table, schema: Schema) -> bool:
+    """Add the columns of `schema` missing from the table (as optional). Returns whether it changed."""
+    existing = {f.name for f in table.schema().fields}
+    if all(f.name in existing for f in schema.fields):
+        return False
+    with table.update_schema() as update:
+        update.union_by_name(schema)
+    log.info("table.schema_evolved", table=".".join(table.name()),
+             added=[f.name for f in schema.fields if f.name not in existing])
+    return True
+
+
+def load_table(cat: Catalog, identifier: str) -> Table | None:
+    try:
+        return cat.load_table(identifier)
+    except NoSuchTableError:
+        return None
+
+
+def recorded_offsets(table: Table) -> dict[str, dict[int, int]]:
+    """The Kafka offsets of the newest snapshot in the main lineage that recorded them.
+
+    Snapshots made by maintenance carry them forward, but walking the lineage keeps this right
+    for snapshots made by other tools too.
+    """
+    snapshot: Snapshot | None = table.current_snapshot()
+    while snapshot is not None:
+        raw = snapshot.summary.additional_properties.get(OFFSETS_PROPERTY) if snapshot.summary else None
+        if raw:
+            return {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in json.loads(raw).items()}
+        snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
+    return {}
+
+
+def encode_offsets(offsets: dict[str, dict[int, int]]) -> str:
+    return json.dumps({t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(offsets.items())},
+                      separators=(",", ":"))
