@@ -119,3 +119,39 @@ def asx_root() -> Path:
     if not (ASX_DATA / "reference-data" / "company_info.csv").is_file():
         pytest.skip(f"ASX sample not found at {ASX_DATA} (set K2_ASX_DATA to its folder)")
     return ASX_DATA
+
+
+def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
+    """Every message of `topic` from the beginning up to its current end (real consumer)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-drain-{uuid.uuid4().hex[:6]}",
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        ends = {}
+        for p in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        messages, remaining = [], dict(ends)
+        import time
+
+        deadline = time.monotonic() + timeout
+        while remaining and time.monotonic() < deadline:
+            for msg in consumer.consume(10_000, timeout=1.0):
+                if msg.error():
+                    continue
+                messages.append(msg)
+                if msg.offset() + 1 >= remaining.get(msg.partition(), 0):
+                    remaining.pop(msg.partition(), None)
+        assert not remaining, f"timed out draining {topic}: partitions {sorted(remaining)} unfinished"
+        return messages
+    finally:
+        consumer.close()
+
+
+@pytest.fixture
+def drain():
+    return drain_topic

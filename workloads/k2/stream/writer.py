@@ -285,7 +285,7 @@ class TableWriter:
             all_recorded = tables.recorded_offsets(self.table)
             recorded = all_recorded.get(self.topic, {})
             stale = {p: (recorded.get(p), start) for p, start in batch.start.items()
-                     if recorded.get(p, self._unrecorded_start(p, start)) != start}
+                     if (recorded[p] if p in recorded else self._unrecorded_start(p, start)) != start}
             if stale:
                 COMMITS.labels(self.table_name, "fenced").inc()
                 log.warning("stream.batch_fenced", table=self.table_name, partitions=stale)

@@ -1,0 +1,124 @@
+"""Ingest and stream throughput on the ASX sample, each against a bare baseline in the same run.
+
+- ingest: parse + number + encode + produce every CSV row, vs. the bare confluent-kafka producer
+  sending the same number of already-serialized payloads (the ceiling);
+- stream: Kafka → Iceberg rows/s, and end-to-end wall time CSV → Kafka → Iceberg, vs. a bare
+  pyarrow Parquet (zstd) write of the same rows.
+
+Usage: python benchmarks/bench_pipeline.py --data ../shared/data/asx-2014-03  (needs Kafka + registry;
+`k2 stack up --embedded` or `make bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from confluent_kafka import Producer
+
+from k2 import topics
+from k2.ingest.asx import RecordBuilder, RowError, discover
+from k2.ingest.pipeline import ingest_files, register_schemas
+from k2.ingest.producer import PRODUCER_DEFAULTS
+from k2.settings import Settings
+from k2.stream.runner import run as stream_run
+from k2.stream.writer import rows_to_arrow
+
+
+def _settings(tmp: Path, tag: str) -> Settings:
+    return Settings(asset_class=f"bench{tag}", catalog_uri=f"sqlite:///{tmp}/catalog.db",
+                    warehouse=str(tmp / "warehouse"), log_level="WARNING")
+
+
+def bench_ingest(data: Path, tmp: Path) -> dict[str, float]:
+    settings = _settings(tmp, uuid.uuid4().hex[:6])
+    summary = ingest_files(data, settings, with_reference=False)
+    k2_rate = summary.produced_total / summary.seconds
+
+    # ceiling: the same number of pre-serialized payloads through a bare producer
+    encoders = register_schemas(settings, ("trades", "quotes"))
+    payloads = []
+    for tick_file in discover(data):
+        builder = RecordBuilder(tick_file, 0)
+        for line in tick_file.path.open(newline=""):
+            try:
+                payloads.append((settings.topic(tick_file.kind), tick_file.symbol.encode(),
+                                 encoders[tick_file.kind].encode(builder.build(line))))
+            except RowError:
+                pass
+    bare_topic = f"bench.bare.{uuid.uuid4().hex[:6]}"
+    topics.ensure_topic(topics.admin_client(settings.kafka_bootstrap), topics.TopicSpec(bare_topic, 6))
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
+    started = time.perf_counter()
+    for _topic, key, value in payloads:
+        while True:
+            try:
+                producer.produce(bare_topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+    bare_rate = len(payloads) / (time.perf_counter() - started)
+    return {"messages": summary.produced_total, "k2_msgs_per_s": k2_rate, "bare_msgs_per_s": bare_rate,
+            "ratio": bare_rate / k2_rate}
+
+
+def bench_stream(data: Path, tmp: Path) -> dict[str, float]:
+    settings = _settings(tmp, uuid.uuid4().hex[:6])
+    started = time.perf_counter()
+    summary = ingest_files(data, settings, with_reference=False)
+    produced = time.perf_counter()
+    result = stream_run(settings, ("trades", "quotes"), until_idle=0.5)
+    finished = time.perf_counter()
+    rows = sum(result.rows_written.values())
+    assert rows == summary.produced_total, (rows, summary.produced_total)
+
+    # baseline: bare pyarrow Parquet (zstd) write of the same rows
+    from k2.schemas import arrow_schema
+
+    arrow_tables = []
+    for kind in ("trades", "quotes"):
+        records = []
+        for tick_file in discover(data, kinds=(kind,)):
+            builder = RecordBuilder(tick_file, 0)
+            records.extend(builder.build(line) for line in tick_file.path.open(newline=""))
+        arrow_tables.append(rows_to_arrow(records, arrow_schema(kind)))
+    t0 = time.perf_counter()
+    for i, table in enumerate(arrow_tables):
+        pq.write_table(table, tmp / f"bare-{i}.parquet", compression="zstd")
+    bare = time.perf_counter() - t0
+    stream_seconds = finished - produced
+    return {"rows": rows, "stream_rows_per_s": rows / stream_seconds, "stream_seconds": stream_seconds,
+            "end_to_end_seconds": finished - started, "bare_parquet_seconds": bare,
+            "ratio_stream_to_bare_parquet": stream_seconds / bare}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("K2_ASX_DATA", "../shared/data/asx-2014-03")))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        ingest = bench_ingest(args.data, tmp)
+        stream = bench_stream(args.data, tmp)
+    print("\n### Ingest (CSV → Kafka), ASX sample\n")
+    print("| messages | K2 msg/s | bare producer msg/s (ceiling) | ceiling ÷ K2 |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {ingest['messages']:,} | {ingest['k2_msgs_per_s']:,.0f} | {ingest['bare_msgs_per_s']:,.0f} | "
+          f"{ingest['ratio']:.2f}× |")
+    print("\n### Stream (Kafka → Iceberg) and end to end, ASX sample\n")
+    print("| rows | stream rows/s | stream s | end-to-end s (CSV → Kafka → Iceberg) | bare Parquet write s | "
+          "stream ÷ bare |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"| {stream['rows']:,} | {stream['stream_rows_per_s']:,.0f} | {stream['stream_seconds']:.2f} | "
+          f"{stream['end_to_end_seconds']:.2f} | {stream['bare_parquet_seconds']:.2f} | "
+          f"{stream['ratio_stream_to_bare_parquet']:.1f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# `make bench`: benchmarks on the ASX sample, each printing ratios to a baseline run in the same
+# process. Results are recorded by hand in docs/benchmarks.md with this command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:/usr/local/go/bin:$PATH"
+DATA="${K2_ASX_DATA:-../shared/data/asx-2014-03}"
+[ -f "$DATA/reference-data/company_info.csv" ] || { echo "bench: ASX sample not found at $DATA (set K2_ASX_DATA)"; exit 1; }
+k2 stack up --kube
+trap 'k2 stack down' EXIT
+eval "$(k2 stack env --kube)"
+python benchmarks/bench_pipeline.py --data "$DATA"
+[ -f benchmarks/bench_query.py ] && python benchmarks/bench_query.py --data "$DATA"
+[ -f benchmarks/bench_operator.py ] && python benchmarks/bench_operator.py

@@ -1,0 +1,131 @@
+"""`k2 maintain`: compact small files per partition, expire old snapshots.
+
+Compaction rewrites one partition at a time as a single overwrite snapshot (delete that
+partition's files, add the sorted rewrite) that carries the table's recorded Kafka offsets
+forward. Writers may commit meanwhile: the overwrite then fails Iceberg's optimistic check and
+is redone from a fresh read, so no row a writer added is ever dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+import structlog
+from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
+from pyiceberg.table import Table
+
+from k2 import tables
+from k2.observability import SNAPSHOTS
+from k2.settings import Settings, TableKind
+
+log = structlog.get_logger("k2.maintain")
+MAX_ATTEMPTS = 5
+
+
+@dataclass
+class FileStats:
+    files: int
+    bytes: int
+    rows: int
+
+
+@dataclass
+class MaintenanceReport:
+    table: str
+    before: FileStats
+    after: FileStats
+    partitions_compacted: int
+    snapshots_expired: int
+
+    def describe(self) -> str:
+        return (f"{self.table}: files {self.before.files} → {self.after.files}, "
+                f"bytes {self.before.bytes:,} → {self.after.bytes:,}, rows {self.before.rows:,} → "
+                f"{self.after.rows:,}; {self.partitions_compacted} partitions compacted, "
+                f"{self.snapshots_expired} snapshots expired")
+
+
+def file_stats(table: Table) -> FileStats:
+    if table.current_snapshot() is None:
+        return FileStats(0, 0, 0)
+    files = table.inspect.files()
+    return FileStats(files.num_rows, int(pc.sum(files["file_size_in_bytes"]).as_py() or 0),
+                     int(pc.sum(files["record_count"]).as_py() or 0))
+
+
+def files_per_partition(table: Table) -> dict[object, int]:
+    """Partition value (the exchange_date, or None when unpartitioned) → live data files."""
+    if table.current_snapshot() is None:
+        return {}
+    files = table.inspect.files()
+    counts: dict[object, int] = {}
+    partition_fields = [f.name for f in table.spec().fields]
+    for partition in files["partition"].to_pylist():
+        key = partition.get(partition_fields[0]) if partition_fields and partition else None
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _sort(data, table: Table):
+    keys = [table.schema().find_column_name(f.source_id) for f in table.sort_order().fields]
+    return data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in keys])) if keys else data
+
+
+def compact_partition(table: Table, partition_filter: BooleanExpression) -> Table:
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        table = table.refresh()
+        offsets = tables.recorded_offsets(table)
+        data = _sort(table.scan(row_filter=partition_filter).to_arrow(), table)
+        properties = {tables.OFFSETS_PROPERTY: tables.encode_offsets(offsets)} if offsets else {}
+        try:
+            table.overwrite(data, overwrite_filter=partition_filter, snapshot_properties=properties)
+            return table.refresh()
+        except CommitFailedException as exc:
+            log.warning("maintain.commit_conflict", table=".".join(table.name()), attempt=attempt, error=str(exc))
+    raise RuntimeError(f"compaction of {'.'.join(table.name())} kept conflicting after {MAX_ATTEMPTS} attempts")
+
+
+def compact(table: Table, min_files: int) -> tuple[Table, int]:
+    spec_fields = table.spec().fields
+    compacted = 0
+    for value, count in sorted(files_per_partition(table).items(), key=lambda kv: str(kv[0])):
+        if count < min_files:
+            continue
+        if spec_fields:
+            column = table.schema().find_column_name(spec_fields[0].source_id)
+            literal = value.isoformat() if isinstance(value, dt.date) else value
+            partition_filter: BooleanExpression = EqualTo(column, literal)
+        else:
+            partition_filter = AlwaysTrue()
+        table = compact_partition(table, partition_filter)
+        compacted += 1
+        log.info("maintain.compacted", table=".".join(table.name()), partition=str(value), files_before=count)
+    return table, compacted
+
+
+def expire(table: Table, retention: dt.timedelta) -> tuple[Table, int]:
+    cutoff = dt.datetime.now(dt.UTC) - retention
+    before = len(table.snapshots())
+    table.maintenance.expire_snapshots().older_than(cutoff).commit()
+    table = table.refresh()
+    SNAPSHOTS.labels(".".join(table.name())).set(len(table.snapshots()))
+    return table, before - len(table.snapshots())
+
+
+def maintain(settings: Settings, kinds: tuple[TableKind, ...], *, retention_hours: float,
+             min_files: int) -> list[MaintenanceReport]:
+    cat = tables.catalog(settings)
+    reports = []
+    for kind in kinds:
+        table = tables.load_table(cat, settings.table_identifier(kind))
+        if table is None:
+            continue
+        before = file_stats(table)
+        table, compacted = compact(table, min_files)
+        table, expired = expire(table, dt.timedelta(hours=retention_hours))
+        reports.append(MaintenanceReport(settings.table_identifier(kind), before, file_stats(table), compacted,
+                                         expired))
+        log.info("maintain.done", **{k: str(v) for k, v in vars(reports[-1]).items()})
+    return reports
