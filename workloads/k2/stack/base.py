@@ -160,6 +160,7 @@ class Service:
     def start(self) -> None:
         if self.pid() is not None:
             if self._wait_ready(self.start_timeout):
+                self.after_ready()  # idempotent: repairs provisioning an earlier start did not finish
                 log.info("stack.already_running", service=self.name, port=self.port)
                 return
             raise StackError(f"{self.name} is running (pid {self.pid()}) but does not answer; "
