@@ -127,8 +127,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize(("service", "env_var"), [(S3, "K2_S3_PORT"), (S3, "K2_S3_CONSOLE_PORT"),
-                                                  (Postgres, "K2_POSTGRES_PORT")])
+@pytest.mark.parametrize(("service", "env_var"), [(S3, "K2_S3_PORT"), (Postgres, "K2_POSTGRES_PORT")])
 def test_port_in_use_names_the_env_var(service: type[Service], env_var: str, tmp_path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))  # no PID file: a fresh start is attempted
