@@ -76,7 +76,7 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
             last_lag_check = now
             for w in writers:
                 w.flush()
-            if all(w.assigned for w in writers) and sum(w.lag() for w in writers) == 0:
+            if all(w.assigned for w in writers) and all(w.lag() == 0 for w in writers):
                 break
         for writer in writers:
             writer.flush()

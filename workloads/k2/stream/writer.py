@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.table import Table
 
@@ -128,6 +128,7 @@ class TableWriter:
             **(consumer_config or {}),
         })
         self.assigned: set[int] = set()
+        self.unrecorded: set[int] = set()
         self.batch = Batch()
         self.watermarks: dict[tuple[str, int], int] = {}
         self.known_columns = {f.name for f in table.schema().fields}
@@ -145,6 +146,7 @@ class TableWriter:
         for tp in partitions:
             tp.offset = recorded.get(tp.partition, OFFSET_BEGINNING)
         self.assigned = {tp.partition for tp in partitions}
+        self.unrecorded = {tp.partition for tp in partitions if tp.partition not in recorded}
         self.batch = Batch()
         self._load_watermarks()
         log.info("stream.assigned", table=self.table_name, topic=self.topic,
@@ -181,6 +183,8 @@ class TableWriter:
         messages = self.consumer.consume(num_messages=10_000, timeout=timeout)
         for msg in messages:
             self._accept(msg)
+            if len(self.batch.rows) >= self.settings.batch_rows or self.batch.nbytes >= self.settings.batch_bytes:
+                self.flush()
         if messages:
             self.last_message_at = time.monotonic()
         if self._batch_due():
@@ -284,8 +288,10 @@ class TableWriter:
             self.table = self.table.refresh()
             all_recorded = tables.recorded_offsets(self.table)
             recorded = all_recorded.get(self.topic, {})
+            # A partition with no recorded offset was read from its beginning after our
+            # assignment; it stays ours only while nobody else has recorded one for it.
             stale = {p: (recorded.get(p), start) for p, start in batch.start.items()
-                     if (recorded[p] if p in recorded else self._unrecorded_start(p, start)) != start}
+                     if recorded.get(p) != start and not (p not in recorded and p in self.unrecorded)}
             if stale:
                 COMMITS.labels(self.table_name, "fenced").inc()
                 log.warning("stream.batch_fenced", table=self.table_name, partitions=stale)
@@ -321,12 +327,6 @@ class TableWriter:
             return data.num_rows
         raise RuntimeError(f"{self.table_name}: commit kept conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
 
-    def _unrecorded_start(self, partition: int, batch_start: int) -> int:
-        """With no offset recorded for a partition, a batch may start at that partition's first
-        retained offset (the beginning), which is what it consumed from."""
-        low, _ = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
-        return low if batch_start == low else -1
-
     def _reseek(self) -> None:
         self._on_assign(self.consumer, [TopicPartition(self.topic, p) for p in sorted(self.assigned)])
 
@@ -343,8 +343,12 @@ class TableWriter:
         total = 0
         recorded = tables.recorded_offsets(self.table).get(self.topic, {})
         for partition in sorted(self.assigned):
-            low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10,
-                                                            cached=False)
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10,
+                                                                cached=False)
+            except KafkaException as exc:  # broker away: unknown lag is not "caught up"
+                log.warning("stream.lag_unknown", table=self.table_name, partition=partition, error=str(exc))
+                return -1
             behind = max(0, high - max(recorded.get(partition, low), low))
             CONSUMER_LAG.labels(self.table_name, self.topic, str(partition)).set(behind)
             total += behind
