@@ -131,9 +131,8 @@ def ingest_synthetic(
     progress: bool = True,
 ) -> None:
     """Generate deterministic realistic ticks (data/k2_synthetic) and ingest them."""
-    from k2_synthetic import generate
-
     from k2.ingest.pipeline import ingest_files
+    from k2_synthetic import generate
 
     settings = _settings()
     with tempfile.TemporaryDirectory(prefix="k2-synthetic-") as tmp:

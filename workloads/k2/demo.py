@@ -51,11 +51,10 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
-    from k2_synthetic import generate
-
     from k2 import stack
     from k2.ingest.pipeline import ingest_files
     from k2.stream.runner import run as stream_run
+    from k2_synthetic import generate
 
     started = time.monotonic()
     home = Path(".k2/demo").absolute()
