@@ -1,0 +1,147 @@
+"""K2 on a real kind cluster, end to end: the cluster of kind-config.yaml, the image of this
+checkout, the add-ons (Traefik, kube-prometheus-stack), the chart with the samples (and the
+self-contained synthetic sample of manifests/samples/); then the resources become Ready, the API
+answers through the Ingress and Grafana has the dashboard.
+
+Needs a Docker engine: without one (`docker info` fails) every test here is skipped with that
+reason by the root conftest. The host ports 80/443 of kind-config.yaml are remapped to free ones,
+so a `make kind-up` cluster can stay up alongside."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from k2.stack import helm
+
+pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "k2"
+NAMESPACE = "k2"
+HOST = "k2.localtest.me"
+SYNTHETIC_SAMPLE = REPO / "manifests/samples/k2_v1alpha1_ingestionpipeline_synthetic.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = condition()
+            if result:
+                return result
+        except (httpx.HTTPError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, kind_binary: Path, k2_image: str) -> Iterator[Any]:
+    """kind-config.yaml with its host ports 80/443 moved to free ones; the image loaded."""
+    from pytest_kind import KindCluster
+
+    config = yaml.safe_load((REPO / "kind-config.yaml").read_text())
+    ports = {}
+    for mapping in config["nodes"][0]["extraPortMappings"]:
+        ports[mapping["containerPort"]] = mapping["hostPort"] = free_port()
+    config_file = tmp_path_factory.mktemp("kind") / "kind-config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    kubectl = shutil.which("kubectl")
+    kind = KindCluster("k2-kind-test", kind_path=kind_binary, kubectl_path=Path(kubectl) if kubectl else None)
+    kind.create(config_file=config_file)
+    try:
+        kind.load_docker_image(k2_image)
+        kind.http_port = ports[80]
+        yield kind
+    finally:
+        kind.delete()
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: Any, k2_image: str) -> Any:
+    """Add-ons, then the chart (kind values, this image), then the synthetic manifest sample."""
+    helm.install_kind_addons(kubeconfig=cluster.kubeconfig_path)
+    # The release namespace enforces the restricted Pod Security Standard from the start.
+    cluster.kubectl("create", "namespace", NAMESPACE)
+    cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    repository, tag = k2_image.rsplit(":", 1)
+    proc = helm.run_helm(
+        "upgrade", "--install", "k2", str(CHART), "--namespace", NAMESPACE,
+        "--kubeconfig", str(cluster.kubeconfig_path), "--values", str(CHART / "ci/kind-values.yaml"),
+        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}", "--wait", "--timeout", "15m",
+        timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(SYNTHETIC_SAMPLE))
+    return cluster
+
+
+def test_samples_become_ready(deployed: Any) -> None:
+    resources = ["ingestionpipeline/asx", "ingestionpipeline/synthetic", "icebergtable/market-trades",
+                 "icebergtable/market-quotes", "icebergtable/market-reference", "queryservice/k2-api"]
+
+    deployed.kubectl("wait", "-n", NAMESPACE, "--for=condition=Ready", *resources, "--timeout=20m", timeout=1300)
+
+    listed = json.loads(deployed.kubectl("get", "k2", "-n", NAMESPACE, "-o", "json"))["items"]
+    assert len(listed) >= len(resources)
+
+
+def test_api_answers_through_the_ingress(deployed: Any) -> None:
+    encoded = deployed.kubectl("get", "secret", "k2-api-keys", "-n", NAMESPACE, "-o", "jsonpath={.data.api_keys}")
+    key = base64.b64decode(encoded).decode().split(",")[0]
+    url = f"http://127.0.0.1:{deployed.http_port}"
+
+    health = wait_for(lambda: httpx.get(f"{url}/health", headers={"Host": HOST}, timeout=10).status_code == 200,
+                      "the API behind Traefik", timeout=300)
+    symbols = wait_for(lambda: (r := httpx.get(f"{url}/v1/symbols", headers={"Host": HOST, "X-API-Key": key},
+                                                timeout=30)).status_code == 200 and r.json(),
+                       "symbols ingested by the sample pipeline", timeout=900)
+
+    assert health and symbols
+    unauthenticated = httpx.get(f"{url}/v1/symbols", headers={"Host": HOST}, timeout=30)
+    assert unauthenticated.status_code == 401
+
+
+def test_grafana_has_the_k2_dashboard(deployed: Any) -> None:
+    with deployed.port_forward("svc/kps-grafana", 80, "-n", "monitoring") as port:
+        def search() -> list[dict[str, Any]]:
+            response = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"query": "K2"},
+                                 auth=("admin", helm.GRAFANA_ADMIN_PASSWORD), timeout=10)
+            return [d for d in response.json() if d.get("uid") == "k2-overview"]
+
+        found = wait_for(search, "the Grafana sidecar to load the K2 dashboard", timeout=300)
+
+    assert found[0]["title"] == "K2 / Overview"
+
+
+def test_prometheus_scrapes_k2_and_loads_its_alerts(deployed: Any) -> None:
+    with deployed.port_forward("svc/kps-kube-prometheus-stack-prometheus", 9090, "-n", "monitoring") as port:
+        def k2_series() -> bool:
+            response = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                                 params={"query": "sum(k2_operator_reconcile_total)"}, timeout=10)
+            return bool(response.json()["data"]["result"])
+
+        def k2_rules() -> bool:
+            response = httpx.get(f"http://127.0.0.1:{port}/api/v1/rules", timeout=10)
+            groups = response.json()["data"]["groups"]
+            return any(g["name"] == "k2.quality" for g in groups)
+
+        assert wait_for(k2_series, "Prometheus to scrape the operator", timeout=300)
+        assert wait_for(k2_rules, "Prometheus to load the K2 alert rules", timeout=300)

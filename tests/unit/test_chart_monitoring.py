@@ -1,0 +1,306 @@
+"""The Grafana dashboard and the PrometheusRule query only what K2 really exports.
+
+Every PromQL expression (dashboard panels and variables, alert rules) is parsed; each metric it
+selects must be a sample name of `k2.observability.REGISTRY` (`exported_metric_names()`), each
+label it matches or aggregates by must be a label of those metrics (or one Prometheus adds to
+every target), and the label values the rules depend on must be values the code emits. The other
+way round, every metric family K2 declares has a panel.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from k2 import observability
+from k2.quality import Severity
+from k2.stack import helm
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "k2"
+DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
+# Labels Prometheus attaches to every scraped series (kube-prometheus target relabelling).
+TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint", "job", "instance"}
+# Not exported by K2 but by Prometheus itself for every target: allowed, and only this.
+PROMETHEUS_SERIES = {"up": set()}
+# Grafana's variables, replaced by something PromQL parses to the same shape.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h",
+                     "${namespace}": ".*", "$namespace": ".*", "${table}": ".*", "$table": ".*"}
+
+
+# --- what K2 exports ----------------------------------------------------------------------------
+def declared_metrics() -> dict[str, MetricWrapperBase]:
+    return {m._name: m for m in vars(observability).values() if isinstance(m, MetricWrapperBase)}
+
+
+def sample_labels() -> dict[str, set[str]]:
+    """Sample name → its label names, for every sample a scrape of K2 can show."""
+    out: dict[str, set[str]] = {}
+    for name, metric in declared_metrics().items():
+        labels = set(metric._labelnames)
+        if metric._type == "counter":
+            out.update({f"{name}_total": labels, f"{name}_created": labels})
+        elif metric._type == "histogram":
+            out.update({f"{name}_bucket": labels | {"le"}, f"{name}_sum": labels, f"{name}_count": labels,
+                        f"{name}_created": labels})
+        else:
+            out[name] = labels
+    return out
+
+
+def emitted_literal_values() -> dict[tuple[str, int], set[str]]:
+    """(metric constant, label position) → string literals passed to `.labels()` in K2's source."""
+    constants = {const for const, m in vars(observability).items() if isinstance(m, MetricWrapperBase)}
+    found: dict[tuple[str, int], set[str]] = {}
+    for source in [*(REPO / "workloads").rglob("*.py"), *(REPO / "operator").rglob("*.py")]:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "labels"):
+                continue
+            owner = node.func.value  # COMMITS.labels(…) or observability.COMMITS.labels(…)
+            const = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", None)
+            if const in constants:
+                for position, arg in enumerate(node.args):
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                        found.setdefault((const, position), set()).add(arg.value)
+    return found
+
+
+# --- what the chart queries ---------------------------------------------------------------------
+def dashboard_queries(path: Path) -> Iterator[tuple[str, str]]:
+    dashboard = json.loads(path.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            yield f"{path.name} panel {panel['title']!r}", target["expr"]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+            match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query)
+            assert match, f"variable {variable['name']}: unexpected query {query}"
+            yield f"{path.name} variable {variable['name']}", match.group(1)
+
+
+@pytest.fixture(scope="module")
+def alert_rules() -> list[dict[str, Any]]:
+    objects = helm.template(CHART, set_values={"monitoring.prometheusRule.enabled": "true",
+                                               "monitoring.serviceMonitor.enabled": "true"})
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+@pytest.fixture(scope="module")
+def queries(alert_rules: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    found = [q for path in DASHBOARDS for q in dashboard_queries(path)]
+    found += [(f"alert {r['alert']}", r["expr"]) for r in alert_rules]
+    return found
+
+
+def promql(expr: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+# --- PromQL walking (promql-parser, the Rust parser Prometheus-compatible tools use) ------------
+def parse(expr: str) -> Any:
+    parser = pytest.importorskip("promql_parser", reason="PromQL checks need the promql-parser package "
+                                                         "(pip install promql-parser)")
+    try:
+        return parser.parse(promql(expr))
+    except ValueError as exc:
+        pytest.fail(f"invalid PromQL ({exc}): {expr}")
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    for attr in ("expr", "lhs", "rhs", "param", "vector_selector"):
+        child = getattr(node, attr, None)
+        if child is not None and not isinstance(child, (str, int, float)):
+            yield from walk(child)
+    for arg in getattr(node, "args", None) or []:
+        yield from walk(arg)
+
+
+def selectors(node: Any) -> list[Any]:
+    return [n for n in walk(node) if type(n).__name__ == "VectorSelector"]
+
+
+def matchers(selector: Any) -> list[Any]:
+    return [m for m in selector.matchers.matchers if m.name != "__name__"]
+
+
+def grouping_labels(node: Any) -> Iterator[tuple[list[str], Any]]:
+    """(labels, the sub-expression they group) for `by (…)`/`on (…)`/`ignoring (…)` clauses."""
+    for n in walk(node):
+        modifier = getattr(n, "modifier", None)
+        if modifier is None:
+            continue
+        labels = getattr(modifier, "labels", None)
+        if labels is None:
+            matching = getattr(modifier, "matching", None)
+            labels = getattr(matching, "labels", None) if matching is not None else None
+        if labels:
+            yield list(labels), n
+
+
+# --- tests ------------------------------------------------------------------------------------------
+def test_dashboard_has_at_least_15_panels_and_is_valid_grafana_json() -> None:
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+        assert len(panels) >= 15, f"{path.name}: {len(panels)} panels"
+        assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"]), "panel ids must be unique"
+        assert dashboard["uid"] and dashboard["title"]
+        for panel in panels:
+            assert panel["targets"], f"panel {panel['title']!r} queries nothing"
+            assert panel["datasource"]["uid"] == "${datasource}", "panels must follow the datasource variable"
+            assert panel.get("description"), f"panel {panel['title']!r} has no description"
+
+
+def test_every_metric_name_in_panels_and_alerts_is_exported(queries: list[tuple[str, str]]) -> None:
+    """Plain-text check (no parser needed): any k2_* token must be a sample K2 exports."""
+    exported = observability.exported_metric_names()
+    for where, expr in queries:
+        for name in re.findall(r"\bk2_[a-z0-9_]+\b", expr):
+            assert name in exported, f"{where}: {name} is not exported by k2.observability"
+
+
+def test_every_selector_and_label_is_one_k2_exports(queries: list[tuple[str, str]]) -> None:
+    labels_of = {**sample_labels(), **PROMETHEUS_SERIES}
+    assert set(sample_labels()) <= observability.exported_metric_names()
+    for where, expr in queries:
+        tree = parse(expr)
+        used = selectors(tree)
+        assert used, f"{where}: selects no series"
+        for selector in used:
+            name = selector.name or next((m.value for m in selector.matchers.matchers if m.name == "__name__"), None)
+            if name is None or not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", name):
+                assert name and name.startswith("k2_"), f"{where}: selector without a K2 metric"
+                continue  # a regex over K2's names (the namespace variable)
+            assert name in labels_of, f"{where}: {name} is not exported by k2.observability"
+            for matcher in matchers(selector):
+                assert matcher.name in labels_of[name] | TARGET_LABELS, f"{where}: {name} has no label {matcher.name}"
+        for labels, sub in grouping_labels(tree):
+            available = set(TARGET_LABELS)
+            for selector in selectors(sub):
+                available |= labels_of.get(selector.name or "", set())
+            assert set(labels) <= available, f"{where}: grouping by {set(labels) - available} that no series has"
+
+
+def test_label_values_the_queries_rely_on_are_values_the_code_emits(queries: list[tuple[str, str]]) -> None:
+    literals = emitted_literal_values()
+    known = {
+        ("k2_sequence_gaps_total", "severity"): {s.value for s in Severity},
+        ("k2_commits_total", "outcome"): literals[("COMMITS", 1)],
+        ("k2_operator_resources", "ready"): literals[("MANAGED_RESOURCES", 1)],
+    }
+    checked = 0
+    for where, expr in queries:
+        for selector in selectors(parse(expr)):
+            for matcher in matchers(selector):
+                values = known.get((selector.name, matcher.name))
+                if values is None or "Re" in str(matcher.op):
+                    continue
+                checked += 1
+                assert matcher.value in values, (f"{where}: {selector.name}{{{matcher.name}={matcher.value!r}}} "
+                                                 f"never matches: the code emits {sorted(values)}")
+    assert checked >= 4
+
+
+def test_every_declared_metric_family_has_a_panel() -> None:
+    text = "\n".join(expr for path in DASHBOARDS for _, expr in dashboard_queries(path))
+    for name in declared_metrics():
+        assert re.search(rf"\b{name}(_total|_bucket|_sum|_count)?\b", text), f"no panel shows {name}"
+
+
+REQUIRED_ALERTS = {
+    "consumer lag": ("k2_consumer_lag", None),
+    "sequence-gap alerts": ("k2_sequence_gaps_total", 'severity="alert"'),
+    "sequence-gap halts": ("k2_sequence_gaps_total", 'severity="halt"'),
+    "DLQ growth": ("k2_rows_rejected_total", None),
+    "API 5xx ratio": ("k2_http_requests_total", 'status=~"5.."'),
+    "API p99 latency": ("k2_http_request_duration_seconds_bucket", "histogram_quantile(0.99"),
+    "reconcile errors": ("k2_operator_reconcile_errors_total", None),
+}
+
+
+@pytest.mark.parametrize("concern", REQUIRED_ALERTS)
+def test_alerts_cover_each_operational_concern(alert_rules: list[dict[str, Any]], concern: str) -> None:
+    metric, detail = REQUIRED_ALERTS[concern]
+    assert any(metric in r["expr"] and (detail is None or detail in r["expr"]) for r in alert_rules), concern
+
+
+def test_alerts_are_actionable(alert_rules: list[dict[str, Any]]) -> None:
+    operations = (REPO / "docs" / "operations.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
+               for h in re.findall(r"^#+\s+(.*)$", operations, re.MULTILINE)}
+    for rule in alert_rules:
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert {"summary", "description", "runbook_url"} <= rule["annotations"].keys(), rule["alert"]
+        anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)[-1]
+        assert anchor in anchors, f"{rule['alert']}: docs/operations.md has no section #{anchor}"
+
+
+def test_thresholds_come_from_values() -> None:
+    objects = helm.template(CHART, set_values={"monitoring.prometheusRule.enabled": "true",
+                                               "monitoring.prometheusRule.thresholds.consumerLag": "1234"})
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    lag = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "K2ConsumerLagHigh")
+
+    assert lag["expr"].endswith("> 1234")
+
+
+def test_dashboard_configmap_is_labelled_for_the_grafana_sidecar() -> None:
+    objects = helm.template(CHART, set_values={"monitoring.grafanaDashboard.namespace": "monitoring"})
+    maps = [o for o in objects if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]]
+
+    assert len(maps) == len(DASHBOARDS)
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["metadata"]["namespace"] == "monitoring"
+        (name, body), = cm["data"].items()
+        assert json.loads(body) == json.loads((CHART / "dashboards" / name).read_text())
+
+
+def test_monitors_select_the_pods_and_ports_the_operator_renders() -> None:
+    """The chart's PodMonitor and NetworkPolicies must match the labels and port names of the
+    workloads rendered by k2_operator.render (consumers, ingest Jobs, API pods)."""
+    from k2_operator.models import IngestionPipelineSpec, QueryServiceSpec
+    from k2_operator.render import RenderContext, TableBinding, render_pipeline, render_query
+
+    ctx = RenderContext()
+    pipeline = IngestionPipelineSpec.model_validate({"exchange": "asx", "source": {"type": "synthetic"}})
+    children = render_pipeline("asx", "k2", pipeline, TableBinding(("trades",), "market", "k2-catalog"), ctx)
+    children += render_query("api", "k2", QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
+                             table_namespace="market", catalog_secret="k2-catalog", ctx=ctx)
+    pods = []
+    for child in children:
+        if child["kind"] in ("Deployment", "Job"):
+            template = child["spec"]["template"]
+            ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"]}
+            pods.append((template["metadata"]["labels"], ports))
+    objects = helm.template(CHART, set_values={"monitoring.podMonitor.enabled": "true"})
+    monitor = next(o for o in objects if o["kind"] == "PodMonitor")
+    policies = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"]
+
+    components = {labels["app.kubernetes.io/component"] for labels, _ in pods}
+    assert components == {"consumer", "ingest", "query"}
+    for labels, ports in pods:
+        expressions = monitor["spec"]["selector"]["matchExpressions"]
+        assert all(labels.get(e["key"]) in e["values"] for e in expressions), labels
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} & ports.keys(), labels
+        policy = next((p for p in policies if all(labels.get(e["key"]) in e["values"]
+                                                  for e in p["podSelector"].get("matchExpressions", []))
+                       and all(labels.get(k) == v for k, v in p["podSelector"].get("matchLabels", {}).items())
+                       and p["podSelector"]), None)
+        assert policy, f"no NetworkPolicy selects {labels['app.kubernetes.io/component']} pods"
+        assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} <= set(ports.values())

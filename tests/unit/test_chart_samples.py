@@ -1,0 +1,87 @@
+"""The chart's sample resources are manifests/samples/ for a release: the same specs, except the
+fields the chart takes from values (source, replication, catalog, replicas, Ingress), and every
+spec is valid for the operator's models."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from k2.stack import helm
+from k2_operator.models import KINDS
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "k2"
+SPECS = {info.kind: info.spec for info in KINDS}
+# What the chart sets from values instead of copying: (kind, dotted path).
+FROM_VALUES = {
+    ("IngestionPipeline", "source"), ("IngestionPipeline", "topics.replicationFactor"),
+    ("QueryService", "replicas"), ("QueryService", "ingress"),
+    ("IcebergTable", "catalogRef"),
+}
+
+
+def chart_samples(**set_values: str) -> dict[tuple[str, str], dict[str, Any]]:
+    objects = helm.template(CHART, set_values={"samples.enabled": "true", **set_values})
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects if o["apiVersion"].startswith("k2.io/")}
+
+
+def manifest_samples() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = [d for path in sorted((REPO / "manifests" / "samples").glob("*.yaml"))
+            for d in yaml.safe_load_all(path.read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def without(spec: dict[str, Any], kind: str) -> dict[str, Any]:
+    spec = copy.deepcopy(spec)
+    for owner, path in FROM_VALUES:
+        if owner != kind:
+            continue
+        *parents, leaf = path.split(".")
+        node = spec
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return spec
+
+
+def test_chart_samples_are_the_manifest_samples() -> None:
+    chart, manifests = chart_samples(), manifest_samples()
+
+    assert {k for k, _ in chart} == {"IngestionPipeline", "IcebergTable", "QueryService"}
+    for key, obj in chart.items():
+        assert key in manifests, f"{key} is not in manifests/samples/"
+        assert without(obj["spec"], key[0]) == without(manifests[key]["spec"], key[0]), key
+
+
+@pytest.mark.parametrize("set_values", [
+    {}, {"samples.source.type": "asx-csv", "samples.source.asxCsv.claimName": "asx-data"},
+    {"kafka.replicas": "3", "samples.ingress.className": "nginx", "samples.ingress.tlsSecret": "tls"},
+], ids=["synthetic", "asx-csv", "tls"])
+def test_chart_samples_are_valid_for_the_operator_models(set_values: dict[str, str]) -> None:
+    for (kind, _), obj in chart_samples(**set_values).items():
+        SPECS[kind].model_validate(obj["spec"])
+
+
+def test_samples_wire_the_catalog_and_api_key_secrets_of_the_release() -> None:
+    objects = helm.template(CHART, set_values={"samples.enabled": "true", "catalog.secretName": "desk-catalog"})
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    samples = {(o["kind"], o["metadata"]["name"]): o for o in objects if o["apiVersion"].startswith("k2.io/")}
+
+    for (kind, _), obj in samples.items():
+        if kind == "IcebergTable":
+            assert obj["spec"]["catalogRef"] == {"name": "desk-catalog"}
+    keys = samples[("QueryService", "k2-api")]["spec"]["auth"]["apiKeysSecret"]
+    assert keys["key"] in secrets[keys["name"]]["stringData"]
+    assert "desk-catalog" in secrets
+
+
+def test_asx_csv_source_needs_a_claim() -> None:
+    with pytest.raises(helm.StackError, match="samples.source.asxCsv.claimName"):
+        chart_samples(**{"samples.source.type": "asx-csv"})

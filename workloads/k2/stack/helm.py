@@ -1,0 +1,229 @@
+"""`helm`, obtained the way the rest of the stack obtains its programs: built from the Go module
+proxy into the project cache, once per version, so the chart tests need no package manager and no
+download site other than the module proxy.
+
+`helm_binary()` returns `cache_dir()/helm-<version>/bin/helm`, running
+`go install helm.sh/helm/v3/cmd/helm@<version>` only when that file is absent. A file lock keeps
+two test sessions from building it twice; the binary appears whole (renamed into place) or not at
+all, and the `go install` output is kept in `build.log` beside `bin/`.
+
+`template()` and `lint()` run that helm on a chart for the tests (and anyone scripting the chart):
+`template()` returns the rendered objects, parsed. `install_kind_addons()` puts what K2's kind
+cluster needs besides K2 (an ingress controller on the ingress-ready node, kube-prometheus-stack)
+on a cluster, pinned, so `make kind-up`, Tilt and tests/kind install the very same:
+
+    python -m k2.stack.helm                               # print helm's path (build it if needed)
+    python -m k2.stack.helm kind-addons --kube-context kind-k2
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from .base import StackError, cache_dir
+
+log = structlog.get_logger("k2.stack.helm")
+
+# Helm 3 is what most platform teams run; the chart (apiVersion v2) works with Helm 4 as well.
+HELM_MODULE = "helm.sh/helm/v3"
+HELM_VERSION = os.environ.get("K2_HELM_VERSION", "v3.22.0")
+BUILD_TIMEOUT = 1800.0
+
+
+def helm_bin_dir(version: str = HELM_VERSION) -> Path:
+    return cache_dir() / f"helm-{version.removeprefix('v')}" / "bin"
+
+
+def _go() -> str:
+    go = shutil.which("go", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/local/go/bin")
+    if not go:
+        raise StackError("`go` is not on PATH: install Go >= 1.26 (K2 builds helm from the Go module proxy)")
+    return go
+
+
+def _ldflags(go: str, version: str, env: dict[str, str]) -> str:
+    """Upstream's release ldflags: the version, and the Kubernetes version `helm template` and
+    `helm lint` assume (derived from the client-go the release builds against, as its Makefile
+    does), without which helm would claim Kubernetes v1.20 and refuse `kubeVersion` constraints."""
+    proc = subprocess.run([go, "mod", "download", "-json", f"{HELM_MODULE}@{version}"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise StackError(f"go mod download {HELM_MODULE}@{version} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    go_mod = Path(json.loads(proc.stdout)["GoMod"]).read_text()
+    match = re.search(r"^\s*k8s\.io/client-go\s+v(\d+)\.(\d+)\.", go_mod, re.MULTILINE)
+    if not match:
+        raise StackError(f"{HELM_MODULE}@{version} does not require k8s.io/client-go")
+    major, minor = int(match.group(1)) + 1, match.group(2)  # client-go v0.N ↔ Kubernetes v1.N
+    flags = ["-s", "-w", f"-X {HELM_MODULE}/internal/version.version={version}"]
+    for package in ("pkg/lint/rules", "pkg/chartutil"):
+        flags += [f"-X {HELM_MODULE}/{package}.k8sVersionMajor={major}",
+                  f"-X {HELM_MODULE}/{package}.k8sVersionMinor={minor}"]
+    return " ".join(flags)
+
+
+def helm_binary(version: str = HELM_VERSION) -> Path:
+    """The path of a working `helm` of `version`, built with `go install` if it is not cached yet."""
+    bin_dir = helm_bin_dir(version)
+    binary = bin_dir / "helm"
+    if binary.exists():
+        return binary
+    bin_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(bin_dir.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if binary.exists():  # another session built it while we waited for the lock
+            return binary
+        go = _go()
+        build_log = bin_dir.parent / "build.log"
+        with tempfile.TemporaryDirectory(dir=bin_dir.parent) as out:
+            env = {
+                **os.environ,
+                "CGO_ENABLED": "0",
+                "GOBIN": out,
+                "GOFLAGS": f"{os.environ.get('GOFLAGS', '')} -trimpath".strip(),
+                "GOPATH": os.environ.get("GOPATH", str(Path.home() / "go")),
+            }
+            cmd = [go, "install", f"-ldflags={_ldflags(go, version, env)}", f"{HELM_MODULE}/cmd/helm@{version}"]
+            log.info("helm.build", version=version, log=str(build_log))
+            started = time.monotonic()
+            with open(build_log, "w") as logf:
+                logf.write(" ".join(cmd) + "\n")
+                logf.flush()
+                try:
+                    proc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                          timeout=BUILD_TIMEOUT, cwd=out)
+                except subprocess.TimeoutExpired as exc:
+                    raise StackError(f"go install helm {version} took over {BUILD_TIMEOUT:.0f}s; "
+                                     f"see {build_log}") from exc
+            if proc.returncode != 0:
+                tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-40:])
+                raise StackError(f"go install helm {version} failed (exit {proc.returncode}); "
+                                 f"{build_log}:\n{tail}")
+            bin_dir.mkdir(exist_ok=True)
+            os.replace(Path(out) / "helm", binary)
+        log.info("helm.built", version=version, seconds=round(time.monotonic() - started), path=str(binary))
+    return binary
+
+
+def run_helm(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """`helm ARGS…` with a private, empty helm home (no repositories, plugins or kubeconfig leak in)."""
+    home = cache_dir() / "helm-home"
+    env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
+           "HELM_DATA_HOME": str(home / "data")}
+    return subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def template(chart: Path, *, release: str = "k2", namespace: str = "k2", values: Sequence[Path] = (),
+             set_values: Mapping[str, str] | None = None, kube_version: str | None = None) -> list[dict[str, Any]]:
+    """`helm template` of `chart`, parsed into objects (hooks included); raises with helm's message."""
+    args = ["template", release, str(chart), "--namespace", namespace]
+    for path in values:
+        args += ["--values", str(path)]
+    for key, value in (set_values or {}).items():
+        args += ["--set", f"{key}={value}"]
+    if kube_version:
+        args += ["--kube-version", kube_version]
+    proc = run_helm(*args)
+    if proc.returncode != 0:
+        raise StackError(f"helm template failed:\n{proc.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def lint(chart: Path, *, values: Sequence[Path] = (), strict: bool = True) -> subprocess.CompletedProcess:
+    args = ["lint", str(chart), *(["--strict"] if strict else [])]
+    for path in values:
+        args += ["--values", str(path)]
+    return run_helm(*args)
+
+
+# --- the add-ons of K2's kind cluster ------------------------------------------------------------
+@dataclass(frozen=True)
+class Addon:
+    release: str
+    namespace: str
+    chart: str
+    repo: str
+    version: str
+    values: Mapping[str, Any]
+
+
+# ingress-nginx is retired upstream; Traefik serves the Ingress API. It runs on the control-plane
+# node that kind-config.yaml labels ingress-ready=true and maps to the host's ports 80/443.
+TRAEFIK = Addon("traefik", "traefik", "traefik", "https://traefik.github.io/charts", "41.6.1", {
+    "ports": {"web": {"hostPort": 80}, "websecure": {"hostPort": 443}},
+    "service": {"type": "ClusterIP"},
+    "nodeSelector": {"ingress-ready": "true"},
+    "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}],
+    "ingressClass": {"enabled": True, "isDefaultClass": True, "name": "traefik"},
+    "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
+})
+# Prometheus selects every ServiceMonitor/PodMonitor/PrometheusRule (the operator's own included);
+# Grafana's sidecar loads dashboards labelled grafana_dashboard=1 from every namespace.
+GRAFANA_ADMIN_PASSWORD = "k2-kind"
+KUBE_PROMETHEUS_STACK = Addon(
+    "kps", "monitoring", "kube-prometheus-stack", "https://prometheus-community.github.io/helm-charts", "88.6.0", {
+        "alertmanager": {"enabled": False},
+        "nodeExporter": {"enabled": False},
+        "prometheus": {"prometheusSpec": {
+            "serviceMonitorSelectorNilUsesHelmValues": False, "podMonitorSelectorNilUsesHelmValues": False,
+            "ruleSelectorNilUsesHelmValues": False, "retention": "2d"}},
+        "grafana": {
+            "adminPassword": GRAFANA_ADMIN_PASSWORD,
+            "sidecar": {"dashboards": {"enabled": True, "label": "grafana_dashboard", "labelValue": "1",
+                                       "searchNamespace": "ALL", "folderAnnotation": "grafana_folder",
+                                       "provider": {"foldersFromFilesStructure": True}}},
+        },
+    })
+KIND_ADDONS = (TRAEFIK, KUBE_PROMETHEUS_STACK)
+
+
+def install_addon(addon: Addon, *, kubeconfig: Path | None = None, kube_context: str | None = None,
+                  timeout: str = "10m") -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as values:
+        yaml.safe_dump(dict(addon.values), values)
+        values.flush()
+        args = ["upgrade", "--install", addon.release, addon.chart, "--repo", addon.repo, "--version", addon.version,
+                "--namespace", addon.namespace, "--create-namespace", "--values", values.name, "--wait",
+                "--timeout", timeout]
+        args += ["--kubeconfig", str(kubeconfig)] if kubeconfig else []
+        args += ["--kube-context", kube_context] if kube_context else []
+        log.info("helm.addon", release=addon.release, chart=addon.chart, version=addon.version)
+        proc = run_helm(*args, timeout=900)
+    if proc.returncode != 0:
+        raise StackError(f"installing {addon.chart} {addon.version} failed:\n{proc.stderr.strip()}")
+
+
+def install_kind_addons(*, kubeconfig: Path | None = None, kube_context: str | None = None) -> None:
+    for addon in KIND_ADDONS:
+        install_addon(addon, kubeconfig=kubeconfig, kube_context=kube_context)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m k2.stack.helm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    addons = sub.add_parser("kind-addons", help="install Traefik and kube-prometheus-stack (pinned)")
+    addons.add_argument("--kube-context")
+    addons.add_argument("--kubeconfig", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "kind-addons":
+        install_kind_addons(kubeconfig=args.kubeconfig, kube_context=args.kube_context)
+    else:
+        print(helm_binary())
+
+
+if __name__ == "__main__":
+    main()
