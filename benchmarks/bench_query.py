@@ -1,0 +1,262 @@
+"""Query-stage latency: K2's engine and API against bare DuckDB over the same Parquet files.
+
+    python benchmarks/bench_query.py --data ../shared/data/asx-2014-03
+
+Loads the ASX folder into a temporary embedded lakehouse (SQLite catalog, local warehouse), then
+for four queries (daily summary, trades?limit=100, 1-minute OHLCV of one symbol-day, a
+multi-symbol tick query) measures p50/p99 latency of
+  - bare DuckDB: hand-written SQL over the table's Parquet files, results fetched as Arrow;
+  - the engine: the same question through `k2.query` (planning, caches, metrics, exact decimals);
+  - the API in-process: an HTTP request through the ASGI app (httpx), JSON included;
+each also as a ratio to bare DuckDB in the same run. Finally a uvicorn server is started on
+loopback and a steady open-loop load is sent to it from this process, for a bounded time.
+Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import duckdb
+import httpx
+from pyiceberg.io.pyarrow import PyArrowFileIO
+
+from k2.api.app import create_app
+from k2.query import bars, ticks
+from k2.query.bars import BarQuery
+from k2.query.cursor import fingerprint
+from k2.query.engine import Engine
+from k2.query.filters import TickFilter, columns, select_fields
+from k2.query.sample import load_asx
+from k2.settings import DEV_API_KEY, Settings
+
+SYDNEY = ZoneInfo("Australia/Sydney")
+SYMBOL, DAY = "BHP", "2014-03-12"
+DAY_START = f"{DAY}T00:00:00+11:00"
+DAY_END = "2014-03-13T00:00:00+11:00"
+HOUR = ("2014-03-12T10:00:00+11:00", "2014-03-12T11:00:00+11:00")
+MULTI = ["BHP", "RIO", "DVN", "MWR"]
+HEADERS = {"X-API-Key": DEV_API_KEY}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    bare_sql: str
+    bare_params: dict
+    engine: Callable[[], object]
+    api: tuple[str, str, dict | None]  # method, path, JSON body
+
+
+def cases(engine: Engine) -> list[Case]:
+    start, end = dt.datetime.fromisoformat(DAY_START), dt.datetime.fromisoformat(DAY_END)
+    hour = TickFilter(tuple(MULTI), None, *(dt.datetime.fromisoformat(t) for t in HOUR))
+
+    def trades_page():
+        flt = TickFilter((SYMBOL,))
+        rel = ticks.tick_relation(engine, engine.pin("trades"), flt)
+        return ticks.page(engine, rel, fields=columns("trades"), limit=100, cursor=None,
+                          fingerprint=fingerprint("trades", flt))
+
+    def multi_symbol():
+        rel = ticks.tick_relation(engine, engine.pin("trades"), hour)
+        return sum(b.num_rows for b in ticks.stream(engine, rel, fields=select_fields("trades", None),
+                                                     limit=None).batches)
+
+    ordered = "ORDER BY exchange_timestamp, sequence_number"
+    return [
+        Case("summary (1 symbol-day)",
+             f"SELECT first(price {ordered}), max(price), min(price), last(price {ordered}), sum(volume), count(*), "
+             "sum(price * volume) / sum(volume) FROM read_parquet($files) WHERE symbol = $s AND exchange_date = $d",
+             {"s": SYMBOL, "d": DAY},
+             lambda: bars.summary(engine, SYMBOL, start.date()),
+             ("GET", f"/v1/summary/{SYMBOL}/{DAY}", None)),
+        Case("trades?limit=100",
+             "SELECT * FROM read_parquet($files) WHERE symbol = $s "
+             "ORDER BY exchange_timestamp, symbol, sequence_number LIMIT 100",
+             {"s": SYMBOL}, trades_page, ("GET", f"/v1/trades?symbol={SYMBOL}&limit=100", None)),
+        Case("1m OHLCV (1 symbol-day)",
+             f"SELECT time_bucket(INTERVAL 1 minute, exchange_timestamp, 'Australia/Sydney') AS b, "
+             f"first(price {ordered}), max(price), min(price), last(price {ordered}), sum(volume), count(*), "
+             "sum(price * volume) / sum(volume) FROM read_parquet($files) "
+             "WHERE symbol = $s AND exchange_timestamp >= $start AND exchange_timestamp < $end GROUP BY b ORDER BY b",
+             {"s": SYMBOL, "start": start, "end": end},
+             lambda: bars.bars(engine, BarQuery((SYMBOL,), "1m", start, end), max_rows=10_000),
+             ("POST", "/v1/aggregations", {"symbols": [SYMBOL], "interval": "1m", "start": DAY_START,
+                                           "end": DAY_END})),
+        Case("multi-symbol ticks (4 symbols, 1 h)",
+             "SELECT * FROM read_parquet($files) WHERE symbol IN ('BHP', 'RIO', 'DVN', 'MWR') "
+             "AND exchange_timestamp >= $start AND exchange_timestamp < $end "
+             "ORDER BY exchange_timestamp, symbol, sequence_number",
+             {"start": hour.start, "end": hour.end}, multi_symbol,
+             ("POST", "/v1/trades/query", {"symbols": MULTI, "start": HOUR[0], "end": HOUR[1]})),
+    ]
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def time_sync(call: Callable[[], object], iterations: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return percentiles(samples)
+
+
+def bench_latency(settings: Settings, engine: Engine, iterations: int, warmup: int) -> list[tuple[str, ...]]:
+    files = [PyArrowFileIO.parse_location(f.file_path)[2]
+             for f in engine.plan(engine.pin("trades"), TickFilter()).files]
+    bare = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    bare.execute("SET TimeZone = 'UTC'")
+    # The API in-process: requests through the ASGI app on this thread's event loop.
+    loop = asyncio.new_event_loop()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings, engine=engine)),
+                               base_url="http://k2", headers=HEADERS)
+
+    def api_call(method: str, path: str, body: dict | None) -> None:
+        loop.run_until_complete(client.request(method, path, json=body)).raise_for_status()
+
+    rows = []
+    for case in cases(engine):
+        params = {"files": files, **case.bare_params}
+        bare_p50, bare_p99 = time_sync(lambda p=params, c=case: bare.execute(c.bare_sql, p).fetch_arrow_table(),
+                                       iterations, warmup)
+        eng_p50, eng_p99 = time_sync(case.engine, iterations, warmup)
+        api_p50, api_p99 = time_sync(lambda c=case: api_call(*c.api), iterations, warmup)
+        rows.append((case.name, f"{bare_p50 * 1e3:.2f} / {bare_p99 * 1e3:.2f}",
+                     f"{eng_p50 * 1e3:.2f} / {eng_p99 * 1e3:.2f}", f"{eng_p50 / bare_p50:.2f}×",
+                     f"{api_p50 * 1e3:.2f} / {api_p99 * 1e3:.2f}", f"{api_p50 / bare_p50:.2f}×"))
+    loop.run_until_complete(client.aclose())
+    loop.close()
+    bare.close()
+    return rows
+
+
+def free_port() -> int:
+    """A port free right now (another process could take it before uvicorn binds: rare, and loud)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_steady_load(settings: Settings, rate: float, seconds: float, workers: int) -> tuple[str, ...]:
+    """Open-loop load on a uvicorn server in its own process: requests are sent on a fixed schedule
+    and latency counts from the scheduled time, so a slow server cannot hide its queueing."""
+    port = free_port()
+    # Exactly the benchmark's settings: none of the K2_* variables a stack run may have exported.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")}, **settings.to_env()}
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "k2.api.app:create_app", "--factory",
+                               "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                               "--log-level", "warning"], env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the API server did not become ready")
+            time.sleep(0.1)
+        mix = [("GET", f"/v1/summary/{SYMBOL}/{DAY}", None), ("GET", f"/v1/trades?symbol={SYMBOL}&limit=100", None),
+               ("POST", "/v1/aggregations", {"symbols": [SYMBOL], "interval": "1m", "start": DAY_START,
+                                             "end": DAY_END})]
+        latencies: list[float] = []
+        errors = 0
+        lock = threading.Lock()
+        local = threading.local()
+
+        def send(scheduled: float, method: str, path: str, body: dict | None) -> None:
+            nonlocal errors
+            client = getattr(local, "client", None) or httpx.Client(base_url=base, headers=HEADERS, timeout=10)
+            local.client = client
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                ok = client.request(method, path, json=body).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            with lock:
+                latencies.append(time.perf_counter() - scheduled)
+                errors += not ok
+
+        total = int(rate * seconds)
+        started = time.perf_counter() + 0.2
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i in range(total):
+                pool.submit(send, started + i / rate, *mix[i % len(mix)])
+        elapsed = time.perf_counter() - started
+        p50, p99 = percentiles(latencies)
+        return (f"{rate:.0f}", f"{total / elapsed:.1f}", f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}",
+                f"{max(latencies) * 1e3:.2f}", str(errors))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="ASX-format folder (trades/, quotes/, …)")
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=40.0, help="steady load, requests per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="steady load duration")
+    parser.add_argument("--workers", type=int, default=16, help="steady load client threads")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
+        # A private embedded lakehouse, whatever K2_* variables are set.
+        settings = Settings(catalog_uri=f"sqlite:///{tmp}/catalog.db", warehouse=f"{tmp}/warehouse",
+                            namespace="market", s3_endpoint=None, mode="dev", api_keys="", api_keys_file=None,
+                            rate_limit="1000000/minute", log_level="WARNING")
+        loaded = time.perf_counter()
+        load_asx(settings, args.data)
+        print(f"Loaded {args.data} in {time.perf_counter() - loaded:.1f} s; {os.cpu_count()} CPUs, "
+              f"Python {platform.python_version()}, DuckDB {duckdb.__version__}; "
+              f"{args.iterations} timed runs after {args.warmup} warm-up runs.\n")
+        engine = Engine(settings)
+        try:
+            latency = bench_latency(settings, engine, args.iterations, args.warmup)
+        finally:
+            engine.close()
+        print(markdown(("query", "bare DuckDB p50 / p99 ms", "engine p50 / p99 ms", "engine ÷ bare (p50)",
+                        "API p50 / p99 ms", "API ÷ bare (p50)"), latency))
+        print(f"\nSteady load: uvicorn on loopback, {args.seconds:.0f} s open-loop, mix of summary / trades / "
+              "1m OHLCV, latency from each request's scheduled send time.\n")
+        load = bench_steady_load(settings, args.rate, args.seconds, args.workers)
+        print(markdown(("target req/s", "achieved req/s", "p50 ms", "p99 ms", "max ms", "errors"), [load]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""API keys, rate limits, correlation ids, the error shape and metrics, on a real app."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import structlog
+from starlette.testclient import TestClient
+
+from k2.api.app import create_app
+from k2.api.auth import ApiKeyConfigError, key_id
+from k2.settings import DEV_API_KEY
+
+pytestmark = [pytest.mark.integration, pytest.mark.asx]
+
+PATH_VALUES = {"symbol": "BHP", "date": "2014-03-10", "snapshot_id": "1"}
+
+
+def _v1_routes(app) -> list[tuple[str, str]]:
+    operations = []
+    for path, item in app.openapi()["paths"].items():
+        if path.startswith("/v1/"):
+            concrete = re.sub(r"\{(\w+)\}", lambda m: PATH_VALUES[m.group(1)], path)
+            operations.extend((method.upper(), concrete) for method in item)
+    return operations
+
+
+def _app(asx_lakehouse, **overrides):
+    return create_app(asx_lakehouse.settings.model_copy(update=overrides), engine=asx_lakehouse.engine)
+
+
+def test_every_v1_route_needs_a_key(asx_lakehouse) -> None:
+    app = _app(asx_lakehouse)
+    routes = _v1_routes(app)
+    assert len(routes) == 13
+    with TestClient(app) as client:
+        for method, path in routes:
+            for headers in ({}, {"X-API-Key": "not-a-key"}):
+                response = client.request(method, path, headers=headers, json={})
+                assert response.status_code == 401, (method, path, headers)
+                error = response.json()["error"]
+                assert error["code"] == "unauthorized" and error["status"] == 401
+                assert response.headers["WWW-Authenticate"] == "ApiKey"
+
+
+def test_system_routes_need_no_key(asx_lakehouse) -> None:
+    with TestClient(_app(asx_lakehouse)) as client:
+        for path in ("/health", "/ready", "/metrics", "/docs", "/openapi.json"):
+            assert client.get(path).status_code == 200, path
+
+
+def test_configured_keys_replace_the_dev_key(asx_lakehouse) -> None:
+    with TestClient(_app(asx_lakehouse, api_keys="alpha, beta")) as client:
+        for key, status in (("alpha", 200), ("beta", 200), (DEV_API_KEY, 401), ("alph", 401)):
+            assert client.get("/v1/symbols", headers={"X-API-Key": key}).status_code == status, key
+
+
+def test_prod_mode_refuses_to_start_without_keys(asx_lakehouse) -> None:
+    with pytest.raises(ApiKeyConfigError, match="prod"):
+        _app(asx_lakehouse, mode="prod")
+    with TestClient(_app(asx_lakehouse, mode="prod", api_keys="prod-key")) as client:
+        assert client.get("/v1/symbols", headers={"X-API-Key": DEV_API_KEY}).status_code == 401
+        assert client.get("/v1/symbols", headers={"X-API-Key": "prod-key"}).status_code == 200
+
+
+def test_keys_file_is_reread_when_rotated(asx_lakehouse, tmp_path) -> None:
+    secret = tmp_path / "api-keys"
+    secret.write_text("# mounted Secret\nfirst-key\n")
+    with TestClient(_app(asx_lakehouse, mode="prod", api_keys_file=secret)) as client:
+        assert client.get("/v1/stats", headers={"X-API-Key": "first-key"}).status_code == 200
+        secret.write_text("second-key, third-key\n")
+        os.utime(secret, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a new mtime, however coarse
+        assert client.get("/v1/stats", headers={"X-API-Key": "first-key"}).status_code == 401
+        assert client.get("/v1/stats", headers={"X-API-Key": "third-key"}).status_code == 200
+
+
+def test_an_unreadable_keys_file_stops_startup(asx_lakehouse, tmp_path) -> None:
+    with pytest.raises(ApiKeyConfigError, match="not readable"):
+        _app(asx_lakehouse, api_keys_file=tmp_path / "missing")
+
+
+def test_rate_limit_is_per_key_with_retry_after(asx_lakehouse) -> None:
+    with TestClient(_app(asx_lakehouse, api_keys="one,two", rate_limit="3/minute")) as client:
+        for _ in range(3):
+            assert client.get("/v1/symbols", headers={"X-API-Key": "one"}).status_code == 200
+        limited = client.get("/v1/symbols", headers={"X-API-Key": "one"})
+        assert limited.status_code == 429
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert client.get("/v1/symbols", headers={"X-API-Key": "two"}).status_code == 200
+        assert client.get("/health").status_code == 200  # system routes are not limited
+
+
+def test_correlation_id_round_trip(asx_api) -> None:
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        ok = asx_api.get("/v1/symbols", headers={"X-Correlation-ID": "req-42.a"})
+        failed = asx_api.get("/v1/summary/BHP/2014-03-15", headers={"X-Correlation-ID": "req-43"})
+    assert ok.headers["X-Correlation-ID"] == "req-42.a"
+    assert failed.status_code == 404
+    assert failed.headers["X-Correlation-ID"] == "req-43"
+    assert failed.json()["error"]["correlation_id"] == "req-43"
+    access = {e["correlation_id"]: e for e in logs if e["event"] == "http.request"}
+    assert access["req-42.a"]["route"] == "/v1/symbols" and access["req-42.a"]["status"] == 200
+    assert access["req-42.a"]["api_key_id"] == key_id(DEV_API_KEY)
+    assert access["req-43"]["status"] == 404
+
+    generated = asx_api.get("/health").headers["X-Correlation-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    unsafe = asx_api.get("/health", headers={"X-Correlation-ID": "bad id\twith spaces"})
+    assert unsafe.headers["X-Correlation-ID"] != "bad id\twith spaces"
+
+
+def test_validation_errors_name_the_field(asx_api) -> None:
+    cases = [
+        ("GET", "/v1/trades?limit=0", None, "limit"),
+        ("GET", "/v1/trades?limit=10001", None, "limit"),
+        ("GET", "/v1/trades?start=2014-03-10T10:00:00", None, "start"),
+        ("GET", "/v1/trades?symbol=bhp", None, "symbol"),
+        ("GET", "/v1/trades?cursor=garbage", None, "cursor"),
+        ("GET", "/v1/summary/BHP/2014-13-01", None, "date"),
+        ("POST", "/v1/aggregations", {"symbols": ["BHP"], "interval": "7m", "start": "2014-03-10T00:00:00Z",
+                                      "end": "2014-03-11T00:00:00Z"}, "interval"),
+        ("POST", "/v1/aggregations", {"symbols": ["BHP"], "interval": "1m", "start": "2014-03-11T00:00:00Z",
+                                      "end": "2014-03-10T00:00:00Z"}, "end"),
+        ("POST", "/v1/trades/query", {"symbols": ["BHP"], "fields": ["price", "nope"]}, "fields"),
+        ("POST", "/v1/trades/query", {"symbols": ["BHP"], "surprise": 1}, "surprise"),
+        ("POST", "/v1/replay", {"mode": "rewind"}, "snapshot_id"),
+        ("POST", "/v1/replay", {"mode": "catch_up"}, "since_snapshot_id"),
+    ]
+    for method, path, body, field in cases:
+        response = asx_api.request(method, path, json=body)
+        assert response.status_code == 422, (path, body, response.text)
+        error = response.json()["error"]
+        assert error["status"] == 422
+        assert field in [d["field"] for d in error["details"]], (path, body, error)
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(asx_api) -> None:
+    for method, path, status in (("GET", "/v1/nothing", 404), ("DELETE", "/v1/trades", 405)):
+        response = asx_api.request(method, path)
+        assert response.status_code == status
+        assert response.json()["error"]["status"] == status
+
+
+def test_metrics_are_exported(asx_api) -> None:
+    asx_api.get("/v1/trades?symbol=DVN&limit=5")
+    text = asx_api.get("/metrics").text
+    for sample in ('k2_http_requests_total{method="GET",route="/v1/trades",status="200"}',
+                   'k2_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/v1/trades"}',
+                   'k2_query_executions_total{outcome="ok",query="trades_page"}',
+                   'k2_query_duration_seconds_count{query="trades_page"}',
+                   'k2_query_rows_returned_total{query="trades_page"}'):
+        assert sample in text, sample
+
+
+def test_unhandled_errors_keep_the_shape_and_the_correlation_id(asx_lakehouse) -> None:
+    app = _app(asx_lakehouse)
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/broken", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/v1/broken", headers={"X-Correlation-ID": "bug-1"})
+    assert response.status_code == 500
+    assert response.headers["X-Correlation-ID"] == "bug-1"
+    assert response.json()["error"] == {"status": 500, "code": "internal_error", "correlation_id": "bug-1",
+                                        "message": "internal error; quote the correlation id when reporting it",
+                                        "details": []}

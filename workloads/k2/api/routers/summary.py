@@ -1,0 +1,23 @@
+"""/v1/summary: one symbol's exchange-local trading day."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from k2.api.deps import EngineDep
+from k2.api.models import Day, Exchange, Summary, Symbol
+from k2.query import bars
+from k2.query.errors import NotFound
+from k2.query.filters import DEFAULT_EXCHANGE
+
+router = APIRouter(prefix="/v1/summary", tags=["summary"])
+
+
+@router.get("/{symbol}/{date}", response_model=Summary)
+def daily_summary(symbol: Symbol, date: Day, engine: EngineDep,
+                  exchange: Exchange = DEFAULT_EXCHANGE) -> Summary:  # type: ignore[valid-type]
+    """Open, high, low, close, volume, trade count and VWAP of that exchange-local date."""
+    day = bars.summary(engine, symbol, date, exchange)
+    if day is None:
+        raise NotFound(f"no {symbol} trades on {exchange} on {date.isoformat()}")
+    return Summary(**day)

@@ -1,0 +1,365 @@
+"""DuckDB over K2's Iceberg tables, with no DuckDB extension installed or downloaded at run time.
+
+pyiceberg plans every scan (partition pruning on `exchange_date`, file pruning on column bounds,
+time travel by snapshot) and DuckDB reads the planned Parquet files with projection and predicate
+pushdown: local files through its own Parquet reader, object storage through a pyarrow dataset.
+
+Concurrency: one DuckDB database per process, and one cursor (a connection to that database) per
+query, which is how DuckDB is meant to be used from many threads. Table metadata is reloaded at
+most every `metadata_ttl` seconds, so a commit is visible to queries within that time. Planned
+files are cached by (snapshot, filter): a snapshot never changes, so the cache needs no
+invalidation, only a bound on its size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+import structlog
+from pyarrow.fs import S3FileSystem
+from pyiceberg.catalog import Catalog
+from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+from pyiceberg.expressions import BooleanExpression
+from pyiceberg.io.pyarrow import PyArrowFileIO
+from pyiceberg.manifest import DataFile, DataFileContent, ManifestEntryStatus
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation, Snapshot
+
+from k2 import schemas, tables
+from k2.observability import QUERY_DURATION, QUERY_EXECUTIONS, ROWS_RETURNED
+from k2.query.errors import Conflict, NotFound, Unavailable
+from k2.query.filters import TICK_KINDS, TickFilter, micros
+from k2.query.sql import EXACT_RATIO_MACRO
+from k2.settings import Settings, TableKind
+
+log = structlog.get_logger("k2.query")
+
+METADATA_TTL = 0.5  # seconds; commits must be visible to queries within one second
+PLAN_CACHE_SIZE = 512
+STREAM_BATCH_ROWS = 65_536
+_PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The table version a query reads; every page of one cursor reads the same one."""
+
+    kind: TableKind
+    table: Table | None  # None: the table has not been created yet
+    snapshot: Snapshot | None  # None: the table holds no data yet
+    since: Snapshot | None = None  # catch-up: only rows appended after this snapshot
+
+    @property
+    def snapshot_id(self) -> int | None:
+        return self.snapshot.snapshot_id if self.snapshot else None
+
+    @property
+    def since_snapshot_id(self) -> int | None:
+        return self.since.snapshot_id if self.since else None
+
+    def arrow_schema(self) -> pa.Schema:
+        return self.table.schema().as_arrow() if self.table else schemas.arrow_schema(self.kind)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The planned input of one table reference in a query."""
+
+    pin: Pin
+    row_filter: BooleanExpression
+    files: tuple[DataFile, ...]
+    has_deletes: bool = False
+
+
+@dataclass(frozen=True)
+class ResultStream:
+    """A running query's result: iterate `batches` once; finishing or closing it frees the cursor."""
+
+    schema: pa.Schema
+    batches: Iterator[pa.RecordBatch]
+
+
+class Engine:
+    def __init__(self, settings: Settings, *, metadata_ttl: float = METADATA_TTL) -> None:
+        self.settings = settings
+        self._ttl = metadata_ttl
+        self._catalog: Catalog | None = None
+        self._catalog_lock = threading.RLock()
+        self._tables: dict[TableKind, tuple[float, Table | None]] = {}
+        self._tables_lock = threading.Lock()
+        self._plans: OrderedDict[tuple, tuple[tuple[DataFile, ...], bool]] = OrderedDict()
+        self._plans_lock = threading.Lock()
+        self._s3: S3FileSystem | None = None
+        self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
+                                          "autoload_known_extensions": False})
+        self._db.execute("SET GLOBAL TimeZone = 'UTC'")  # results come back as UTC instants
+        self._db.execute(EXACT_RATIO_MACRO)
+        self._db_lock = threading.Lock()
+
+    # catalog and table versions ----------------------------------------------------------------
+    def _get_catalog(self) -> Catalog:
+        # Built lazily and rebuilt after a failure, so the API starts (and reports not-ready)
+        # while the catalog database is still coming up.
+        with self._catalog_lock:
+            if self._catalog is None:
+                try:
+                    self._catalog = tables.catalog(self.settings)
+                except Exception as exc:  # noqa: BLE001 - any driver error means the same to a client
+                    raise self._unreachable(exc) from exc
+            return self._catalog
+
+    def _unreachable(self, exc: Exception) -> Unavailable:
+        """Forget the catalog (the next call reconnects) and say why it failed."""
+        with self._catalog_lock:
+            self._catalog = None
+        log.warning("query.catalog_unreachable", error=str(exc))
+        return Unavailable(f"catalog unreachable: {exc}")
+
+    def table(self, kind: TableKind, *, fresh: bool = False) -> Table | None:
+        """The table's metadata, at most `metadata_ttl` old (or reloaded now when `fresh`)."""
+        with self._tables_lock:
+            loaded = self._tables.get(kind)
+            if loaded and not fresh and time.monotonic() - loaded[0] < self._ttl:
+                return loaded[1]
+            try:
+                table = self._get_catalog().load_table(self.settings.table_identifier(kind))
+            except (NoSuchTableError, NoSuchNamespaceError):
+                table = None
+            except Unavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise self._unreachable(exc) from exc
+            # A new Table object per load: queries holding the previous one keep a consistent view.
+            self._tables[kind] = (time.monotonic(), table)
+            return table
+
+    def _snapshot(self, kind: TableKind, snapshot_id: int) -> tuple[Table, Snapshot]:
+        """A snapshot by id; metadata is reloaded once in case it is newer than the cached copy."""
+        for fresh in (False, True):
+            table = self.table(kind, fresh=fresh)
+            snapshot = table.snapshot_by_id(snapshot_id) if table else None
+            if snapshot is not None:
+                return table, snapshot
+        raise NotFound(f"{kind} has no snapshot {snapshot_id} (never existed or expired)")
+
+    def pin(self, kind: TableKind, *, snapshot_id: int | None = None, as_of: dt.datetime | None = None,
+            since_snapshot_id: int | None = None) -> Pin:
+        """Choose the version to read: a snapshot id, the one current at `as_of`, or the latest;
+        with `since_snapshot_id`, only what was appended after that snapshot."""
+        # The start of a catch-up is resolved first: finding it may reload the metadata, and the
+        # end must then come from metadata at least as new.
+        since = self._snapshot(kind, since_snapshot_id)[1] if since_snapshot_id is not None else None
+        if snapshot_id is not None:
+            table, snapshot = self._snapshot(kind, snapshot_id)
+        else:
+            table = self.table(kind)
+            if as_of is not None:
+                # Iceberg's snapshot log is in milliseconds.
+                snapshot = table.snapshot_as_of_timestamp(micros(as_of) // 1000) if table else None
+                if snapshot is None:
+                    raise NotFound(f"{kind} had no snapshot at or before that time")
+            else:
+                snapshot = table.current_snapshot() if table else None
+        if since is not None and (table is None or table.snapshot_by_id(since.snapshot_id) is None):
+            raise Conflict(f"{kind} was re-created after snapshot {since_snapshot_id}")
+        return Pin(kind, table, snapshot, since)
+
+    # planning --------------------------------------------------------------------------------
+    def plan(self, pin: Pin, flt: TickFilter) -> Scan:
+        """The data files of `pin` that may hold rows matching `flt` (cached per snapshot)."""
+        row_filter = flt.iceberg_filter(timestamped=pin.kind in TICK_KINDS)
+        if pin.table is None or pin.snapshot is None:
+            return Scan(pin, row_filter, ())
+        key = (pin.kind, pin.table.metadata.table_uuid, pin.snapshot_id, pin.since_snapshot_id, flt)
+        with self._plans_lock:
+            planned = self._plans.get(key)
+            if planned is not None:
+                self._plans.move_to_end(key)
+        if planned is None:
+            planned = self._plan_files(pin, row_filter)
+            with self._plans_lock:
+                self._plans[key] = planned
+                while len(self._plans) > PLAN_CACHE_SIZE:
+                    self._plans.popitem(last=False)
+        files, has_deletes = planned
+        return Scan(pin, row_filter, files, has_deletes)
+
+    def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> tuple[tuple[DataFile, ...], bool]:
+        if pin.since is not None:
+            return _appended_files(pin.kind, pin.table, pin.since, pin.snapshot), False
+        try:
+            tasks = list(pin.table.scan(row_filter=row_filter, snapshot_id=pin.snapshot_id).plan_files())
+        except OSError as exc:
+            raise Unavailable(f"cannot read {pin.kind} metadata: {exc}") from exc
+        return tuple(t.file for t in tasks), any(t.delete_files for t in tasks)
+
+    # execution -------------------------------------------------------------------------------
+    def run(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan]) -> pa.Table:
+        """Run a query to completion. `sql` names each scan as `{alias}`; `name` labels metrics."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            with self._cursor() as cur, _storage_errors():
+                text, bound = self._bind(cur, sql, params, scans)
+                result = cur.execute(text, bound).fetch_arrow_table()
+            outcome = "ok"
+        finally:
+            _record(name, outcome, started)
+        ROWS_RETURNED.labels(name).inc(result.num_rows)
+        return result
+
+    def stream(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan],
+               batch_rows: int = STREAM_BATCH_ROWS) -> ResultStream:
+        """Start a query now (so errors surface before a response does); its batches come lazily."""
+        started = time.perf_counter()
+        cur = self._new_cursor()
+        try:
+            with _storage_errors():
+                text, bound = self._bind(cur, sql, params, scans)
+                reader = cur.execute(text, bound).fetch_record_batch(batch_rows)
+        except BaseException:
+            cur.close()
+            _record(name, "error", started)
+            raise
+        return ResultStream(reader.schema, _drain(name, cur, reader, started))
+
+    def _new_cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._db_lock:
+            return self._db.cursor()
+
+    @contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cur = self._new_cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    def _bind(self, cur: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any],
+              scans: Mapping[str, Scan]) -> tuple[str, dict[str, Any]]:
+        bound = dict(params)
+        sources = {alias: self._source(cur, alias, scan, bound) for alias, scan in scans.items()}
+        text = sql.format(**sources)
+        # DuckDB refuses unused parameters; builders may offer some a query variant does not use.
+        used = set(_PARAMETER.findall(text))
+        return text, {name: value for name, value in bound.items() if name in used}
+
+    def _source(self, cur: duckdb.DuckDBPyConnection, alias: str, scan: Scan, bound: dict[str, Any]) -> str:
+        """The FROM-clause text that reads `scan` (registering an Arrow source on `cur` if needed)."""
+        name = f"k2_scan_{alias}"
+        if scan.has_deletes:
+            # Row-level deletes (merge-on-read, written by other engines): pyiceberg applies them.
+            reader = scan.pin.table.scan(row_filter=scan.row_filter,
+                                         snapshot_id=scan.pin.snapshot_id).to_arrow_batch_reader()
+            cur.register(name, reader)
+            return name
+        if not scan.files:
+            cur.register(name, scan.pin.arrow_schema().empty_table())
+            return name
+        locations = [PyArrowFileIO.parse_location(f.file_path) for f in scan.files]
+        schemes = {scheme for scheme, _, _ in locations}
+        if schemes == {"file"}:
+            bound[name] = [path for _, _, path in locations]
+            return f"read_parquet(${name}, union_by_name = true)"
+        if schemes <= {"s3", "s3a"}:
+            dataset = pads.dataset([path for _, _, path in locations], schema=scan.pin.arrow_schema(),
+                                   format="parquet", filesystem=self._s3_filesystem())
+            cur.register(name, dataset)
+            return name
+        raise Unavailable(f"unsupported warehouse storage {sorted(schemes)}")
+
+    def _s3_filesystem(self) -> S3FileSystem:
+        if self._s3 is None:
+            s = self.settings
+            self._s3 = S3FileSystem(
+                endpoint_override=s.s3_endpoint, region=s.s3_region,
+                access_key=s.s3_access_key.get_secret_value() if s.s3_access_key else None,
+                secret_key=s.s3_secret_key.get_secret_value() if s.s3_secret_key else None)
+        return self._s3
+
+    # health ----------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise `Unavailable` unless both DuckDB and the catalog answer."""
+        with self._cursor() as cur:
+            cur.execute("SELECT 1").fetchall()
+        try:
+            self._get_catalog().list_tables(self.settings.namespace)
+        except NoSuchNamespaceError:
+            pass  # reachable; nothing has been written yet
+        except Unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._unreachable(exc) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Data files that cannot be read (storage down, files expired under a query) are a 503."""
+    try:
+        yield
+    except (duckdb.IOException, OSError) as exc:
+        raise Unavailable(f"cannot read table data: {exc}") from exc
+
+
+def _drain(name: str, cur: duckdb.DuckDBPyConnection, reader: pa.RecordBatchReader,
+           started: float) -> Iterator[pa.RecordBatch]:
+    outcome = "error"
+    try:
+        for batch in reader:
+            ROWS_RETURNED.labels(name).inc(batch.num_rows)
+            yield batch
+        outcome = "ok"
+    except GeneratorExit:
+        outcome = "cancelled"  # the client went away mid-stream
+        raise
+    finally:
+        cur.close()
+        _record(name, outcome, started)
+
+
+def _record(name: str, outcome: str, started: float) -> None:
+    QUERY_EXECUTIONS.labels(name, outcome).inc()
+    QUERY_DURATION.labels(name).observe(time.perf_counter() - started)
+
+
+def _appended_files(kind: TableKind, table: Table, since: Snapshot, until: Snapshot) -> tuple[DataFile, ...]:
+    """Data files added by the append snapshots after `since` up to `until`: Iceberg's
+    incremental append scan. Compactions (`replace`) add no rows and are skipped; an overwrite or
+    delete in between means earlier reads were not final, so catching up is refused."""
+    chain: list[Snapshot] = []
+    snapshot: Snapshot | None = until
+    while snapshot is not None and snapshot.snapshot_id != since.snapshot_id:
+        chain.append(snapshot)
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.snapshot_by_id(parent) if parent is not None else None
+    if snapshot is None:
+        raise Conflict(f"snapshot {since.snapshot_id} is not an ancestor of {until.snapshot_id}")
+    files: list[DataFile] = []
+    for snap in reversed(chain):
+        operation = snap.summary.operation if snap.summary else None
+        if operation == Operation.REPLACE:
+            continue
+        if operation != Operation.APPEND:
+            raise Conflict(f"{kind} snapshot {snap.snapshot_id} is a {getattr(operation, 'value', operation)}, "
+                           "not an append: catch up is only defined over appends; replay with cold_start")
+        for manifest in snap.manifests(table.io):
+            if manifest.added_snapshot_id != snap.snapshot_id:
+                continue
+            files.extend(entry.data_file for entry in manifest.fetch_manifest_entry(table.io)
+                         if entry.status == ManifestEntryStatus.ADDED
+                         and entry.data_file.content == DataFileContent.DATA)
+    return tuple(files)

@@ -1,0 +1,125 @@
+"""Reading ticks: keyset pages in tick order, streamed exports, the latest quote per symbol, and
+trades as-of-joined to the quote that prevailed when they printed.
+
+Tick order is (exchange_timestamp, symbol, sequence_number): unique per row, so keyset pages never
+skip or repeat one, and within a symbol it is the exchange's own order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pyarrow as pa
+
+from k2.query.cursor import Cursor, Position
+from k2.query.engine import Engine, Pin, ResultStream, Scan
+from k2.query.filters import TickFilter, columns
+from k2.query.sql import Where, ident, select_list
+
+ORDER_BY = "exchange_timestamp, symbol, sequence_number"
+_KEY_COLUMNS = ("__k2_ts", "__k2_symbol", "__k2_seq")
+QUOTE_FIELDS = ("bid_price", "ask_price", "bid_size", "ask_size")
+QUOTED_TRADE_COLUMNS = (*columns("trades"), "quote_timestamp", *QUOTE_FIELDS)
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A subquery over planned scans: what pages and exports select from."""
+
+    name: str  # the metrics label of queries over it
+    sql: str  # refers to each scan as {alias}
+    params: Mapping[str, Any]
+    scans: Mapping[str, Scan]
+    pins: Mapping[str, Pin]  # the table versions read, by role: what a cursor pins
+
+    def snapshot_ids(self) -> dict[str, int | None]:
+        ids = {role: pin.snapshot_id for role, pin in self.pins.items()}
+        for pin in self.pins.values():
+            if pin.since is not None:
+                ids["since"] = pin.since_snapshot_id
+        return ids
+
+
+def tick_relation(engine: Engine, pin: Pin, flt: TickFilter) -> Relation:
+    """The ticks of one table matching `flt`."""
+    where = Where().ticks(flt)
+    return Relation(pin.kind, f"SELECT * FROM {{src}} {where.sql()}", where.params,
+                    {"src": engine.plan(pin, flt)}, {pin.kind: pin})
+
+
+def quoted_trades_relation(engine: Engine, trades: Pin, quotes: Pin, flt: TickFilter,
+                           tolerance: dt.timedelta) -> Relation:
+    """Each trade with the last quote at or before it (same symbol and exchange), as long as that
+    quote is at most `tolerance` old; otherwise the quote columns are null.
+
+    Several quotes may share a timestamp: the one with the highest sequence number is the one
+    that prevailed, so quotes are reduced to that one first and the ASOF match is deterministic.
+    """
+    quote_filter = replace(flt, start=flt.start - tolerance if flt.start else None)
+    tw = Where().ticks(flt, prefix="t_")
+    qw = Where().ticks(quote_filter, prefix="q_")
+    fresh = "t.exchange_timestamp - q.exchange_timestamp <= $tolerance"
+    quote_columns = ", ".join(f"CASE WHEN {fresh} THEN q.{ident(c)} END AS {ident(c)}" for c in QUOTE_FIELDS)
+    sql = f"""
+        SELECT t.*, CASE WHEN {fresh} THEN q.exchange_timestamp END AS quote_timestamp, {quote_columns}
+        FROM (SELECT * FROM {{trades}} {tw.sql()}) t
+        ASOF LEFT JOIN (
+            SELECT symbol, exchange, exchange_timestamp, {select_list(QUOTE_FIELDS)} FROM {{quotes}} {qw.sql()}
+            QUALIFY row_number() OVER (PARTITION BY symbol, exchange, exchange_timestamp
+                                       ORDER BY sequence_number DESC) = 1
+        ) q ON t.symbol = q.symbol AND t.exchange = q.exchange AND t.exchange_timestamp >= q.exchange_timestamp
+    """
+    return Relation("trades_asof_quotes", sql, {**tw.params, **qw.params, "tolerance": tolerance},
+                    {"trades": engine.plan(trades, flt), "quotes": engine.plan(quotes, quote_filter)},
+                    {"trades": trades, "quotes": quotes})
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: pa.Table
+    next_cursor: str | None  # None when this page is the last
+
+
+def page(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int, cursor: Cursor | None,
+         fingerprint: str) -> Page:
+    """Up to `limit` rows after the cursor's position, in tick order."""
+    where = Where()
+    if cursor is not None:
+        after = cursor.after
+        where.add("exchange_timestamp >= $after_ts", after_ts=after.timestamp)  # prunes row groups
+        where.add("exchange_timestamp > $after_ts OR (exchange_timestamp = $after_ts AND "
+                  "(symbol > $after_symbol OR (symbol = $after_symbol AND sequence_number > $after_seq)))",
+                  after_symbol=after.symbol, after_seq=after.sequence_number)
+    # One row more than asked tells whether another page follows.
+    sql = (f"SELECT {select_list(fields)}, epoch_us(exchange_timestamp) AS __k2_ts, symbol AS __k2_symbol, "
+           f"sequence_number AS __k2_seq FROM ({rel.sql}) {where.sql()} ORDER BY {ORDER_BY} LIMIT $limit")
+    result = engine.run(f"{rel.name}_page", sql, {**rel.params, **where.params, "limit": limit + 1}, rel.scans)
+    next_cursor = None
+    if result.num_rows > limit:
+        last = result.slice(limit - 1, 1).select(list(_KEY_COLUMNS)).to_pylist()[0]
+        position = Position(last["__k2_ts"], last["__k2_symbol"], last["__k2_seq"])
+        next_cursor = Cursor(rel.snapshot_ids(), position, fingerprint).encode()
+    return Page(result.slice(0, limit).drop_columns(list(_KEY_COLUMNS)), next_cursor)
+
+
+def stream(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int | None) -> ResultStream:
+    """Every matching row in tick order (up to `limit`), as Arrow batches."""
+    params = dict(rel.params)
+    sql = f"SELECT {select_list(fields)} FROM ({rel.sql}) ORDER BY {ORDER_BY}"
+    if limit is not None:
+        sql += " LIMIT $limit"
+        params["limit"] = limit
+    return engine.stream(f"{rel.name}_export", sql, params, rel.scans)
+
+
+def latest_quotes(engine: Engine, pin: Pin, flt: TickFilter, as_of: dt.datetime) -> pa.Table:
+    """The last quote at or before `as_of` of each symbol matching `flt` (ignoring its start/end)."""
+    bounded = replace(flt, start=None, end=as_of + dt.timedelta(microseconds=1))
+    where = Where().ticks(bounded)
+    sql = (f"SELECT {select_list(columns('quotes'))} FROM {{src}} {where.sql()} "
+           "QUALIFY row_number() OVER (PARTITION BY symbol, exchange "
+           "ORDER BY exchange_timestamp DESC, sequence_number DESC) = 1 ORDER BY symbol, exchange")
+    return engine.run("quotes_latest", sql, where.params, {"src": engine.plan(pin, bounded)})
