@@ -93,8 +93,8 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
         _tour(client, home)
         console.print(Panel.fit(
             f"Explore: {base}/docs (key header X-API-Key: {DEV_API_KEY})\n"
-            f"CLI:     k2-query --url {base} symbols | trades --symbol BHP --limit 10 | bars BHP --interval 5m\n"
-            f"Local:   k2-query --local summary BHP <date>\n"
+            f"CLI:     k2-query symbols --url {base}   (also: trades --symbol BHP --limit 10, bars BHP "
+            f"--interval 5m, summary BHP {{date}}, snapshots, stats; --local reads the catalog directly)\n"
             f"Done in {time.monotonic() - started:.0f}s.", title="K2 demo"))
         if keep_running:
             console.print("API running; Ctrl-C to stop")
@@ -131,6 +131,6 @@ def _tour(client: httpx.Client, home: Path) -> None:
         _show("as of the first snapshot", as_of["data"], ["exchange_timestamp", "price", "volume", "sequence_number"])
     chart = home / f"{symbol.lower()}-{day}.png"
     k2_query = str(Path(sys.executable).with_name("k2-query"))
-    subprocess.run([k2_query, "--url", str(client.base_url), "chart", symbol, day, "--interval", "5m",
-                    "-o", str(chart)], check=True, env={**os.environ, "K2_API_KEY": DEV_API_KEY})
+    subprocess.run([k2_query, "chart", symbol, day, "--interval", "5m", "-o", str(chart), "--url",
+                    str(client.base_url)], check=True, env={**os.environ, "K2_API_KEY": DEV_API_KEY})
     console.print(f"candlestick chart written to {chart}")
