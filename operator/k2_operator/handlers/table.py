@@ -1,0 +1,176 @@
+"""IcebergTable: resolve the catalog and schema, create or evolve the table (compatible changes
+only), keep its properties, schedule maintenance, report the table's observed state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from pyiceberg.schema import Schema
+
+from k2 import tables as k2_tables
+from k2_operator import external
+from k2_operator.conditions import Condition
+from k2_operator.handlers import pipeline, runtime
+from k2_operator.models import GROUP, TABLE, VERSION, IcebergTableSpec
+from k2_operator.render.table import render_table, table_definition
+
+TABLE_READY = "TableReady"
+REQUIRED = (TABLE_READY,)
+PRUNE_KINDS = ("ConfigMap", "CronJob")
+
+
+class Waiting(Exception):
+    """A dependency (Secret, subject) is not there yet: report, retry soon."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class InvalidSpec(Waiting):
+    """The spec cannot be satisfied as written (e.g. a partition column missing from the subject)."""
+
+
+def _registry_url(namespace: str, spec: IcebergTableSpec) -> str:
+    rt = runtime.get()
+    ref = spec.schema_.registry
+    if ref and ref.secret_ref:
+        data = rt.kube.secret_data(namespace, ref.secret_ref.name) or {}
+        if ref.secret_ref.key not in data:
+            raise Waiting("SecretNotFound", f"Secret {ref.secret_ref.name} has no key {ref.secret_ref.key}")
+        return data[ref.secret_ref.key]
+    return ref.url if ref and ref.url else rt.settings.registry_url
+
+
+def resolve_schema(namespace: str, spec: IcebergTableSpec) -> Schema:
+    if spec.schema_.fields:
+        return external.iceberg_schema(spec.schema_.avro_record(spec.name))
+    subject = spec.schema_.from_subject or ""
+    avro = external.latest_avro_schema(_registry_url(namespace, spec), subject)
+    if avro is None:
+        raise Waiting("SubjectNotFound", f"subject {subject} is not registered yet")
+    return external.iceberg_schema(avro)
+
+
+def catalog_for(namespace: str, spec: IcebergTableSpec) -> Any:
+    data = runtime.get().kube.secret_data(namespace, spec.catalog_ref.name)
+    if data is None:
+        raise Waiting("SecretNotFound", f"catalog Secret {spec.catalog_ref.name} does not exist")
+    try:
+        settings = external.catalog_settings(data)
+    except ValueError as exc:
+        raise Waiting("InvalidCatalogSecret", f"catalog Secret {spec.catalog_ref.name}: {exc}") from exc
+    return external.catalog(settings)
+
+
+def observed_state(table: Any) -> dict[str, Any]:
+    snapshot = table.current_snapshot()
+    return {"identifier": ".".join(table.name()), "tableUuid": str(table.metadata.table_uuid),
+            "location": table.location(), "schemaId": table.schema().schema_id,
+            "columns": len(table.schema().fields),
+            "currentSnapshotId": str(snapshot.snapshot_id) if snapshot else None,
+            "snapshots": len(table.metadata.snapshots)}
+
+
+def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
+    rt = runtime.get()
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    with rt.lock(TABLE.kind, namespace, name), runtime.observed(TABLE, body, trigger) as logger:
+        spec = IcebergTableSpec.model_validate(dict(body["spec"]))
+        status = body.get("status") or {}
+        changes: list[str] = []
+        observed: dict[str, Any] = {"identifier": spec.identifier}
+        retry = False
+        try:
+            cat = catalog_for(namespace, spec)
+            schema = resolve_schema(namespace, spec)
+            unknown = [c for c in [p.column for p in spec.partition_by] + list(spec.sort_by)
+                       if c not in {f.name for f in schema.fields}]
+            if unknown:
+                raise InvalidSpec("UnknownColumn", f"partitionBy/sortBy name columns the schema does not have: "
+                                  f"{', '.join(unknown)}")
+            definition = table_definition(spec, schema)
+            existing = k2_tables.load_table(cat, spec.identifier)
+            mismatch = external.compare_table(existing, definition) if existing is not None else None
+            if mismatch:
+                check = Condition.false(TABLE_READY, mismatch.reason, f"{spec.identifier}: {mismatch.message}; "
+                                        "nothing was changed")
+                observed.update(observed_state(existing))
+            else:
+                table, created, evolved = external.ensure_table(cat, definition)
+                changed_properties = [] if created else external.apply_properties(table, definition.properties)
+                if created:
+                    changes.append(f"created table {spec.identifier}")
+                if evolved:
+                    changes.append(f"added columns to {spec.identifier}")
+                if changed_properties:
+                    changes.append(f"set {', '.join(changed_properties)} on {spec.identifier}")
+                observed.update(observed_state(table.refresh() if changed_properties else table))
+                check = Condition.true(TABLE_READY, "Reconciled",
+                                       f"{spec.identifier} with {observed['columns']} columns")
+        except InvalidSpec as exc:  # retrying cannot help; the drift timer looks again
+            check = Condition.false(TABLE_READY, exc.reason, str(exc))
+        except Waiting as exc:
+            check = Condition.false(TABLE_READY, exc.reason, str(exc))
+            retry = True
+        except external.Unavailable as exc:
+            check = Condition.false(TABLE_READY, "RegistryUnavailable", str(exc))
+            retry = True
+        except Exception as exc:  # noqa: BLE001 - catalog/storage failures of any driver: report and retry
+            logger.warning("table.catalog_error", error=str(exc), error_type=type(exc).__name__)
+            check = Condition.false(TABLE_READY, "CatalogError", f"{type(exc).__name__}: {exc}")
+            retry = True
+        if retry:
+            observed = {k: v for k, v in {**status, **observed}.items()
+                        if k not in ("conditions", "observedGeneration")}
+
+        applied, pruned = runtime.apply_children(TABLE, body, render_table(name, namespace, spec, rt.render_context()),
+                                                 PRUNE_KINDS)
+        changes += runtime.describe_changes(applied, pruned)
+        ready = runtime.write_status(TABLE, body, [check], required=REQUIRED, observed_state=observed)
+        pipeline.report(body, changes, trigger,
+                        spec_unchanged=status.get("observedGeneration") == meta.get("generation"))
+        logger.info("table.reconciled", ready=ready.status, reason=ready.reason, changes=changes)
+        if retry:
+            raise kopf.TemporaryError(ready.message, delay=runtime.retry_delay(0))
+
+
+@kopf.on.resume(GROUP, VERSION, TABLE.plural)
+@kopf.on.create(GROUP, VERSION, TABLE.plural)
+@kopf.on.update(GROUP, VERSION, TABLE.plural)
+def table_changed(body: kopf.Body, reason: str, **_: Any) -> None:
+    reconcile(body, trigger="change" if reason != "resume" else "resume")
+
+
+@kopf.timer(GROUP, VERSION, TABLE.plural, interval=runtime.config_value("drift_interval"),
+            initial_delay=runtime.config_value("drift_initial_delay"), id="table_drift")
+def table_drift(body: kopf.Body, **_: Any) -> None:
+    reconcile(body, trigger="drift")
+
+
+def _deletes_external(spec: Mapping[str, Any], **_: Any) -> bool:
+    return spec.get("deletionPolicy") == "Delete"
+
+
+@kopf.on.delete(GROUP, VERSION, TABLE.plural, when=_deletes_external)
+def table_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+    """deletionPolicy Delete: drop the table and purge its files."""
+    rt = runtime.get()
+    meta = body["metadata"]
+    spec = IcebergTableSpec.model_validate(dict(body["spec"]))
+    with rt.lock(TABLE.kind, meta["namespace"], meta["name"]), runtime.observed(TABLE, body, "delete") as logger:
+        if runtime.skip_cleanup(body):
+            runtime.event(body, "CleanupSkipped", f"{runtime.SKIP_CLEANUP_ANNOTATION}=true: table "
+                          f"{spec.identifier} is left in place", warning=True)
+            return
+        try:
+            dropped = external.drop_table(catalog_for(meta["namespace"], spec), spec.identifier, purge=True)
+        except Exception as exc:  # noqa: BLE001 - whatever the catalog raised: retry, then give up
+            runtime.cleanup_failed(TABLE, body, retry, exc, logger)
+            return
+        runtime.event(body, "CleanedUp", f"dropped and purged {spec.identifier}" if dropped
+                      else f"{spec.identifier} was already gone")
+        rt.track_ready(TABLE.kind, meta["uid"], None)

@@ -1,0 +1,157 @@
+"""IngestionPipeline → settings ConfigMap, consumer Deployment (`k2 stream run`), its metrics
+Service, PodDisruptionBudget and ServiceMonitor, and the ingest Job for csv/synthetic sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from k2_operator.models import PIPELINE, IngestionPipelineSpec, SyntheticSource, TableKind
+from k2_operator.render import common
+from k2_operator.render.common import RenderContext, SecretEnv, WorkloadConfig
+
+KIND = PIPELINE.kind
+REGISTRY_SECRET_KEY_SETTING = "registry_url"
+
+
+@dataclass(frozen=True)
+class TableBinding:
+    """The IcebergTables a pipeline writes, resolved by the handler: which kinds, in which
+    Iceberg namespace, through which catalog Secret."""
+
+    kinds: tuple[TableKind, ...]
+    namespace: str
+    catalog_secret: str
+    target_file_size_bytes: int | None = None
+
+
+def names(name: str) -> dict[str, str]:
+    return {"settings": f"{name}-settings", "consumer": f"{name}-consumer",
+            "metrics": f"{name}-consumer-metrics", "ingest": f"{name}-ingest"}
+
+
+def consumer_group(name: str, namespace: str) -> str:
+    """Prefix of the consumer groups (`k2 stream run` appends `-<table>`)."""
+    return f"k2-stream-{namespace}-{name}"
+
+
+def source_digest(spec: IngestionPipelineSpec) -> str:
+    """Identifies one ingest run: a new source (or new topics) is a new Job, an unchanged one is not."""
+    return common.short_hash({"source": spec.source.model_dump(mode="json", exclude={"resources"}),
+                              "kinds": list(spec.topics.kinds), "exchange": spec.exchange,
+                              "assetClass": spec.asset_class})
+
+
+def ingest_job_name(name: str, spec: IngestionPipelineSpec) -> str:
+    return f"{names(name)['ingest']}-{source_digest(spec)}"
+
+
+def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, ctx: RenderContext) -> WorkloadConfig:
+    values: dict[str, Any] = {
+        "asset_class": spec.asset_class, "exchange": spec.exchange,
+        "topic_partitions": spec.topics.partitions, "topic_replication": spec.topics.replication_factor,
+        "compatibility": spec.compatibility,
+        "batch_rows": spec.consumer.batch_rows, "batch_bytes": spec.consumer.batch_bytes,
+        "batch_seconds": spec.consumer.batch_seconds,
+        "gap_alert": spec.consumer.gap_alert, "gap_halt": spec.consumer.gap_halt,
+        "metrics_port": ctx.workload_metrics_port,
+    }
+    if spec.schema_registry and spec.schema_registry.url:
+        values["registry_url"] = spec.schema_registry.url
+    secrets: list[SecretEnv] = []
+    if spec.schema_registry and spec.schema_registry.secret_ref:
+        ref = spec.schema_registry.secret_ref
+        secrets.append(SecretEnv(REGISTRY_SECRET_KEY_SETTING, ref.name, ref.key))
+    if binding is not None:
+        values["namespace"] = binding.namespace
+        if binding.target_file_size_bytes:
+            values["target_file_size_bytes"] = binding.target_file_size_bytes
+        secrets.extend(common.catalog_secret_env(binding.catalog_secret))
+    return WorkloadConfig(common.workload_settings(ctx, **values), tuple(secrets))
+
+
+def _metrics_probes(ctx: RenderContext) -> dict[str, Any]:
+    return {"liveness": common.http_probe("/metrics", "metrics", period=20, failure=3, initial=10),
+            "readiness": common.http_probe("/metrics", "metrics", period=10, initial=5)}
+
+
+def consumer_deployment(name: str, namespace: str, spec: IngestionPipelineSpec, binding: TableBinding,
+                        workload: WorkloadConfig, ctx: RenderContext) -> dict[str, Any]:
+    n = names(name)
+    # One consumer group per pipeline (and table): pipelines of other exchanges writing tables of
+    # the same name must not share a group.
+    args = ["stream", "run", "--tables", ",".join(binding.kinds), "--group-id", consumer_group(name, namespace)]
+    probes = _metrics_probes(ctx)
+    box = common.container(name="stream", ctx=ctx, args=args, config_map=n["settings"], workload=workload,
+                           resources=spec.consumer.resources, ports=[("metrics", ctx.workload_metrics_port)],
+                           liveness=probes["liveness"], readiness=probes["readiness"])
+    template = common.pod_template(name, "consumer", KIND, common.pod_spec([box], ctx), workload,
+                                   metrics_port=ctx.workload_metrics_port)
+    # SIGTERM makes `k2 stream run` flush and commit its open batches: give it time to.
+    template["spec"]["terminationGracePeriodSeconds"] = 60
+    return common.deployment(n["consumer"], namespace, name, "consumer", KIND, replicas=spec.consumer.replicas,
+                             template=template)
+
+
+def ingest_args(spec: IngestionPipelineSpec) -> list[str]:
+    source = spec.source
+    if source.type == "synthetic":
+        synthetic = source.synthetic or SyntheticSource()
+        return ["ingest", "synthetic", "--symbols", str(synthetic.symbols), "--days", str(synthetic.days),
+                "--seed", str(synthetic.seed), "--no-progress"]
+    if source.type == "asx-csv" and source.asx_csv is not None:
+        args = ["ingest", "asx", source.asx_csv.path, "--no-progress"]
+        data_kinds = [k for k in spec.topics.kinds if k != "reference"]
+        if data_kinds:
+            args += ["--topics", ",".join(data_kinds)]
+        if source.asx_csv.symbols:
+            args += ["--symbols", ",".join(source.asx_csv.symbols)]
+        return args
+    raise ValueError(f"source type {source.type!r} has no ingest Job")
+
+
+def ingest_job(name: str, namespace: str, spec: IngestionPipelineSpec, workload: WorkloadConfig,
+               ctx: RenderContext) -> dict[str, Any]:
+    n = names(name)
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    csv = spec.source.asx_csv
+    if spec.source.type == "asx-csv" and csv is not None and csv.claim_name:
+        mounts.append({"name": "input", "mountPath": csv.mount_path, "readOnly": True})
+        volumes.append({"name": "input", "persistentVolumeClaim": {"claimName": csv.claim_name, "readOnly": True}})
+    probes = _metrics_probes(ctx)
+    box = common.container(name="ingest", ctx=ctx, args=ingest_args(spec), config_map=n["settings"],
+                           workload=workload, resources=spec.source.resources,
+                           ports=[("metrics", ctx.workload_metrics_port)], liveness=probes["liveness"],
+                           readiness=probes["readiness"], extra_mounts=mounts)
+    pod = common.pod_spec([box], ctx, restart_policy="Never", extra_volumes=volumes, tmp_size="4Gi")
+    template = common.pod_template(name, "ingest", KIND, pod, workload, metrics_port=ctx.workload_metrics_port)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": common.metadata(ingest_job_name(name, spec), namespace, name, "ingest", KIND,
+                                    annotations={"k2.io/source-digest": source_digest(spec)}),
+        # A rerun of the same source is harmless (sequence numbers are deterministic and the stream
+        # de-duplicates), so a failed pod is retried a couple of times.
+        "spec": {"backoffLimit": 2, "template": template},
+    }
+
+
+def render_pipeline(name: str, namespace: str, spec: IngestionPipelineSpec, binding: TableBinding | None,
+                    ctx: RenderContext) -> list[dict[str, Any]]:
+    """Every child object of the pipeline as it should be. Consumers exist only once the tables are
+    bound (`binding`), so they never create a table their IcebergTable has not defined yet."""
+    n = names(name)
+    workload = workload_config(spec, binding, ctx)
+    objects = [common.config_map(n["settings"], namespace, name, "pipeline", KIND, workload)]
+    if binding is not None and binding.kinds:
+        objects += [
+            consumer_deployment(name, namespace, spec, binding, workload, ctx),
+            common.service(n["metrics"], namespace, name, "consumer", KIND, headless=True, ports=[
+                {"name": "metrics", "port": ctx.workload_metrics_port, "targetPort": "metrics", "protocol": "TCP"}]),
+            common.pod_disruption_budget(n["consumer"], namespace, name, "consumer", KIND),
+        ]
+        if ctx.service_monitor:
+            objects.append(common.service_monitor(n["consumer"], namespace, name, "consumer", KIND, port="metrics"))
+    if spec.source.type != "none":
+        objects.append(ingest_job(name, namespace, spec, workload, ctx))
+    return objects

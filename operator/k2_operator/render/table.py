@@ -1,0 +1,88 @@
+"""IcebergTable → `k2.tables.TableDefinition` (what `ensure_table` creates and evolves) and, with
+a compaction schedule, a `k2 maintain` CronJob with its settings ConfigMap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyiceberg.schema import Schema
+
+from k2 import tables
+from k2_operator.models import TABLE, IcebergTableSpec
+from k2_operator.render import common
+from k2_operator.render.common import RenderContext, WorkloadConfig
+
+KIND = TABLE.kind
+MAX_SNAPSHOT_AGE_PROPERTY = "history.expire.max-snapshot-age-ms"
+MIN_SNAPSHOTS_PROPERTY = "history.expire.min-snapshots-to-keep"
+COMPRESSION_PROPERTY = "write.parquet.compression-codec"
+TARGET_FILE_SIZE_PROPERTY = "write.target-file-size-bytes"
+
+
+def names(name: str) -> dict[str, str]:
+    return {"settings": f"{name}-maintenance-settings", "maintenance": f"{name}-maintenance"}
+
+
+def properties(spec: IcebergTableSpec) -> dict[str, str]:
+    """K2's default table properties (`k2.tables.default_properties`), then the CR's choices."""
+    defaults = tables.default_properties(common.DeclaredSettings(
+        target_file_size_bytes=spec.properties.target_file_size_bytes))
+    return {
+        **defaults,
+        COMPRESSION_PROPERTY: spec.properties.compression,
+        TARGET_FILE_SIZE_PROPERTY: str(spec.properties.target_file_size_bytes),
+        MAX_SNAPSHOT_AGE_PROPERTY: str(int(spec.snapshot_retention.max_age_hours * 3600 * 1000)),
+        MIN_SNAPSHOTS_PROPERTY: str(spec.snapshot_retention.min_snapshots_to_keep),
+        **spec.properties.extra,
+    }
+
+
+def table_definition(spec: IcebergTableSpec, schema: Schema) -> tables.TableDefinition:
+    """The definition `k2.tables.ensure_table` works from; `schema` comes from `spec.schema.fields`
+    or the registered subject (resolved by the handler, since that needs the registry)."""
+    return tables.TableDefinition(
+        namespace=spec.namespace, name=spec.name, schema=schema,
+        partition_by=tuple((p.column, p.transform) for p in spec.partition_by),
+        sort_by=tuple(spec.sort_by), properties=properties(spec))
+
+
+def workload_config(spec: IcebergTableSpec, ctx: RenderContext) -> WorkloadConfig:
+    settings = common.workload_settings(ctx, namespace=spec.namespace,
+                                        target_file_size_bytes=spec.properties.target_file_size_bytes,
+                                        metrics_port=ctx.workload_metrics_port)
+    return WorkloadConfig(settings, tuple(common.catalog_secret_env(spec.catalog_ref.name)))
+
+
+def maintenance_cron_job(name: str, namespace: str, spec: IcebergTableSpec, workload: WorkloadConfig,
+                         ctx: RenderContext) -> dict[str, Any]:
+    n = names(name)
+    args = ["maintain", "--table", spec.name, "--retention-hours", f"{spec.snapshot_retention.max_age_hours:g}"]
+    box = common.container(
+        name="maintain", ctx=ctx, args=args, config_map=n["settings"], workload=workload,
+        resources=common.Resources(requests={"cpu": "250m", "memory": "512Mi"}, limits={"memory": "2Gi"}),
+        ports=[("metrics", ctx.workload_metrics_port)],
+        liveness=common.http_probe("/metrics", "metrics", period=30, failure=3, initial=10),
+        readiness=common.http_probe("/metrics", "metrics", period=30, initial=5))
+    template = common.pod_template(name, "maintenance", KIND,
+                                   common.pod_spec([box], ctx, restart_policy="OnFailure"), workload)
+    return {
+        "apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": common.metadata(n["maintenance"], namespace, name, "maintenance", KIND),
+        "spec": {
+            "schedule": spec.compaction_schedule,
+            # Compaction commits conflict with each other, never run two at once.
+            "concurrencyPolicy": "Forbid",
+            "successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"metadata": {"labels": common.labels(name, "maintenance", KIND)},
+                            "spec": {"backoffLimit": 2, "template": template}},
+        },
+    }
+
+
+def render_table(name: str, namespace: str, spec: IcebergTableSpec, ctx: RenderContext) -> list[dict[str, Any]]:
+    if not spec.compaction_schedule:
+        return []
+    n = names(name)
+    workload = workload_config(spec, ctx)
+    return [common.config_map(n["settings"], namespace, name, "maintenance", KIND, workload),
+            maintenance_cron_job(name, namespace, spec, workload, ctx)]

@@ -1,0 +1,235 @@
+"""IngestionPipeline behaviour on the real apiserver, Kafka and registry: scaling and partition
+growth applied, shrinking refused (by CEL, and by a condition when Kafka already has more),
+incompatible schemas reported without changes, two pipelines on one topic, drift repaired, and
+deletion honouring deletionPolicy without ever hanging."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+from confluent_kafka.schema_registry import Schema
+from kubernetes.client.rest import ApiException
+
+pytestmark = [pytest.mark.operator, pytest.mark.timeout(180)]
+
+
+def pipeline(name: str, exchange: str, asset_class: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline", "metadata": {"name": name},
+            "spec": {"exchange": exchange, "assetClass": asset_class, "topics": {"kinds": ["trades", "quotes"]},
+                     **spec}}
+
+
+def table(name: str, namespace: str, subject: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "k2.io/v1alpha1", "kind": "IcebergTable", "metadata": {"name": name},
+            "spec": {"namespace": namespace, "name": "trades", "schema": {"fromSubject": subject}, **spec}}
+
+
+def exchange() -> str:
+    return f"x{uuid.uuid4().hex[:6]}"
+
+
+def topic(asset_class: str, exchange: str, kind: str = "trades") -> str:
+    return f"market.{asset_class}.{kind}.{exchange}"
+
+
+@pytest.fixture
+def with_consumers(cluster: Any, namespace: str, operator: Any, asset_class: str) -> tuple[str, str]:
+    """A Ready pipeline writing one Ready IcebergTable, so it has a consumer Deployment."""
+    ex = exchange()
+    name = f"p-{ex}"
+    cluster.create(namespace, table(f"t-{ex}", f"ns_{ex}", f"{topic(asset_class, ex)}-value"))
+    cluster.create(namespace, pipeline(name, ex, asset_class, tables=[{"name": f"t-{ex}"}],
+                                       consumer={"replicas": 1}))
+    cluster.wait_condition(namespace, "IngestionPipeline", name, timeout=60)
+    return name, ex
+
+
+def test_scaling_and_partition_growth_are_applied(cluster: Any, namespace: str, with_consumers: tuple[str, str],
+                                                  admin: Any, asset_class: str, k2op: Any) -> None:
+    name, ex = with_consumers
+    assert cluster.deployment(namespace, f"{name}-consumer").spec.replicas == 1
+
+    cluster.patch(namespace, "IngestionPipeline", name, {"spec": {"consumer": {"replicas": 3},
+                                                                  "topics": {"partitions": 9}}})
+    obj = cluster.wait_condition(namespace, "IngestionPipeline", name)
+
+    assert cluster.deployment(namespace, f"{name}-consumer").spec.replicas == 3
+    assert k2op.topic_partitions(admin, topic(asset_class, ex)) == 9
+    assert k2op.topic_partitions(admin, topic(asset_class, ex, "quotes")) == 9
+    assert {t["partitions"] for t in obj["status"]["topics"]} == {9}
+    assert obj["status"]["consumers"]["replicas"] == 3
+    assert cluster.events(namespace, name, "Reconciled")
+
+
+def test_shrinking_is_refused_by_the_apiserver(cluster: Any, namespace: str, operator: Any, asset_class: str) -> None:
+    name = f"p-{exchange()}"
+    cluster.create(namespace, pipeline(name, name[2:], asset_class, topics={"partitions": 4}))
+    cluster.wait_condition(namespace, "IngestionPipeline", name)
+
+    with pytest.raises(ApiException) as refused:
+        cluster.patch(namespace, "IngestionPipeline", name, {"spec": {"topics": {"partitions": 2}}})
+
+    assert refused.value.status == 422
+    message = json.loads(refused.value.body)["message"]
+    assert "spec.topics.partitions" in message and "partitions may only grow" in message
+    assert cluster.get(namespace, "IngestionPipeline", name)["spec"]["topics"]["partitions"] == 4
+
+
+def test_a_topic_larger_than_asked_is_reported_not_shrunk(cluster: Any, namespace: str, operator: Any,
+                                                         admin: Any, asset_class: str, k2op: Any) -> None:
+    ex = exchange()
+    admin.create_topics([NewTopic(topic(asset_class, ex), num_partitions=8, replication_factor=1)])[
+        topic(asset_class, ex)].result(10)
+    name = f"p-{ex}"
+    cluster.create(namespace, pipeline(name, ex, asset_class, topics={"partitions": 4}))
+
+    obj = cluster.wait_condition(namespace, "IngestionPipeline", name, "TopicsReady", "False", "ShrinkRefused")
+
+    assert "cannot shrink" in k2op.find_condition(obj, "TopicsReady")["message"]
+    assert k2op.find_condition(obj, "Ready")["status"] == "False"
+    assert k2op.topic_partitions(admin, topic(asset_class, ex)) == 8
+
+
+def test_incompatible_schema_is_reported_and_nothing_changes(cluster: Any, namespace: str, operator: Any,
+                                                              schema_registry: Any, asset_class: str,
+                                                              k2op: Any) -> None:
+    ex = exchange()
+    subject = f"{topic(asset_class, ex)}-value"
+    foreign = {"type": "record", "name": "Trade", "namespace": "elsewhere",
+               "fields": [{"name": "symbol", "type": "long"}, {"name": "venue_code", "type": "string"}]}
+    schema_registry.register_schema(subject, Schema(json.dumps(foreign), "AVRO"))
+    before = schema_registry.get_versions(subject)
+    name = f"p-{ex}"
+    cluster.create(namespace, pipeline(name, ex, asset_class))
+
+    obj = cluster.wait_condition(namespace, "IngestionPipeline", name, "SchemasRegistered", "False",
+                                 "SchemaIncompatible")
+
+    assert subject in k2op.find_condition(obj, "SchemasRegistered")["message"]
+    assert k2op.find_condition(obj, "Ready")["reason"] == "SchemaIncompatible"
+    assert schema_registry.get_versions(subject) == before
+    latest = json.loads(schema_registry.get_latest_version(subject).schema.schema_str)
+    assert latest["namespace"] == "elsewhere"
+
+
+def test_two_pipelines_on_one_topic_the_newer_gets_a_conflict(cluster: Any, namespace: str, operator: Any,
+                                                              asset_class: str, k2op: Any) -> None:
+    ex = exchange()
+    cluster.create(namespace, pipeline(f"first-{ex}", ex, asset_class))
+    cluster.wait_condition(namespace, "IngestionPipeline", f"first-{ex}")
+    cluster.create(namespace, pipeline(f"second-{ex}", ex, asset_class, topics={"partitions": 12}))
+
+    obj = cluster.wait_condition(namespace, "IngestionPipeline", f"second-{ex}", "Ready", "False", "ResourceConflict")
+
+    assert f"IngestionPipeline {namespace}/first-{ex}" in k2op.find_condition(obj, "Ready")["message"]
+    assert k2op.find_condition(cluster.get(namespace, "IngestionPipeline", f"first-{ex}"), "Ready")["status"] == "True"
+    assert cluster.events(namespace, f"second-{ex}", "ResourceConflict")
+
+    # Once the owner is gone, the other pipeline takes the topics over (drift timer).
+    cluster.delete(namespace, "IngestionPipeline", f"first-{ex}")
+    cluster.wait_condition(namespace, "IngestionPipeline", f"second-{ex}", timeout=30)
+
+
+def test_deleted_deployment_is_recreated_with_an_event(cluster: Any, namespace: str,
+                                                       with_consumers: tuple[str, str], k2op: Any) -> None:
+    name, _ = with_consumers
+    old = cluster.deployment(namespace, f"{name}-consumer")
+
+    cluster.apps.delete_namespaced_deployment(f"{name}-consumer", namespace)
+
+    k2op.wait_for(lambda: (d := cluster.deployment(namespace, f"{name}-consumer")) is not None
+                  and d.metadata.uid != old.metadata.uid, "the consumer Deployment to be recreated", 30)
+    k2op.wait_for(lambda: cluster.events(namespace, name, "DriftRepaired"), "a DriftRepaired event", 15)
+
+
+def test_hand_scaled_deployment_is_put_back(cluster: Any, namespace: str, with_consumers: tuple[str, str],
+                                            k2op: Any) -> None:
+    name, _ = with_consumers
+    cluster.apps.patch_namespaced_deployment_scale(f"{name}-consumer", namespace, {"spec": {"replicas": 5}})
+
+    k2op.wait_for(lambda: cluster.deployment(namespace, f"{name}-consumer").spec.replicas == 1,
+                  "the replica count to be restored", 30)
+
+
+def test_hand_changed_topic_config_is_repaired(cluster: Any, namespace: str, operator: Any, admin: Any,
+                                               asset_class: str, k2op: Any) -> None:
+    ex = exchange()
+    name = f"p-{ex}"
+    cluster.create(namespace, pipeline(name, ex, asset_class, topics={"config": {"retention.ms": "86400000"}}))
+    cluster.wait_condition(namespace, "IngestionPipeline", name)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic(asset_class, ex), incremental_configs=[
+        ConfigEntry("retention.ms", "1000", incremental_operation=AlterConfigOpType.SET)])
+    admin.incremental_alter_configs([resource])[resource].result(10)
+
+    k2op.wait_for(lambda: k2op.topic_config(admin, topic(asset_class, ex))["retention.ms"] == "86400000",
+                  "retention.ms to be restored by the drift timer", 30)
+    events = k2op.wait_for(lambda: cluster.events(namespace, name, "DriftRepaired"), "a DriftRepaired event", 15)
+    assert "retention.ms" in events[0].message
+
+
+def test_retain_keeps_topics_and_subjects(cluster: Any, namespace: str, operator: Any, admin: Any,
+                                          schema_registry: Any, asset_class: str, k2op: Any) -> None:
+    ex = exchange()
+    name = f"p-{ex}"
+    cluster.create(namespace, pipeline(name, ex, asset_class))
+    cluster.wait_condition(namespace, "IngestionPipeline", name)
+
+    cluster.delete(namespace, "IngestionPipeline", name)
+    cluster.wait_gone(namespace, "IngestionPipeline", name, 30)
+
+    assert k2op.topic_partitions(admin, topic(asset_class, ex)) == 6
+    assert schema_registry.get_latest_version(f"{topic(asset_class, ex)}-value").version == 1
+
+
+def test_delete_removes_topics_and_subjects(cluster: Any, namespace: str, operator: Any, admin: Any,
+                                            schema_registry: Any, asset_class: str, k2op: Any) -> None:
+    ex = exchange()
+    name = f"p-{ex}"
+    cluster.create(namespace, pipeline(name, ex, asset_class, deletionPolicy="Delete"))
+    cluster.wait_condition(namespace, "IngestionPipeline", name)
+    assert "k2.io/cleanup" in cluster.get(namespace, "IngestionPipeline", name)["metadata"]["finalizers"]
+
+    cluster.delete(namespace, "IngestionPipeline", name)
+    cluster.wait_gone(namespace, "IngestionPipeline", name, 30)
+
+    k2op.wait_for(lambda: k2op.topic_partitions(admin, topic(asset_class, ex)) is None, "topics deleted", 20)
+    assert not [s for s in schema_registry.get_subjects() if s.startswith(topic(asset_class, ex))]
+    assert k2op.topic_partitions(admin, f"market.{asset_class}.dlq") == 1  # shared: never deleted
+    assert cluster.events(namespace, name, "CleanedUp")
+
+
+def test_deletion_with_the_registry_gone_reports_and_honours_the_escape_hatch(
+        cluster: Any, namespace: str, operator: Any, asset_class: str, k2op: Any) -> None:
+    ex = exchange()
+    name = f"p-{ex}"
+    cluster.create(namespace, pipeline(name, ex, asset_class, deletionPolicy="Delete",
+                                       schemaRegistry={"url": "http://127.0.0.1:9/apis/ccompat/v7"}))
+    cluster.wait_condition(namespace, "IngestionPipeline", name, "SchemasRegistered", "False", "RegistryUnavailable")
+
+    cluster.delete(namespace, "IngestionPipeline", name)
+    obj = cluster.wait_condition(namespace, "IngestionPipeline", name, "Ready", "False", "CleanupFailed",
+                                 generation=False)
+    assert "k2.io/skip-external-cleanup=true" in k2op.find_condition(obj, "Ready")["message"]
+
+    cluster.patch(namespace, "IngestionPipeline", name,
+                  {"metadata": {"annotations": {"k2.io/skip-external-cleanup": "true"}}})
+    cluster.wait_gone(namespace, "IngestionPipeline", name, 30)
+    assert cluster.events(namespace, name, "CleanupSkipped")
+
+
+def test_deletion_gives_up_after_the_configured_attempts(cluster: Any, namespace: str, operator: Any,
+                                                         asset_class: str) -> None:
+    ex = exchange()
+    name = f"p-{ex}"
+    cluster.create(namespace, pipeline(name, ex, asset_class, deletionPolicy="Delete",
+                                       schemaRegistry={"url": "http://127.0.0.1:9/apis/ccompat/v7"}))
+    cluster.wait_condition(namespace, "IngestionPipeline", name, "SchemasRegistered", "False", "RegistryUnavailable")
+
+    cluster.delete(namespace, "IngestionPipeline", name)
+
+    cluster.wait_gone(namespace, "IngestionPipeline", name, 45)  # 3 attempts, 1 s + 2 s backoff
+    assert cluster.events(namespace, name, "CleanupAbandoned")

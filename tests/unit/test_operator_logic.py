@@ -1,0 +1,141 @@
+"""Handler decisions that need no cluster: who owns a topic, a Job's phase, what counts as drift,
+and which table changes are compatible (on a throwaway SQLite catalog)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyiceberg.schema import Schema
+from pyiceberg.types import LongType, NestedField, StringType
+
+from k2 import schemas, tables
+from k2.settings import Settings
+from k2_operator import external
+from k2_operator.handlers import children, pipeline, runtime
+from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec
+from k2_operator.render import table_definition
+
+pytestmark = pytest.mark.unit
+
+
+def claims_for(*pipelines: tuple[str, str, str]) -> dict[str, list[pipeline.Claim]]:
+    """(created, name, uid) → the index kopf would build."""
+    index: dict[str, list[pipeline.Claim]] = {}
+    for created, name, uid in pipelines:
+        for topic in IngestionPipelineSpec.model_validate({"exchange": "asx"}).topic_names().values():
+            index.setdefault(topic, []).append(pipeline.Claim(created, "ns", name, uid))
+    return index
+
+
+def test_the_oldest_pipeline_owns_its_topics() -> None:
+    index = claims_for(("2026-01-02T00:00:00Z", "newer", "u2"), ("2026-01-01T00:00:00Z", "older", "u1"))
+    spec = IngestionPipelineSpec.model_validate({"exchange": "asx"})
+
+    assert pipeline.conflicts(spec, "u1", index) == {}
+    owners = pipeline.conflicts(spec, "u2", index)
+    assert set(owners) == set(spec.topic_names().values())
+    assert {c.ref for c in owners.values()} == {"ns/older"}
+
+
+def test_same_second_ties_are_broken_deterministically() -> None:
+    index = claims_for(("2026-01-01T00:00:00Z", "b", "u2"), ("2026-01-01T00:00:00Z", "a", "u1"))
+    spec = IngestionPipelineSpec.model_validate({"exchange": "asx"})
+
+    assert pipeline.conflicts(spec, "u1", index) == {}
+    assert pipeline.conflicts(spec, "u2", index)
+
+
+@pytest.mark.parametrize(("job", "phase"), [
+    (None, "Pending"),
+    ({"status": {}}, "Pending"),
+    ({"status": {"active": 1, "startTime": "t"}}, "Running"),
+    ({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}, "Succeeded"),
+    ({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}, "Failed"),
+])
+def test_job_phase(job: dict | None, phase: str) -> None:
+    assert pipeline.job_phase(job) == phase
+
+
+def test_a_deleted_job_keeps_its_recorded_phase() -> None:
+    assert pipeline.job_phase(None, recorded_phase="Succeeded") == "Succeeded"
+
+
+def test_fingerprints_ignore_status_but_not_spec() -> None:
+    deployment = {"kind": "Deployment", "metadata": {"generation": 3, "resourceVersion": "100"}}
+    status_moved = {"kind": "Deployment", "metadata": {"generation": 3, "resourceVersion": "101"}}
+    config_map = {"kind": "ConfigMap", "metadata": {"resourceVersion": "7"}}
+
+    assert runtime.fingerprint(deployment) == runtime.fingerprint(status_moved) == "g3"
+    assert runtime.fingerprint(config_map) == "r7"
+
+
+def test_children_are_traced_to_their_controlling_owner() -> None:
+    child = {"metadata": {"ownerReferences": [
+        {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x", "controller": True},
+        {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "name": "api", "controller": True}]}}
+
+    info, name = children.owner_of(child)
+    assert (info.kind, name) == ("QueryService", "api")
+    assert children.owner_of({"metadata": {}}) is None
+
+
+def test_availability() -> None:
+    assert runtime.availability("Available", 0, 0).reason == "ScaledToZero"
+    assert runtime.availability("Available", 2, 2).ok
+    assert runtime.availability("Available", 2, 1).status == "False"
+
+
+def test_catalog_settings_come_from_the_secret_keys() -> None:
+    settings = external.catalog_settings({"catalog_uri": "sqlite:////tmp/x.db", "warehouse": "s3://w",
+                                          "s3_endpoint": "http://s3:9000", "unrelated": "ignored"})
+
+    assert (settings.catalog_uri, settings.warehouse, settings.s3_endpoint) == ("sqlite:////tmp/x.db", "s3://w",
+                                                                                "http://s3:9000")
+    with pytest.raises(ValueError, match="catalog_uri"):
+        external.catalog_settings({"warehouse": "w"})
+
+
+@pytest.fixture
+def catalog(tmp_path: Path):
+    return tables.catalog(Settings(catalog_uri=f"sqlite:///{tmp_path}/c.db", warehouse=str(tmp_path / "w")))
+
+
+def test_compare_accepts_added_columns_and_refuses_type_changes(catalog) -> None:
+    spec = IcebergTableSpec.model_validate({"namespace": "m", "name": "fx", "schema": {"fields": [
+        {"name": "pair", "type": "string", "required": True}, {"name": "rate", "type": "double"}]}})
+    definition = table_definition(spec, schemas.iceberg_schema_from_avro(spec.schema_.avro_record("fx")))
+    catalog.create_namespace("m")
+    existing = catalog.create_table("m.fx", schema=Schema(NestedField(1, "pair", StringType(), required=True)))
+
+    assert external.compare_table(existing, definition) is None
+    table, created, evolved = external.ensure_table(catalog, definition)
+    assert (created, evolved) == (False, True)
+    assert [f.name for f in table.schema().fields] == ["pair", "rate"]
+
+    catalog.create_table("m.clash", schema=Schema(NestedField(1, "pair", LongType(), required=True)))
+    mismatch = external.compare_table(catalog.load_table("m.clash"), definition)
+    assert mismatch is not None and mismatch.reason == "IncompatibleSchema"
+
+
+def test_compare_refuses_a_different_partition_spec(catalog) -> None:
+    spec = IcebergTableSpec.model_validate({"namespace": "m", "name": "trades", "schema": {"fromSubject": "s"},
+                                            "partitionBy": [{"column": "exchange_date"}]})
+    definition = table_definition(spec, schemas.iceberg_schema("trades"))
+    catalog.create_namespace("m")
+    unpartitioned = catalog.create_table("m.trades", schema=schemas.iceberg_schema("trades"))
+
+    mismatch = external.compare_table(unpartitioned, definition)
+
+    assert mismatch is not None and mismatch.reason == "PartitionSpecMismatch"
+
+
+def test_properties_are_put_back(catalog) -> None:
+    catalog.create_namespace("m")
+    table = catalog.create_table("m.t", schema=Schema(NestedField(1, "a", StringType())),
+                                 properties={"write.parquet.compression-codec": "gzip"})
+
+    assert external.apply_properties(table, {"write.parquet.compression-codec": "zstd"}) == [
+        "write.parquet.compression-codec"]
+    assert catalog.load_table("m.t").properties["write.parquet.compression-codec"] == "zstd"
+    assert external.apply_properties(catalog.load_table("m.t"), {"write.parquet.compression-codec": "zstd"}) == []

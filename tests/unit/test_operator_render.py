@@ -1,0 +1,312 @@
+"""The render functions, object by object: what each child looks like, restricted pod security and
+probes everywhere, and configuration that round-trips through `Settings` (CR → env → workload)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from k2 import schemas, tables
+from k2.settings import Settings
+from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec, QueryServiceSpec
+from k2_operator.render import (
+    RenderContext,
+    TableBinding,
+    render_pipeline,
+    render_query,
+    render_table,
+    table_definition,
+)
+from k2_operator.render import pipeline as pipeline_render
+from k2_operator.render import query as query_render
+from k2_operator.render.common import CATALOG_SECRET_FIELDS
+
+pytestmark = pytest.mark.unit
+
+CTX = RenderContext(image="registry.example.com/k2:1.2.3", kafka_bootstrap="kafka:9092",
+                    registry_url="http://registry:8081")
+BINDING = TableBinding(kinds=("trades", "quotes"), namespace="market", catalog_secret="k2-catalog",
+                       target_file_size_bytes=64 * 1024 * 1024)
+
+
+def pipeline_spec(**overrides: Any) -> IngestionPipelineSpec:
+    return IngestionPipelineSpec.model_validate({
+        "exchange": "asx", "source": {"type": "synthetic", "synthetic": {"symbols": 3, "days": 1, "seed": 7}},
+        "topics": {"partitions": 12}, "consumer": {"replicas": 3, "batchRows": 1000, "gapAlert": 5},
+        "tables": [{"name": "market-trades"}], **overrides})
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objects}
+
+
+def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    if obj["kind"] in ("Deployment", "Job"):
+        return obj["spec"]["template"]["spec"]["containers"]
+    return []
+
+
+def pod(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return obj["spec"]["template"]["spec"]
+
+
+def workload_env(objects: list[dict[str, Any]], container: dict[str, Any],
+                 secrets: dict[str, str]) -> dict[str, str]:
+    """The environment the container would see: its ConfigMap, then its secretKeyRefs resolved."""
+    config_maps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
+    env = {}
+    for source in container["envFrom"]:
+        env.update(config_maps[source["configMapRef"]["name"]])
+    for var in container.get("env", []):
+        ref = var["valueFrom"]["secretKeyRef"]
+        if ref["key"] in secrets:
+            env[var["name"]] = secrets[ref["key"]]
+        else:
+            assert ref.get("optional"), f"{var['name']} refers to a missing required key"
+    return env
+
+
+ALL = [
+    *render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX),
+    *render_query("api", "k2", QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
+                  table_namespace="market", catalog_secret="k2-catalog", ctx=CTX),
+    *render_table("trades", "k2", IcebergTableSpec.model_validate(
+        {"name": "trades", "schema": {"fromSubject": "s"}, "compactionSchedule": "@daily"}), CTX),
+]
+
+
+@pytest.mark.parametrize("obj", [o for o in ALL if containers(o)], ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
+def test_every_pod_is_restricted_with_probes_and_resources(obj: dict[str, Any]) -> None:
+    spec = pod(obj)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+    assert {"name": "tmp", "emptyDir": spec["volumes"][0]["emptyDir"]} == spec["volumes"][0]
+    for box in containers(obj):
+        security = box["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["runAsNonRoot"] is True
+        assert {"name": "tmp", "mountPath": "/tmp"} in box["volumeMounts"]
+        assert box["livenessProbe"] and box["readinessProbe"]
+        assert box["resources"]["requests"]["cpu"] and box["resources"]["limits"]["memory"]
+        assert box["image"] == CTX.image and box["command"] == ["k2"]
+
+
+def test_every_child_is_labelled_for_its_owner() -> None:
+    for obj in ALL:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "k2-operator"
+        assert labels["app.kubernetes.io/part-of"] == "k2"
+        assert obj["metadata"]["namespace"] == "k2"
+
+
+def test_consumer_deployment_runs_k2_stream_for_the_bound_tables() -> None:
+    objects = by_kind(render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX))
+    deployment = objects["Deployment"]
+
+    assert deployment["metadata"]["name"] == "asx-consumer"
+    assert deployment["spec"]["replicas"] == 3
+    box = containers(deployment)[0]
+    assert box["args"] == ["stream", "run", "--tables", "trades,quotes", "--group-id", "k2-stream-k2-asx"]
+    assert box["envFrom"] == [{"configMapRef": {"name": "asx-settings"}}]
+    assert box["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert objects["PodDisruptionBudget"]["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    assert objects["Service"]["spec"]["clusterIP"] == "None"
+    assert objects["Service"]["spec"]["selector"] == selector
+
+
+def test_configuration_round_trips_through_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CR → Settings → ConfigMap + secretKeyRef → env → the workload's own Settings()."""
+    objects = render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX)
+    box = containers(by_kind(objects)["Deployment"])[0]
+    secrets = {"catalog_uri": "postgresql+psycopg2://k2:pw@pg/k2", "warehouse": "s3://lake/warehouse",
+               "s3_secret_key": "hunter2"}
+    for key in list(__import__("os").environ):
+        if key.startswith("K2_"):
+            monkeypatch.delenv(key)
+    for key, value in workload_env(objects, box, secrets).items():
+        monkeypatch.setenv(key, value)
+
+    seen = Settings()
+
+    assert (seen.exchange, seen.asset_class, seen.topic_partitions) == ("asx", "equities", 12)
+    assert (seen.batch_rows, seen.gap_alert, seen.gap_halt) == (1000, 5, 100)
+    assert seen.kafka_bootstrap == "kafka:9092" and seen.registry_url == "http://registry:8081"
+    assert seen.namespace == "market" and seen.target_file_size_bytes == 64 * 1024 * 1024
+    assert seen.catalog_uri == secrets["catalog_uri"] and seen.warehouse == secrets["warehouse"]
+    assert seen.s3_secret_key.get_secret_value() == "hunter2"
+    assert seen.mode == "prod" and seen.metrics_port == CTX.workload_metrics_port
+
+
+def test_secrets_never_land_in_the_config_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("K2_API_KEYS", "operator-key")
+    monkeypatch.setenv("K2_S3_SECRET_KEY", "operator-secret")
+    objects = render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX)
+    data = by_kind(objects)["ConfigMap"]["data"]
+
+    assert "operator-key" not in data.values() and "operator-secret" not in data.values()
+    assert not {f"K2_{f.upper()}" for f in CATALOG_SECRET_FIELDS} & set(data)
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in containers(by_kind(objects)["Deployment"])[0]["env"]}
+    assert env["K2_CATALOG_URI"] == {"name": "k2-catalog", "key": "catalog_uri"}
+    assert env["K2_S3_SECRET_KEY"] == {"name": "k2-catalog", "key": "s3_secret_key", "optional": True}
+
+
+def test_registry_url_from_a_secret() -> None:
+    spec = pipeline_spec(schemaRegistry={"secretRef": {"name": "registry", "key": "url"}})
+    objects = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))
+
+    env = {e["name"]: e for e in containers(objects["Deployment"])[0]["env"]}
+    assert env["K2_REGISTRY_URL"]["valueFrom"]["secretKeyRef"] == {"name": "registry", "key": "url"}
+    assert "K2_REGISTRY_URL" not in objects["ConfigMap"]["data"]
+
+
+def test_settings_changes_roll_the_pods_but_unrelated_ones_do_not() -> None:
+    def digest(spec: IngestionPipelineSpec) -> str:
+        deployment = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Deployment"]
+        return deployment["spec"]["template"]["metadata"]["annotations"]["k2.io/settings-hash"]
+
+    base = digest(pipeline_spec())
+    assert digest(pipeline_spec(consumer={"replicas": 3, "batchRows": 2000, "gapAlert": 5})) != base
+    assert digest(pipeline_spec(consumer={"replicas": 7, "batchRows": 1000, "gapAlert": 5})) == base
+
+
+def test_no_consumers_without_bound_tables() -> None:
+    objects = render_pipeline("asx", "k2", pipeline_spec(), None, CTX)
+
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job"]
+
+
+def test_synthetic_source_is_an_ingest_job_named_after_its_source() -> None:
+    spec = pipeline_spec()
+    job = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Job"]
+
+    assert containers(job)[0]["args"] == ["ingest", "synthetic", "--symbols", "3", "--days", "1", "--seed", "7",
+                                          "--no-progress"]
+    assert pod(job)["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 2
+    assert job["metadata"]["name"] == pipeline_render.ingest_job_name("asx", spec)
+    scaled = pipeline_spec(consumer={"replicas": 9, "batchRows": 1000, "gapAlert": 5})
+    reseeded = pipeline_spec(source={"type": "synthetic", "synthetic": {"symbols": 3, "days": 1, "seed": 8}})
+    assert pipeline_render.ingest_job_name("asx", scaled) == job["metadata"]["name"]
+    assert pipeline_render.ingest_job_name("asx", reseeded) != job["metadata"]["name"]
+
+
+def test_asx_csv_source_mounts_its_claim_read_only() -> None:
+    spec = pipeline_spec(source={"type": "asx-csv", "asxCsv": {"path": "/data/asx", "claimName": "ticks",
+                                                               "symbols": ["BHP", "CBA"]}})
+    job = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Job"]
+    box = containers(job)[0]
+
+    assert box["args"] == ["ingest", "asx", "/data/asx", "--no-progress", "--topics", "trades,quotes",
+                           "--symbols", "BHP,CBA"]
+    assert {"name": "input", "mountPath": "/data", "readOnly": True} in box["volumeMounts"]
+    assert {"name": "input", "persistentVolumeClaim": {"claimName": "ticks", "readOnly": True}} in pod(job)["volumes"]
+
+
+def test_query_service_children() -> None:
+    spec = QueryServiceSpec.model_validate({
+        "replicas": 3, "tables": [{"name": "market-trades"}], "rateLimit": "50/second", "serviceType": "NodePort",
+        "auth": {"apiKeysSecret": {"name": "keys", "key": "k"}},
+        "ingress": {"host": "k2.example.com", "className": "nginx", "tlsSecret": "k2-tls"}})
+    objects = by_kind(render_query("api", "k2", spec, table_namespace="market", catalog_secret="cat",
+                                   ctx=RenderContext(service_monitor=True)))
+
+    box = containers(objects["Deployment"])[0]
+    assert box["args"] == ["api", "--host", "0.0.0.0", "--port", "8000"]
+    assert box["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert box["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert objects["Deployment"]["spec"]["replicas"] == 3
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in box["env"]}
+    assert env["K2_API_KEYS"] == {"name": "keys", "key": "k"}
+    assert objects["ConfigMap"]["data"]["K2_RATE_LIMIT"] == "50/second"
+    assert "K2_API_KEYS" not in objects["ConfigMap"]["data"]
+    assert objects["Service"]["spec"]["type"] == "NodePort"
+    assert objects["Service"]["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http",
+                                                    "protocol": "TCP"}]
+    ingress = objects["Ingress"]["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"hosts": ["k2.example.com"], "secretName": "k2-tls"}]
+    assert ingress["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": "api", "port": {"name": "http"}}
+    assert objects["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "http"
+    assert query_render.url("api", "k2", spec) == "https://k2.example.com"
+
+
+def test_optional_children_only_when_asked_for() -> None:
+    spec = QueryServiceSpec.model_validate({"tables": [{"name": "t"}]})
+    kinds = {o["kind"] for o in render_query("api", "k2", spec, table_namespace="m", catalog_secret="c", ctx=CTX)}
+
+    assert kinds == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
+    assert query_render.url("api", "k2", spec) == "http://api.k2.svc:80"
+
+
+def test_table_definition_uses_the_shared_table_code() -> None:
+    spec = IcebergTableSpec.model_validate({
+        "name": "trades", "schema": {"fromSubject": "s"},
+        "partitionBy": [{"column": "exchange_date"}, {"column": "symbol", "transform": "bucket[8]"}],
+        "sortBy": ["symbol", "exchange_timestamp"], "properties": {"compression": "snappy", "extra": {"a.b": "c"}},
+        "snapshotRetention": {"maxAgeHours": 2, "minSnapshotsToKeep": 3}})
+
+    definition = table_definition(spec, schemas.iceberg_schema("trades"))
+
+    assert isinstance(definition, tables.TableDefinition)
+    assert definition.identifier == "market.trades"
+    assert [f.name for f in definition.partition_spec().fields] == ["exchange_date", "symbol_bucket"]
+    assert len(definition.sort_order().fields) == 2
+    assert definition.properties["write.parquet.compression-codec"] == "snappy"
+    assert definition.properties["history.expire.max-snapshot-age-ms"] == str(2 * 3600 * 1000)
+    assert definition.properties["history.expire.min-snapshots-to-keep"] == "3"
+    assert definition.properties["format-version"] == "2" and definition.properties["a.b"] == "c"
+
+
+def test_compaction_schedule_is_a_maintenance_cron_job() -> None:
+    spec = IcebergTableSpec.model_validate({"name": "quotes", "schema": {"fromSubject": "s"},
+                                            "compactionSchedule": "15 3 * * *",
+                                            "snapshotRetention": {"maxAgeHours": 48}})
+    objects = by_kind(render_table("quotes", "k2", spec, CTX))
+
+    cron = objects["CronJob"]
+    assert cron["spec"]["schedule"] == "15 3 * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert containers(cron)[0]["args"] == ["maintain", "--table", "quotes", "--retention-hours", "48"]
+    assert objects["ConfigMap"]["data"]["K2_NAMESPACE"] == "market"
+    assert render_table("quotes", "k2", spec.model_copy(update={"compaction_schedule": None}), CTX) == []
+
+
+def _parse_with_the_real_cli(args: list[str]) -> dict[str, Any]:
+    """Resolve `k2 <args>` with the actual Typer app, as the container would, without running it."""
+    import typer
+
+    from k2.cli import app
+
+    command = typer.main.get_command(app)
+    name, rest, ctx = "k2", list(args), None
+    while hasattr(command, "resolve_command"):  # a group: walk down `k2 ingest asx …` level by level
+        group_ctx = command.make_context(name, rest, parent=ctx, allow_interspersed_args=False)
+        name, command, rest = command.resolve_command(group_ctx, [*getattr(group_ctx, "_protected_args", []),
+                                                                  *group_ctx.args])
+        ctx = group_ctx
+    return command.make_context(name, rest, parent=ctx).params
+
+
+@pytest.mark.parametrize("obj", [o for o in ALL if containers(o)], ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
+def test_rendered_commands_parse_with_the_k2_cli(obj: dict[str, Any]) -> None:
+    for box in containers(obj):
+        assert box["command"] == ["k2"]
+        assert _parse_with_the_real_cli(box["args"]) is not None
+
+
+def test_asx_ingest_arguments_reach_the_cli_options() -> None:
+    spec = pipeline_spec(source={"type": "asx-csv", "asxCsv": {"path": "/data/asx", "symbols": ["BHP"]}})
+    job = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Job"]
+
+    params = _parse_with_the_real_cli(containers(job)[0]["args"])
+
+    assert (str(params["path"]), params["symbols"], params["topics"], params["progress"]) == (
+        "/data/asx", "BHP", "trades,quotes", False)
