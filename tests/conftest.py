@@ -7,14 +7,21 @@ selected tests need and stops what it started at the end.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from k2.settings import Settings
 from k2.stack.base import Service
@@ -155,3 +162,263 @@ def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
 @pytest.fixture
 def drain():
     return drain_topic
+
+
+# --- the operator on the real control plane (tests/operator, tests/e2e) -------------------------------
+
+CRD_DIR = REPO / "manifests" / "base" / "crds"
+SAMPLES = REPO / "manifests" / "samples"
+GROUP, VERSION = "k2.io", "v1alpha1"
+PLURALS = {"IngestionPipeline": "ingestionpipelines", "IcebergTable": "icebergtables", "QueryService": "queryservices"}
+
+# Fast loops for tests: the drift timer every few seconds, retries after one second, cleanup given
+# up after three attempts. Set before the handlers are imported (timer intervals are bound then).
+OPERATOR_ENV = {
+    "K2_OPERATOR_DRIFT_INTERVAL": "3",
+    "K2_OPERATOR_DRIFT_INITIAL_DELAY": "2",
+    "K2_OPERATOR_RETRY_DELAY": "1",
+    "K2_OPERATOR_CLEANUP_ATTEMPTS": "3",
+    "K2_OPERATOR_METRICS_PORT": "0",
+    "K2_OPERATOR_LIVENESS": "",
+    "K2_OPERATOR_IMAGE": "ghcr.io/k2-lakehouse/k2:test",
+}
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def find_condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if condition["type"] == type_:
+            return condition
+    return {}
+
+
+class Cluster:
+    """Small helpers over the API for the tests (the operator has its own client)."""
+
+    def __init__(self, api: client.ApiClient, kubeconfig: Path) -> None:
+        self.api = api
+        self.kubeconfig = kubeconfig
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.batch = client.BatchV1Api(api)
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["kubectl", f"--kubeconfig={self.kubeconfig}", *args], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[body["kind"]], body)
+
+    def get(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch(self, namespace: str, kind: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name, patch)
+
+    def delete(self, namespace: str, kind: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def wait_condition(self, namespace: str, kind: str, name: str, type_: str = "Ready", status: str = "True",
+                       reason: str | None = None, timeout: float = 60.0, generation: bool = True) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            obj = self.get(namespace, kind, name)
+            condition = find_condition(obj, type_)
+            if not condition or condition["status"] != status or (reason and condition["reason"] != reason):
+                return None
+            if generation and obj["status"].get("observedGeneration") != obj["metadata"]["generation"]:
+                return None
+            return obj
+        try:
+            return wait_for(check, f"{kind}/{name} {type_}={status}{f' ({reason})' if reason else ''}", timeout)
+        except AssertionError as exc:
+            obj = self.get(namespace, kind, name)
+            raise AssertionError(f"{exc}; status now: {json.dumps((obj or {}).get('status'), indent=1)}") from None
+
+    def wait_gone(self, namespace: str, kind: str, name: str, timeout: float = 60.0) -> None:
+        wait_for(lambda: self.get(namespace, kind, name) is None, f"{kind}/{name} to be deleted", timeout)
+
+    def events(self, namespace: str, name: str, reason: str | None = None) -> list[Any]:
+        items = self.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+        return [e for e in items if reason is None or e.reason == reason]
+
+    def deployment(self, namespace: str, name: str) -> Any | None:
+        try:
+            return self.apps.read_namespaced_deployment(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+@pytest.fixture(scope="session")
+def operator_env(kube: Path, kafka: Any, registry: Any) -> Iterator[dict[str, str]]:
+    """The operator's environment: the local cluster, Kafka and registry, fast loops. The
+    in-process operator reads it from os.environ; restored when the session ends."""
+    env = {**OPERATOR_ENV, "KUBECONFIG": str(kube), "K2_KAFKA_BOOTSTRAP": kafka.bootstrap,
+           "K2_REGISTRY_URL": registry.url}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    # kopf logs in through the kubernetes client, whose default kubeconfig path was fixed at import.
+    from kubernetes.config import kube_config
+
+    default_location, kube_config.KUBE_CONFIG_DEFAULT_LOCATION = kube_config.KUBE_CONFIG_DEFAULT_LOCATION, str(kube)
+    from k2_operator import config as operator_config
+
+    operator_config.load.cache_clear()
+    yield env
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = default_location
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    operator_config.load.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def cluster(kube: Path, operator_env: dict[str, str]) -> Iterator[Cluster]:
+    with config.new_client_from_config(config_file=str(kube)) as api:
+        yield Cluster(api, kube)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> list[str]:
+    """The generated CRDs, installed as a user would (kubectl apply --server-side)."""
+    proc = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    assert proc.returncode == 0, proc.stderr
+    ext = client.ApiextensionsV1Api(cluster.api)
+    names = [f"{plural}.{GROUP}" for plural in PLURALS.values()]
+    for name in names:
+        wait_for(lambda n=name: any(c.type == "Established" and c.status == "True"
+                                    for c in ext.read_custom_resource_definition(n).status.conditions or []),
+                 f"CRD {name} established")
+    return names
+
+
+@pytest.fixture(scope="session")
+def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("k2-operator-catalog")
+
+
+def catalog_secret_data(catalog_dir: Path) -> dict[str, str]:
+    return {"catalog_uri": f"sqlite:///{catalog_dir}/catalog.db", "warehouse": str(catalog_dir / "warehouse")}
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster, crds: list[str], catalog_dir: Path) -> Iterator[str]:
+    """A fresh namespace with the Secrets the samples name (catalog, API keys)."""
+    name = f"k2op-{uuid.uuid4().hex[:6]}"
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    secrets = {"k2-catalog": catalog_secret_data(catalog_dir), "k2-api-keys": {"api_keys": "test-key-1,test-key-2"}}
+    for secret, data in secrets.items():
+        cluster.core.create_namespaced_secret(name, client.V1Secret(
+            metadata=client.V1ObjectMeta(name=secret),
+            data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()}))
+    yield name
+    cluster.core.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def asset_class() -> str:
+    """A private asset class: the topics and subjects of this module are its own."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def operator_args(namespace: str) -> list[str]:
+    return ["run", "--standalone", "--namespace", namespace, "-m", "k2_operator.handlers"]
+
+
+@pytest.fixture(scope="module")
+def operator(namespace: str, operator_env: dict[str, str]) -> Iterator[Any]:
+    from kopf.testing import KopfRunner
+
+    with KopfRunner(operator_args(namespace), timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+
+
+@pytest.fixture(scope="session")
+def catalog(catalog_dir: Path) -> Any:
+    """The Iceberg catalog the operator writes (the test's own connection to it)."""
+    from k2 import tables
+    from k2.settings import Settings
+
+    data = catalog_secret_data(catalog_dir)
+    return tables.catalog(Settings(catalog_uri=data["catalog_uri"], warehouse=data["warehouse"]))
+
+
+@pytest.fixture(scope="session")
+def admin(kafka: Any) -> Any:
+    from k2.topics import admin_client
+
+    return admin_client(kafka.bootstrap)
+
+
+@pytest.fixture(scope="session")
+def schema_registry(registry: Any) -> Any:
+    from k2.schemas.registry import client as registry_client
+
+    return registry_client(registry.url)
+
+
+def load_samples(asset_class: str) -> list[dict[str, Any]]:
+    """Every sample resource, moved to a private asset class (topic names and subjects follow)."""
+    docs = []
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        text = path.read_text().replace("market.equities.", f"market.{asset_class}.")
+        for doc in yaml.safe_load_all(text):
+            if doc["kind"] == "IngestionPipeline":
+                doc["spec"]["assetClass"] = asset_class
+            docs.append(doc)
+    return docs
+
+
+def topic_config(admin: Any, topic: str) -> dict[str, str]:
+    from k2.topics import current_config
+
+    return current_config(admin, topic)
+
+
+def topic_partitions(admin: Any, topic: str) -> int | None:
+    from k2.topics import describe_partitions
+
+    return describe_partitions(admin, [topic]).get(topic)
+
+
+class Helpers:
+    """The module-level helpers above, as a fixture (test modules cannot import a conftest under
+    --import-mode=importlib)."""
+
+    PLURALS = PLURALS
+    wait_for = staticmethod(wait_for)
+    find_condition = staticmethod(find_condition)
+    load_samples = staticmethod(load_samples)
+    topic_config = staticmethod(topic_config)
+    topic_partitions = staticmethod(topic_partitions)
+    catalog_secret_data = staticmethod(catalog_secret_data)
+    operator_args = staticmethod(operator_args)
+
+
+@pytest.fixture(scope="session")
+def k2op() -> type[Helpers]:
+    return Helpers
