@@ -8,6 +8,7 @@ folder rather than /var/run, and lets role `k2` in over TCP with a SCRAM passwor
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import psycopg2
 import structlog
 from psycopg2 import sql
 
-from .base import Service, StackError, run
+from .base import Service, StackError, run, state_dir
 
 log = structlog.get_logger("k2.stack.postgres")
 
@@ -45,6 +46,10 @@ def _stop_packaged_clusters() -> None:
             run(["pg_ctlcluster", version, cluster, "stop"], what=f"stop cluster {version}/{cluster}")
 
 
+def _traversable_by_others(path: Path) -> bool:
+    return all(parent.stat().st_mode & 0o001 for parent in [path, *path.parents] if parent.exists())
+
+
 @dataclass
 class Postgres(Service):
     name: str = "postgres"
@@ -63,6 +68,20 @@ class Postgres(Service):
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+    @property
+    def home(self) -> Path:
+        """The state folder, unless a parent of it is closed to other users (a checkout under
+        /root, say): PostgreSQL runs as its own user, so its cluster then lives in a folder of
+        /var/tmp named after the state folder, which keeps one cluster per checkout."""
+        preferred = state_dir() / self.name
+        if _traversable_by_others(state_dir()):
+            preferred.mkdir(parents=True, exist_ok=True)
+            return preferred
+        digest = hashlib.sha1(str(state_dir()).encode()).hexdigest()[:12]
+        fallback = Path("/var/tmp") / f"k2-postgres-{digest}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
 
     @property
     def dsn(self) -> str:
