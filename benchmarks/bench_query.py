@@ -8,7 +8,9 @@ multi-symbol tick query) measures p50/p99 latency of
   - bare DuckDB: hand-written SQL over the table's Parquet files, results fetched as Arrow;
   - the engine: the same question through `k2.query` (planning, caches, metrics, exact decimals);
   - the API in-process: an HTTP request through the ASGI app (httpx), JSON included;
-each also as a ratio to bare DuckDB in the same run. Finally a uvicorn server is started on
+each also as a ratio to bare DuckDB in the same run. The three are timed interleaved (one call of
+each per round, rotating which goes first), so load from other processes on the machine falls on
+all three alike instead of skewing the ratios. Finally a uvicorn server is started on
 loopback and a steady open-loop load is sent to it from this process, for a bounded time.
 Prints markdown tables.
 """
@@ -114,15 +116,20 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
-def time_sync(call: Callable[[], object], iterations: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-    return percentiles(samples)
+def time_interleaved(calls: list[Callable[[], object]], iterations: int,
+                     warmup: int) -> list[tuple[float, float]]:
+    """p50/p99 of each call, timed in rounds of one call each, the first of a round rotating."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    for i in range(iterations):
+        for j in range(len(calls)):
+            k = (i + j) % len(calls)
+            started = time.perf_counter()
+            calls[k]()
+            samples[k].append(time.perf_counter() - started)
+    return [percentiles(s) for s in samples]
 
 
 def bench_latency(settings: Settings, engine: Engine, iterations: int, warmup: int) -> list[tuple[str, ...]]:
@@ -141,10 +148,9 @@ def bench_latency(settings: Settings, engine: Engine, iterations: int, warmup: i
     rows = []
     for case in cases(engine):
         params = {"files": files, **case.bare_params}
-        bare_p50, bare_p99 = time_sync(lambda p=params, c=case: bare.execute(c.bare_sql, p).fetch_arrow_table(),
-                                       iterations, warmup)
-        eng_p50, eng_p99 = time_sync(case.engine, iterations, warmup)
-        api_p50, api_p99 = time_sync(lambda c=case: api_call(*c.api), iterations, warmup)
+        (bare_p50, bare_p99), (eng_p50, eng_p99), (api_p50, api_p99) = time_interleaved(
+            [lambda p=params, c=case: bare.execute(c.bare_sql, p).fetch_arrow_table(), case.engine,
+             lambda c=case: api_call(*c.api)], iterations, warmup)
         rows.append((case.name, f"{bare_p50 * 1e3:.2f} / {bare_p99 * 1e3:.2f}",
                      f"{eng_p50 * 1e3:.2f} / {eng_p99 * 1e3:.2f}", f"{eng_p50 / bare_p50:.2f}×",
                      f"{api_p50 * 1e3:.2f} / {api_p99 * 1e3:.2f}", f"{api_p50 / bare_p50:.2f}×"))
@@ -219,6 +225,14 @@ def bench_steady_load(settings: Settings, rate: float, seconds: float, workers: 
         server.wait(timeout=30)
 
 
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages: other work running alongside skews latencies."""
+    try:
+        return "load average " + " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
 def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -244,7 +258,7 @@ def main() -> None:
         load_asx(settings, args.data)
         print(f"Loaded {args.data} in {time.perf_counter() - loaded:.1f} s; {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}, DuckDB {duckdb.__version__}; "
-              f"{args.iterations} timed runs after {args.warmup} warm-up runs.\n")
+              f"{args.iterations} timed runs after {args.warmup} warm-up runs; {load_average()}.\n")
         engine = Engine(settings)
         try:
             latency = bench_latency(settings, engine, args.iterations, args.warmup)
@@ -256,6 +270,7 @@ def main() -> None:
               "1m OHLCV, latency from each request's scheduled send time.\n")
         load = bench_steady_load(settings, args.rate, args.seconds, args.workers)
         print(markdown(("target req/s", "achieved req/s", "p50 ms", "p99 ms", "max ms", "errors"), [load]))
+        print(f"\n{load_average()} at the end.")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,13 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                           "the built-in development key")
 
 
-def get_engine(request: Request) -> Engine:
+# Dependencies that do not block are `async def`: FastAPI runs a plain `def` dependency in the
+# thread pool, a hop per dependency per request.
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -51,8 +53,8 @@ def check_limit(limit: int, settings: Settings) -> int:
     return limit
 
 
-def page_limit(settings: SettingsDep,
-               limit: Annotated[int, Query(ge=1, description="rows per page, at most K2_MAX_ROWS")] = 100) -> int:
+async def page_limit(settings: SettingsDep,
+                     limit: Annotated[int, Query(ge=1, description="rows per page, at most K2_MAX_ROWS")] = 100) -> int:
     return check_limit(limit, settings)
 
 

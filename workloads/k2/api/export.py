@@ -2,8 +2,8 @@
 
 Rows go from DuckDB's Arrow batches to the socket one batch at a time, so an export's memory
 does not grow with its size. JSON values are encoded exactly as the models encode them (decimals
-as strings, instants as ISO-8601 UTC), CSV by Arrow (decimals at their stored scale), and Parquet
-keeps the stored types, decimal(18,6) included.
+as strings, instants as ISO-8601 UTC; column at a time by `k2.api.jsonrows`), CSV by Arrow
+(decimals at their stored scale), and Parquet keeps the stored types, decimal(18,6) included.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 from fastapi.responses import StreamingResponse
 from pydantic_core import to_json
 
+from k2.api.jsonrows import rows_json
 from k2.api.models import Format, TickSelection
 from k2.query import ticks
 from k2.query.engine import Engine, Pin, ResultStream
 from k2.query.filters import TickFilter, select_fields
-from k2.query.rows import to_rows
 
 MEDIA_TYPES: dict[str, str] = {"json": "application/json", "csv": "text/csv; charset=utf-8",
                                "parquet": "application/vnd.apache.parquet"}
@@ -45,7 +45,7 @@ def _json(result: ResultStream, snapshot_id: int | None) -> Iterator[bytes]:
     separator = b""
     for batch in result.batches:
         if batch.num_rows:
-            yield separator + to_json(to_rows(batch))[1:-1]
+            yield separator + rows_json(batch)[1:-1]
             separator = b","
     yield b"]}"
 

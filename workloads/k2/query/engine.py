@@ -14,7 +14,10 @@ invalidation, only a bound on its size.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.abc
+import importlib.util
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -49,6 +52,29 @@ METADATA_TTL = 0.5  # seconds; commits must be visible to queries within one sec
 PLAN_CACHE_SIZE = 512
 STREAM_BATCH_ROWS = 65_536
 _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class _AbsentModule(importlib.abc.MetaPathFinder):
+    """Fails the import of a module known to be absent at once, instead of searching sys.path.
+
+    DuckDB's Python client tries `import pandas` twice for every bound parameter of every query
+    (to recognise pandas values); Python does not cache a failed import, so without pandas each
+    attempt walks sys.path: about 90 µs a parameter, 1-2 ms a query. Installed only when pandas is
+    not importable when this module loads (installing pandas later needs a restart to be seen).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname == self.name:
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
+
+
+if importlib.util.find_spec("pandas") is None and not any(
+        isinstance(f, _AbsentModule) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AbsentModule("pandas"))
 
 
 @dataclass(frozen=True)
@@ -98,7 +124,7 @@ class Engine:
         self._catalog_lock = threading.RLock()
         self._tables: dict[TableKind, tuple[float, Table | None]] = {}
         self._tables_lock = threading.Lock()
-        self._plans: OrderedDict[tuple, tuple[tuple[DataFile, ...], bool]] = OrderedDict()
+        self._plans: OrderedDict[tuple, tuple[BooleanExpression, tuple[DataFile, ...], bool]] = OrderedDict()
         self._plans_lock = threading.Lock()
         self._s3: S3FileSystem | None = None
         self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
@@ -178,21 +204,23 @@ class Engine:
     # planning --------------------------------------------------------------------------------
     def plan(self, pin: Pin, flt: TickFilter) -> Scan:
         """The data files of `pin` that may hold rows matching `flt` (cached per snapshot)."""
-        row_filter = flt.iceberg_filter(timestamped=pin.kind in TICK_KINDS)
+        timestamped = pin.kind in TICK_KINDS
         if pin.table is None or pin.snapshot is None:
-            return Scan(pin, row_filter, ())
+            return Scan(pin, flt.iceberg_filter(timestamped=timestamped), ())
         key = (pin.kind, pin.table.metadata.table_uuid, pin.snapshot_id, pin.since_snapshot_id, flt)
         with self._plans_lock:
             planned = self._plans.get(key)
             if planned is not None:
                 self._plans.move_to_end(key)
         if planned is None:
-            planned = self._plan_files(pin, row_filter)
+            # The pyiceberg expression is built only when planning: on a cache hit it is reused.
+            row_filter = flt.iceberg_filter(timestamped=timestamped)
+            planned = (row_filter, *self._plan_files(pin, row_filter))
             with self._plans_lock:
                 self._plans[key] = planned
                 while len(self._plans) > PLAN_CACHE_SIZE:
                     self._plans.popitem(last=False)
-        files, has_deletes = planned
+        row_filter, files, has_deletes = planned
         return Scan(pin, row_filter, files, has_deletes)
 
     def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> tuple[tuple[DataFile, ...], bool]:

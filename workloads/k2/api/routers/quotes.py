@@ -6,13 +6,14 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import Response
 
 from k2.api.deps import EngineDep
+from k2.api.jsonrows import json_response
 from k2.api.models import Exchange, Instant, LatestQuotes, QuotePage, Symbol
 from k2.api.routers.ticks import add_tick_routes
 from k2.query import ticks
 from k2.query.filters import MAX_SYMBOLS, TickFilter
-from k2.query.rows import to_rows
 
 router = APIRouter(prefix="/v1/quotes", tags=["quotes"])
 add_tick_routes(router, "quotes", QuotePage)
@@ -24,9 +25,9 @@ def latest_quotes(
     symbol: Annotated[list[Symbol], Query(min_length=1, max_length=MAX_SYMBOLS, description="repeatable")],
     exchange: Exchange | None = None,  # type: ignore[valid-type]
     as_of: Annotated[Instant | None, Query(description="default: now")] = None,
-) -> LatestQuotes:
+) -> Response:
     """The last quote at or before `as_of` of each symbol (symbols without one are absent)."""
     as_of = as_of or dt.datetime.now(dt.UTC)
     pin = engine.pin("quotes")
     rows = ticks.latest_quotes(engine, pin, TickFilter(tuple(symbol), exchange), as_of)
-    return LatestQuotes(as_of=as_of, snapshot_id=pin.snapshot_id, data=to_rows(rows))
+    return json_response(LatestQuotes, rows, as_of=as_of, snapshot_id=pin.snapshot_id)

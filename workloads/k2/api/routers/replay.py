@@ -11,21 +11,22 @@ however many commits writers make meanwhile.
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import Response
 
 from k2.api.deps import EngineDep, SettingsDep, check_limit
+from k2.api.jsonrows import json_response
 from k2.api.models import ReplayPage, ReplayRequest
 from k2.query import ticks
 from k2.query.cursor import Cursor, fingerprint
 from k2.query.engine import Engine, Pin
 from k2.query.errors import InvalidQuery
 from k2.query.filters import TickFilter, select_fields
-from k2.query.rows import to_rows
 
 router = APIRouter(prefix="/v1/replay", tags=["replay"])
 
 
 @router.post("", response_model=ReplayPage)
-def replay(body: ReplayRequest, engine: EngineDep, settings: SettingsDep) -> ReplayPage:
+def replay(body: ReplayRequest, engine: EngineDep, settings: SettingsDep) -> Response:
     check_limit(body.limit, settings)
     fields = select_fields(body.table, body.fields)
     flt = TickFilter(tuple(body.symbols), body.exchange, body.start, body.end)
@@ -35,9 +36,8 @@ def replay(body: ReplayRequest, engine: EngineDep, settings: SettingsDep) -> Rep
     pin = _pin(engine, body, token)
     page = ticks.page(engine, ticks.tick_relation(engine, pin, flt), fields=fields, limit=body.limit, cursor=token,
                       fingerprint=request_fingerprint)
-    return ReplayPage(table=body.table, mode=body.mode, snapshot_id=pin.snapshot_id,
-                      since_snapshot_id=pin.since_snapshot_id, data=to_rows(page.rows),
-                      next_cursor=page.next_cursor)
+    return json_response(ReplayPage, page.rows, table=body.table, mode=body.mode, snapshot_id=pin.snapshot_id,
+                         since_snapshot_id=pin.since_snapshot_id, next_cursor=page.next_cursor)
 
 
 def _pin(engine: Engine, body: ReplayRequest, token: Cursor | None) -> Pin:

@@ -6,14 +6,15 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import Response
 
 from k2.api.deps import EngineDep, PageLimit
+from k2.api.jsonrows import json_response
 from k2.api.models import Exchange, Instant, QuotedTradePage, Symbol, TradePage
 from k2.api.routers.ticks import add_tick_routes
 from k2.query import ticks
 from k2.query.cursor import Cursor, fingerprint
 from k2.query.filters import TickFilter
-from k2.query.rows import to_rows
 
 router = APIRouter(prefix="/v1/trades", tags=["trades"])
 add_tick_routes(router, "trades", TradePage)
@@ -25,7 +26,7 @@ def trades_with_quotes(
     start: Instant | None = None, end: Instant | None = None,
     tolerance_ms: Annotated[int, Query(ge=0, le=86_400_000, description="oldest usable quote, in ms")] = 5_000,
     cursor: str | None = None,
-) -> QuotedTradePage:
+) -> Response:
     """Each trade with the last quote at or before it (DuckDB ASOF JOIN); quote fields are null when
     that quote is older than the tolerance."""
     flt = TickFilter((symbol,), exchange, start, end)
@@ -36,5 +37,5 @@ def trades_with_quotes(
     rel = ticks.quoted_trades_relation(engine, trades_pin, quotes_pin, flt, dt.timedelta(milliseconds=tolerance_ms))
     page = ticks.page(engine, rel, fields=ticks.QUOTED_TRADE_COLUMNS, limit=limit, cursor=token,
                       fingerprint=request_fingerprint)
-    return QuotedTradePage(data=to_rows(page.rows), snapshot_id=trades_pin.snapshot_id,
-                           quotes_snapshot_id=quotes_pin.snapshot_id, next_cursor=page.next_cursor)
+    return json_response(QuotedTradePage, page.rows, snapshot_id=trades_pin.snapshot_id,
+                         quotes_snapshot_id=quotes_pin.snapshot_id, next_cursor=page.next_cursor)
