@@ -12,6 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import structlog
 
 from k2.observability import SEQUENCE_ANOMALIES, SEQUENCE_GAPS
@@ -69,6 +72,12 @@ class GapDetector:
             self.counts[kind] += 1
             SEQUENCE_ANOMALIES.labels(self.stage, kind).inc()
             return None
+        gap = self._report(symbol, exchange_date, last, sequence_number)
+        self.last_seen[key] = sequence_number
+        return gap
+
+    def _report(self, symbol: str, exchange_date: dt.date, last: int, sequence_number: int) -> Gap:
+        """Count and log the gap after `last`; raise if it halts."""
         gap = Gap(symbol, exchange_date, last + 1, sequence_number, self.classify(sequence_number - last - 1))
         self.counts[gap.severity.value] += 1
         SEQUENCE_GAPS.labels(self.stage, gap.severity.value).inc()
@@ -84,5 +93,66 @@ class GapDetector:
             log.error("sequence.gap.alert", **fields)
         else:
             log.warning("sequence.gap.warning", **fields)
-        self.last_seen[key] = sequence_number
         return gap
+
+    def observe_many(self, symbols: pa.Array | pa.ChunkedArray | list[str], exchange_dates: np.ndarray,
+                     sequence_numbers: np.ndarray) -> list[Gap]:
+        """`observe` over many records in their order, vectorized, with the same outcome: the same
+        last_seen, counts, metrics and log lines, the same halt after the same records.
+
+        What `observe` keeps per key is the running maximum (it moves last_seen up on every step
+        forward and never down), so each record's verdict follows from the maximum before it."""
+        seqs = np.asarray(sequence_numbers, dtype=np.int64)
+        if not len(seqs):
+            return []
+        groups, keys = sequence_keys(symbols, exchange_dates)
+        initial = np.array([self.last_seen.get(k, 0) for k in keys], dtype=np.int64)
+        prior = prior_max(groups, seqs, initial)
+        step = seqs - prior
+        gaps = np.flatnonzero(step > 1)
+        halting = gaps[step[gaps] - 1 > self.halt]
+        end = int(halting[0]) if len(halting) else len(seqs)  # records after a halt are never seen
+        for kind, count in (("duplicate", np.count_nonzero(step[:end] == 0)),
+                            ("out_of_order", np.count_nonzero(step[:end] < 0))):
+            if count:
+                self.counts[kind] += int(count)
+                SEQUENCE_ANOMALIES.labels(self.stage, kind).inc(int(count))
+        highest = initial.copy()
+        np.maximum.at(highest, groups[:end], seqs[:end])
+        for g in np.flatnonzero(highest > initial):
+            self.last_seen[keys[g]] = int(highest[g])
+        found = []
+        for i in gaps[gaps <= end]:  # few: logged one by one, the halting one (if any) raises last
+            symbol, day = keys[groups[i]]
+            found.append(self._report(symbol, day, int(prior[i]), int(seqs[i])))
+        return found
+
+
+def sequence_keys(symbols: pa.Array | pa.ChunkedArray | list[str],
+                  exchange_dates: np.ndarray) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """Group ids of (symbol, exchange_date) pairs, and the (symbol, epoch day) key of each group."""
+    if isinstance(symbols, pa.ChunkedArray):
+        symbols = symbols.combine_chunks()
+    encoded = pc.dictionary_encode(symbols if isinstance(symbols, pa.Array) else pa.array(symbols, pa.string()))
+    names = encoded.dictionary.to_pylist()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    days = np.asarray(exchange_dates, dtype=np.int64)
+    low, span = int(days.min()), int(days.max() - days.min()) + 1
+    unique, groups = np.unique(codes * span + (days - low), return_inverse=True)
+    return groups.reshape(-1), [(names[u // span], int(u % span) + low) for u in unique.tolist()]
+
+
+def prior_max(groups: np.ndarray, values: np.ndarray, initial: np.ndarray) -> np.ndarray:
+    """For each element: the maximum of its group's `initial` and of the values before it in its group."""
+    n, ngroups = len(values), len(initial)
+    # the initial values go first, and a stable sort by group keeps the order within each group
+    grouped = np.concatenate([np.arange(ngroups), groups])
+    order = np.argsort(grouped, kind="stable")
+    ranked, rank = np.unique(np.concatenate([initial, values]), return_inverse=True)
+    # ranks offset per group so that one running maximum never crosses into the next group
+    running = np.maximum.accumulate(grouped[order] * len(ranked) + rank.reshape(-1)[order])
+    running -= grouped[order] * len(ranked)
+    prior = np.empty(n, np.int64)
+    elements = np.flatnonzero(order >= ngroups)
+    prior[order[elements] - ngroups] = ranked[running[elements - 1]]
+    return prior

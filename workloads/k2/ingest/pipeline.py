@@ -11,20 +11,25 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import structlog
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from k2 import schemas, topics
 from k2.dlq import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
+from k2.ingest import columnar
 from k2.ingest.asx import RecordBuilder, RowError, TickFile, discover, reference_records
 from k2.ingest.producer import TickProducer
 from k2.quality import GapDetector
+from k2.schemas import columnar as columnar_avro
 from k2.schemas.registry import client as registry_client
 from k2.schemas.registry import register, value_subject
 from k2.schemas.wire import AvroEncoder
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.ingest")
+_CHECKPOINT_LINES = 20_000  # progress and the stop flag are looked at this often
 
 
 @dataclass
@@ -154,27 +159,94 @@ def ingest_files(
 def _ingest_file(tick_file: TickFile, topic: str, encoder: AvroEncoder, producer: TickProducer,
                  dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary, ingest_us: int,
                  flag: _StopFlag, advance) -> None:
+    """Parse the file a chunk at a time into Arrow, encode each chunk at once, then produce.
+
+    `RecordBuilder` decides every line the columnar parser does not take itself, so records,
+    sequence numbers, rejections and their line numbers are those of the row-by-row path, which
+    still runs where the columnar one cannot (a locale that is not UTF-8, a value Arrow cannot hold)."""
     builder = RecordBuilder(tick_file, ingest_us)
+    if not columnar.available():
+        with tick_file.path.open(newline="") as fh:
+            _ingest_rows(enumerate(fh, start=1), builder, tick_file, topic, encoder, producer, dlq, detector,
+                         summary, flag, advance)
+        return
+    parser = columnar.ChunkParser(tick_file, ingest_us)
+    avro_schema = schemas.avro_schema(tick_file.kind)
+    first_line = 1
+    for data in columnar.read_chunks(tick_file.path):
+        try:
+            chunk = parser.parse(first_line, data)
+        except columnar.NotColumnar:
+            lines = columnar.split_lines(data)
+            builder.sequences = parser.sequences  # the row path continues the numbering
+            stopped = _ingest_rows(enumerate(lines, start=first_line), builder, tick_file, topic, encoder,
+                                   producer, dlq, detector, summary, flag, advance)
+            first_line += len(lines)
+        else:
+            payloads = columnar_avro.encode(chunk.table, avro_schema, encoder.header)
+            stopped = _produce_chunk(chunk, payloads, tick_file, topic, producer, dlq, detector, summary, flag,
+                                     advance)
+            first_line += chunk.lines
+        if stopped:
+            return
+
+
+def _produce_chunk(chunk: columnar.ParsedChunk, payloads: list[bytes], tick_file: TickFile, topic: str,
+                   producer: TickProducer, dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary,
+                   flag: _StopFlag, advance) -> bool:
+    """Dead letters and messages of a parsed chunk, in slices of lines that mirror the row path's
+    checkpoints: progress and the stop flag every `_CHECKPOINT_LINES` lines. True if stopped."""
+    key = tick_file.symbol.encode()
+    produce = producer.produce
+    symbols = chunk.table["symbol"]
+    days = chunk.table["exchange_date"].combine_chunks().view(pa.int32()).to_numpy()
+    seqs = chunk.table["sequence_number"].to_numpy()
+    rejected = iter(chunk.rejected)
+    letter = next(rejected, None)
+    for lo in range(0, chunk.lines, _CHECKPOINT_LINES):
+        hi = min(lo + _CHECKPOINT_LINES, chunk.lines)
+        while letter is not None and letter.line_number < chunk.first_line + hi:
+            summary.rejected[letter.error.reason] += 1
+            dlq.send(DeadLetter(stage="ingest", reason=letter.error.reason, detail=str(letter.error),
+                                source=str(tick_file.path), line_number=letter.line_number, line=letter.line))
+            letter = next(rejected, None)
+        a, b = np.searchsorted(chunk.line_numbers, [chunk.first_line + lo, chunk.first_line + hi])
+        # Numbers are assigned contiguously here, so this finds no gap (let alone a halting one,
+        # which would stop the slice before its first message rather than at the gap).
+        detector.observe_many(symbols.slice(a, b - a), days[a:b], seqs[a:b])
+        for value in payloads[a:b]:
+            produce(topic, key, value)
+        summary.rows_read += hi - lo
+        advance(int(chunk.line_ends[hi - 1] - (chunk.line_ends[lo - 1] if lo else 0)))
+        if flag.stop:
+            return True
+    return False
+
+
+def _ingest_rows(lines, builder: RecordBuilder, tick_file: TickFile, topic: str, encoder: AvroEncoder,
+                 producer: TickProducer, dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary,
+                 flag: _StopFlag, advance) -> bool:
+    """The row-by-row path over (line number, line) pairs; True if stopped."""
     key = tick_file.symbol.encode()
     encode, produce, build = encoder.encode, producer.produce, builder.build
     pending_bytes = 0
-    with tick_file.path.open(newline="") as fh:
-        for line_number, line in enumerate(fh, start=1):
-            summary.rows_read += 1
-            pending_bytes += len(line)
-            try:
-                record = build(line)
-            except RowError as exc:
-                summary.rejected[exc.reason] += 1
-                dlq.send(DeadLetter(stage="ingest", reason=exc.reason, detail=str(exc),
-                                    source=str(tick_file.path), line_number=line_number,
-                                    line=line.rstrip("\r\n")))
-                continue
-            detector.observe(record["symbol"], record["exchange_date"], record["sequence_number"])
-            produce(topic, key, encode(record))
-            if line_number % 20_000 == 0:
-                advance(pending_bytes)
-                pending_bytes = 0
-                if flag.stop:
-                    break
+    for line_number, line in lines:
+        summary.rows_read += 1
+        pending_bytes += len(line)
+        try:
+            record = build(line)
+        except RowError as exc:
+            summary.rejected[exc.reason] += 1
+            dlq.send(DeadLetter(stage="ingest", reason=exc.reason, detail=str(exc),
+                                source=str(tick_file.path), line_number=line_number,
+                                line=line.rstrip("\r\n")))
+            continue
+        detector.observe(record["symbol"], record["exchange_date"], record["sequence_number"])
+        produce(topic, key, encode(record))
+        if line_number % _CHECKPOINT_LINES == 0:
+            advance(pending_bytes)
+            pending_bytes = 0
+            if flag.stop:
+                return True
     advance(pending_bytes)
+    return False

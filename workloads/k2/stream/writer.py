@@ -11,6 +11,10 @@ committed afterwards, only so that lag shows in the usual tools.
 De-duplication keys on (symbol, exchange_date, sequence_number): within a batch, and across
 batches through a per-(symbol, date) watermark of stored sequence numbers, which is exact because
 sequence numbers are contiguous per (symbol, date) and one symbol's records share a partition.
+
+Messages are only collected while consuming; a batch is decoded at flush, all at once per writer
+schema, by the columnar Avro codec straight into Arrow columns (`k2.schemas.columnar`), and
+de-duplication and gap detection run over those columns.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from k2.observability import (
     ROWS_WRITTEN,
     SNAPSHOTS,
 )
-from k2.quality import GapDetector
+from k2.quality import GapDetector, prior_max, sequence_keys
+from k2.schemas import columnar
 from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
 
@@ -53,8 +58,11 @@ class StaleBatch(RuntimeError):
 
 @dataclass
 class Batch:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    schema_ids: set[int] = field(default_factory=set)
+    """The raw messages of one micro-batch; they are decoded only when it is flushed."""
+
+    payloads: list[bytes | None] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     start: dict[int, int] = field(default_factory=dict)  # partition → first offset of the batch
     end: dict[int, int] = field(default_factory=dict)  # partition → next offset after the batch
     nbytes: int = 0
@@ -63,6 +71,18 @@ class Batch:
     def add_offset(self, partition: int, offset: int) -> None:
         self.start.setdefault(partition, offset)
         self.end[partition] = offset + 1
+
+    def add(self, partition: int, offset: int, payload: bytes | None) -> None:
+        self.add_offset(partition, offset)
+        self.partitions.append(partition)
+        self.offsets.append(offset)
+        self.payloads.append(payload)
+        if payload is not None:
+            self.nbytes += len(payload)
+
+    @property
+    def messages(self) -> int:
+        return len(self.payloads)
 
     @property
     def empty(self) -> bool:
@@ -98,6 +118,26 @@ def rows_to_arrow(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
         else:
             columns.append(pa.array(values, fld.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _ints(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An integer or date column as int64 numpy (dates as epoch days, as Avro carries them)."""
+    if pa.types.is_date32(column.type):
+        column = column.cast(pa.int32())
+    return column.to_numpy().astype(np.int64)
+
+
+def _conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The decoded columns as the table's own Arrow schema: its types, its order, nulls for
+    columns the writer schema did not have."""
+    arrays = []
+    for fld in schema:
+        if fld.name in data.column_names:
+            column = data[fld.name]
+            arrays.append(column if column.type == fld.type else column.cast(fld.type))
+        else:
+            arrays.append(pa.nulls(data.num_rows, fld.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 class TableWriter:
@@ -157,7 +197,7 @@ class TableWriter:
         # Work in flight for revoked partitions is dropped; whoever gets them next resumes from
         # the offsets recorded in the table, so nothing is lost or doubled.
         log.info("stream.revoked", table=self.table_name, partitions=[tp.partition for tp in partitions],
-                 dropped_rows=len(self.batch.rows))
+                 dropped_rows=self.batch.messages)
         self.batch = Batch()
         self.assigned -= {tp.partition for tp in partitions}
         consumer.unassign()
@@ -180,10 +220,16 @@ class TableWriter:
     # consuming ----------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> int:
         """Consume what is available (bounded), flush the batch when due; returns messages seen."""
-        messages = self.consumer.consume(num_messages=10_000, timeout=timeout)
+        # consume(n, timeout) waits until it has n messages or the timeout passed: take what is
+        # queued now, and wait (up to `timeout`) only for a first message when nothing is.
+        messages = self.consumer.consume(num_messages=10_000, timeout=0)
+        if not messages:
+            messages = self.consumer.consume(num_messages=1, timeout=timeout)
+            if messages:
+                messages += self.consumer.consume(num_messages=9_999, timeout=0)
         for msg in messages:
             self._accept(msg)
-            if len(self.batch.rows) >= self.settings.batch_rows or self.batch.nbytes >= self.settings.batch_bytes:
+            if self.batch.messages >= self.settings.batch_rows or self.batch.nbytes >= self.settings.batch_bytes:
                 self.flush()
         if messages:
             self.last_message_at = time.monotonic()
@@ -197,51 +243,110 @@ class TableWriter:
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("stream.consumer_error", table=self.table_name, error=err.str())
             return
-        partition, offset, payload = msg.partition(), msg.offset(), msg.value()
+        partition = msg.partition()
         if partition not in self.assigned:
             return
-        self.batch.add_offset(partition, offset)
-        try:
-            schema_id, record = self.decoder.decode(payload)
-        except PoisonMessage as exc:
-            self.dlq.send(DeadLetter.for_payload(stage="stream", reason=exc.reason, detail=str(exc),
-                                                 topic=self.topic, partition=partition, offset=offset,
-                                                 payload=payload))
-            return
-        missing = [k for k in self.keys if record.get(k) is None]
-        if missing:
-            self.dlq.send(DeadLetter.for_payload(stage="stream", reason="missing_key",
-                                                 detail=f"record lacks key fields {missing}", topic=self.topic,
-                                                 partition=partition, offset=offset, payload=payload))
-            return
-        self.batch.schema_ids.add(schema_id)
-        self.batch.rows.append(record)
-        self.batch.nbytes += len(payload)
+        self.batch.add(partition, msg.offset(), msg.value())
 
     def _batch_due(self) -> bool:
         b = self.batch
         if b.empty:
             return False
-        return (len(b.rows) >= self.settings.batch_rows or b.nbytes >= self.settings.batch_bytes
+        return (b.messages >= self.settings.batch_rows or b.nbytes >= self.settings.batch_bytes
                 or time.monotonic() - b.opened >= self.settings.batch_seconds)
 
-    # committing ---------------------------------------------------------------------------
-    def _dedupe(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not self.sequenced:
-            seen: dict[tuple, dict] = {}
-            for r in rows:
-                seen[tuple(r[k] for k in self.keys)] = r  # reference data: last write wins
-            return list(seen.values())
-        fresh = []
-        batch_marks: dict[tuple[str, int], int] = {}
-        for r in rows:
-            key = (r["symbol"], r["exchange_date"])
-            seq = r["sequence_number"]
-            if seq <= batch_marks.get(key, self.watermarks.get(key, 0)):
+    # decoding ---------------------------------------------------------------------------
+    def _decode(self, batch: Batch) -> tuple[pa.Table, set[int]]:
+        """The batch's good records as one table in arrival order, and their writer schema ids;
+        every other message goes to the DLQ with its partition, offset and reason."""
+        payloads = batch.payloads
+        ids = columnar.confluent_schema_ids(payloads)
+        letters: list[tuple[int, str, str]] = []  # (message index, reason, detail)
+        for i in np.flatnonzero(ids < 0).tolist():
+            payload = payloads[i]
+            detail = ("payload shorter than the 5-byte header" if payload is None or len(payload) < 5
+                      else f"magic byte {payload[0]}, expected 0")
+            letters.append((i, "not_confluent_avro", f"not_confluent_avro: {detail}"))
+        parts, positions, schema_ids = [], [], set()
+        for schema_id in np.unique(ids[ids >= 0]).tolist():
+            where = np.flatnonzero(ids == schema_id)
+            try:
+                writer = self.decoder.writer_schema_json(schema_id)
+            except PoisonMessage as exc:
+                letters.extend((i, exc.reason, str(exc)) for i in where.tolist())
                 continue
-            batch_marks[key] = seq
-            fresh.append(r)
-        return fresh
+            table, bad = self._decode_group(schema_id, writer, [payloads[i] for i in where.tolist()], letters, where)
+            missing = np.zeros(table.num_rows, bool)
+            lacking = [k for k in self.keys if k not in table.column_names]
+            for k in self.keys:
+                if k in table.column_names and table[k].null_count:
+                    missing |= table[k].is_null().to_numpy(zero_copy_only=False)
+            good = where[~bad]
+            if lacking or missing.any():
+                gone = np.ones(table.num_rows, bool) if lacking else missing
+                for i in np.flatnonzero(gone).tolist():
+                    row = {k: table[k][i].as_py() if k in table.column_names else None for k in self.keys}
+                    absent = [k for k in self.keys if row[k] is None]
+                    letters.append((int(good[i]), "missing_key", f"record lacks key fields {absent}"))
+                table, good = table.filter(pa.array(~gone)), good[~gone]
+            if table.num_rows:
+                parts.append(table)
+                positions.append(good)
+                schema_ids.add(schema_id)
+        for i, reason, detail in sorted(letters):
+            self.dlq.send(DeadLetter.for_payload(stage="stream", reason=reason, detail=detail, topic=self.topic,
+                                                 partition=batch.partitions[i], offset=batch.offsets[i],
+                                                 payload=payloads[i]))
+        if not parts:
+            return pa.table({}), schema_ids
+        if len(parts) == 1:
+            return parts[0], schema_ids
+        data = pa.concat_tables(parts, promote_options="permissive")  # newer schemas may add columns
+        return data.take(pa.array(np.argsort(np.concatenate(positions), kind="stable"))), schema_ids
+
+    def _decode_group(self, schema_id: int, writer: dict[str, Any], payloads: list[bytes],
+                      letters: list[tuple[int, str, str]], where: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+        """Messages of one writer schema → (table of the good ones, bad mask); bad ones become letters."""
+        try:
+            decoded = columnar.decode(payloads, writer, skip=5)
+        except columnar.Unsupported:
+            # A schema beyond the columnar codec (nested types, wide decimals): fastavro per
+            # message, converted to the table's own columns as before the codec existed.
+            self._evolve_for({schema_id})
+            bad, records = np.zeros(len(payloads), bool), []
+            for i, payload in enumerate(payloads):
+                try:
+                    records.append(self.decoder.decode(payload)[1])
+                except PoisonMessage as exc:
+                    bad[i] = True
+                    letters.append((int(where[i]), exc.reason, str(exc)))
+            return rows_to_arrow(records, self.table.schema().as_arrow()), bad
+        letters.extend((int(where[i]), "undecodable", f"undecodable: {detail}") for i, detail in decoded.errors.items())
+        return decoded.table, decoded.bad
+
+    # committing ---------------------------------------------------------------------------
+    def _sequence_groups(self, data: pa.Table) -> tuple[np.ndarray, list[tuple[str, int]], np.ndarray, np.ndarray]:
+        """(group per row, (symbol, epoch day) per group, epoch days, sequence numbers)."""
+        days = _ints(data["exchange_date"])
+        seqs = _ints(data["sequence_number"])
+        groups, keys = sequence_keys(data["symbol"], days)
+        return groups, keys, days, seqs
+
+    def _dedupe(self, data: pa.Table) -> pa.Table:
+        if not data.num_rows:
+            return data
+        if not self.sequenced:
+            # reference data: last write wins, kept where its key was first seen (as a dict does)
+            latest: dict[tuple, int] = {}
+            for i, key in enumerate(zip(*(data[k].to_pylist() for k in self.keys), strict=True)):
+                latest[key] = i
+            return data.take(pa.array(list(latest.values()), pa.int64()))
+        # A record is new if its number is above the stored watermark and every earlier number
+        # of its (symbol, date) in this batch: the running maximum the row-by-row version kept.
+        groups, keys, _, seqs = self._sequence_groups(data)
+        marks = np.array([self.watermarks.get(k, 0) for k in keys], np.int64)
+        fresh = seqs > prior_max(groups, seqs, marks)
+        return data if fresh.all() else data.filter(pa.array(fresh))
 
     def _evolve_for(self, schema_ids: set[int]) -> None:
         """A newer writer schema with extra fields adds them as optional columns, no restart."""
@@ -260,27 +365,29 @@ class TableWriter:
         if batch.empty:
             return 0
         self.batch = Batch()
-        rows = self._dedupe(batch.rows)
-        dropped = len(batch.rows) - len(rows)
+        decoded, schema_ids = self._decode(batch)
+        data = self._dedupe(decoded)
+        dropped = decoded.num_rows - data.num_rows
         if dropped:
             DUPLICATES_DROPPED.labels(self.table_name).inc(dropped)
-        if self.sequenced:
-            for r in rows:
-                self.detector.observe(r["symbol"], r["exchange_date"], r["sequence_number"])
-        self._evolve_for(batch.schema_ids)
+        if self.sequenced and data.num_rows:
+            groups, keys, days, seqs = self._sequence_groups(data)
+            self.detector.observe_many(data["symbol"], days, seqs)
+        self._evolve_for(schema_ids)
         arrow_schema = self.table.schema().as_arrow()
-        data = rows_to_arrow(rows, arrow_schema)
+        data = _conform(data, arrow_schema)
         sort_keys = [k for k in ("symbol", "exchange_timestamp", "sequence_number") if k in arrow_schema.names]
         if sort_keys and data.num_rows:
             data = data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in sort_keys]))
         written = self._commit(data, batch)
-        BATCH_ROWS.labels(self.table_name).observe(len(batch.rows))
+        BATCH_ROWS.labels(self.table_name).observe(decoded.num_rows)
         self._commit_group_offsets(batch)
-        if self.sequenced:
-            for r in rows:
-                key = (r["symbol"], r["exchange_date"])
-                if r["sequence_number"] > self.watermarks.get(key, 0):
-                    self.watermarks[key] = r["sequence_number"]
+        if self.sequenced and data.num_rows:
+            highest = np.zeros(len(keys), np.int64)
+            np.maximum.at(highest, groups, seqs)
+            for key, seq in zip(keys, highest.tolist(), strict=True):
+                if seq > self.watermarks.get(key, 0):
+                    self.watermarks[key] = seq
         return written
 
     def _commit(self, data: pa.Table, batch: Batch) -> int:
@@ -343,9 +450,13 @@ class TableWriter:
         total = 0
         recorded = tables.recorded_offsets(self.table).get(self.topic, {})
         for partition in sorted(self.assigned):
+            tp = TopicPartition(self.topic, partition)
             try:
-                low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10,
-                                                                cached=False)
+                # The watermarks every fetch response carries are fresh while we consume; ask the
+                # broker only before the first fetch has reported them.
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    low, high = self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)
             except KafkaException as exc:  # broker away: unknown lag is not "caught up"
                 log.warning("stream.lag_unknown", table=self.table_name, partition=partition, error=str(exc))
                 return -1

@@ -1,0 +1,378 @@
+"""Avro binary for many messages at once, column by column, for K2's flat record schemas.
+
+fastavro walks one record at a time through Python objects, a few µs per record each way, which
+was most of what ingest and stream spent. K2's records are flat, so each field of every message
+sits at a per-message byte position that numpy can advance for all messages at once. Varints are
+read eight bytes at a time per message (one unaligned uint64 gather; the first byte without the
+continuation bit ends the varint) and written the same way; strings are cut out of the
+concatenated payloads by an Arrow `take`, never byte by byte in Python.
+
+Scope: a record of null/boolean/int/long/float/double/bytes/string fields, [null, T] unions of
+those, and the logical types timestamp-micros, date and decimal on bytes with precision ≤ 18
+(unscaled values then fit int64). Anything else raises `Unsupported`: use fastavro for it.
+
+`encode` writes exactly fastavro's `schemaless_writer` bytes (zigzag varints, length-prefixed
+strings and bytes, union branch index, decimals as minimal big-endian two's complement).
+`decode` takes payloads that all start with a fixed-size prefix the caller has checked (`skip`,
+5 for the Confluent header) and is at least as strict as fastavro: every payload fastavro
+rejects is flagged, and every payload not flagged decodes to fastavro's values. It also flags a
+few that fastavro reads but that are not valid Avro or do not fit the Arrow type: varints over
+10 bytes, union indexes outside the union (fastavro indexes Python-style, so -1 is the last
+branch), ints outside int32, decimals longer than 8 bytes or beyond their precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from k2.schemas import arrow_schema_from_avro
+
+_PRIMITIVE = {"boolean", "int", "long", "float", "double", "bytes", "string"}
+_WIDTH = {"boolean": 1, "float": 4, "double": 8}
+_U64 = np.uint64
+_HIGH_BITS = _U64(0x8080808080808080)
+# A varint of n bytes is needed from 2**(7(n-1)) on.
+_VARINT_STEPS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)
+# A minimal two's-complement decimal of k bytes holds |v| < 2**(8k - 1).
+_DECIMAL_STEPS = np.array([1 << (8 * k - 1) for k in range(1, 8)], np.uint64)
+
+
+class Unsupported(ValueError):
+    """The schema has a type this codec does not handle; fastavro does."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    kind: str  # the physical Avro type, or "decimal"
+    arrow_type: pa.DataType
+    branches: tuple[int, int] | None = None  # (null branch, value branch) of a [null, T] union
+    precision: int = 0
+
+
+def _kind(avro_type: Any) -> str | None:
+    """The wire kind of a field type, None if this codec cannot handle it."""
+    if isinstance(avro_type, list):
+        rest = [t for t in avro_type if t != "null"]
+        return _kind(rest[0]) if len(avro_type) == 2 and len(rest) == 1 else None
+    if isinstance(avro_type, str):
+        return avro_type if avro_type in _PRIMITIVE else None
+    if isinstance(avro_type, dict) and avro_type.get("type") in _PRIMITIVE:
+        if avro_type.get("logicalType") == "decimal":
+            fits = avro_type["type"] == "bytes" and avro_type.get("precision", 99) <= 18
+            return "decimal" if fits else None
+        return avro_type["type"]
+    return None
+
+
+def _compile(schema: dict[str, Any]) -> list[_Field]:
+    if not isinstance(schema, dict) or schema.get("type") != "record" or \
+            not all(_kind(f["type"]) for f in schema["fields"]):
+        raise Unsupported(f"{schema.get('name') if isinstance(schema, dict) else schema}: "
+                          "only flat records of primitive fields are supported")
+    fields = []
+    for spec, arrow_field in zip(schema["fields"], arrow_schema_from_avro(schema), strict=True):
+        ftype, branches = spec["type"], None
+        if isinstance(ftype, list):
+            null = ftype.index("null")
+            ftype, branches = ftype[1 - null], (null, 1 - null)
+        kind = _kind(ftype)
+        fields.append(_Field(spec["name"], kind, arrow_field.type, branches,
+                             ftype["precision"] if kind == "decimal" else 0))
+    return fields
+
+
+def _zigzag(values: np.ndarray) -> np.ndarray:
+    v = values.astype(np.int64)
+    return ((v << 1) ^ (v >> 63)).view(np.uint64)
+
+
+def unscaled_int64(column: pa.Array) -> np.ndarray:
+    """decimal128 of precision ≤ 18 → its unscaled values: the low halves of the 16-byte values."""
+    words = np.frombuffer(column.buffers()[1], np.int64)
+    return words[2 * column.offset:2 * (column.offset + len(column)):2]
+
+
+def _validity(valid: np.ndarray | None) -> pa.Buffer | None:
+    if valid is None or valid.all():
+        return None
+    return pa.py_buffer(np.packbits(valid, bitorder="little"))
+
+
+def decimal_from_unscaled(unscaled: np.ndarray, arrow_type: pa.Decimal128Type,
+                          valid: np.ndarray | None = None) -> pa.Array:
+    """int64 unscaled values → decimal128: the 16-byte little-endian value is the int64 and its sign."""
+    pairs = np.empty((len(unscaled), 2), np.int64)
+    pairs[:, 0] = unscaled
+    pairs[:, 1] = unscaled >> 63
+    return pa.Array.from_buffers(arrow_type, len(unscaled), [_validity(valid), pa.py_buffer(pairs)])
+
+
+# --- encoding -----------------------------------------------------------------------------
+# Each field becomes "bands": a (rows, width) byte matrix of which row i uses its first
+# lengths[i] bytes (all of them when lengths is None). Laying the bands side by side and
+# keeping the used bytes row by row is exactly the concatenation of every message's fields.
+
+_Band = tuple[np.ndarray, np.ndarray | None]
+
+
+def _varint_band(u: np.ndarray, present: np.ndarray | None = None) -> _Band:
+    """Avro varints (unsigned LEB128 of the zigzagged value), eight bytes per uint64 word."""
+    n = 1 + np.searchsorted(_VARINT_STEPS, u, side="right")
+    word = np.zeros(len(u), np.uint64)
+    for k in range(8):  # 7-bit group k → byte k
+        word |= (u >> _U64(7 * k) & _U64(0x7F)) << _U64(8 * k)
+    # continuation bit on every byte but the last (numpy shifts by ≥ 64 give 0, so -1 is all ones)
+    word |= _HIGH_BITS & ((_U64(1) << (8 * (n - 1)).astype(np.uint64)) - _U64(1))
+    width = int(n.max())
+    band = np.zeros((len(u), 10), np.uint8)
+    band[:, :8] = word.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)
+    if width > 8:  # values ≥ 2**56: the last one or two bytes
+        band[:, 8] = (u >> _U64(56) & _U64(0x7F)).astype(np.uint8) | np.where(n > 9, 0x80, 0).astype(np.uint8)
+        band[:, 9] = (u >> _U64(63)).astype(np.uint8)
+    uniform = present is None and width == n.min()
+    return band[:, :width], None if uniform else (n if present is None else np.where(present, n, 0))
+
+
+def _numpy(column: pa.Array, kind: str) -> np.ndarray:
+    """A column's physical values as numpy (timestamps and dates as their ints, nulls as 0)."""
+    if kind in ("long", "int"):
+        target = pa.int64() if kind == "long" else pa.int32()
+        column = column.view(target) if column.type.bit_width == target.bit_width else column.cast(target)
+    return column.fill_null(False if kind == "boolean" else 0).to_numpy(zero_copy_only=False)
+
+
+def _bands(fld: _Field, column: pa.Array, present: np.ndarray | None) -> list[_Band]:
+    kind, m = fld.kind, len(column)
+    if kind in ("long", "int"):
+        return [_varint_band(_zigzag(_numpy(column, kind)), present)]
+    if kind in _WIDTH:
+        values = np.ascontiguousarray(_numpy(column, kind))
+        band = values.astype(np.uint8) if kind == "boolean" else values.view(np.uint8)
+        return [(band.reshape(m, _WIDTH[kind]), None if present is None else present * _WIDTH[kind])]
+    if kind == "decimal":
+        unscaled = unscaled_int64(column)
+        # Minimal big-endian two's complement, as int.to_bytes(signed) and fastavro: the fewest
+        # k bytes with |v| < 2**(8k - 1); shifted so that they are the first k bytes.
+        k = 1 + np.searchsorted(_DECIMAL_STEPS, np.abs(unscaled).view(np.uint64), side="right")
+        left_aligned = (unscaled << (8 * (8 - k))).astype(">i8").view(np.uint8).reshape(m, 8)
+        return [_varint_band(_zigzag(k), present), (left_aligned, k if present is None else np.where(present, k, 0))]
+    # string / bytes: the length, then the UTF-8 / raw bytes
+    large = column.cast(pa.large_binary())
+    offsets = np.frombuffer(large.buffers()[1], np.int64)[large.offset:large.offset + m + 1]
+    lengths = np.diff(offsets) if present is None else np.where(present, np.diff(offsets), 0)
+    data = np.frombuffer(large.buffers()[2], np.uint8) if large.buffers()[2] is not None else np.zeros(1, np.uint8)
+    width = int(lengths.max()) if m else 0
+    bands = [_varint_band(_zigzag(lengths), present)]
+    if width:
+        first = data[offsets[0]:offsets[0] + width]
+        if (lengths == width).all() and (data[offsets[0]:offsets[-1]].reshape(m, width) == first).all():
+            bands.append((np.broadcast_to(first, (m, width)), None))  # one value in every row
+        else:
+            index = np.minimum(offsets[:-1, None] + np.arange(width), max(len(data) - 1, 0))
+            bands.append((data[index], lengths))
+    return bands
+
+
+def encode(table: pa.Table, avro_schema: dict[str, Any], header: bytes = b"") -> list[bytes]:
+    """`header` + the Avro binary of each row, byte for byte what fastavro writes for the record.
+
+    Columns are matched by name and cast to the schema's Arrow type where they differ (e.g.
+    large_string); a null in a field that is not a [null, T] union raises ValueError."""
+    fields = _compile(avro_schema)
+    m = table.num_rows
+    if not m:
+        return []
+    bands: list[_Band] = []
+    if header:
+        bands.append((np.broadcast_to(np.frombuffer(header, np.uint8), (m, len(header))), None))
+    for fld in fields:
+        column = table.column(fld.name).combine_chunks()
+        if column.type != fld.arrow_type:
+            column = column.cast(fld.arrow_type)
+        present = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else None
+        if fld.branches is None and present is not None:
+            raise ValueError(f"{fld.name}: null in a field that is not nullable")
+        if fld.branches is not None:
+            branch = np.full(m, fld.branches[1]) if present is None else np.where(present, *fld.branches[::-1])
+            bands.append(_varint_band(_zigzag(branch)))
+        bands.extend(_bands(fld, column, present))
+
+    width = sum(band.shape[1] for band, _ in bands)
+    rows = np.empty((m, width), np.uint8)
+    used = np.ones((m, width), bool)
+    row_lengths = np.zeros(m, np.int64)
+    at = 0
+    for band, lengths in bands:
+        w = band.shape[1]
+        rows[:, at:at + w] = band
+        if lengths is None:
+            row_lengths += w
+        else:
+            used[:, at:at + w] = np.arange(w) < lengths[:, None]
+            row_lengths += lengths
+        at += w
+    blob = rows[used].tobytes()  # row-major: message after message
+    bounds = np.concatenate([[0], np.cumsum(row_lengths)]).tolist()
+    return [blob[s:e] for s, e in zip(bounds, bounds[1:], strict=False)]
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+
+@dataclass
+class Decoded:
+    """`table` holds the good payloads in input order; `bad[i]` flags payload i, `errors[i]` says why."""
+
+    table: pa.Table
+    bad: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+class _Cursor:
+    """Per-message read positions in the concatenated payloads, and which messages failed."""
+
+    def __init__(self, blob: bytes, starts: np.ndarray, ends: np.ndarray) -> None:
+        self.blob = pa.py_buffer(blob)
+        self.buf = np.frombuffer(blob + bytes(16), np.uint8)  # padded: 8-byte reads never leave it
+        self.words = np.ndarray((len(blob) + 9,), "<u8", self.buf, 0, (1,))  # uint64 at every offset
+        self.pos, self.end = np.minimum(starts, ends), ends
+        self.bad = np.zeros(len(starts), bool)
+        self.why = np.zeros(len(starts), np.int64)
+        self.problems: list[str] = []
+
+    def fail(self, mask: np.ndarray, problem: str) -> None:
+        new = mask & ~self.bad
+        if new.any():
+            self.problems.append(problem)
+            self.why[new] = len(self.problems)
+            self.bad |= new
+
+    def advance(self, rows: np.ndarray, n: np.ndarray, what: str) -> np.ndarray:
+        """Move `rows` on by `n` bytes (checked against their message's end); returns where they were."""
+        n = np.where(rows, n, 0)
+        self.fail(rows & ((n < 0) | (self.pos + n > self.end)), f"{what}: past the end of the message")
+        start = self.pos
+        self.pos = self.pos + np.where(self.bad, 0, n)
+        return start
+
+    def varint(self, rows: np.ndarray, what: str) -> np.ndarray:
+        """One zigzag varint at each of `rows` (a mask) → int64."""
+        x = self.words[self.pos]
+        stops = ~x & _HIGH_BITS  # high bit clear: that byte ends the varint
+        first = stops & (~stops + _U64(1))  # the lowest such bit, 0 if none in these 8 bytes
+        n = np.frexp(first.astype(np.float64))[1] // 8  # its bit 8k+7 → k + 1 bytes
+        x &= (first << _U64(1)) - _U64(1)
+        u = np.zeros(len(x), np.uint64)
+        for k in range(8):
+            u |= (x >> _U64(k)) & _U64(0x7F << (7 * k))
+        longer = np.flatnonzero(rows & (n == 0))
+        if len(longer):  # 9 or 10 bytes (|value| ≥ 2**55): rare, read the tail bytes one by one
+            b8, b9 = self.buf[self.pos[longer] + 8].astype(np.uint64), self.buf[self.pos[longer] + 9].astype(np.uint64)
+            u[longer] |= (b8 & _U64(0x7F)) << _U64(56) | np.where(b8 >= 0x80, b9 << _U64(63), _U64(0))
+            n[longer] = np.where(b8 < 0x80, 9, np.where(b9 < 0x80, 10, -1))
+            over_long = np.zeros(len(x), bool)
+            over_long[longer[n[longer] < 0]] = True
+            self.fail(over_long, f"{what}: varint longer than 10 bytes")
+        self.advance(rows & ~self.bad, n, what)
+        return (u >> _U64(1)).view(np.int64) ^ -(u & _U64(1)).view(np.int64)
+
+
+def _read(cur: _Cursor, fld: _Field, present: np.ndarray) -> pa.Array:
+    m, kind, name = len(present), fld.kind, fld.name
+    rows = present & ~cur.bad
+    if kind in ("long", "int"):
+        values = cur.varint(rows, name)
+        if kind == "int":
+            cur.fail(rows & ((values < -(2**31)) | (values >= 2**31)), f"{name}: int out of range")
+            values = values.astype(np.int32)
+        return pa.Array.from_buffers(fld.arrow_type, m, [_validity(present), pa.py_buffer(values)])
+    if kind in _WIDTH:
+        x = cur.words[cur.advance(rows, _WIDTH[kind], name)]
+        if kind == "boolean":  # as fastavro: any non-zero byte is true
+            bits = np.packbits(x & _U64(0xFF) != 0, bitorder="little")
+            return pa.Array.from_buffers(pa.bool_(), m, [_validity(present), pa.py_buffer(bits)])
+        values = x.view(np.float64) if kind == "double" else (x & _U64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+        return pa.Array.from_buffers(fld.arrow_type, m, [_validity(present), pa.py_buffer(values)])
+    length = cur.varint(rows, name)
+    start = cur.advance(rows & ~cur.bad, length, name)
+    length = np.where(rows & ~cur.bad, length, 0)
+    if kind == "decimal":
+        cur.fail(length > 8, f"{name}: decimal wider than 8 bytes")
+        # the first k bytes at start, big-endian, sign-extended by an arithmetic shift
+        k = np.where(cur.bad, 0, length)
+        unscaled = np.where(k > 0, cur.words[start].byteswap().view(np.int64) >> (8 * (8 - k)), 0)
+        limit = 10**fld.precision
+        cur.fail((unscaled >= limit) | (unscaled <= -limit), f"{name}: decimal beyond precision {fld.precision}")
+        return decimal_from_unscaled(unscaled, fld.arrow_type, present)
+    # Every message's bytes lie after the previous message's, so [start, start + length) of all
+    # rows, with the gaps between them as extra values, are valid binary offsets into the blob;
+    # taking every other value copies out just the strings.
+    bounds = np.empty(2 * m, np.int64)
+    bounds[0::2], bounds[1::2] = start, start + length
+    spans = pa.Array.from_buffers(pa.large_binary(), 2 * m - 1, [None, pa.py_buffer(bounds), cur.blob])
+    taken = spans.take(pa.array(np.arange(0, 2 * m, 2)))
+    binary = pa.Array.from_buffers(pa.large_binary(), m, [_validity(present), *taken.buffers()[1:]])
+    if kind == "bytes":
+        return binary.cast(fld.arrow_type)
+    try:
+        return binary.cast(fld.arrow_type)  # validates UTF-8 as fastavro's strict decode does
+    except pa.ArrowInvalid:  # rare: find the messages
+        values = binary.to_pylist()
+        invalid = np.zeros(m, bool)
+        for i, value in enumerate(values):
+            try:
+                value is None or value.decode()
+            except UnicodeDecodeError:
+                invalid[i] = True
+        cur.fail(invalid, f"{name}: invalid UTF-8")
+        return pa.array([None if v is None or bad else v.decode() for v, bad in zip(values, invalid, strict=True)],
+                        fld.arrow_type)
+
+
+def confluent_schema_ids(payloads: list[bytes | None]) -> np.ndarray:
+    """Per payload, the schema id in its Confluent header (magic 0, 4-byte big-endian id), or -1
+    for a payload without one (None, shorter than 5 bytes, another magic byte)."""
+    n = len(payloads)
+    try:
+        sizes = np.fromiter(map(len, payloads), np.int64, n)
+        blob = b"".join(payloads)
+    except TypeError:  # a None (a tombstone) among them
+        sizes = np.fromiter((-1 if p is None else len(p) for p in payloads), np.int64, n)
+        blob = b"".join(p for p in payloads if p is not None)
+    starts = np.cumsum(np.maximum(sizes, 0)) - np.maximum(sizes, 0)
+    head = np.frombuffer(blob + bytes(5), np.uint8)[np.minimum(starts, len(blob))[:, None] + np.arange(5)]
+    ids = np.ascontiguousarray(head[:, 1:]).view(">u4").ravel().astype(np.int64)
+    return np.where((sizes >= 5) & (head[:, 0] == 0), ids, -1)
+
+
+def decode(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int = 0) -> Decoded:
+    """Decode many messages written with `avro_schema`, each after a `skip`-byte prefix, into
+    Arrow columns of the types `arrow_schema_from_avro` gives. Bad messages never raise: they
+    are flagged in `bad` and left out of `table`."""
+    fields = _compile(avro_schema)
+    if not payloads:
+        return Decoded(arrow_schema_from_avro(avro_schema).empty_table(), np.zeros(0, bool))
+    sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
+    ends = np.cumsum(sizes)
+    cur = _Cursor(b"".join(payloads), ends - sizes + skip, ends)
+    cur.fail(sizes < skip, "shorter than its header")
+    arrays = []
+    for fld in fields:
+        present = ~cur.bad
+        if fld.branches is not None:
+            branch = cur.varint(present, f"{fld.name} union branch")
+            cur.fail(present & (branch != fld.branches[0]) & (branch != fld.branches[1]),
+                     f"{fld.name}: union branch index out of range")
+            present = ~cur.bad & (branch == fld.branches[1])
+        arrays.append(_read(cur, fld, present))
+    cur.fail(cur.pos != cur.end, "trailing bytes after the record")
+    table = pa.Table.from_arrays(arrays, schema=arrow_schema_from_avro(avro_schema))
+    if cur.bad.any():
+        table = table.filter(pa.array(~cur.bad))
+    errors = {int(i): cur.problems[cur.why[i] - 1] for i in np.flatnonzero(cur.bad)}
+    return Decoded(table, cur.bad, errors)
