@@ -97,7 +97,7 @@ def test_broker_is_a_single_kraft_node(stack: tuple[Kafka, SchemaRegistry]) -> N
 def test_avro_round_trip_through_registry(stack: tuple[Kafka, SchemaRegistry]) -> None:
     kafka, registry = stack
     topic = _new_topic(kafka)
-    client = SchemaRegistryClient({"url": registry.url})
+    client = SchemaRegistryClient({"url": registry.url, "timeout": 30})
     trade = {"symbol": "BHP", "price": 37.12, "qty": 100}
 
     serializer = AvroSerializer(client, json.dumps(TRADE_V1))
@@ -113,13 +113,13 @@ def test_avro_round_trip_through_registry(stack: tuple[Kafka, SchemaRegistry]) -
     assert json.loads(registered.schema.schema_str)["name"] == "Trade"
 
     # A fresh client, so the schema is fetched from the registry by id rather than from a cache.
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": registry.url}))
+    deserializer = AvroDeserializer(SchemaRegistryClient({"url": registry.url, "timeout": 30}))
     assert deserializer(raw, SerializationContext(topic, MessageField.VALUE)) == trade
 
 
 def test_backward_compatibility_is_enforced_per_subject(stack: tuple[Kafka, SchemaRegistry]) -> None:
     _, registry = stack
-    client = SchemaRegistryClient({"url": registry.url})
+    client = SchemaRegistryClient({"url": registry.url, "timeout": 30})
     subject = f"compat-{uuid.uuid4().hex[:8]}-value"
     client.register_schema(subject, Schema(json.dumps(TRADE_V1), "AVRO"))
     client.set_compatibility(subject, "BACKWARD")
@@ -155,7 +155,7 @@ def test_topics_are_not_auto_created(stack: tuple[Kafka, SchemaRegistry]) -> Non
 def test_schemas_survive_a_registry_restart(stack: tuple[Kafka, SchemaRegistry]) -> None:
     _, registry = stack
     subject = f"durable-{uuid.uuid4().hex[:8]}-value"
-    client = SchemaRegistryClient({"url": registry.url})
+    client = SchemaRegistryClient({"url": registry.url, "timeout": 30})
     schema_id = client.register_schema(subject, Schema(json.dumps(TRADE_V1), "AVRO"))
     client.set_compatibility(subject, "FULL")
 
@@ -164,7 +164,7 @@ def test_schemas_survive_a_registry_restart(stack: tuple[Kafka, SchemaRegistry])
     registry.start()
 
     # Fresh client: everything below comes from the restarted registry's replay of Kafka.
-    client = SchemaRegistryClient({"url": registry.url})
+    client = SchemaRegistryClient({"url": registry.url, "timeout": 30})
     assert client.get_versions(subject) == [1]
     assert client.get_compatibility(subject) == "FULL"
     assert json.loads(client.get_schema(schema_id).schema_str) == json.loads(json.dumps(TRADE_V1))

@@ -44,6 +44,9 @@ class TickProducer:
         self._synced: Counter[str] = Counter()
         self._synced_bytes: Counter[str] = Counter()
         self._sent = 0
+        # Bound once: attribute lookups per message are measurable at 500k messages/s.
+        self._produce = self.producer.produce
+        self._callback = self._on_delivery
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         topic = msg.topic()
@@ -55,7 +58,7 @@ class TickProducer:
                 log.error("produce.failed", topic=topic, error=err.str())
             return
         self.delivered[topic] += 1
-        self.delivered_bytes[topic] += len(msg.value())
+        self.delivered_bytes[topic] += len(msg)  # len() of a Message is its value's size, without a copy
         if self.delivered[topic] % _LATENCY_SAMPLE_EVERY == 0:
             latency = msg.latency()
             if latency is not None:
@@ -64,7 +67,7 @@ class TickProducer:
     def produce(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
             try:
-                self.producer.produce(topic, value, key, on_delivery=self._on_delivery)
+                self._produce(topic, value, key, on_delivery=self._callback)
                 break
             except BufferError:  # local queue full: let delivery reports drain it
                 self.producer.poll(0.05)

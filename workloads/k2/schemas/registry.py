@@ -13,6 +13,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 log = structlog.get_logger("k2.schemas")
+REQUEST_TIMEOUT_SECONDS = 30
 
 
 class SchemaIncompatible(RuntimeError):
@@ -31,7 +32,9 @@ def value_subject(topic: str) -> str:
 
 
 def client(url: str) -> SchemaRegistryClient:
-    return SchemaRegistryClient({"url": url})
+    # Without a timeout the client waits forever on a registry that accepted the connection
+    # but never answers; a clear error is better than a hung ingest.
+    return SchemaRegistryClient({"url": url, "timeout": REQUEST_TIMEOUT_SECONDS})
 
 
 def _subject_exists(registry: SchemaRegistryClient, subject: str) -> bool:
