@@ -210,3 +210,19 @@ def test_time_travel_and_maintenance(tmp_path, embedded_settings):
     assert tables.recorded_offsets(table), "compaction must carry the Kafka offsets forward"
     stream_run(small, ("trades",), until_idle=1.0)  # writer resumes after compaction
     assert _table(small, "trades").scan().count() == total
+
+
+def test_reference_rows_are_upserted_by_key(tmp_path, embedded_settings):
+    root = generate(tmp_path / "ticks", symbols=2, days=1, seed=3)
+    ingest_files(root, embedded_settings, kinds=("trades",))
+    stream_run(embedded_settings, ("reference",), until_idle=1.0)
+    ingest_files(root, embedded_settings, kinds=("trades",))  # the same reference file again
+    result = stream_run(embedded_settings, ("reference",), until_idle=1.0)
+    assert result.rows_written[embedded_settings.table_identifier("reference")] == 0
+    info = root / "reference-data" / "company_info.csv"
+    info.write_text(info.read_text().replace("BHP BILLITON LTD", "BHP GROUP LTD"))
+    ingest_files(root, embedded_settings, kinds=("trades",))
+    stream_run(embedded_settings, ("reference",), until_idle=1.0)
+    rows = _table(embedded_settings, "reference").scan().to_arrow().to_pylist()
+    assert sorted((r["symbol"], r["company_name"]) for r in rows) == [("BHP", "BHP GROUP LTD"),
+                                                                      ("RIO", "RIO TINTO LTD")]

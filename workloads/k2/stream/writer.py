@@ -19,7 +19,9 @@ de-duplication and gap detection run over those columns.
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ import pyarrow.compute as pc
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.expressions import AlwaysFalse, AlwaysTrue, And, BooleanExpression, EqualTo, Or
 from pyiceberg.table import Table
 
 from k2 import schemas, tables
@@ -348,6 +351,24 @@ class TableWriter:
         fresh = seqs > prior_max(groups, seqs, marks)
         return data if fresh.all() else data.filter(pa.array(fresh))
 
+    def _changed_only(self, data: pa.Table) -> pa.Table:
+        """Reference rows identical to the stored ones (but for when they were ingested) are not
+        news: loading the same reference file again must leave the table as it was."""
+        if not data.num_rows or self.table.current_snapshot() is None:
+            return data
+        columns = [c for c in data.column_names if c != "ingest_timestamp"]
+        stored = self.table.scan(selected_fields=tuple(columns)).to_arrow()
+        known = set(zip(*(stored[c].to_pylist() for c in columns), strict=True))
+        fresh = [row not in known for row in zip(*(data[c].to_pylist() for c in columns), strict=True)]
+        return data.filter(pa.array(fresh, pa.bool_()))
+
+    def _replaced_keys(self, data: pa.Table) -> BooleanExpression:
+        """The stored rows a reference batch supersedes: same key (last write wins)."""
+        rows = zip(*(data[k].to_pylist() for k in self.keys), strict=True)
+        matches = [functools.reduce(And, [EqualTo(k, v) for k, v in zip(self.keys, row, strict=True)],
+                                    AlwaysTrue()) for row in rows]
+        return functools.reduce(Or, matches, AlwaysFalse())
+
     def _evolve_for(self, schema_ids: set[int]) -> None:
         """A newer writer schema with extra fields adds them as optional columns, no restart."""
         for schema_id in schema_ids:
@@ -376,6 +397,8 @@ class TableWriter:
         self._evolve_for(schema_ids)
         arrow_schema = self.table.schema().as_arrow()
         data = _conform(data, arrow_schema)
+        if not self.sequenced:
+            data = self._changed_only(data)
         sort_keys = [k for k in ("symbol", "exchange_timestamp", "sequence_number") if k in arrow_schema.names]
         if sort_keys and data.num_rows:
             data = data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in sort_keys]))
@@ -408,6 +431,10 @@ class TableWriter:
             started = time.perf_counter()
             try:
                 with self.table.transaction() as tx:
+                    if data.num_rows and not self.sequenced:
+                        with warnings.catch_warnings():  # a brand-new key replaces nothing: not news
+                            warnings.filterwarnings("ignore", "Delete operation did not match any records")
+                            tx.delete(self._replaced_keys(data))
                     if data.num_rows:
                         tx.append(data, snapshot_properties={tables.OFFSETS_PROPERTY: tables.encode_offsets(offsets)})
                     else:  # nothing new (all duplicates/poison), but the offsets still advance
