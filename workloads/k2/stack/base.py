@@ -69,6 +69,22 @@ def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None =
     return proc
 
 
+def run_logged(cmd: list[str], *, cwd: Path | str, env: dict[str, str], log_path: Path, what: str,
+               timeout: float) -> None:
+    """Run a long build step with its whole output in `log_path`; on failure or timeout raise
+    with the log's tail, so a cold build that breaks says why without a second run."""
+    with open(log_path, "w") as logf:
+        logf.write(" ".join(cmd) + "\n")
+        logf.flush()
+        try:
+            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise StackError(f"{what} took over {timeout:.0f}s; see {log_path}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        raise StackError(f"{what} failed (exit {proc.returncode}); {log_path}:\n{tail}")
+
+
 def require_tool(name: str, hint: str) -> str:
     path = shutil.which(name)
     if not path:

@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 import yaml
 
-from .base import StackError, cache_dir
+from .base import StackError, cache_dir, run_logged
 
 log = structlog.get_logger("k2.stack.helm")
 
@@ -100,19 +100,8 @@ def helm_binary(version: str = HELM_VERSION) -> Path:
             cmd = [go, "install", f"-ldflags={_ldflags(go, version, env)}", f"{HELM_MODULE}/cmd/helm@{version}"]
             log.info("helm.build", version=version, log=str(build_log))
             started = time.monotonic()
-            with open(build_log, "w") as logf:
-                logf.write(" ".join(cmd) + "\n")
-                logf.flush()
-                try:
-                    proc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                          timeout=BUILD_TIMEOUT, cwd=out)
-                except subprocess.TimeoutExpired as exc:
-                    raise StackError(f"go install helm {version} took over {BUILD_TIMEOUT:.0f}s; "
-                                     f"see {build_log}") from exc
-            if proc.returncode != 0:
-                tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-40:])
-                raise StackError(f"go install helm {version} failed (exit {proc.returncode}); "
-                                 f"{build_log}:\n{tail}")
+            run_logged(cmd, cwd=out, env=env, log_path=build_log, what=f"go install helm {version}",
+                       timeout=BUILD_TIMEOUT)
             bin_dir.mkdir(exist_ok=True)
             os.replace(Path(out) / "helm", binary)
         log.info("helm.built", version=version, seconds=round(time.monotonic() - started), path=str(binary))

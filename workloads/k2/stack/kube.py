@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import ssl
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -44,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .base import Service, StackError, cache_dir, port_from_env, state_dir
+from .base import Service, StackError, cache_dir, port_from_env, run_logged, state_dir
 
 log = structlog.get_logger("k2.stack.kube")
 
@@ -117,19 +116,8 @@ def go_build(module_dir: Path, packages: list[str], bin_dir: Path, binaries: lis
                    *packages]
             log.info("kube.build", module=module_dir.name, packages=packages, log=str(build_log))
             started = time.monotonic()
-            with open(build_log, "w") as logf:
-                logf.write(" ".join(cmd) + "\n")
-                logf.flush()
-                try:
-                    proc = subprocess.run(cmd, cwd=module_dir, env=env, stdout=logf,
-                                          stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT)
-                except subprocess.TimeoutExpired as exc:
-                    raise StackError(f"go build of {module_dir.name} took over {BUILD_TIMEOUT:.0f}s; "
-                                     f"see {build_log}") from exc
-            if proc.returncode != 0:
-                tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-40:])
-                raise StackError(f"go build of {module_dir.name} failed (exit {proc.returncode}); "
-                                 f"{build_log}:\n{tail}")
+            run_logged(cmd, cwd=module_dir, env=env, log_path=build_log, what=f"go build of {module_dir.name}",
+                       timeout=BUILD_TIMEOUT)
             bin_dir.mkdir(exist_ok=True)
             for binary in binaries:  # each appears whole or not at all
                 os.replace(Path(out) / binary, bin_dir / binary)
