@@ -226,3 +226,29 @@ def test_reference_rows_are_upserted_by_key(tmp_path, embedded_settings):
     rows = _table(embedded_settings, "reference").scan().to_arrow().to_pylist()
     assert sorted((r["symbol"], r["company_name"]) for r in rows) == [("BHP", "BHP GROUP LTD"),
                                                                       ("RIO", "RIO TINTO LTD")]
+
+
+def test_maintenance_while_a_writer_commits_loses_and_doubles_nothing(tmp_path, embedded_settings):
+    small = embedded_settings.model_copy(update={"batch_rows": 100, "batch_seconds": 0.2})
+    root = generate(tmp_path / "ticks", symbols=2, days=2, seed=9)
+    writer = _stream_cli(small, "--tables", "trades")
+    try:
+        summary = ingest_files(root, small, kinds=("trades",), with_reference=False)
+        expected = summary.produced[small.topic("trades")]
+        compacted = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            table = tables.load_table(tables.catalog(small), small.table_identifier("trades"))
+            if table is not None and table.current_snapshot() is not None:
+                compacted += sum(r.partitions_compacted for r in maintain(small, ("trades",), retention_hours=24,
+                                                                            min_files=2))
+                if table.refresh().scan().count() == expected and compacted:
+                    break
+            time.sleep(0.3)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        assert writer.wait(timeout=60) == 0
+    table = _table(small, "trades")
+    assert compacted > 0
+    assert table.scan().count() == expected
+    _keys_unique(table)

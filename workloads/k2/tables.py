@@ -67,8 +67,16 @@ class TableDefinition:
                            for c in self.sort_by])
 
 
+# pyiceberg retries a conflicting commit by itself, rebasing it on whatever was committed meanwhile.
+# K2's writers must not: a stale batch would then land next to the one that fenced it, and a
+# compaction's overwrite would delete files a writer added. Conflicts surface to K2's code, which
+# re-reads the table and re-checks before trying again.
+REQUIRED_PROPERTIES = {"commit.retry.num-retries": "0"}
+
+
 def default_properties(settings: Settings) -> dict[str, str]:
     return {
+        **REQUIRED_PROPERTIES,
         "write.format.default": "parquet",
         "write.parquet.compression-codec": "zstd",
         "write.target-file-size-bytes": str(settings.target_file_size_bytes),
@@ -108,12 +116,17 @@ def ensure_table(cat: Catalog, definition: TableDefinition) -> Table:
         pass
     try:
         table = cat.create_table(definition.identifier, schema=definition.schema,
-                                 partition_spec=definition.partition_spec(),
-                                 sort_order=definition.sort_order(), properties=definition.properties)
+                                 partition_spec=definition.partition_spec(), sort_order=definition.sort_order(),
+                                 properties={**definition.properties, **REQUIRED_PROPERTIES})
         log.info("table.created", table=definition.identifier)
         return table
     except TableAlreadyExistsError:
         table = cat.load_table(definition.identifier)
+    missing = {k: v for k, v in REQUIRED_PROPERTIES.items() if table.properties.get(k) != v}
+    if missing:
+        with table.transaction() as tx:
+            tx.set_properties(missing)
+        table = table.refresh()
     evolve_schema(table, definition.schema)
     return table
 

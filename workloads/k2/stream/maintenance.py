@@ -9,11 +9,13 @@ is redone from a fresh read, so no row a writer added is ever dropped.
 from __future__ import annotations
 
 import datetime as dt
+import random
+import time
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
 import structlog
-from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
 from pyiceberg.table import Table
 
@@ -22,7 +24,7 @@ from k2.observability import SNAPSHOTS
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.maintain")
-MAX_ATTEMPTS = 5
+MAX_ATTEMPTS = 30  # a writer commits every few seconds; compaction retries with backoff until a gap
 
 
 @dataclass
@@ -82,8 +84,11 @@ def compact_partition(table: Table, partition_filter: BooleanExpression) -> Tabl
         try:
             table.overwrite(data, overwrite_filter=partition_filter, snapshot_properties=properties)
             return table.refresh()
-        except CommitFailedException as exc:
+        except (CommitFailedException, ValidationException) as exc:
+            # pyiceberg's own retry re-validates and refuses when a writer added files to this
+            # partition meanwhile: our rewrite would drop them, so read again and redo it.
             log.warning("maintain.commit_conflict", table=".".join(table.name()), attempt=attempt, error=str(exc))
+            time.sleep(min(0.05 * 2 ** min(attempt, 4), 1.0) * random.uniform(0.5, 1.5))
     raise RuntimeError(f"compaction of {'.'.join(table.name())} kept conflicting after {MAX_ATTEMPTS} attempts")
 
 

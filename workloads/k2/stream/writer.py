@@ -20,6 +20,7 @@ de-duplication and gap detection run over those columns.
 from __future__ import annotations
 
 import functools
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.stream")
-MAX_COMMIT_ATTEMPTS = 5
+MAX_COMMIT_ATTEMPTS = 20  # each attempt re-checks the fence; conflicts come from peers and compaction
 
 
 class StaleBatch(RuntimeError):
@@ -444,6 +445,7 @@ class TableWriter:
             except CommitFailedException as exc:
                 COMMITS.labels(self.table_name, "conflict").inc()
                 log.warning("stream.commit_conflict", table=self.table_name, attempt=attempt, error=str(exc))
+                time.sleep(min(0.02 * 2 ** min(attempt, 5), 1.0) * random.uniform(0.5, 1.5))
                 continue  # reload and re-check the fence before trying again
             elapsed = time.perf_counter() - started
             self.table = self.table.refresh()
