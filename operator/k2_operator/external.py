@@ -204,8 +204,7 @@ def apply_properties(table: Table, wanted: Mapping[str, str]) -> list[str]:
     """Set the properties that differ (a hand-changed one is put back); returns their keys."""
     drift = {k: v for k, v in wanted.items() if table.properties.get(k) != v and k != "format-version"}
     if drift:
-        with table.transaction() as tx:
-            tx.set_properties(**drift)
+        tables.set_properties(table, drift)
     return sorted(drift)
 
 

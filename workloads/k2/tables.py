@@ -5,18 +5,28 @@ engine (pruning)."""
 from __future__ import annotations
 
 import json
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from pyiceberg.catalog import Catalog, load_catalog
-from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+    ValidationException,
+)
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrder
 from pyiceberg.transforms import BucketTransform, IdentityTransform
+from sqlalchemy.exc import IntegrityError
 
 from k2 import schemas
 from k2.settings import Settings, TableKind
@@ -72,6 +82,7 @@ class TableDefinition:
 # compaction's overwrite would delete files a writer added. Conflicts surface to K2's code, which
 # re-reads the table and re-checks before trying again.
 REQUIRED_PROPERTIES = {"commit.retry.num-retries": "0"}
+MAX_COMMIT_ATTEMPTS = 30  # writers commit every few seconds; retrying with backoff finds a gap
 
 
 def default_properties(settings: Settings) -> dict[str, str]:
@@ -112,8 +123,8 @@ def ensure_table(cat: Catalog, definition: TableDefinition) -> Table:
     """Create the table if absent; otherwise evolve its schema with compatible additions only."""
     try:
         cat.create_namespace(definition.namespace)
-    except NamespaceAlreadyExistsError:
-        pass
+    except (NamespaceAlreadyExistsError, IntegrityError):
+        pass  # IntegrityError: another process created it between the SQL catalog's check and insert
     try:
         table = cat.create_table(definition.identifier, schema=definition.schema,
                                  partition_spec=definition.partition_spec(), sort_order=definition.sort_order(),
@@ -124,23 +135,58 @@ def ensure_table(cat: Catalog, definition: TableDefinition) -> Table:
         table = cat.load_table(definition.identifier)
     missing = {k: v for k, v in REQUIRED_PROPERTIES.items() if table.properties.get(k) != v}
     if missing:
-        with table.transaction() as tx:
-            tx.set_properties(missing)
-        table = table.refresh()
+        table = set_properties(table, missing)
     evolve_schema(table, definition.schema)
     return table
 
 
+def commit_retrying_conflicts(table: Table, action: str, commit: Callable[[Table], None]) -> Table:
+    """Run `commit` on a fresh read of the table until no other commit lands in between.
+
+    K2 tables turn pyiceberg's own retry off (it would rebase blindly), so every conflict lands
+    here and the whole step is redone — decisions included — from the table as it is now.
+    Returns the refreshed table.
+    """
+    for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
+        table = table.refresh()
+        try:
+            commit(table)
+            return table.refresh()
+        except (CommitFailedException, ValidationException) as exc:
+            log.warning("table.commit_conflict", table=".".join(table.name()), action=action, attempt=attempt,
+                        error=str(exc))
+            time.sleep(min(0.05 * 2 ** min(attempt, 4), 1.0) * random.uniform(0.5, 1.5))
+    raise RuntimeError(f"{action} of {'.'.join(table.name())} kept conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
+
+
+def set_properties(table: Table, properties: dict[str, str]) -> Table:
+    def commit(current: Table) -> None:
+        with current.transaction() as tx:
+            tx.set_properties(properties)
+
+    return commit_retrying_conflicts(table, "setting properties", commit)
+
+
 def evolve_schema(table: Table, schema: Schema) -> bool:
-    """Add the columns of `schema` missing from the table (as optional). Returns whether it changed."""
-    existing = {f.name for f in table.schema().fields}
-    if all(f.name in existing for f in schema.fields):
+    """Add the columns of `schema` missing from the table (as optional). Returns whether it changed.
+
+    `table` is refreshed in place (pyiceberg's `refresh` updates the handle it is called on).
+    """
+    added: list[str] = []
+
+    def commit(current: Table) -> None:
+        existing = {f.name for f in current.schema().fields}
+        added[:] = [f.name for f in schema.fields if f.name not in existing]
+        if added:
+            with current.update_schema() as update:
+                update.union_by_name(schema)
+
+    if all(f.name in {f.name for f in table.schema().fields} for f in schema.fields):
         return False
-    with table.update_schema() as update:
-        update.union_by_name(schema)
-    log.info("table.schema_evolved", table=".".join(table.name()),
-             added=[f.name for f in schema.fields if f.name not in existing])
-    return True
+    commit_retrying_conflicts(table, "schema evolution", commit)
+    if added:
+        log.info("table.schema_evolved", table=".".join(table.name()), added=added)
+    return bool(added)
 
 
 def load_table(cat: Catalog, identifier: str) -> Table | None:

@@ -2,20 +2,17 @@
 
 Compaction rewrites one partition at a time as a single overwrite snapshot (delete that
 partition's files, add the sorted rewrite) that carries the table's recorded Kafka offsets
-forward. Writers may commit meanwhile: the overwrite then fails Iceberg's optimistic check and
-is redone from a fresh read, so no row a writer added is ever dropped.
+forward. Writers may commit meanwhile: the overwrite (or the expiry) then fails Iceberg's optimistic
+check and is redone from a fresh read, so no row a writer added is ever dropped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import random
-import time
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
 import structlog
-from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
 from pyiceberg.table import Table
 
@@ -24,7 +21,6 @@ from k2.observability import SNAPSHOTS
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.maintain")
-MAX_ATTEMPTS = 30  # a writer commits every few seconds; compaction retries with backoff until a gap
 
 
 @dataclass
@@ -76,20 +72,13 @@ def _sort(data, table: Table):
 
 
 def compact_partition(table: Table, partition_filter: BooleanExpression) -> Table:
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        table = table.refresh()
-        offsets = tables.recorded_offsets(table)
-        data = _sort(table.scan(row_filter=partition_filter).to_arrow(), table)
+    def rewrite(current: Table) -> None:
+        offsets = tables.recorded_offsets(current)
+        data = _sort(current.scan(row_filter=partition_filter).to_arrow(), current)
         properties = {tables.OFFSETS_PROPERTY: tables.encode_offsets(offsets)} if offsets else {}
-        try:
-            table.overwrite(data, overwrite_filter=partition_filter, snapshot_properties=properties)
-            return table.refresh()
-        except (CommitFailedException, ValidationException) as exc:
-            # pyiceberg's own retry re-validates and refuses when a writer added files to this
-            # partition meanwhile: our rewrite would drop them, so read again and redo it.
-            log.warning("maintain.commit_conflict", table=".".join(table.name()), attempt=attempt, error=str(exc))
-            time.sleep(min(0.05 * 2 ** min(attempt, 4), 1.0) * random.uniform(0.5, 1.5))
-    raise RuntimeError(f"compaction of {'.'.join(table.name())} kept conflicting after {MAX_ATTEMPTS} attempts")
+        current.overwrite(data, overwrite_filter=partition_filter, snapshot_properties=properties)
+
+    return tables.commit_retrying_conflicts(table, "compaction", rewrite)
 
 
 def compact(table: Table, min_files: int) -> tuple[Table, int]:
@@ -112,11 +101,11 @@ def compact(table: Table, min_files: int) -> tuple[Table, int]:
 
 def expire(table: Table, retention: dt.timedelta) -> tuple[Table, int]:
     cutoff = dt.datetime.now(dt.UTC) - retention
-    before = len(table.snapshots())
-    table.maintenance.expire_snapshots().older_than(cutoff).commit()
-    table = table.refresh()
+    before = {snapshot.snapshot_id for snapshot in table.snapshots()}
+    table = tables.commit_retrying_conflicts(
+        table, "snapshot expiry", lambda current: current.maintenance.expire_snapshots().older_than(cutoff).commit())
     SNAPSHOTS.labels(".".join(table.name())).set(len(table.snapshots()))
-    return table, before - len(table.snapshots())
+    return table, len(before - {snapshot.snapshot_id for snapshot in table.snapshots()})
 
 
 def maintain(settings: Settings, kinds: tuple[TableKind, ...], *, retention_hours: float,
