@@ -6,13 +6,17 @@ Loads the ASX folder into a temporary embedded lakehouse (SQLite catalog, local 
 for four queries (daily summary, trades?limit=100, 1-minute OHLCV of one symbol-day, a
 multi-symbol tick query) measures p50/p99 latency of
   - bare DuckDB: hand-written SQL over the table's Parquet files, results fetched as Arrow;
-  - the engine: the same question through `k2.query` (planning, caches, metrics, exact decimals);
-  - the API in-process: an HTTP request through the ASGI app (httpx), JSON included;
-each also as a ratio to bare DuckDB in the same run. The three are timed interleaved (one call of
+  - the engine: the same question through `k2.query` (planning, metrics, exact decimals), with the
+    result cache off, so that DuckDB runs every time;
+  - the API in-process: an HTTP request through the ASGI app (httpx), JSON included, result cache
+    off, then on (the API's default: a repeated question on an unchanged snapshot is answered
+    from memory);
+each also as a ratio to bare DuckDB in the same run. All are timed interleaved (one call of
 each per round, rotating which goes first), so load from other processes on the machine falls on
-all three alike instead of skewing the ratios. Finally a uvicorn server is started on
-loopback and a steady open-loop load is sent to it from this process, for a bounded time.
-Prints markdown tables.
+all alike instead of skewing the ratios. Finally uvicorn is started on loopback (`--api-workers`
+processes) and a steady open-loop load is sent to it from this process for a bounded time: a mix
+of the three point queries over every symbol and day of the sample, once with the result cache
+and once without. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import http.client
+import json
 import os
 import platform
 import socket
@@ -132,31 +138,40 @@ def time_interleaved(calls: list[Callable[[], object]], iterations: int,
     return [percentiles(s) for s in samples]
 
 
-def bench_latency(settings: Settings, engine: Engine, iterations: int, warmup: int) -> list[tuple[str, ...]]:
+def bench_latency(settings: Settings, iterations: int, warmup: int) -> list[tuple[str, ...]]:
+    uncached = settings.model_copy(update={"query_cache_mb": 0})
+    engine, cached_engine = Engine(uncached), Engine(settings)
     files = [PyArrowFileIO.parse_location(f.file_path)[2]
              for f in engine.plan(engine.pin("trades"), TickFilter()).files]
     bare = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     bare.execute("SET TimeZone = 'UTC'")
     # The API in-process: requests through the ASGI app on this thread's event loop.
     loop = asyncio.new_event_loop()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings, engine=engine)),
-                               base_url="http://k2", headers=HEADERS)
+    clients = [httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(s, engine=e)), base_url="http://k2",
+                                 headers=HEADERS) for s, e in ((uncached, engine), (settings, cached_engine))]
 
-    def api_call(method: str, path: str, body: dict | None) -> None:
+    def api_call(client: httpx.AsyncClient, method: str, path: str, body: dict | None) -> None:
         loop.run_until_complete(client.request(method, path, json=body)).raise_for_status()
 
     rows = []
-    for case in cases(engine):
-        params = {"files": files, **case.bare_params}
-        (bare_p50, bare_p99), (eng_p50, eng_p99), (api_p50, api_p99) = time_interleaved(
-            [lambda p=params, c=case: bare.execute(c.bare_sql, p).fetch_arrow_table(), case.engine,
-             lambda c=case: api_call(*c.api)], iterations, warmup)
-        rows.append((case.name, f"{bare_p50 * 1e3:.2f} / {bare_p99 * 1e3:.2f}",
-                     f"{eng_p50 * 1e3:.2f} / {eng_p99 * 1e3:.2f}", f"{eng_p50 / bare_p50:.2f}×",
-                     f"{api_p50 * 1e3:.2f} / {api_p99 * 1e3:.2f}", f"{api_p50 / bare_p50:.2f}×"))
-    loop.run_until_complete(client.aclose())
-    loop.close()
-    bare.close()
+    try:
+        for case in cases(engine):
+            params = {"files": files, **case.bare_params}
+            (bare_p50, bare_p99), (eng_p50, eng_p99), (api_p50, api_p99), (hit_p50, hit_p99) = time_interleaved(
+                [lambda p=params, c=case: bare.execute(c.bare_sql, p).fetch_arrow_table(), case.engine,
+                 lambda c=case: api_call(clients[0], *c.api), lambda c=case: api_call(clients[1], *c.api)],
+                iterations, warmup)
+            rows.append((case.name, f"{bare_p50 * 1e3:.2f} / {bare_p99 * 1e3:.2f}",
+                         f"{eng_p50 * 1e3:.2f} / {eng_p99 * 1e3:.2f}", f"{eng_p50 / bare_p50:.2f}×",
+                         f"{api_p50 * 1e3:.2f} / {api_p99 * 1e3:.2f}", f"{api_p50 / bare_p50:.2f}×",
+                         f"{hit_p50 * 1e3:.2f} / {hit_p99 * 1e3:.2f}", f"{hit_p50 / bare_p50:.2f}×"))
+    finally:
+        for client in clients:
+            loop.run_until_complete(client.aclose())
+        loop.close()
+        bare.close()
+        engine.close()
+        cached_engine.close()
     return rows
 
 
@@ -167,15 +182,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_steady_load(settings: Settings, rate: float, seconds: float, workers: int) -> tuple[str, ...]:
-    """Open-loop load on a uvicorn server in its own process: requests are sent on a fixed schedule
-    and latency counts from the scheduled time, so a slow server cannot hide its queueing."""
+def bench_steady_load(settings: Settings, rate: float, seconds: float, warmup: float, workers: int,
+                      api_workers: int, mix: list[tuple[str, str, dict | None]]) -> tuple[str, ...]:
+    """Open-loop load on a uvicorn server in its own processes: requests are sent on a fixed schedule
+    and latency counts from the scheduled time, so a slow server cannot hide its queueing. A
+    warm-up at the same rate comes first and is not counted."""
     port = free_port()
     # Exactly the benchmark's settings: none of the K2_* variables a stack run may have exported.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")}, **settings.to_env()}
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "k2.api.app:create_app", "--factory",
-                               "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-                               "--log-level", "warning"], env=env)
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", str(api_workers),
+                               "--no-access-log", "--log-level", "warning"], env=env)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -188,41 +205,65 @@ def bench_steady_load(settings: Settings, rate: float, seconds: float, workers: 
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("the API server did not become ready")
             time.sleep(0.1)
-        mix = [("GET", f"/v1/summary/{SYMBOL}/{DAY}", None), ("GET", f"/v1/trades?symbol={SYMBOL}&limit=100", None),
-               ("POST", "/v1/aggregations", {"symbols": [SYMBOL], "interval": "1m", "start": DAY_START,
-                                             "end": DAY_END})]
-        latencies: list[float] = []
-        errors = 0
-        lock = threading.Lock()
+        body_of = {i: json.dumps(body).encode() if body is not None else None for i, (_, _, body) in enumerate(mix)}
         local = threading.local()
 
-        def send(scheduled: float, method: str, path: str, body: dict | None) -> None:
-            nonlocal errors
-            client = getattr(local, "client", None) or httpx.Client(base_url=base, headers=HEADERS, timeout=10)
-            local.client = client
+        def send(scheduled: float, index: int, results: list[tuple[float, bool]]) -> None:
+            # http.client, not httpx: a lean client leaves the shared CPUs to the server under test.
+            connection = getattr(local, "connection", None)
+            if connection is None:
+                connection = local.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            method, path, _ = mix[index]
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             try:
-                ok = client.request(method, path, json=body).status_code == 200
-            except httpx.HTTPError:
+                body = body_of[index]
+                connection.request(method, path, body=body,
+                                   headers={**HEADERS, **({"Content-Type": "application/json"} if body else {})})
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                local.connection = None
                 ok = False
-            with lock:
-                latencies.append(time.perf_counter() - scheduled)
-                errors += not ok
+            results.append((time.perf_counter() - scheduled, ok))  # list.append is atomic
 
-        total = int(rate * seconds)
-        started = time.perf_counter() + 0.2
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for i in range(total):
-                pool.submit(send, started + i / rate, *mix[i % len(mix)])
-        elapsed = time.perf_counter() - started
+        def run(duration: float) -> tuple[list[tuple[float, bool]], float]:
+            results: list[tuple[float, bool]] = []
+            total = int(rate * duration)
+            started = time.perf_counter() + 0.2
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for i in range(total):
+                    pool.submit(send, started + i / rate, i % len(mix), results)
+            return results, total / (time.perf_counter() - started)
+
+        run(warmup)  # every worker process loads metadata and, with the cache, meets each request once
+        results, achieved = run(seconds)
+        latencies = [latency for latency, _ in results]
         p50, p99 = percentiles(latencies)
-        return (f"{rate:.0f}", f"{total / elapsed:.1f}", f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}",
-                f"{max(latencies) * 1e3:.2f}", str(errors))
+        return (f"{settings.query_cache_mb} MiB" if settings.query_cache_mb else "off", f"{rate:.0f}",
+                f"{achieved:.1f}", f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}", f"{max(latencies) * 1e3:.2f}",
+                str(sum(not ok for _, ok in results)))
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def point_query_mix(engine: Engine) -> list[tuple[str, str, dict | None]]:
+    """Summary, trades?limit=100 and 1-minute bars of every symbol and day that traded, interleaved."""
+    days = engine.run("bench_symbol_days", "SELECT DISTINCT symbol, exchange_date FROM {t} ORDER BY ALL", {},
+                      {"t": engine.plan(engine.pin("trades"), TickFilter())}).to_pylist()
+    mix: list[tuple[str, str, dict | None]] = []
+    for row in days:
+        symbol, day = row["symbol"], row["exchange_date"]
+        start = dt.datetime.combine(day, dt.time(), SYDNEY)
+        mix += [("GET", f"/v1/summary/{symbol}/{day.isoformat()}", None),
+                ("GET", f"/v1/trades?symbol={symbol}&start={start.isoformat()}&limit=100".replace("+", "%2B"), None),
+                ("POST", "/v1/aggregations", {"symbols": [symbol], "interval": "1m", "start": start.isoformat(),
+                                              "end": (start + dt.timedelta(days=1)).isoformat()})]
+    return mix
 
 
 def load_average() -> str:
@@ -246,7 +287,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rate", type=float, default=40.0, help="steady load, requests per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady load duration")
-    parser.add_argument("--workers", type=int, default=16, help="steady load client threads")
+    parser.add_argument("--load-warmup", type=float, default=5.0, help="uncounted seconds of load first")
+    parser.add_argument("--workers", type=int, default=32, help="steady load client threads")
+    parser.add_argument("--api-workers", type=int, default=os.cpu_count() or 1, help="uvicorn worker processes")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
@@ -259,17 +302,24 @@ def main() -> None:
         print(f"Loaded {args.data} in {time.perf_counter() - loaded:.1f} s; {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}, DuckDB {duckdb.__version__}; "
               f"{args.iterations} timed runs after {args.warmup} warm-up runs; {load_average()}.\n")
+        latency = bench_latency(settings, args.iterations, args.warmup)
+        print(markdown(("query", "bare DuckDB p50 / p99 ms", "engine p50 / p99 ms", "engine ÷ bare",
+                        "API p50 / p99 ms", "API ÷ bare", "API, cached result p50 / p99 ms", "cached ÷ bare"),
+                       latency))
         engine = Engine(settings)
         try:
-            latency = bench_latency(settings, engine, args.iterations, args.warmup)
+            mix = point_query_mix(engine)
         finally:
             engine.close()
-        print(markdown(("query", "bare DuckDB p50 / p99 ms", "engine p50 / p99 ms", "engine ÷ bare (p50)",
-                        "API p50 / p99 ms", "API ÷ bare (p50)"), latency))
-        print(f"\nSteady load: uvicorn on loopback, {args.seconds:.0f} s open-loop, mix of summary / trades / "
-              "1m OHLCV, latency from each request's scheduled send time.\n")
-        load = bench_steady_load(settings, args.rate, args.seconds, args.workers)
-        print(markdown(("target req/s", "achieved req/s", "p50 ms", "p99 ms", "max ms", "errors"), [load]))
+        print(f"\nSteady load: uvicorn with {args.api_workers} worker processes on loopback, {args.seconds:.0f} s "
+              f"open-loop from {args.workers} client threads after {args.load_warmup:.0f} s of uncounted warm-up; "
+              f"a mix of summary / trades?limit=100 / 1m OHLCV over every symbol-day ({len(mix)} distinct "
+              "requests); latency from each request's scheduled send time.\n")
+        loads = [bench_steady_load(settings.model_copy(update={"query_cache_mb": cache_mb}), args.rate, args.seconds,
+                                   args.load_warmup, args.workers, args.api_workers, mix)
+                 for cache_mb in (settings.query_cache_mb, 0)]
+        print(markdown(("result cache", "target req/s", "achieved req/s", "p50 ms", "p99 ms", "max ms", "errors"),
+                       loads))
         print(f"\n{load_average()} at the end.")
 
 

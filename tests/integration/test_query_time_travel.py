@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from k2 import tables
 from k2.api.app import create_app
-from k2.query.engine import METADATA_TTL, Engine
+from k2.query.engine import METADATA_MAX_AGE, Engine
 from k2.query.sample import load_asx
 from k2.settings import DEV_API_KEY
 
@@ -77,7 +77,7 @@ def test_cursor_pages_stay_on_their_snapshot_while_writers_append(growing, asx_o
     assert next(days, None) is None, "every day was appended while paging"
     assert _keys(rows) == _expected(asx_oracle, DAYS[:1])
     # …and meanwhile the table did grow: a new replay (once metadata is reloaded) sees everything.
-    time.sleep(METADATA_TTL)
+    time.sleep(METADATA_MAX_AGE)
     everything, latest = _replay(api, {"mode": "cold_start"}, limit=500)
     assert latest["snapshot_id"] != first["snapshot_id"]
     assert _keys(everything) == _expected(asx_oracle, DAYS)
@@ -88,7 +88,7 @@ def test_catch_up_reads_exactly_what_was_appended(growing, asx_oracle) -> None:
     rows, first = _replay(api, {"mode": "cold_start"})
     append(DAYS[1])
     append(DAYS[2])
-    time.sleep(METADATA_TTL)
+    time.sleep(METADATA_MAX_AGE)
     caught_up, page = _replay(api, {"mode": "catch_up", "since_snapshot_id": first["snapshot_id"]}, limit=11)
     assert page["since_snapshot_id"] == first["snapshot_id"]
     assert _keys(caught_up) == _expected(asx_oracle, DAYS[1:3])
@@ -103,7 +103,7 @@ def test_catch_up_refuses_to_cross_a_delete(growing) -> None:
     append(DAYS[1])
     table = tables.catalog(api.app.state.settings).load_table("market.trades")
     table.delete(EqualTo("symbol", "MWR"))
-    time.sleep(METADATA_TTL)
+    time.sleep(METADATA_MAX_AGE)
     response = api.post("/v1/replay", json={"mode": "catch_up", "since_snapshot_id": first["snapshot_id"]})
     assert response.status_code == 409
     assert "not an append" in response.json()["error"]["message"]
@@ -115,7 +115,7 @@ def test_rewind_by_snapshot_id_and_by_time(growing, asx_oracle) -> None:
     append(DAYS[1])
     time.sleep(0.01)  # snapshot timestamps are in ms: keep the two commits apart
     append(DAYS[2])
-    time.sleep(METADATA_TTL)
+    time.sleep(METADATA_MAX_AGE)
     history = {s["snapshot_id"]: s for s in api.get("/v1/snapshots", params={"table": "trades"}).json()["data"]}
     assert len(history) == 3 and first_snapshot in history
     second = next(s for s in history.values() if s["parent_id"] == first_snapshot)

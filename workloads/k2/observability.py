@@ -53,6 +53,9 @@ QUERY_EXECUTIONS = Counter("k2_query_executions", "Engine queries", ["query", "o
 QUERY_DURATION = Histogram("k2_query_duration_seconds", "Engine query duration", ["query"],
                            buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 ROWS_RETURNED = Counter("k2_query_rows_returned", "Rows returned to clients", ["query"], registry=REGISTRY)
+QUERY_CACHE_LOOKUPS = Counter("k2_query_cache_lookups", "Result cache lookups (hit, miss)", ["query", "result"],
+                              registry=REGISTRY)
+QUERY_CACHE_BYTES = Gauge("k2_query_cache_bytes", "Bytes of results held by the result cache", registry=REGISTRY)
 
 # operator
 RECONCILES = Counter("k2_operator_reconcile", "Reconciliations", ["kind", "outcome"], registry=REGISTRY)

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     rate_limit: str = "100/minute"
     max_rows: int = Field(10_000, ge=1)
+    query_cache_mb: int = Field(64, ge=0, le=65_536,
+                                description="results cached per API process, by table snapshot; 0 disables")
 
     log_level: str = "INFO"
     metrics_port: int = Field(0, ge=0, le=65535, description="0: no separate metrics server")

@@ -5,10 +5,16 @@ time travel by snapshot) and DuckDB reads the planned Parquet files with project
 pushdown: local files through its own Parquet reader, object storage through a pyarrow dataset.
 
 Concurrency: one DuckDB database per process, and one cursor (a connection to that database) per
-query, which is how DuckDB is meant to be used from many threads. Table metadata is reloaded at
-most every `metadata_ttl` seconds, so a commit is visible to queries within that time. Planned
-files are cached by (snapshot, filter): a snapshot never changes, so the cache needs no
-invalidation, only a bound on its size.
+query, which is how DuckDB is meant to be used from many threads. Table metadata is served
+stale-while-revalidate: older than `metadata_ttl` (0.5 s), a background thread reloads it while
+queries go on with the copy they have; older than `metadata_max_age` (1 s; e.g. after an idle
+spell) a query reloads it before reading. So a commit is visible to queries within a second, and
+under steady traffic no query waits for the catalog.
+
+Two caches rest on the same fact, that a snapshot never changes: planned files by (snapshot,
+filter), and query results by (query, parameters, the snapshots and files read). Neither needs
+invalidation, only a bound on its size; a new commit simply makes new keys. Results are held up
+to `query_cache_mb` (K2_QUERY_CACHE_MB) per process, least recently used out first.
 """
 
 from __future__ import annotations
@@ -16,16 +22,19 @@ from __future__ import annotations
 import datetime as dt
 import importlib.abc
 import importlib.util
+import math
 import re
 import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import cachetools
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -40,7 +49,13 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot
 
 from k2 import schemas, tables
-from k2.observability import QUERY_DURATION, QUERY_EXECUTIONS, ROWS_RETURNED
+from k2.observability import (
+    QUERY_CACHE_BYTES,
+    QUERY_CACHE_LOOKUPS,
+    QUERY_DURATION,
+    QUERY_EXECUTIONS,
+    ROWS_RETURNED,
+)
 from k2.query.errors import Conflict, NotFound, Unavailable
 from k2.query.filters import TICK_KINDS, TickFilter, micros
 from k2.query.sql import EXACT_RATIO_MACRO
@@ -48,7 +63,8 @@ from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.query")
 
-METADATA_TTL = 0.5  # seconds; commits must be visible to queries within one second
+METADATA_TTL = 0.5  # seconds: older metadata is reloaded in the background
+METADATA_MAX_AGE = 1.0  # seconds: commits must be visible to queries within one second
 PLAN_CACHE_SIZE = 512
 STREAM_BATCH_ROWS = 65_536
 _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -117,15 +133,27 @@ class ResultStream:
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, metadata_ttl: float = METADATA_TTL) -> None:
+    def __init__(self, settings: Settings, *, metadata_ttl: float = METADATA_TTL,
+                 metadata_max_age: float = METADATA_MAX_AGE) -> None:
+        if not 0 < metadata_ttl <= metadata_max_age:
+            raise ValueError("need 0 < metadata_ttl <= metadata_max_age")
         self.settings = settings
         self._ttl = metadata_ttl
+        self._max_age = metadata_max_age
         self._catalog: Catalog | None = None
         self._catalog_lock = threading.RLock()
+        # kind → (monotonic time its load started, table); a load started at t saw every commit before t.
         self._tables: dict[TableKind, tuple[float, Table | None]] = {}
         self._tables_lock = threading.Lock()
+        self._load_locks: dict[TableKind, threading.Lock] = {}
+        self._reloading: set[TableKind] = set()
+        self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-metadata")
         self._plans: OrderedDict[tuple, tuple[BooleanExpression, tuple[DataFile, ...], bool]] = OrderedDict()
         self._plans_lock = threading.Lock()
+        cache_bytes = settings.query_cache_mb * 2**20
+        self._results: cachetools.LRUCache[tuple, pa.Table] | None = cachetools.LRUCache(
+            cache_bytes, getsizeof=_result_size) if cache_bytes else None
+        self._results_lock = threading.Lock()
         self._s3: S3FileSystem | None = None
         self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})
@@ -153,11 +181,29 @@ class Engine:
         return Unavailable(f"catalog unreachable: {exc}")
 
     def table(self, kind: TableKind, *, fresh: bool = False) -> Table | None:
-        """The table's metadata, at most `metadata_ttl` old (or reloaded now when `fresh`)."""
+        """The table's metadata: at most `metadata_max_age` old, or reloaded now when `fresh`."""
         with self._tables_lock:
             loaded = self._tables.get(kind)
-            if loaded and not fresh and time.monotonic() - loaded[0] < self._ttl:
+            age = time.monotonic() - loaded[0] if loaded else math.inf
+            if not fresh and age < self._max_age:
+                if age >= self._ttl and kind not in self._reloading:
+                    self._reloading.add(kind)
+                    self._reloader.submit(self._reload_in_background, kind)
+                return loaded[1]  # type: ignore[index]
+        # Callers arriving while another one loads share its result, unless they asked for `fresh`.
+        now = time.monotonic()
+        return self._load(kind, not_before=now if fresh else now - self._max_age)
+
+    def _load(self, kind: TableKind, *, not_before: float) -> Table | None:
+        """Reload unless a load that started at or after `not_before` already finished."""
+        with self._tables_lock:
+            lock = self._load_locks.setdefault(kind, threading.Lock())
+        with lock:  # one load per table at a time: concurrent callers share its result
+            with self._tables_lock:
+                loaded = self._tables.get(kind)
+            if loaded and loaded[0] >= not_before:
                 return loaded[1]
+            started = time.monotonic()
             try:
                 table = self._get_catalog().load_table(self.settings.table_identifier(kind))
             except (NoSuchTableError, NoSuchNamespaceError):
@@ -167,8 +213,18 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 raise self._unreachable(exc) from exc
             # A new Table object per load: queries holding the previous one keep a consistent view.
-            self._tables[kind] = (time.monotonic(), table)
+            with self._tables_lock:
+                self._tables[kind] = (started, table)
             return table
+
+    def _reload_in_background(self, kind: TableKind) -> None:
+        try:
+            self._load(kind, not_before=time.monotonic())
+        except Unavailable:
+            pass  # logged; queries reload (and report the failure) once the copy is too old
+        finally:
+            with self._tables_lock:
+                self._reloading.discard(kind)
 
     def _snapshot(self, kind: TableKind, snapshot_id: int) -> tuple[Table, Snapshot]:
         """A snapshot by id; metadata is reloaded once in case it is newer than the cached copy."""
@@ -233,8 +289,20 @@ class Engine:
         return tuple(t.file for t in tasks), any(t.delete_files for t in tasks)
 
     # execution -------------------------------------------------------------------------------
-    def run(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan]) -> pa.Table:
-        """Run a query to completion. `sql` names each scan as `{alias}`; `name` labels metrics."""
+    def run(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan], *,
+            cacheable: bool = True) -> pa.Table:
+        """Run a query to completion. `sql` names each scan as `{alias}`; `name` labels metrics.
+
+        The result is served from the cache when the same query read the same snapshots before;
+        pass `cacheable=False` when the answer depends on anything else (the clock, say)."""
+        key = _result_key(sql, params, scans) if cacheable and self._results is not None else None
+        if key is not None:
+            with self._results_lock:
+                cached = self._results.get(key)  # type: ignore[union-attr]
+            QUERY_CACHE_LOOKUPS.labels(name, "miss" if cached is None else "hit").inc()
+            if cached is not None:
+                ROWS_RETURNED.labels(name).inc(cached.num_rows)
+                return cached
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -245,6 +313,11 @@ class Engine:
         finally:
             _record(name, outcome, started)
         ROWS_RETURNED.labels(name).inc(result.num_rows)
+        if key is not None:
+            with self._results_lock:
+                if _result_size(result) <= self._results.maxsize // 8:  # type: ignore[union-attr]
+                    self._results[key] = result  # type: ignore[index]
+                QUERY_CACHE_BYTES.set(self._results.currsize)  # type: ignore[union-attr]
         return result
 
     def stream(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan],
@@ -331,6 +404,7 @@ class Engine:
             raise self._unreachable(exc) from exc
 
     def close(self) -> None:
+        self._reloader.shutdown(wait=True)
         self._db.close()
 
 
@@ -357,6 +431,29 @@ def _drain(name: str, cur: duckdb.DuckDBPyConnection, reader: pa.RecordBatchRead
     finally:
         cur.close()
         _record(name, outcome, started)
+
+
+def _result_size(result: pa.Table) -> int:
+    return result.nbytes + 1024  # a floor, so that a flood of empty results is bounded too
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a bound parameter value (lists of symbols become tuples)."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
+def _result_key(sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan]) -> tuple:
+    """What decides a query's result: its text, its values, and exactly which data it reads.
+    The types are part of the key: 1 and 1.0 and True bind differently."""
+    return (sql,
+            tuple(sorted((k, type(v).__name__, _frozen(v)) for k, v in params.items())),
+            tuple(sorted((alias, s.pin.kind, s.pin.table.metadata.table_uuid if s.pin.table else None,
+                          s.pin.snapshot_id, s.pin.since_snapshot_id, s.has_deletes,
+                          tuple(f.file_path for f in s.files)) for alias, s in scans.items())))
 
 
 def _record(name: str, outcome: str, started: float) -> None:

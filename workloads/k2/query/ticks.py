@@ -115,11 +115,12 @@ def stream(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int
     return engine.stream(f"{rel.name}_export", sql, params, rel.scans)
 
 
-def latest_quotes(engine: Engine, pin: Pin, flt: TickFilter, as_of: dt.datetime) -> pa.Table:
-    """The last quote at or before `as_of` of each symbol matching `flt` (ignoring its start/end)."""
+def latest_quotes(engine: Engine, pin: Pin, flt: TickFilter, as_of: dt.datetime, *, cacheable: bool = True) -> pa.Table:
+    """The last quote at or before `as_of` of each symbol matching `flt` (ignoring its start/end).
+    `cacheable=False` when `as_of` is the clock: such a result is never asked for twice."""
     bounded = replace(flt, start=None, end=as_of + dt.timedelta(microseconds=1))
     where = Where().ticks(bounded)
     sql = (f"SELECT {select_list(columns('quotes'))} FROM {{src}} {where.sql()} "
            "QUALIFY row_number() OVER (PARTITION BY symbol, exchange "
            "ORDER BY exchange_timestamp DESC, sequence_number DESC) = 1 ORDER BY symbol, exchange")
-    return engine.run("quotes_latest", sql, where.params, {"src": engine.plan(pin, bounded)})
+    return engine.run("quotes_latest", sql, where.params, {"src": engine.plan(pin, bounded)}, cacheable=cacheable)
