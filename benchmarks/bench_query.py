@@ -311,12 +311,15 @@ def main() -> None:
             mix = point_query_mix(engine)
         finally:
             engine.close()
-        print(f"\nSteady load: uvicorn with {args.api_workers} worker processes on loopback, {args.seconds:.0f} s "
+        # Requests run side by side: each worker process gets its share of the cores for DuckDB.
+        threads = max(1, (os.cpu_count() or 1) // args.api_workers)
+        print(f"\nSteady load: uvicorn with {args.api_workers} worker processes (K2_QUERY_THREADS={threads}) on "
+              f"loopback, {args.seconds:.0f} s "
               f"open-loop from {args.workers} client threads after {args.load_warmup:.0f} s of uncounted warm-up; "
               f"a mix of summary / trades?limit=100 / 1m OHLCV over every symbol-day ({len(mix)} distinct "
               "requests); latency from each request's scheduled send time.\n")
-        loads = [bench_steady_load(settings.model_copy(update={"query_cache_mb": cache_mb}), args.rate, args.seconds,
-                                   args.load_warmup, args.workers, args.api_workers, mix)
+        loads = [bench_steady_load(settings.model_copy(update={"query_cache_mb": cache_mb, "query_threads": threads}),
+                                   args.rate, args.seconds, args.load_warmup, args.workers, args.api_workers, mix)
                  for cache_mb in (settings.query_cache_mb, 0)]
         print(markdown(("result cache", "target req/s", "achieved req/s", "p50 ms", "p99 ms", "max ms", "errors"),
                        loads))

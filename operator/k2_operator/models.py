@@ -430,6 +430,7 @@ class QueryServiceSpec(_Model):
                                pattern=r"^[1-9][0-9]*/(second|minute|hour|day)$")
     max_rows: int = _setting("max_rows", "Hard cap on rows per response.", le=10_000_000)
     query_cache_mb: int = _setting("query_cache_mb", "Result cache per API process, in MiB (0: none).")
+    query_threads: int = _setting("query_threads", "DuckDB threads per API process (0: one per core).")
     ingress: IngressSpec | None = Field(None, description="Ingress; omitted: none.")
     resources: Resources = _resources("250m", "512Mi", "1Gi")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(

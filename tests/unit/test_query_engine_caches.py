@@ -168,3 +168,14 @@ def test_cached_bytes_stay_within_the_budget(lakehouse):
 def _day_bounds() -> tuple[dt.datetime, dt.datetime]:
     zone = exchange_zone("ASX")
     return local_midnight(DAY, zone), local_midnight(DAY + dt.timedelta(days=1), zone)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_duckdb_threads_follow_the_setting(tmp_path, threads):
+    engine = Engine(Settings(mode="dev", catalog_uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=str(tmp_path),
+                             s3_endpoint=None, query_threads=threads))
+    try:
+        with engine._cursor() as cur:
+            assert cur.execute("SELECT current_setting('threads')").fetchone()[0] == threads
+    finally:
+        engine.close()

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     max_rows: int = Field(10_000, ge=1)
     query_cache_mb: int = Field(64, ge=0, le=65_536,
                                 description="results cached per API process, by table snapshot; 0 disables")
+    query_threads: int = Field(0, ge=0, le=256, description="DuckDB threads per process; 0: one per core. Serving "
+                               "many requests at once, cores ÷ worker processes wastes less on coordination")
 
     log_level: str = "INFO"
     metrics_port: int = Field(0, ge=0, le=65535, description="0: no separate metrics server")

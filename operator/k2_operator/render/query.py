@@ -20,7 +20,8 @@ def names(name: str) -> dict[str, str]:
 def workload_config(spec: QueryServiceSpec, namespace: str, catalog_secret: str,
                     ctx: RenderContext) -> WorkloadConfig:
     settings = common.workload_settings(ctx, namespace=namespace, rate_limit=spec.rate_limit,
-                                        max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb)
+                                        max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb,
+                                        query_threads=spec.query_threads)
     keys = spec.auth.api_keys_secret
     secrets = (*common.catalog_secret_env(catalog_secret), SecretEnv("api_keys", keys.name, keys.key))
     return WorkloadConfig(settings, secrets)

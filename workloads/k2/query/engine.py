@@ -158,6 +158,8 @@ class Engine:
         self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})
         self._db.execute("SET GLOBAL TimeZone = 'UTC'")  # results come back as UTC instants
+        if settings.query_threads:
+            self._db.execute(f"SET GLOBAL threads = {int(settings.query_threads)}")
         self._db.execute(EXACT_RATIO_MACRO)
         self._db_lock = threading.Lock()
 
