@@ -10,5 +10,5 @@ k2 stack up --kube
 trap 'k2 stack down' EXIT
 eval "$(k2 stack env --kube)"
 python benchmarks/bench_pipeline.py --data "$DATA"
-[ -f benchmarks/bench_query.py ] && python benchmarks/bench_query.py --data "$DATA"
-[ -f benchmarks/bench_operator.py ] && python benchmarks/bench_operator.py
+python benchmarks/bench_query.py --data "$DATA" --rate 200 --seconds 30
+python benchmarks/bench_operator.py

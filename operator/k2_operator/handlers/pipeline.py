@@ -234,12 +234,9 @@ def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: st
 
         if not job_name:
             observed["ingest"] = None  # merge patch: remove what a former source left
-        ready = runtime.write_status(PIPELINE, body, checks, required=REQUIRED, observed_state=observed,
-                                     remove=() if job_name else (INGEST_COMPLETE,))
-        report(body, changes, trigger, spec_unchanged=status.get("observedGeneration") == meta.get("generation"))
-        logger.info("pipeline.reconciled", ready=ready.status, reason=ready.reason, changes=changes)
-        if retry or waiting:
-            raise kopf.TemporaryError(ready.message, delay=runtime.retry_delay(0))
+        runtime.conclude(PIPELINE, body, checks, required=REQUIRED, observed_state=observed, changes=changes,
+                         trigger=trigger, logger=logger, retry=retry or waiting,
+                         remove=() if job_name else (INGEST_COMPLETE,))
 
 
 def job_phase(job: Mapping[str, Any] | None, recorded_phase: str | None = None) -> str:
@@ -252,16 +249,6 @@ def job_phase(job: Mapping[str, Any] | None, recorded_phase: str | None = None) 
         if condition.get("status") == "True" and condition.get("type") in ("Failed", "FailureTarget"):
             return "Failed"
     return "Running" if status.get("active") or status.get("startTime") else "Pending"
-
-
-def report(body: Mapping[str, Any], changes: list[str], trigger: str, *, spec_unchanged: bool) -> None:
-    """One Event per reconcile that changed something; a change nobody asked for is drift."""
-    if not changes:
-        return
-    if trigger != "change" and spec_unchanged:
-        runtime.event(body, "DriftRepaired", "; ".join(changes))
-    else:
-        runtime.event(body, "Reconciled", "; ".join(changes))
 
 
 # --- handlers -----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import kopf
 
 from k2_operator import conditions
 from k2_operator.conditions import Condition
-from k2_operator.handlers import pipeline, runtime
+from k2_operator.handlers import runtime
 from k2_operator.models import GROUP, QUERY, TABLE, VERSION, IcebergTableSpec, QueryServiceSpec
 from k2_operator.render.query import render_query, url
 
@@ -61,12 +61,8 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
             observed["availableReplicas"] = runtime.available_replicas(deployment)
             observed["replicas"] = int((deployment.get("status") or {}).get("replicas") or 0)
             checks.append(runtime.availability(AVAILABLE, spec.replicas, observed["availableReplicas"]))
-        ready = runtime.write_status(QUERY, body, checks, required=REQUIRED, observed_state=observed)
-        pipeline.report(body, changes, trigger,
-                        spec_unchanged=status.get("observedGeneration") == meta.get("generation"))
-        logger.info("query.reconciled", ready=ready.status, reason=ready.reason, changes=changes)
-        if table is None:
-            raise kopf.TemporaryError(ready.message, delay=runtime.retry_delay(0))
+        runtime.conclude(QUERY, body, checks, required=REQUIRED, observed_state=observed, changes=changes,
+                         trigger=trigger, logger=logger, retry=table is None)
 
 
 @kopf.on.resume(GROUP, VERSION, QUERY.plural)

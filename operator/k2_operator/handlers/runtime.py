@@ -172,6 +172,31 @@ def write_status(info: KindInfo, body: Mapping[str, Any], checks: Sequence[Condi
     return ready
 
 
+def conclude(info: KindInfo, body: Mapping[str, Any], checks: Sequence[Condition], *, required: Sequence[str],
+             observed_state: Mapping[str, Any], changes: Sequence[str], trigger: str, logger: Any,
+             retry: bool, remove: Sequence[str] = ()) -> Condition:
+    """How every reconcile ends: the status, an Event for what it changed, one log line, and a
+    retry (kopf.TemporaryError) while it waits for something."""
+    ready = write_status(info, body, checks, required=required, observed_state=observed_state, remove=remove)
+    meta = body["metadata"]
+    report_changes(body, changes, trigger,
+                   spec_unchanged=(body.get("status") or {}).get("observedGeneration") == meta.get("generation"))
+    logger.info(f"{info.kind.lower()}.reconciled", ready=ready.status, reason=ready.reason, changes=list(changes))
+    if retry:
+        raise kopf.TemporaryError(ready.message, delay=retry_delay(0))
+    return ready
+
+
+def report_changes(body: Mapping[str, Any], changes: Sequence[str], trigger: str, *, spec_unchanged: bool) -> None:
+    """One Event per reconcile that changed something; a change nobody asked for is drift."""
+    if not changes:
+        return
+    if trigger != "change" and spec_unchanged:
+        event(body, "DriftRepaired", "; ".join(changes))
+    else:
+        event(body, "Reconciled", "; ".join(changes))
+
+
 def patch_conditions(info: KindInfo, body: Mapping[str, Any], checks: Sequence[Condition],
                      observed_state: Mapping[str, Any]) -> None:
     """Update informational conditions (availability) and observed fields; Ready is left as it is."""

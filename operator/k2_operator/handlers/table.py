@@ -12,7 +12,7 @@ from pyiceberg.schema import Schema
 from k2 import tables as k2_tables
 from k2_operator import external
 from k2_operator.conditions import Condition
-from k2_operator.handlers import pipeline, runtime
+from k2_operator.handlers import runtime
 from k2_operator.models import GROUP, TABLE, VERSION, IcebergTableSpec
 from k2_operator.render.table import render_table, table_definition
 
@@ -130,12 +130,8 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
         applied, pruned = runtime.apply_children(TABLE, body, render_table(name, namespace, spec, rt.render_context()),
                                                  PRUNE_KINDS)
         changes += runtime.describe_changes(applied, pruned)
-        ready = runtime.write_status(TABLE, body, [check], required=REQUIRED, observed_state=observed)
-        pipeline.report(body, changes, trigger,
-                        spec_unchanged=status.get("observedGeneration") == meta.get("generation"))
-        logger.info("table.reconciled", ready=ready.status, reason=ready.reason, changes=changes)
-        if retry:
-            raise kopf.TemporaryError(ready.message, delay=runtime.retry_delay(0))
+        runtime.conclude(TABLE, body, [check], required=REQUIRED, observed_state=observed, changes=changes,
+                         trigger=trigger, logger=logger, retry=retry)
 
 
 @kopf.on.resume(GROUP, VERSION, TABLE.plural)

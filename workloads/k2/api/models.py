@@ -20,6 +20,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from k2 import schemas
 from k2.query.bars import Fill, Metric
 from k2.query.filters import EARLIEST, EXCHANGE_TIMEZONES, LATEST, MAX_SYMBOLS, SYMBOL_PATTERN, Interval, TickKind
+from k2.query.metadata import SnapshotInfo, TableStats
 from k2.settings import TableKind
 
 
@@ -229,35 +230,8 @@ class SymbolList(BaseModel):
     data: list[SymbolInfo]
 
 
-class TableStats(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    table: str
-    rows: int
-    files: int
-    bytes: int
-    partitions: int
-    snapshot_id: int | None
-    committed_at: dt.datetime | None
-    event_watermark: dt.datetime | None = Field(description="newest exchange_timestamp")
-    ingest_watermark: dt.datetime | None = Field(description="newest ingest_timestamp")
-
-
 class Stats(BaseModel):
     data: list[TableStats]
-
-
-class SnapshotInfo(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    table: str
-    snapshot_id: int
-    parent_id: int | None
-    committed_at: dt.datetime
-    operation: str | None
-    added_rows: int | None
-    total_rows: int | None
-    current: bool
 
 
 class SnapshotList(BaseModel):

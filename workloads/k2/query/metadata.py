@@ -1,15 +1,18 @@
 """What the tables hold: sizes, snapshots, freshness and symbols.
 
 Sizes and watermarks come from Iceberg metadata (file record counts, sizes and column bounds),
-not from scanning data, so they cost the same however large the tables grow.
+not from scanning data, so they cost the same however large the tables grow. The dataclasses
+are also the API's response items (pydantic validates and documents dataclasses as they are).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Annotated
 
 import pyarrow as pa
+from pydantic import Field
 from pyiceberg.conversions import from_bytes
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
@@ -28,9 +31,9 @@ class TableStats:
     bytes: int
     partitions: int
     snapshot_id: int | None
-    committed_at: dt.datetime | None  # when the latest snapshot was committed
-    event_watermark: dt.datetime | None  # newest exchange_timestamp (tick tables)
-    ingest_watermark: dt.datetime | None  # newest ingest_timestamp
+    committed_at: Annotated[dt.datetime | None, Field(description="when the latest snapshot was committed")]
+    event_watermark: Annotated[dt.datetime | None, Field(description="newest exchange_timestamp (tick tables)")]
+    ingest_watermark: Annotated[dt.datetime | None, Field(description="newest ingest_timestamp")]
 
 
 @dataclass(frozen=True)

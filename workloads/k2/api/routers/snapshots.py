@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from k2.api.deps import EngineDep
 from k2.api.export import EXPORT_RESPONSES, export
-from k2.api.models import SnapshotId, SnapshotInfo, SnapshotList, SnapshotQuery
+from k2.api.models import SnapshotId, SnapshotList, SnapshotQuery
 from k2.query import metadata
 from k2.query.filters import TickKind
 from k2.settings import TABLE_KINDS, TableKind
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
 def list_snapshots(engine: EngineDep, table: TableKind | None = None) -> SnapshotList:
     """Retained snapshots of one table or all, newest first per table."""
     kinds: tuple[TableKind, ...] = (table,) if table else TABLE_KINDS
-    return SnapshotList(data=[SnapshotInfo.model_validate(s) for k in kinds for s in metadata.snapshots(engine, k)])
+    return SnapshotList(data=[s for k in kinds for s in metadata.snapshots(engine, k)])
 
 
 @router.post("/{snapshot_id}/query", response_class=StreamingResponse, responses=EXPORT_RESPONSES)

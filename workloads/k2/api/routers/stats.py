@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from k2.api.deps import EngineDep
-from k2.api.models import Stats, TableStats
+from k2.api.models import Stats
 from k2.query import metadata
 
 router = APIRouter(prefix="/v1/stats", tags=["catalog"])
@@ -14,4 +14,4 @@ router = APIRouter(prefix="/v1/stats", tags=["catalog"])
 @router.get("", response_model=Stats)
 def table_stats(engine: EngineDep) -> Stats:
     """Rows, files, bytes, partitions, latest snapshot and freshness watermarks per table."""
-    return Stats(data=[TableStats.model_validate(s) for s in metadata.stats(engine)])
+    return Stats(data=metadata.stats(engine))
