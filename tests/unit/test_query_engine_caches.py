@@ -56,7 +56,9 @@ def _slow_catalog(engine: Engine, monkeypatch) -> list[float]:
 
 
 def test_stale_metadata_is_served_while_it_reloads_in_the_background(lakehouse, monkeypatch):
-    settings, root, engine = lakehouse
+    settings, root, _ = lakehouse
+    # A max age far off, so that a slow machine cannot turn the stale read into a blocking reload.
+    engine = Engine(settings, metadata_ttl=TTL, metadata_max_age=60)
     first = _append(settings, root)
     assert engine.pin("trades").snapshot_id == first
     loads = _slow_catalog(engine, monkeypatch)
@@ -71,6 +73,7 @@ def test_stale_metadata_is_served_while_it_reloads_in_the_background(lakehouse, 
         assert time.monotonic() < deadline, "the background reload never landed"
         time.sleep(0.02)
     assert len(loads) == 1, "one background reload, however many queries asked meanwhile"
+    engine.close()
 
 
 def test_metadata_older_than_the_max_age_is_reloaded_before_reading(lakehouse):
@@ -83,11 +86,13 @@ def test_metadata_older_than_the_max_age_is_reloaded_before_reading(lakehouse):
 
 
 def test_a_load_is_shared_by_concurrent_callers(lakehouse, monkeypatch):
-    settings, root, engine = lakehouse
+    settings, root, _ = lakehouse
+    engine = Engine(settings, metadata_ttl=TTL, metadata_max_age=60)
     _append(settings, root)
     loads = _slow_catalog(engine, monkeypatch)
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: engine.table("trades"), range(8)))
+    engine.close()
     assert len({id(t) for t in results}) == 1 and len(loads) == 1
 
 
