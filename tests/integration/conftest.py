@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,10 +29,6 @@ SYDNEY = ZoneInfo("Australia/Sydney")
 ASX_ROWS = {"trades": 200_545, "quotes": 169_629}
 
 
-def asx_data_dir() -> Path:
-    return Path(os.environ.get("K2_ASX_DATA") or Path(__file__).parents[2].parent / "shared/data/asx-2014-03")
-
-
 def lakehouse_settings(root: Path, **overrides: object) -> Settings:
     """Settings for a private embedded lakehouse; everything a K2_* variable could change is explicit."""
     values: dict[str, object] = {
@@ -51,14 +46,6 @@ def lakehouse_settings_for():
     return lakehouse_settings
 
 
-@pytest.fixture(scope="session")
-def asx_dir() -> Path:
-    path = asx_data_dir()
-    if not (path / "reference-data" / "company_info.csv").is_file():
-        pytest.skip(f"ASX sample not found at {path} (set K2_ASX_DATA to its folder)")
-    return path
-
-
 @dataclass(frozen=True)
 class AsxLakehouse:
     settings: Settings
@@ -67,10 +54,10 @@ class AsxLakehouse:
 
 
 @pytest.fixture(scope="session")
-def asx_lakehouse(asx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsxLakehouse]:
+def asx_lakehouse(asx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsxLakehouse]:
     """The whole ASX sample, one append per table and day; shared and never modified by tests."""
     settings = lakehouse_settings(tmp_path_factory.mktemp("asx-lakehouse"))
-    snapshots = load_asx(settings, asx_dir)
+    snapshots = load_asx(settings, asx_root)
     engine = Engine(settings)
     yield AsxLakehouse(settings, engine, snapshots)
     engine.close()
@@ -201,5 +188,5 @@ def _utc(local: dt.datetime) -> str:
 
 
 @pytest.fixture(scope="session")
-def asx_oracle(asx_dir: Path) -> AsxOracle:
-    return AsxOracle(asx_dir)
+def asx_oracle(asx_root: Path) -> AsxOracle:
+    return AsxOracle(asx_root)

@@ -23,7 +23,7 @@ DAYS = [dt.date(2014, 3, 10), dt.date(2014, 3, 11)]
 
 
 @pytest.fixture(scope="module")
-def s3_engine(asx_dir, lakehouse_settings_for, tmp_path_factory) -> Iterator[Engine]:
+def s3_engine(asx_root, lakehouse_settings_for, tmp_path_factory) -> Iterator[Engine]:
     s3 = S3()
     started = s3.pid() is None  # leave a server the developer already runs as it was
     try:
@@ -35,7 +35,7 @@ def s3_engine(asx_dir, lakehouse_settings_for, tmp_path_factory) -> Iterator[Eng
         settings = lakehouse_settings_for(
             tmp_path_factory.mktemp("s3-lakehouse"), warehouse=f"s3://{s3.bucket}/{prefix}",
             s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key, s3_region=s3.region)
-        load_asx(settings, asx_dir, symbols=SYMBOLS, days=DAYS, kinds=("trades",))
+        load_asx(settings, asx_root, symbols=SYMBOLS, days=DAYS, kinds=("trades",))
         engine = Engine(settings)
         yield engine
         engine.close()

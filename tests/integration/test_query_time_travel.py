@@ -25,14 +25,14 @@ DAYS = [dt.date(2014, 3, d) for d in range(10, 15)]
 
 
 @pytest.fixture()
-def growing(asx_dir, lakehouse_settings_for, tmp_path) -> Iterator[tuple[TestClient, Callable[[dt.date], int]]]:
+def growing(asx_root, lakehouse_settings_for, tmp_path) -> Iterator[tuple[TestClient, Callable[[dt.date], int]]]:
     """An API over DVN and MWR trades of the first day, and `append(day)` to commit another day."""
     settings = lakehouse_settings_for(tmp_path)
-    load_asx(settings, asx_dir, symbols=SYMBOLS, days=DAYS[:1], kinds=("trades",))
+    load_asx(settings, asx_root, symbols=SYMBOLS, days=DAYS[:1], kinds=("trades",))
     engine = Engine(settings)
 
     def append(day: dt.date) -> int:
-        return load_asx(settings, asx_dir, symbols=SYMBOLS, days=[day], kinds=("trades",))["trades"][-1]
+        return load_asx(settings, asx_root, symbols=SYMBOLS, days=[day], kinds=("trades",))["trades"][-1]
 
     with TestClient(create_app(settings, engine=engine), headers={"X-API-Key": DEV_API_KEY}) as client:
         yield client, append
