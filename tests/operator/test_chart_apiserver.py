@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -86,14 +85,6 @@ class Kubectl:
         return answer == "yes"
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
-
-
 def namespaces_of(objects: list[dict[str, Any]]) -> set[str]:
     return {o["metadata"]["namespace"] for o in objects if o["metadata"].get("namespace")}
 
@@ -121,7 +112,7 @@ def crds(kubectl: Kubectl) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def namespaces(kubectl: Kubectl) -> Iterator[Callable[..., str]]:
+def namespaces(kubectl: Kubectl, k2op: Any) -> Iterator[Callable[..., str]]:
     """Create namespaces on demand (restricted Pod Security), delete them at the end."""
     created: list[str] = []
 
@@ -131,7 +122,7 @@ def namespaces(kubectl: Kubectl) -> Iterator[Callable[..., str]]:
 
     def ensure(name: str, labels: dict[str, str] | None = None) -> str:
         # A fixed name (k2-system) may still be terminating from an earlier run: let it go first.
-        wait_for(lambda: phase(name) != "Terminating", f"namespace {name} to finish terminating", timeout=120)
+        k2op.wait_for(lambda: phase(name) != "Terminating", f"namespace {name} to finish terminating", timeout=120)
         if phase(name) is None:
             body = {"apiVersion": "v1", "kind": "Namespace",
                     "metadata": {"name": name, "labels": {**RESTRICTED, **(labels or {})}}}
@@ -209,7 +200,7 @@ def test_server_rejects_an_invalid_sample(kubectl: Kubectl, crds: None, namespac
 
 # --- restricted Pod Security, for real ------------------------------------------------------------
 def test_restricted_pod_security_admits_every_pod_the_chart_runs(kubectl: Kubectl, crds: None,
-                                                                  namespaces: Callable[..., str]) -> None:
+                                                                  namespaces: Callable[..., str], k2op: Any) -> None:
     namespace = namespaces(f"k2t-{RUN}-psa")
     objects = helm.template(CHART, release=f"p{RUN}", namespace=namespace,
                             values=[CHART / "ci" / "all-on-values.yaml"])
@@ -223,7 +214,7 @@ def test_restricted_pod_security_admits_every_pod_the_chart_runs(kubectl: Kubect
                    for w in workloads)
 
     try:
-        wait_for(pods_created, "the controllers to create a pod of every workload", timeout=90)
+        k2op.wait_for(pods_created, "the controllers to create a pod of every workload", timeout=90)
     except AssertionError:
         events = kubectl.ok("get", "events", "-n", namespace, "--field-selector", "type=Warning")
         raise AssertionError(f"some pods were not admitted:\n{events}") from None

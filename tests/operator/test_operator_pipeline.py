@@ -202,15 +202,20 @@ def test_delete_removes_topics_and_subjects(cluster: Any, namespace: str, operat
     assert cluster.events(namespace, name, "CleanedUp")
 
 
-def test_deletion_with_the_registry_gone_reports_and_honours_the_escape_hatch(
-        cluster: Any, namespace: str, operator: Any, asset_class: str, k2op: Any) -> None:
+def _deleted_while_the_registry_is_gone(cluster: Any, namespace: str, asset_class: str) -> str:
+    """A Delete-policy pipeline whose registry does not answer, then deleted; returns its name."""
     ex = exchange()
     name = f"p-{ex}"
     cluster.create(namespace, pipeline(name, ex, asset_class, deletionPolicy="Delete",
                                        schemaRegistry={"url": "http://127.0.0.1:9/apis/ccompat/v7"}))
     cluster.wait_condition(namespace, "IngestionPipeline", name, "SchemasRegistered", "False", "RegistryUnavailable")
-
     cluster.delete(namespace, "IngestionPipeline", name)
+    return name
+
+
+def test_deletion_with_the_registry_gone_reports_and_honours_the_escape_hatch(
+        cluster: Any, namespace: str, operator: Any, asset_class: str, k2op: Any) -> None:
+    name = _deleted_while_the_registry_is_gone(cluster, namespace, asset_class)
     obj = cluster.wait_condition(namespace, "IngestionPipeline", name, "Ready", "False", "CleanupFailed",
                                  generation=False)
     assert "k2.io/skip-external-cleanup=true" in k2op.find_condition(obj, "Ready")["message"]
@@ -223,13 +228,7 @@ def test_deletion_with_the_registry_gone_reports_and_honours_the_escape_hatch(
 
 def test_deletion_gives_up_after_the_configured_attempts(cluster: Any, namespace: str, operator: Any,
                                                          asset_class: str) -> None:
-    ex = exchange()
-    name = f"p-{ex}"
-    cluster.create(namespace, pipeline(name, ex, asset_class, deletionPolicy="Delete",
-                                       schemaRegistry={"url": "http://127.0.0.1:9/apis/ccompat/v7"}))
-    cluster.wait_condition(namespace, "IngestionPipeline", name, "SchemasRegistered", "False", "RegistryUnavailable")
-
-    cluster.delete(namespace, "IngestionPipeline", name)
+    name = _deleted_while_the_registry_is_gone(cluster, namespace, asset_class)
 
     cluster.wait_gone(namespace, "IngestionPipeline", name, 45)  # 3 attempts, 1 s + 2 s backoff
     assert cluster.events(namespace, name, "CleanupAbandoned")

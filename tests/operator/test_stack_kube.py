@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -49,7 +49,7 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def crd(api: client.ApiClient) -> Iterator[str]:
+def crd(api: client.ApiClient, k2op: Any) -> Iterator[str]:
     """A namespaced Widget kind: `spec.size` required, CEL keeps `spec.replicas <= spec.size`."""
     name = f"{PLURAL}.{GROUP}"
     spec_schema = {
@@ -77,19 +77,11 @@ def crd(api: client.ApiClient) -> Iterator[str]:
     }
     ext = client.ApiextensionsV1Api(api)
     ext.create_custom_resource_definition(body)
-    wait_for(lambda: any(c.type == "Established" and c.status == "True"
+    k2op.wait_for(lambda: any(c.type == "Established" and c.status == "True"
                          for c in ext.read_custom_resource_definition(name).status.conditions or []),
              "CRD established")
     yield name
     ext.delete_custom_resource_definition(name)
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -151,7 +143,7 @@ def test_rbac_is_enforced_for_service_accounts(api: client.ApiClient, namespace:
     assert f"system:serviceaccount:{namespace}:least-privilege" in proc.stderr
 
 
-def test_service_ingress_and_pdb_are_admitted(api: client.ApiClient, namespace: str) -> None:
+def test_service_ingress_and_pdb_are_admitted(api: client.ApiClient, namespace: str, k2op: Any) -> None:
     manifests = [
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
          "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}},
@@ -170,12 +162,12 @@ def test_service_ingress_and_pdb_are_admitted(api: client.ApiClient, namespace: 
     assert cluster_ip.startswith("10.0.0.")
     # The disruption controller has looked at it (no pods match, so none may be disrupted).
     policy = client.PolicyV1Api(api)
-    wait_for(lambda: (policy.read_namespaced_pod_disruption_budget("api", namespace).status
+    k2op.wait_for(lambda: (policy.read_namespaced_pod_disruption_budget("api", namespace).status
                       .observed_generation == 1), "the disruption controller to process the PDB")
     assert policy.read_namespaced_pod_disruption_budget("api", namespace).status.disruptions_allowed == 0
 
 
-def test_deployment_gets_a_replicaset(api: client.ApiClient, namespace: str) -> None:
+def test_deployment_gets_a_replicaset(api: client.ApiClient, namespace: str, k2op: Any) -> None:
     labels = {"app": "web"}
     client.AppsV1Api(api).create_namespaced_deployment(namespace, client.V1Deployment(
         metadata=client.V1ObjectMeta(name="web"),
@@ -190,13 +182,13 @@ def test_deployment_gets_a_replicaset(api: client.ApiClient, namespace: str) -> 
                 if any(o.kind == "Deployment" and o.name == "web"
                        for o in rs.metadata.owner_references or [])]
 
-    wait_for(owned_replicasets, "the deployment controller to create a ReplicaSet")
+    k2op.wait_for(owned_replicasets, "the deployment controller to create a ReplicaSet")
     # The ReplicaSet controller goes on to create the Pod (which stays Pending: no nodes).
-    wait_for(lambda: client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="app=web").items,
+    k2op.wait_for(lambda: client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="app=web").items,
              "the ReplicaSet controller to create a Pod")
 
 
-def test_deleting_an_owner_collects_what_it_owns(api: client.ApiClient, namespace: str) -> None:
+def test_deleting_an_owner_collects_what_it_owns(api: client.ApiClient, namespace: str, k2op: Any) -> None:
     core = client.CoreV1Api(api)
     owner = core.create_namespaced_config_map(namespace, client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name="owner")))
@@ -213,4 +205,4 @@ def test_deleting_an_owner_collects_what_it_owns(api: client.ApiClient, namespac
             return exc.status == 404
         return False
 
-    wait_for(owned_gone, "the garbage collector to delete the owned ConfigMap")
+    k2op.wait_for(owned_gone, "the garbage collector to delete the owned ConfigMap")
