@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from k2 import tables
+from k2.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -30,11 +34,21 @@ def test_demo_runs_the_whole_tour_and_is_idempotent(tmp_path: Path, kafka, regis
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(proc.stdout)
     first, second = outputs
-    for section in ("symbols", "daily summary", "5-minute bars", "daily VWAP per symbol", "as of the first snapshot"):
+    for section in ("symbols", "daily summary", "5-minute bars", "VWAP per symbol on", "trades table history",
+                    "as of now"):
         assert section in first
+    # the third day arrived after the oldest snapshot: time travel does not see it, the present does
+    assert "as of the oldest snapshot: (no rows)" in first
+    committed = [int(n.replace(",", "")) for n in re.findall(r"market\.trades: ([\d,]+) new rows committed", first)]
+    assert len(committed) == 2 and 0 < committed[1] < committed[0], committed  # round two: only the new day
     charts = list((tmp_path / ".k2" / "demo").glob("*.png"))
     assert charts and charts[0].stat().st_size > 10_000
     assert charts[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the second run ingests the same ticks again: de-duplication leaves every table as it was
-    assert "market.trades: 0 new rows committed" in second and "market.quotes: 0 new rows committed" in second
-    assert "market.reference: 0 new rows committed" in second
+    # the second run ingests the same ticks again: de-duplication leaves the tick tables as they were
+    assert "market.trades: 0 new rows committed" not in first
+    assert re.findall(r"market\.(?:trades|quotes): ([\d,]+) new rows committed", second) == ["0"] * 4
+    # reference rows are upserted by key (the generator's end_date follows the days generated): one per company
+    home = tmp_path / ".k2" / "demo"
+    demo = Settings(catalog_uri=f"sqlite:///{home}/catalog.db", warehouse=str(home / "warehouse"))
+    reference = tables.catalog(demo).load_table("market.reference").scan().to_arrow()
+    assert sorted(reference["symbol"].to_pylist()) == ["BHP", "CBA", "RIO", "WBC"]

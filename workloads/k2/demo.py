@@ -1,8 +1,11 @@
 """`k2 demo` / `make demo`: the whole pipeline on embedded defaults, then a short tour.
 
 Kafka and the schema registry are real (started from the local stack); Iceberg lives in a SQLite
-catalog and a local warehouse under `.k2/demo`. Running it again is safe: the same ticks get the
-same sequence numbers and de-duplication leaves the tables as they were.
+catalog and a local warehouse under `.k2/demo`. Synthetic ticks arrive in two rounds: two days,
+then the same files again with a third day, so the tour can show that re-ingesting changes
+nothing and that the earlier snapshot still reads the table as it was. Running the demo again is
+safe for the same reason: the same ticks get the same sequence numbers and de-duplication
+leaves the tables as they were.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _show(title: str, rows: list[dict], columns: list[str] | None = None, limit:
     columns = columns or list(rows[0])
     table = RichTable(*columns, title=title)
     for row in rows[:limit]:
-        table.add_row(*[str(row.get(c, "")) for c in columns])
+        table.add_row(*["—" if row.get(c) is None else str(row[c]) for c in columns])
     console.print(table)
 
 
@@ -52,8 +55,6 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
 
 def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
     from k2 import stack
-    from k2.ingest.pipeline import ingest_files
-    from k2.stream.runner import run as stream_run
     from k2_synthetic import generate
 
     started = time.monotonic()
@@ -71,30 +72,34 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
     settings = Settings()
 
     _step("2/5 ingest: CSV → Kafka (Avro, Confluent wire format, idempotent producer)")
+    generated = asx is None
     if asx is None:
-        asx = generate(home / "ticks", symbols=4, days=3, seed=2014)
-        console.print(f"  generated deterministic synthetic ticks in {asx}")
-    summary = ingest_files(asx, settings, show_progress=True)
-    console.print(f"  read {summary.rows_read:,} rows → produced {summary.produced_total:,}, "
-                  f"rejected {summary.rejected_total:,} ({summary.messages_per_second:,.0f} msg/s)")
-
+        asx = generate(home / "ticks", symbols=4, days=2, seed=2014)
+        console.print(f"  generated two days of deterministic synthetic ticks in {asx}")
+    _ingest(asx, settings)
     _step("3/5 stream: Kafka → Iceberg (exactly-once, de-duplicated), until caught up")
-    result = stream_run(settings, until_idle=2.0)
-    for table, rows in result.rows_written.items():
-        console.print(f"  {table}: {rows:,} new rows committed")
+    _stream(settings)
+    if generated:
+        _step("4/5 a day later: the same files again, now with a third day")
+        generate(home / "ticks", symbols=4, days=3, seed=2014)
+        _ingest(asx, settings)
+        console.print("  the first two days are duplicates by (symbol, exchange date, sequence number): "
+                      "only the new day lands, as a new snapshot")
+        _stream(settings)
 
-    _step("4/5 query API")
+    _step("5/5 query API")
     api = subprocess.Popen([str(Path(sys.executable).with_name("k2")), "api", "--port", str(port)],
                            env={**os.environ, "K2_LOG_LEVEL": "WARNING"})
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{base}/health")
         client = httpx.Client(base_url=base, headers={"X-API-Key": DEV_API_KEY}, timeout=30)
-        _tour(client, home)
+        symbol, day = _tour(client, home)
         console.print(Panel.fit(
             f"Explore: {base}/docs (key header X-API-Key: {DEV_API_KEY})\n"
-            f"CLI:     k2-query symbols --url {base}   (also: trades --symbol BHP --limit 10, bars BHP "
-            f"--interval 5m, summary BHP {{date}}, snapshots, stats; --local reads the catalog directly)\n"
+            f"CLI:     k2-query symbols --url {base}   (also: trades --symbol {symbol} --limit 10, "
+            f"bars {symbol} --interval 5m, summary {symbol} {day}, snapshots, stats; --local reads the "
+            f"catalog directly)\n"
             f"Done in {time.monotonic() - started:.0f}s.", title="K2 demo"))
         if keep_running:
             console.print("API running; Ctrl-C to stop")
@@ -104,7 +109,24 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
         api.wait(timeout=20)
 
 
-def _tour(client: httpx.Client, home: Path) -> None:
+def _ingest(root: Path, settings: Settings) -> None:
+    from k2.ingest.pipeline import ingest_files
+
+    summary = ingest_files(root, settings, show_progress=True)
+    console.print(f"  read {summary.rows_read:,} rows → produced {summary.produced_total:,}, "
+                  f"rejected {summary.rejected_total:,} ({summary.messages_per_second:,.0f} msg/s)")
+
+
+def _stream(settings: Settings) -> None:
+    from k2.stream.runner import run as stream_run
+
+    result = stream_run(settings, until_idle=2.0)
+    for table, rows in result.rows_written.items():
+        console.print(f"  {table}: {rows:,} new rows committed")
+
+
+def _tour(client: httpx.Client, home: Path) -> tuple[str, str]:
+    """The guided queries; returns the symbol and exchange-local date it looked at."""
     symbols = client.get("/v1/symbols").raise_for_status().json()["data"]
     _show("symbols", symbols)
     first = symbols[0]
@@ -120,17 +142,27 @@ def _tour(client: httpx.Client, home: Path) -> None:
           ["bucket_start", "open", "high", "low", "close", "volume", "vwap"], limit=6)
     vwap = client.post("/v1/aggregations", json={"metric": "vwap", "symbols": [s["symbol"] for s in symbols],
                                                  "interval": "1d", "start": start, "end": end, "fill": "none"})
-    _show("daily VWAP per symbol", vwap.raise_for_status().json()["data"], ["symbol", "bucket_start", "vwap"])
-    snapshots = client.get("/v1/snapshots", params={"table": "trades"}).raise_for_status().json()["data"]
-    if snapshots:
-        oldest = snapshots[-1] if len(snapshots) > 1 else snapshots[0]
-        as_of = client.post(f"/v1/snapshots/{oldest['snapshot_id']}/query",
-                            json={"table": "trades", "symbols": [symbol], "limit": 3}).raise_for_status().json()
-        console.print(f"time travel: trades table has {len(snapshots)} snapshots; at snapshot "
-                      f"{oldest['snapshot_id']} the first rows for {symbol} were:")
-        _show("as of the first snapshot", as_of["data"], ["exchange_timestamp", "price", "volume", "sequence_number"])
+    _show(f"VWAP per symbol on {day}", vwap.raise_for_status().json()["data"], ["symbol", "vwap", "volume"])
+    _time_travel(client, symbol, day)
     chart = home / f"{symbol.lower()}-{day}.png"
     k2_query = str(Path(sys.executable).with_name("k2-query"))
     subprocess.run([k2_query, "chart", symbol, day, "--interval", "5m", "-o", str(chart), "--url",
                     str(client.base_url)], check=True, env={**os.environ, "K2_API_KEY": DEV_API_KEY})
     console.print(f"candlestick chart written to {chart}")
+    return symbol, day
+
+
+def _time_travel(client: httpx.Client, symbol: str, day: str) -> None:
+    """The table's history, and `day` as the oldest snapshot saw it and as it is now."""
+    snapshots = client.get("/v1/snapshots", params={"table": "trades"}).raise_for_status().json()["data"]
+    _show("trades table history (newest first)", snapshots,
+          ["snapshot_id", "committed_at", "operation", "added_rows", "total_rows"], limit=6)
+    oldest = snapshots[-1]
+    body = {"table": "trades", "symbols": [symbol], "start": f"{day}T00:00:00+11:00", "limit": 3}
+    then = client.post(f"/v1/snapshots/{oldest['snapshot_id']}/query", json=body).raise_for_status().json()
+    now = client.post("/v1/trades/query", json={k: v for k, v in body.items() if k != "table"})
+    console.print(f"time travel: {symbol} trades from {day} on, as of the oldest snapshot "
+                  f"{oldest['snapshot_id']} ({oldest['committed_at']}):")
+    _show("as of the oldest snapshot", then["data"], ["exchange_timestamp", "price", "volume", "sequence_number"])
+    _show("as of now", now.raise_for_status().json()["data"],
+          ["exchange_timestamp", "price", "volume", "sequence_number"])
