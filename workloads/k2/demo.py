@@ -100,6 +100,8 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
             f"CLI:     k2-query symbols --url {base}   (also: trades --symbol {symbol} --limit 10, "
             f"bars {symbol} --interval 5m, summary {symbol} {day}, snapshots, stats; --local reads the "
             f"catalog directly)\n"
+            f"Stack:   Kafka and the registry keep running for that (and for a fast next demo); "
+            f"`make dev-down` stops them.\n"
             f"Done in {time.monotonic() - started:.0f}s.", title="K2 demo"))
         if keep_running:
             console.print("API running; Ctrl-C to stop")
