@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from k2 import schemas, tables
+from k2 import schemas, tables, topics
 from k2.ingest.pipeline import ingest_files, register_schemas
 from k2.schemas.registry import client, register, value_subject
 from k2.schemas.wire import AvroEncoder
@@ -252,3 +252,23 @@ def test_maintenance_while_a_writer_commits_loses_and_doubles_nothing(tmp_path, 
     assert compacted > 0
     assert table.scan().count() == expected
     _keys_unique(table)
+
+
+def test_workloads_deployed_by_the_operator_only_check_for_topics_and_tables(tmp_path, embedded_settings):
+    """K2_CREATE_RESOURCES=false (what the operator renders): nothing is created, a missing topic or
+    table is a clear error, and once they exist (made by the operator) the workloads run as usual."""
+    managed = embedded_settings.model_copy(update={"create_resources": False})
+    root = generate(tmp_path / "ticks", symbols=1, days=1, seed=4)
+    with pytest.raises(topics.MissingResource, match=rf"{managed.topic('trades')}.*IngestionPipeline"):
+        ingest_files(root, managed, kinds=("trades",), with_reference=False)
+    admin = topics.admin_client(managed.kafka_bootstrap)
+    assert topics.describe_partitions(admin, [managed.topic("trades"), managed.dlq_topic]) == {}
+
+    produced = ingest_files(root, embedded_settings, kinds=("trades",), with_reference=False)  # standalone: creates
+    with pytest.raises(topics.MissingResource, match=r"market\.trades does not exist.*IcebergTable"):
+        stream_run(managed, ("trades",), until_idle=1.0)
+    assert tables.load_table(tables.catalog(managed), managed.table_identifier("trades")) is None
+
+    tables.ensure_table(tables.catalog(managed), tables.builtin_definition("trades", managed))  # the operator's part
+    result = stream_run(managed, ("trades",), until_idle=1.0)
+    assert result.rows_written[managed.table_identifier("trades")] == produced.produced[managed.topic("trades")] > 0

@@ -145,6 +145,7 @@ def test_configuration_round_trips_through_settings(monkeypatch: pytest.MonkeyPa
     assert seen.catalog_uri == secrets["catalog_uri"] and seen.warehouse == secrets["warehouse"]
     assert seen.s3_secret_key.get_secret_value() == "hunter2"
     assert seen.mode == "prod" and seen.metrics_port == CTX.workload_metrics_port
+    assert seen.create_resources is False, "the operator owns topics and tables; its workloads only check"
 
 
 def test_secrets_never_land_in_the_config_map(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="K2_", extra="ignore", frozen=True)
 
     mode: Literal["dev", "prod"] = Field("dev", description="dev allows the built-in API key")
+    create_resources: bool = Field(True, description="create missing topics and tables (standalone runs); the "
+                                   "operator turns it off, since it owns them: workloads then only check")
 
     # Kafka + Schema Registry
     kafka_bootstrap: str = "127.0.0.1:9092"

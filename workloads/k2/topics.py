@@ -99,12 +99,24 @@ def ensure_topic(admin: AdminClient, spec: TopicSpec, timeout: float = 30.0) -> 
     return TopicState(spec.name, spec.partitions, grown_from=grown_from, config_changed=changed)
 
 
+class MissingResource(RuntimeError):
+    """Something the workload needs does not exist, and creating it is not this workload's job."""
+
+
 def ensure_pipeline_topics(settings: Settings, kinds: tuple[TableKind, ...]) -> None:
-    """The data topics of `kinds` and the DLQ, as `settings` names and sizes them (standalone runs;
-    on Kubernetes the operator does this from the IngestionPipeline)."""
+    """The data topics of `kinds` and the DLQ, as `settings` names and sizes them. With
+    `create_resources` off (deployed by the operator, which creates them from the
+    IngestionPipeline) they are only checked, and a missing one is a clear error."""
     admin = admin_client(settings.kafka_bootstrap)
     specs = [TopicSpec(settings.topic(k), settings.topic_partitions, settings.topic_replication) for k in kinds]
     specs.append(TopicSpec(settings.dlq_topic, 1, settings.topic_replication))
+    if not settings.create_resources:
+        existing = describe_partitions(admin, [s.name for s in specs])
+        missing = [s.name for s in specs if s.name not in existing]
+        if missing:
+            raise MissingResource(f"Kafka topics {', '.join(missing)} do not exist; K2_CREATE_RESOURCES is off, so "
+                                  "they must come from their IngestionPipeline (is it Ready?)")
+        return
     for spec in specs:
         ensure_topic(admin, spec)
 

@@ -117,7 +117,9 @@ class WorkloadConfig:
 
 def workload_settings(ctx: RenderContext, **values: Any) -> Settings:
     """Settings for a workload: the context's defaults, then the CR's values, then validation."""
-    base = {"mode": "prod", "kafka_bootstrap": ctx.kafka_bootstrap, "registry_url": ctx.registry_url,
+    # The operator creates the topics and tables; the workloads it deploys only check for them.
+    base = {"mode": "prod", "create_resources": False, "kafka_bootstrap": ctx.kafka_bootstrap,
+            "registry_url": ctx.registry_url,
             "log_level": ctx.log_level, "dlq_path": f"{TMP_MOUNT}/k2/dlq.jsonl",
             "warehouse": f"{TMP_MOUNT}/k2/warehouse"}
     return DeclaredSettings(**{**base, **values})

@@ -104,7 +104,6 @@ def ingest_files(
     symbols: set[str] | None = None,
     kinds: tuple[TableKind, ...] = ("trades", "quotes"),
     with_reference: bool = True,
-    create_topics: bool = True,
     dlq_file: Path | None = None,
     show_progress: bool = False,
     producer_config: dict | None = None,
@@ -112,8 +111,7 @@ def ingest_files(
     """Ingest an ASX-format folder (trades/, quotes/, reference-data/) into Kafka."""
     files = discover(root, symbols, kinds)
     all_kinds = (*kinds, "reference") if with_reference else kinds
-    if create_topics:
-        topics.ensure_pipeline_topics(settings, all_kinds)
+    topics.ensure_pipeline_topics(settings, all_kinds)
     encoders = register_schemas(settings, all_kinds)
     producer = TickProducer(settings.kafka_bootstrap, producer_config)
     dlq: DeadLetterSink = (FileDeadLetters(dlq_file) if dlq_file

@@ -36,7 +36,15 @@ def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLet
     cat = tables.catalog(settings)
     writers = []
     for kind in kinds:
-        table = tables.ensure_table(cat, tables.builtin_definition(kind, settings))
+        if settings.create_resources:
+            table = tables.ensure_table(cat, tables.builtin_definition(kind, settings))
+        else:
+            loaded = tables.load_table(cat, settings.table_identifier(kind))
+            if loaded is None:
+                raise topics.MissingResource(
+                    f"table {settings.table_identifier(kind)} does not exist; K2_CREATE_RESOURCES is off, so it "
+                    "must come from its IcebergTable (is it Ready?)")
+            table = loaded
         writers.append(TableWriter(kind, settings, table, dlq,
                                    group_id=f"{group_id}-{kind}" if group_id else None))
     return writers
@@ -44,9 +52,8 @@ def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLet
 
 def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", "reference"), *,
         until_idle: float | None = None, dlq_file: Path | None = None, group_id: str | None = None,
-        create_topics: bool = True) -> StreamResult:
-    if create_topics:
-        topics.ensure_pipeline_topics(settings, kinds)
+        ) -> StreamResult:
+    topics.ensure_pipeline_topics(settings, kinds)
     dlq_producer = None
     if dlq_file:
         dlq: DeadLetterSink = FileDeadLetters(dlq_file)
