@@ -197,7 +197,7 @@ def ensure_table(cat: Catalog, definition: tables.TableDefinition) -> tuple[Tabl
     if existing is None:
         return tables.ensure_table(cat, definition), True, False
     evolved = tables.evolve_schema(existing, definition.schema)
-    return (existing.refresh() if evolved else existing), False, evolved
+    return existing, False, evolved  # evolve_schema left `existing` current
 
 
 def apply_properties(table: Table, wanted: Mapping[str, str]) -> list[str]:

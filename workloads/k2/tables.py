@@ -145,13 +145,14 @@ def commit_retrying_conflicts(table: Table, action: str, commit: Callable[[Table
 
     K2 tables turn pyiceberg's own retry off (it would rebase blindly), so every conflict lands
     here and the whole step is redone — decisions included — from the table as it is now.
-    Returns the refreshed table.
+    Returns `table` itself, current: pyiceberg's `refresh` and every commit through a transaction
+    update the handle in place.
     """
     for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
         table = table.refresh()
         try:
             commit(table)
-            return table.refresh()
+            return table
         except (CommitFailedException, ValidationException) as exc:
             log.warning("table.commit_conflict", table=".".join(table.name()), action=action, attempt=attempt,
                         error=str(exc))
@@ -170,19 +171,22 @@ def set_properties(table: Table, properties: dict[str, str]) -> Table:
 def evolve_schema(table: Table, schema: Schema) -> bool:
     """Add the columns of `schema` missing from the table (as optional). Returns whether it changed.
 
-    `table` is refreshed in place (pyiceberg's `refresh` updates the handle it is called on).
+    When it looks at the catalog, `table` ends up current (see `commit_retrying_conflicts`).
     """
+    def missing(current: Table) -> list[str]:
+        existing = {f.name for f in current.schema().fields}
+        return [f.name for f in schema.fields if f.name not in existing]
+
+    if not missing(table):
+        return False
     added: list[str] = []
 
     def commit(current: Table) -> None:
-        existing = {f.name for f in current.schema().fields}
-        added[:] = [f.name for f in schema.fields if f.name not in existing]
+        added[:] = missing(current)  # another writer may have added them meanwhile
         if added:
             with current.update_schema() as update:
                 update.union_by_name(schema)
 
-    if all(f.name in {f.name for f in table.schema().fields} for f in schema.fields):
-        return False
     commit_retrying_conflicts(table, "schema evolution", commit)
     if added:
         log.info("table.schema_evolved", table=".".join(table.name()), added=added)

@@ -117,7 +117,7 @@ def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: st
     rt = runtime.get()
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    with rt.lock(PIPELINE.kind, namespace, name), runtime.observed(PIPELINE, body, trigger) as logger:
+    with runtime.reconciling(PIPELINE, body, trigger) as logger:
         spec = IngestionPipelineSpec.model_validate(dict(body["spec"]))
         status = body.get("status") or {}
         changes: list[str] = []
@@ -276,8 +276,7 @@ def pipeline_deleted(body: kopf.Body, pipeline_topic_claims: kopf.Index, retry: 
     rt = runtime.get()
     meta = body["metadata"]
     spec = IngestionPipelineSpec.model_validate(dict(body["spec"]))
-    with rt.lock(PIPELINE.kind, meta["namespace"], meta["name"]), \
-            runtime.observed(PIPELINE, body, "delete") as logger:
+    with runtime.reconciling(PIPELINE, body, "delete") as logger:
         if runtime.skip_cleanup(body):
             runtime.event(body, "CleanupSkipped", f"{runtime.SKIP_CLEANUP_ANNOTATION}=true: topics and subjects "
                           "are left in place", warning=True)

@@ -44,7 +44,7 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
     rt = runtime.get()
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    with rt.lock(QUERY.kind, namespace, name), runtime.observed(QUERY, body, trigger) as logger:
+    with runtime.reconciling(QUERY, body, trigger) as logger:
         spec = QueryServiceSpec.model_validate(dict(body["spec"]))
         status = body.get("status") or {}
         table, resolved = resolve_tables(namespace, spec)

@@ -115,9 +115,16 @@ def resource_kind(info: KindInfo) -> Kind:
 
 # --- observability ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def observed(info: KindInfo, body: Mapping[str, Any], trigger: str) -> Iterator[structlog.BoundLogger]:
-    """Metrics and a bound logger for one reconcile; the outcome label says how it ended."""
+def reconciling(info: KindInfo, body: Mapping[str, Any], trigger: str) -> Iterator[structlog.BoundLogger]:
+    """One reconcile of one resource: serialised with every other handler of that resource (the
+    per-resource lock), timed and counted, with a bound logger; the outcome label says how it ended."""
     meta = body["metadata"]
+    with get().lock(info.kind, meta["namespace"], meta["name"]), _observed(info, meta, trigger) as logger:
+        yield logger
+
+
+@contextlib.contextmanager
+def _observed(info: KindInfo, meta: Mapping[str, Any], trigger: str) -> Iterator[structlog.BoundLogger]:
     logger = log.bind(kind=info.kind, namespace=meta.get("namespace"), name=meta.get("name"), trigger=trigger,
                       generation=meta.get("generation"))
     started = time.perf_counter()

@@ -78,7 +78,7 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
     rt = runtime.get()
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    with rt.lock(TABLE.kind, namespace, name), runtime.observed(TABLE, body, trigger) as logger:
+    with runtime.reconciling(TABLE, body, trigger) as logger:
         spec = IcebergTableSpec.model_validate(dict(body["spec"]))
         status = body.get("status") or {}
         changes: list[str] = []
@@ -108,7 +108,7 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
                     changes.append(f"added columns to {spec.identifier}")
                 if changed_properties:
                     changes.append(f"set {', '.join(changed_properties)} on {spec.identifier}")
-                observed.update(observed_state(table.refresh() if changed_properties else table))
+                observed.update(observed_state(table))
                 check = Condition.true(TABLE_READY, "Reconciled",
                                        f"{spec.identifier} with {observed['columns']} columns")
         except InvalidSpec as exc:  # retrying cannot help; the drift timer looks again
@@ -157,7 +157,7 @@ def table_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
     rt = runtime.get()
     meta = body["metadata"]
     spec = IcebergTableSpec.model_validate(dict(body["spec"]))
-    with rt.lock(TABLE.kind, meta["namespace"], meta["name"]), runtime.observed(TABLE, body, "delete") as logger:
+    with runtime.reconciling(TABLE, body, "delete") as logger:
         if runtime.skip_cleanup(body):
             runtime.event(body, "CleanupSkipped", f"{runtime.SKIP_CLEANUP_ANNOTATION}=true: table "
                           f"{spec.identifier} is left in place", warning=True)

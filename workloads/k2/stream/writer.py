@@ -376,9 +376,7 @@ class TableWriter:
             writer = self.decoder.writer_schema_json(schema_id)
             if {f["name"] for f in writer["fields"]} <= self.known_columns:
                 continue
-            self.table = self.table.refresh()
-            tables.evolve_schema(self.table, schemas.iceberg_schema_from_avro(writer))
-            self.table = self.table.refresh()
+            tables.evolve_schema(self.table, schemas.iceberg_schema_from_avro(writer))  # leaves self.table current
             self.known_columns = {f.name for f in self.table.schema().fields}
 
     def flush(self) -> int:
@@ -448,8 +446,7 @@ class TableWriter:
                 time.sleep(min(0.02 * 2 ** min(attempt, 5), 1.0) * random.uniform(0.5, 1.5))
                 continue  # reload and re-check the fence before trying again
             elapsed = time.perf_counter() - started
-            self.table = self.table.refresh()
-            snapshot = self.table.current_snapshot()
+            snapshot = self.table.current_snapshot()  # the transaction updated self.table in place
             COMMIT_DURATION.labels(self.table_name).observe(elapsed)
             COMMITS.labels(self.table_name, "ok").inc()
             ROWS_WRITTEN.labels(self.table_name).inc(data.num_rows)
