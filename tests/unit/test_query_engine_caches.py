@@ -134,12 +134,10 @@ def test_a_new_commit_is_never_answered_from_the_cache(lakehouse):
     assert pinned["trade_count"].to_pylist() == [before["trade_count"]], "time travel reads its own snapshot"
 
 
-def test_the_cache_is_bounded_and_can_be_turned_off(tmp_path):
-    settings = Settings(mode="dev", catalog_uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=str(tmp_path / "wh"),
-                        namespace="market", s3_endpoint=None, log_level="WARNING", query_cache_mb=0)
-    root = generate(tmp_path / "ticks", symbols=1, days=1, seed=1)
+def test_with_the_cache_off_every_query_runs(lakehouse):
+    settings, root, _ = lakehouse
     _append(settings, root)
-    engine = Engine(settings)
+    engine = Engine(settings.model_copy(update={"query_cache_mb": 0}))
     try:
         executions = _executions()
         assert bars.summary(engine, "BHP", DAY) == bars.summary(engine, "BHP", DAY)
@@ -176,9 +174,9 @@ def _day_bounds() -> tuple[dt.datetime, dt.datetime]:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_duckdb_threads_follow_the_setting(tmp_path, threads):
-    engine = Engine(Settings(mode="dev", catalog_uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=str(tmp_path),
-                             s3_endpoint=None, query_threads=threads))
+def test_duckdb_threads_follow_the_setting(lakehouse, threads):
+    settings, _, _ = lakehouse
+    engine = Engine(settings.model_copy(update={"query_threads": threads}))
     try:
         with engine._cursor() as cur:
             assert cur.execute("SELECT current_setting('threads')").fetchone()[0] == threads
