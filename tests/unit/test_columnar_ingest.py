@@ -133,12 +133,12 @@ def test_synthetic_files_with_traps_give_the_row_paths_results(tmp_path, monkeyp
     assert sum(rejected.values()) == len(letters)
 
 
-def test_small_chunks_and_a_value_beyond_arrow_fall_back_per_chunk(tmp_path, monkeypatch):
+def test_small_chunks_and_bytes_that_are_not_utf8_fall_back_per_chunk(tmp_path, monkeypatch):
     root = generate(tmp_path / "ticks", symbols=1, days=2, seed=9)
     files = _with_traps(root)
     trades = next(f for f in files if f.kind == "trades")
-    # a price of 10**12 or more fits no decimal128(18, 6): that chunk takes the row path
-    huge = b"\r\n03/12/2014,10:30:00.000,1234567890123.5,1,0,,\r\n"
+    # a byte that is not UTF-8: that chunk takes the row path, which dead-letters just that line
+    huge = b"\r\n03/12/2014,10:30:00.000,12.5,1,\xff,,\r\n"
     trades.path.write_bytes(trades.path.read_bytes().replace(b"\r\n", huge, 1))
     monkeypatch.setattr(columnar, "CHUNK_BYTES", 4096)
     _assert_same_as_row_path(files, monkeypatch)

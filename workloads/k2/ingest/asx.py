@@ -16,13 +16,19 @@ from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from k2.schemas import PRICE_SCALE
+from k2.schemas import PRICE_PRECISION, PRICE_SCALE
 from k2.settings import TableKind
 
 EXCHANGE_TZ = ZoneInfo("Australia/Sydney")
 EXCHANGE = "ASX"
 _EPOCH = dt.date(1970, 1, 1)
 _PRICE_FACTOR = 10**PRICE_SCALE
+# The types every value must fit before it is encoded: Avro long / Iceberg long, decimal(18, 6),
+# and dates whose instants every reader can hold (nanosecond timestamps, as pandas and Arrow's
+# ns conversions use, end in April 2262).
+_LONG_MAX = 2**63 - 1
+_PRICE_MAX = 10**PRICE_PRECISION - 1
+FIRST_DATE, END_DATE = dt.date(1900, 1, 1), dt.date(2262, 1, 1)
 TRADE_COLUMNS = 7  # date, time, price, volume, qualifier, venue, buyer id
 QUOTE_COLUMNS = 6  # date, time, bid, ask, bid volume, ask volume (in that order)
 
@@ -43,6 +49,8 @@ def _parse_date(text: str) -> tuple[dt.date, int]:
         date = dt.date(int(year), int(month), int(day))
     except ValueError as exc:
         raise RowError("bad_date", f"unparsable date {text!r} (expected MM/DD/YYYY)") from exc
+    if not FIRST_DATE <= date < END_DATE:
+        raise RowError("out_of_range", f"date {text!r} outside {FIRST_DATE} to {END_DATE} (exclusive)")
     return date, (date - _EPOCH).days
 
 
@@ -80,7 +88,10 @@ def parse_price(text: str, column: str) -> int:
     frac = frac.rstrip("0")
     if len(frac) > PRICE_SCALE:
         raise RowError("bad_number", f"{column} {text!r} has more than {PRICE_SCALE} decimal places")
-    return int(whole or "0") * _PRICE_FACTOR + int(frac.ljust(PRICE_SCALE, "0"))
+    value = int(whole or "0") * _PRICE_FACTOR + int(frac.ljust(PRICE_SCALE, "0"))
+    if value > _PRICE_MAX:
+        raise RowError("out_of_range", f"{column} {text!r} does not fit decimal({PRICE_PRECISION}, {PRICE_SCALE})")
+    return value
 
 
 def parse_size(text: str, column: str) -> int:
@@ -91,7 +102,10 @@ def parse_size(text: str, column: str) -> int:
         raise RowError("negative_value", f"{column} {text!r} is negative")
     if not whole.isdigit() or (frac and frac.strip("0")):
         raise RowError("bad_number", f"{column} {text!r} is not a whole non-negative number")
-    return int(whole)
+    value = int(whole)
+    if value > _LONG_MAX:
+        raise RowError("out_of_range", f"{column} {text!r} does not fit int64")
+    return value
 
 
 def unscaled_bytes(value: int) -> bytes:
@@ -169,6 +183,13 @@ class RecordBuilder:
         self._parse = self._trade if tick_file.kind == "trades" else self._quote
 
     def build(self, line: str) -> dict:
+        """One line (read as UTF-8 with surrogateescape, so undecodable bytes arrive as lone
+        surrogates) → its record; RowError names why a line cannot be one."""
+        if not line.isascii():
+            try:
+                line.encode()
+            except UnicodeEncodeError as exc:
+                raise RowError("bad_encoding", f"not UTF-8 at character {exc.start}") from exc
         fields = line.rstrip("\r\n").split(",")
         record = self._parse(fields)
         day = record["exchange_date"]

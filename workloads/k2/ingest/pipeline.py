@@ -161,10 +161,10 @@ def _ingest_file(tick_file: TickFile, topic: str, encoder: AvroEncoder, producer
 
     `RecordBuilder` decides every line the columnar parser does not take itself, so records,
     sequence numbers, rejections and their line numbers are those of the row-by-row path, which
-    still runs where the columnar one cannot (a locale that is not UTF-8, a value Arrow cannot hold)."""
+    still runs where the columnar one cannot (a locale that is not UTF-8, bytes that are not UTF-8)."""
     builder = RecordBuilder(tick_file, ingest_us)
     if not columnar.available():
-        with tick_file.path.open(newline="") as fh:
+        with tick_file.path.open(newline="", errors="surrogateescape") as fh:
             _ingest_rows(enumerate(fh, start=1), builder, tick_file, topic, encoder, producer, dlq, detector,
                          summary, flag, advance)
         return
