@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 from confluent_kafka import Producer
 
 from k2 import topics
-from k2.ingest.asx import RecordBuilder, RowError, discover
 from k2.ingest.pipeline import ingest_files, register_schemas
-from k2.ingest.producer import PRODUCER_DEFAULTS
+from k2.kafka import PRODUCER_DEFAULTS
 from k2.settings import Settings
+from k2.sources.asx import RecordBuilder, RowError, discover
 from k2.stream.runner import run as stream_run
 from k2.stream.writer import rows_to_arrow
 

@@ -17,10 +17,10 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from k2 import schemas
-from k2.ingest.asx import discover
 from k2.ingest.pipeline import ingest_files, register_schemas
 from k2.schemas.registry import SchemaIncompatible, client, register, value_subject
 from k2.schemas.wire import AvroDecoder
+from k2.sources.asx import discover
 
 pytestmark = pytest.mark.integration
 CSV_ROWS = {"trades": 200_545, "quotes": 169_629}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from k2.ingest.asx import (
+from k2.sources.asx import (
     RecordBuilder,
     RowError,
     TickFile,

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k2 import schemas
-from k2.ingest.asx import unscaled_bytes
 from k2.schemas import arrow_schema_from_avro, columnar, strip_logical_types
+from k2.sources.asx import unscaled_bytes
 
 pytestmark = pytest.mark.unit
 HEADER = b"\x00\x00\x00\x01\x2a"

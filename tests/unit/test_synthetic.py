@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from k2.ingest.asx import RecordBuilder, discover
+from k2.sources.asx import RecordBuilder, discover
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.unit

@@ -18,8 +18,9 @@ import pyarrow as pa
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from k2 import schemas
+from k2.exchanges import DEFAULT_EXCHANGE, EXCHANGES, SYMBOL_PATTERN
 from k2.query.bars import Fill, Metric
-from k2.query.filters import EARLIEST, EXCHANGE_TIMEZONES, LATEST, MAX_SYMBOLS, SYMBOL_PATTERN, Interval, TickKind
+from k2.query.filters import EARLIEST, LATEST, MAX_SYMBOLS, Interval, TickKind
 from k2.query.metadata import SnapshotInfo, TableStats
 from k2.settings import TableKind
 
@@ -41,7 +42,7 @@ Symbols = Annotated[list[Symbol], Field(min_length=1, max_length=MAX_SYMBOLS)]
 Instant = Annotated[AwareDatetime, AfterValidator(_in_range),
                     Field(description="ISO-8601 instant with a UTC offset", examples=["2014-03-10T00:00:00+11:00"])]
 Day = Annotated[dt.date, AfterValidator(_day_in_range), Field(description="exchange-local date")]
-Exchange = Literal[tuple(EXCHANGE_TIMEZONES)]  # type: ignore[valid-type]
+Exchange = Literal[tuple(EXCHANGES)]  # type: ignore[valid-type]
 SnapshotId = Annotated[int, Field(ge=0, le=2**63 - 1, description="Iceberg snapshot id")]
 Format = Literal["json", "csv", "parquet"]
 Mode = Literal["cold_start", "catch_up", "rewind"]
@@ -158,7 +159,7 @@ class AggregationRequest(Request):
     start: Instant
     end: Instant
     fill: Fill = "none"
-    exchange: Exchange = "ASX"  # type: ignore[valid-type]
+    exchange: Exchange = DEFAULT_EXCHANGE  # type: ignore[valid-type]
 
 
 class Bars(BaseModel):

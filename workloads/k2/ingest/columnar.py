@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2 import schemas
-from k2.ingest.asx import (
+from k2.schemas.columnar import decimal_from_unscaled, unscaled_int64
+from k2.sources.asx import (
     EXCHANGE,
     QUOTE_COLUMNS,
     TRADE_COLUMNS,
@@ -36,7 +37,6 @@ from k2.ingest.asx import (
     _parse_date,
     _utc_offset_us,
 )
-from k2.schemas.columnar import decimal_from_unscaled, unscaled_int64
 
 CHUNK_BYTES = 32 * 1024 * 1024
 _MICROS_PER_DAY = 86_400_000_000

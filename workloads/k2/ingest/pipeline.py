@@ -19,7 +19,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from k2 import schemas, topics
 from k2.dlq import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
 from k2.ingest import columnar
-from k2.ingest.asx import RecordBuilder, RowError, TickFile, discover, reference_records
 from k2.ingest.producer import TickProducer
 from k2.quality import GapDetector
 from k2.schemas import columnar as columnar_avro
@@ -27,6 +26,7 @@ from k2.schemas.registry import client as registry_client
 from k2.schemas.registry import register, value_subject
 from k2.schemas.wire import AvroEncoder
 from k2.settings import Settings, TableKind
+from k2.sources.asx import RecordBuilder, RowError, TickFile, discover, reference_records
 
 log = structlog.get_logger("k2.ingest")
 _CHECKPOINT_LINES = 20_000  # progress and the stop flag are looked at this often
@@ -57,14 +57,14 @@ class IngestSummary:
         return self.produced_total / self.seconds if self.seconds else 0.0
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM/SIGINT ask the loop to stop between rows; the producer is then flushed."""
 
     def __init__(self) -> None:
         self.stop = False
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -122,7 +122,7 @@ def ingest_files(
     started = time.perf_counter()
     total_bytes = sum(f.path.stat().st_size for f in files)
 
-    with _StopFlag() as flag, _progress(show_progress) as progress:
+    with StopFlag() as flag, _progress(show_progress) as progress:
         task = progress.add_task("ingest", total=total_bytes, rate="")
 
         def advance(nbytes: int) -> None:
@@ -156,7 +156,7 @@ def ingest_files(
 
 def _ingest_file(tick_file: TickFile, topic: str, encoder: AvroEncoder, producer: TickProducer,
                  dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary, ingest_us: int,
-                 flag: _StopFlag, advance) -> None:
+                 flag: StopFlag, advance) -> None:
     """Parse the file a chunk at a time into Arrow, encode each chunk at once, then produce.
 
     `RecordBuilder` decides every line the columnar parser does not take itself, so records,
@@ -191,7 +191,7 @@ def _ingest_file(tick_file: TickFile, topic: str, encoder: AvroEncoder, producer
 
 def _produce_chunk(chunk: columnar.ParsedChunk, payloads: list[bytes], tick_file: TickFile, topic: str,
                    producer: TickProducer, dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary,
-                   flag: _StopFlag, advance) -> bool:
+                   flag: StopFlag, advance) -> bool:
     """Dead letters and messages of a parsed chunk, in slices of lines that mirror the row path's
     checkpoints: progress and the stop flag every `_CHECKPOINT_LINES` lines. True if stopped."""
     key = tick_file.symbol.encode()
@@ -223,7 +223,7 @@ def _produce_chunk(chunk: columnar.ParsedChunk, payloads: list[bytes], tick_file
 
 def _ingest_rows(lines, builder: RecordBuilder, tick_file: TickFile, topic: str, encoder: AvroEncoder,
                  producer: TickProducer, dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary,
-                 flag: _StopFlag, advance) -> bool:
+                 flag: StopFlag, advance) -> bool:
     """The row-by-row path over (line number, line) pairs; True if stopped."""
     key = tick_file.symbol.encode()
     encode, produce, build = encoder.encode, producer.produce, builder.build

@@ -12,21 +12,11 @@ from typing import Any
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
+from k2.kafka import PRODUCER_DEFAULTS
 from k2.observability import BYTES_PRODUCED, MESSAGES_PRODUCED, PRODUCE_ERRORS, PRODUCE_LATENCY
 
 log = structlog.get_logger("k2.ingest")
 
-PRODUCER_DEFAULTS: dict[str, Any] = {
-    "enable.idempotence": True,  # implies acks=all, bounded in-flight, ordered retries per partition
-    "acks": "all",
-    "compression.type": "lz4",
-    "linger.ms": 20,
-    "batch.size": 1_000_000,
-    "batch.num.messages": 100_000,
-    "queue.buffering.max.messages": 1_000_000,
-    "queue.buffering.max.kbytes": 1_048_576,
-    "message.timeout.ms": 120_000,
-}
 _LATENCY_SAMPLE_EVERY = 64
 
 

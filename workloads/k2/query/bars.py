@@ -30,9 +30,10 @@ from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 
+from k2.exchanges import DEFAULT_EXCHANGE
 from k2.query.engine import Engine, Pin
 from k2.query.errors import InvalidQuery
-from k2.query.filters import DEFAULT_EXCHANGE, INTERVALS, Interval, TickFilter, exchange_zone, local_midnight
+from k2.query.filters import INTERVALS, Interval, TickFilter, exchange_zone, local_midnight
 from k2.query.sql import Where, ident
 
 Metric = Literal["ohlcv", "vwap", "twap"]

@@ -21,9 +21,10 @@ import typer
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from k2.exchanges import DEFAULT_EXCHANGE
 from k2.query.bars import BarQuery, Fill, Metric
 from k2.query.client import ApiSource, ClientError, LocalSource, Row, Source
-from k2.query.filters import DEFAULT_EXCHANGE, INTERVALS, Interval, TickKind, exchange_zone, local_midnight
+from k2.query.filters import INTERVALS, Interval, TickKind, exchange_zone, local_midnight
 from k2.settings import DEV_API_KEY, Settings, TableKind
 
 app = typer.Typer(help="Query K2 market data through the REST API or straight from the catalog",

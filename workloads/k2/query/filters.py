@@ -25,15 +25,10 @@ from pyiceberg.expressions import (
     LessThanOrEqual,
 )
 
-from k2 import schemas
-from k2.ingest import asx
+from k2 import exchanges, schemas
 from k2.query.errors import InvalidQuery
 from k2.settings import TableKind
 
-# Bars are aligned to the exchange's local clock, so an exchange is only queryable with its zone.
-EXCHANGE_TIMEZONES: dict[str, ZoneInfo] = {asx.EXCHANGE: asx.EXCHANGE_TZ}
-DEFAULT_EXCHANGE = asx.EXCHANGE
-SYMBOL_PATTERN = r"^[A-Z0-9][A-Z0-9.]{0,11}$"
 MAX_SYMBOLS = 100
 
 Interval = Literal["1m", "5m", "15m", "1h", "1d"]
@@ -68,10 +63,10 @@ def select_fields(kind: TableKind, fields: Sequence[str] | None) -> tuple[str, .
 
 
 def exchange_zone(exchange: str) -> ZoneInfo:
-    try:
-        return EXCHANGE_TIMEZONES[exchange]
-    except KeyError:
-        raise InvalidQuery("exchange", f"unknown exchange {exchange!r}; known: {sorted(EXCHANGE_TIMEZONES)}") from None
+    """Bars are aligned to the exchange's local clock, so an exchange is only queryable with its zone."""
+    if exchange not in exchanges.EXCHANGES:  # codes are exact here: they are compared to stored values
+        raise InvalidQuery("exchange", str(exchanges.UnknownExchange(exchange)))
+    return exchanges.EXCHANGES[exchange].timezone
 
 
 def local_midnight(day: dt.date, zone: ZoneInfo) -> dt.datetime:
@@ -99,7 +94,9 @@ class TickFilter:
         object.__setattr__(self, "symbols", tuple(sorted(set(self.symbols))))
 
     def _zones(self) -> list[ZoneInfo]:
-        return [EXCHANGE_TIMEZONES[self.exchange]] if self.exchange else list(EXCHANGE_TIMEZONES.values())
+        if self.exchange:
+            return [exchange_zone(self.exchange)]
+        return [x.timezone for x in exchanges.EXCHANGES.values()]
 
     def exchange_dates(self) -> tuple[dt.date | None, dt.date | None]:
         """Bounds on `exchange_date` implied by [start, end): the partition pruning key.

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2 import tables
-from k2.ingest.asx import RecordBuilder, discover, reference_records
 from k2.settings import Settings, TableKind
+from k2.sources.asx import RecordBuilder, discover, reference_records
 from k2.stream.writer import rows_to_arrow
 
 _EPOCH_DATE = dt.date(1970, 1, 1)

@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 
 from k2 import tables, topics
 from k2.dlq import DeadLetterSink, FileDeadLetters, KafkaDeadLetters
-from k2.ingest.producer import PRODUCER_DEFAULTS
+from k2.kafka import PRODUCER_DEFAULTS
 from k2.settings import Settings, TableKind
 from k2.stream.writer import TableWriter
 

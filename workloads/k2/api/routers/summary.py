@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from k2.api.deps import EngineDep
 from k2.api.models import Day, Exchange, Summary, Symbol
+from k2.exchanges import DEFAULT_EXCHANGE
 from k2.query import bars
 from k2.query.errors import NotFound
-from k2.query.filters import DEFAULT_EXCHANGE
 
 router = APIRouter(prefix="/v1/summary", tags=["summary"])
 

@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
+from k2 import exchanges
 from k2.schemas import PRICE_PRECISION, PRICE_SCALE
 from k2.settings import TableKind
 
-EXCHANGE_TZ = ZoneInfo("Australia/Sydney")
 EXCHANGE = "ASX"
+EXCHANGE_TZ = exchanges.get(EXCHANGE).timezone
 _EPOCH = dt.date(1970, 1, 1)
 _PRICE_FACTOR = 10**PRICE_SCALE
 # The types every value must fit before it is encoded: Avro long / Iceberg long, decimal(18, 6),

@@ -1,0 +1,86 @@
+"""The exchange registry: one place for zones, calendars, symbol shapes and currencies, read by
+every stage; and the layering it makes possible (no stage imports another stage's internals)."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from k2 import exchanges
+from k2.api.models import AggregationRequest
+from k2.query.errors import InvalidQuery
+from k2.query.filters import TickFilter, exchange_zone
+
+pytestmark = pytest.mark.unit
+WORKLOADS = Path(__file__).resolve().parents[2] / "workloads" / "k2"
+
+
+def test_every_stage_reads_the_same_facts():
+    asx = exchanges.get("ASX")
+    assert asx is exchanges.get("asx")  # record code or topic slug
+    assert asx.timezone.key == "Australia/Sydney" and asx.currency == "AUD" and asx.slug == "asx"
+    assert exchange_zone("ASX") is asx.timezone
+    with pytest.raises(InvalidQuery, match="known: ASX, CRYPTO, NASDAQ"):
+        exchange_zone("LSE")
+    with pytest.raises(KeyError, match="unknown exchange 'LSE'"):
+        exchanges.get("LSE")
+
+
+@pytest.mark.parametrize(("code", "good", "bad"), [
+    ("ASX", ["BHP", "RIO", "BHPN.A"], ["BTC-USD", "bhp", ""]),
+    ("NASDAQ", ["AAPL", "AAPL.O"], ["AAPL.OOO", "BTC-USD"]),
+    ("CRYPTO", ["BTC-USD", "ETH-USDT"], ["BTC", "BTCUSD", "btc-usd"]),
+])
+def test_symbol_shapes_are_per_exchange(code, good, bad):
+    exchange = exchanges.get(code)
+    assert all(exchange.valid_symbol(s) for s in good)
+    assert not any(exchange.valid_symbol(s) for s in bad)
+
+
+def test_the_api_accepts_symbols_of_any_registered_exchange():
+    window = {"interval": "1m", "start": "2026-01-05T00:00:00Z", "end": "2026-01-06T00:00:00Z"}
+    query = AggregationRequest(symbols=["BTC-USD", "AAPL.O"], exchange="CRYPTO", **window)
+    assert query.symbols == ["BTC-USD", "AAPL.O"]
+    assert AggregationRequest(symbols=["BHP"], **window).exchange == "ASX"
+    with pytest.raises(ValidationError):
+        AggregationRequest(symbols=["BTC USD"], **window)
+    with pytest.raises(ValidationError):
+        AggregationRequest(symbols=["BHP"], exchange="LSE", **window)
+
+
+def test_dates_prune_on_the_exchanges_own_clock():
+    # 23:30 UTC on 9 March is already 10 March in Sydney, still 9 March in UTC (crypto)
+    start = dt.datetime(2014, 3, 9, 23, 30, tzinfo=dt.UTC)
+    assert TickFilter(("BHP",), "ASX", start).exchange_dates()[0] == dt.date(2014, 3, 10)
+    assert TickFilter(("BTC-USD",), "CRYPTO", start).exchange_dates()[0] == dt.date(2014, 3, 9)
+
+
+def test_calendar_knows_trading_days():
+    asx, crypto = exchanges.get("ASX").calendar, exchanges.get("CRYPTO").calendar
+    saturday = dt.date(2014, 3, 15)
+    assert not asx.is_trading_day(saturday) and crypto.is_trading_day(saturday)
+    assert asx.trading_days(dt.date(2014, 3, 14), 2) == [dt.date(2014, 3, 14), dt.date(2014, 3, 17)]
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    found = {}
+    for path in (WORKLOADS / package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        found[str(path.relative_to(WORKLOADS))] = names
+    return found
+
+
+@pytest.mark.parametrize("stage", ["query", "stream", "api"])
+def test_no_stage_imports_ingest(stage):
+    sideways = {path: sorted(n for n in names if n == "k2.ingest" or n.startswith("k2.ingest."))
+                for path, names in _imports(stage).items()}
+    assert not {p: n for p, n in sideways.items() if n}
