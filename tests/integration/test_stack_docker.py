@@ -1,0 +1,91 @@
+"""The Docker engine K2 starts on demand, and the Debian base images it imports.
+
+Needs root (or an engine that already answers); otherwise skipped with the reason. An engine that
+already answered before the test (someone else's, or one K2 started for another session) is used
+but never stopped: only the test that starts the engine itself checks that stopping it by its PID
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from k2.stack import docker
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
+
+reason = docker.engine_unavailable_reason()
+if reason:
+    pytestmark.append(pytest.mark.skip(reason=reason))
+
+TAG = "k2-test/busybox:stack-docker"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=300)
+
+
+def busybox_image() -> str:
+    """A tiny image: busybox-static unpacked from its Debian package, with an entrypoint."""
+    return docker.debian_image(TAG, ["busybox-static"], variant="extract",
+                               files={"/etc/k2-greeting": "hello from a K2 rootfs\n"},
+                               changes=["ENV K2_GREETING_FILE=/etc/k2-greeting", 'ENTRYPOINT ["/bin/busybox"]'])
+
+
+def engine_processes() -> list[str]:
+    """Command lines of dockerd/containerd/shim processes that belong to K2's engine."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if str(docker.RUN_DIR) in cmdline or str(docker.docker_root()) in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_imported_debian_image_runs_with_its_changes_and_files() -> None:
+    docker.ensure_engine()
+
+    image = busybox_image()
+    plain = run("docker", "run", "--rm", image, "sh", "-c", "cat $K2_GREETING_FILE")
+    privileged = run("docker", "run", "--rm", "--privileged", image, "cat", "/proc/self/status")
+
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == "hello from a K2 rootfs\n"
+    # kind nodes run privileged; where root lacks CAP_SYS_RESOURCE only the runtime wrapper makes this work
+    assert privileged.returncode == 0, privileged.stderr
+    assert "CapEff:" in privileged.stdout
+
+
+def test_imported_image_is_reused_when_nothing_changed() -> None:
+    docker.ensure_engine()
+    busybox_image()
+    first = run("docker", "image", "inspect", "--format", "{{.Id}}", TAG).stdout
+
+    busybox_image()
+
+    assert run("docker", "image", "inspect", "--format", "{{.Id}}", TAG).stdout == first
+
+
+@pytest.mark.skipif(docker.engine_answers(), reason="an engine was already running before this test; "
+                    "it is not stopped under whoever uses it")
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting dockerd needs root")
+def test_engine_started_on_demand_stops_by_its_pid_leaving_nothing() -> None:
+    engine = docker.DockerEngine()
+    docker.ensure_engine()
+    pid = engine.pid()
+    assert pid is not None and docker.engine_answers()
+    container = run("docker", "run", "-d", busybox_image(), "sleep", "600")
+    assert container.returncode == 0, container.stderr
+
+    docker.stop_engine()
+
+    assert engine.pid() is None
+    assert not Path(f"/proc/{pid}").exists()
+    assert not docker.engine_answers()
+    assert engine_processes() == []
