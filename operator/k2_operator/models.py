@@ -18,7 +18,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
+from k2.exchanges import SYMBOL_PATTERN
 from k2.settings import TABLE_KINDS, Settings
+from k2.sources import SOURCES
+from k2.sources.feed import ADAPTERS, CHANNELS
 
 GROUP = "k2.io"
 VERSION = "v1alpha1"
@@ -161,8 +164,23 @@ class AsxCsvSource(_Model):
                                    description="PersistentVolumeClaim holding the files, mounted read-only.")
     mount_path: str = Field("/data", max_length=1024, pattern=r"^/\S*$",
                             description="Where the claim is mounted.")
-    symbols: list[Annotated[str, Field(max_length=16, pattern=r"^[A-Z0-9.]+$")]] = Field(
+    symbols: list[Annotated[str, Field(max_length=16, pattern=SYMBOL_PATTERN)]] = Field(
         default_factory=list, max_length=500, description="Only these symbols (empty: all).")
+
+
+class FeedSource(_Model):
+    """A live WebSocket feed, ingested by a long-running `k2 ingest feed` Deployment."""
+
+    url: str = Field(max_length=2048, pattern=r"^wss?://\S+$", description="ws:// or wss:// URL of the feed.")
+    protocol: Literal[tuple(ADAPTERS)] = Field(  # type: ignore[valid-type]
+        "k2", description="Feed adapter: k2 is the K2 feed protocol (docs/feed-protocol.md).")
+    channels: list[Literal[tuple(CHANNELS)]] = Field(  # type: ignore[valid-type]
+        list(CHANNELS), min_length=1, max_length=len(CHANNELS), description="Channels to subscribe to.",
+        json_schema_extra={"x-kubernetes-list-type": "set"})
+    symbols: list[Annotated[str, Field(max_length=16, pattern=SYMBOL_PATTERN)]] = Field(
+        default_factory=list, max_length=500, description="Only these symbols (empty: all).")
+    stale_seconds: float = _setting("feed_stale_seconds", "No message (not even a heartbeat) for this long: "
+                                    "reconnect; twice as long: the liveness probe fails.")
 
 
 class SyntheticSource(_Model):
@@ -182,11 +200,14 @@ class SourceSpec(_Model):
         _cel("self.type == 'asx-csv' || !has(self.asxCsv)", "source.asxCsv is only allowed with type asx-csv"),
         _cel("self.type == 'synthetic' || !has(self.synthetic)",
              "source.synthetic is only allowed with type synthetic"),
+        _cel("self.type != 'feed' || has(self.feed)", "source.feed (url) is required when source.type is feed"),
+        _cel("self.type == 'feed' || !has(self.feed)", "source.feed is only allowed with type feed"),
     ))
 
-    type: Literal["asx-csv", "synthetic", "none"] = Field("none", description="Kind of source.")
+    type: Literal[(*SOURCES, "none")] = Field("none", description="Kind of source.")  # type: ignore[valid-type]
     asx_csv: AsxCsvSource | None = Field(None, description="ASX CSV input (type asx-csv).")
     synthetic: SyntheticSource | None = Field(None, description="Generator options (type synthetic).")
+    feed: FeedSource | None = Field(None, description="Live feed (type feed): a Deployment, not a Job.")
     resources: Resources = _resources("250m", "512Mi", "2Gi")
 
 
@@ -240,6 +261,9 @@ class IngestionPipelineSpec(_Model):
         _cel("self.source.type != 'asx-csv' || ('reference' in self.topics.kinds && size(self.topics.kinds) >= 2)",
              "an asx-csv source produces reference data and trades and/or quotes: topics.kinds must include "
              "reference and at least one of them", field_path=".topics.kinds"),
+        _cel("self.source.type != 'feed' || self.source.feed.channels.all(c, c in self.topics.kinds)",
+             "a feed source produces its channels (trades, quotes): topics.kinds must list them",
+             field_path=".topics.kinds"),
     ))
 
     exchange: str = _setting("exchange", "Exchange code; part of every topic name.", max_length=32, default=...,

@@ -71,8 +71,11 @@ def workload_env(objects: list[dict[str, Any]], container: dict[str, Any],
     return env
 
 
+FEED = {"type": "feed", "feed": {"url": "ws://feed.market:8765", "channels": ["trades"], "symbols": ["BHP", "RIO"],
+                                  "staleSeconds": 20}}
 ALL = [
     *render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX),
+    *[o for o in render_pipeline("live", "k2", pipeline_spec(source=FEED), BINDING, CTX) if o["kind"] == "Deployment"],
     *render_query("api", "k2", QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
                   table_namespace="market", catalog_secret="k2-catalog", ctx=CTX),
     *render_table("trades", "k2", IcebergTableSpec.model_validate(
@@ -311,3 +314,20 @@ def test_asx_ingest_arguments_reach_the_cli_options() -> None:
 
     assert (str(params["path"]), params["symbols"], params["topics"], params["progress"]) == (
         "/data/asx", "BHP", "trades,quotes", False)
+
+
+def test_feed_source_is_a_deployment_whose_liveness_is_feed_progress() -> None:
+    objects = render_pipeline("live", "k2", pipeline_spec(source=FEED), BINDING, CTX)
+    assert "Job" not in {o["kind"] for o in objects}
+    feed = next(o for o in objects if o["metadata"]["name"] == "live-feed")
+    box = containers(feed)[0]
+
+    assert feed["kind"] == "Deployment" and feed["spec"]["replicas"] == 1
+    assert feed["spec"]["strategy"] == {"type": "Recreate"}, "never two sessions of one feed at once"
+    assert box["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert pod(feed)["terminationGracePeriodSeconds"] >= 30, "time to flush on SIGTERM"
+    params = _parse_with_the_real_cli(box["args"])
+    assert (params["url"], params["channels"], params["symbols"], params["protocol"]) == (
+        "ws://feed.market:8765", "trades", "BHP,RIO", "k2")
+    config = by_kind(objects)["ConfigMap"]["data"]
+    assert Settings.model_validate({"feed_stale_seconds": config["K2_FEED_STALE_SECONDS"]}).feed_stale_seconds == 20

@@ -21,7 +21,9 @@ stack_app = typer.Typer(help="The local stack of real services (Kafka, registry,
                         no_args_is_help=True)
 ingest_app = typer.Typer(help="Feed ticks into Kafka", no_args_is_help=True)
 stream_app = typer.Typer(help="Kafka → Iceberg writers", no_args_is_help=True)
+feed_app = typer.Typer(help="Live market feeds (the K2 feed protocol, docs/feed-protocol.md)", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+app.add_typer(feed_app, name="feed")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(stream_app, name="stream")
 console = Console(stderr=True)
@@ -141,6 +143,30 @@ def ingest_synthetic(
     _print_ingest(summary)
 
 
+@ingest_app.command("feed")
+def ingest_feed_cmd(
+    url: Annotated[str, typer.Argument(help="ws://HOST:PORT of a feed speaking --protocol")],
+    channels: Annotated[str, typer.Option(help="comma-separated: trades,quotes")] = "trades,quotes",
+    symbols: Annotated[str, typer.Option(help="comma-separated symbols, * for all")] = "*",
+    protocol: Annotated[str, typer.Option(help="feed adapter (k2: the K2 feed protocol)")] = "k2",
+    until_end: Annotated[bool, typer.Option(help="exit once the feed says it has no more ticks")] = False,
+    dlq_file: Annotated[Path | None, typer.Option(help="local mode: rejected messages to this JSONL file")] = None,
+) -> None:
+    """Ingest a live feed into Kafka until SIGTERM: reconnects, resubscribes, checks sequences."""
+    from k2.ingest.feed import ingest_feed
+    from k2.sources.feed import ADAPTERS, CHANNELS
+
+    chosen = [c.strip() for c in channels.split(",") if c.strip()]
+    if not chosen or set(chosen) - set(CHANNELS):
+        raise typer.BadParameter(f"channels must be among {', '.join(CHANNELS)}")
+    if protocol not in ADAPTERS:
+        raise typer.BadParameter(f"unknown protocol {protocol!r}; choose from {', '.join(ADAPTERS)}")
+    settings = _settings()
+    summary = ingest_feed(url, settings, channels=chosen, symbols=[s.strip() for s in symbols.split(",")],
+                          protocol=protocol, until_end=until_end, dlq_file=dlq_file)
+    _print_ingest(summary)
+
+
 @app.command("generate")
 def generate_cmd(out: Path, symbols: int = 4, days: int = 2, seed: int = 42) -> None:
     """Write deterministic synthetic ticks in the ASX CSV format."""
@@ -182,6 +208,40 @@ def maintain_cmd(
     for report in maintain(settings, _kinds(tables, TABLE_KINDS), retention_hours=retention_hours,
                            min_files=min_files):
         console.print(report.describe())
+
+
+# feed -------------------------------------------------------------------------------------------
+@feed_app.command("serve")
+def feed_serve(
+    data_dir: Annotated[Path | None, typer.Argument(help="ASX-format folder to replay (default: synthetic ticks)")]
+    = None,
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="0: any free port (printed)")] = 8765,
+    speed: Annotated[float, typer.Option(min=0, help="exchange seconds per wall second; 0: as fast as read")] = 1.0,
+    max_idle: Annotated[float, typer.Option(min=0, help="longest wait between ticks, wall seconds")] = 1.0,
+    heartbeat: Annotated[float, typer.Option(min=0.05, help="seconds between heartbeats")] = 1.0,
+    buffer: Annotated[int, typer.Option(min=1, help="messages buffered per subscriber")] = 10_000,
+    symbols: Annotated[int, typer.Option(min=1, max=12, help="synthetic: number of symbols")] = 4,
+    days: Annotated[int, typer.Option(min=1, max=60, help="synthetic: trading days")] = 1,
+    seed: int = 42,
+    malformed_every: Annotated[int, typer.Option(min=0, help="fault injection: a corrupted copy before every "
+                                                 "Nth tick (0: never)")] = 0,
+) -> None:
+    """Serve ticks over WebSocket in accelerated real time: the market simulator."""
+    import asyncio
+
+    from k2.feed.server import market_for, serve_market
+    from k2_synthetic import generate
+
+    configure_logging(Settings().log_level)
+    options = {"speed": speed, "max_idle": max_idle, "heartbeat": heartbeat, "buffer": buffer,
+               "malformed_every": malformed_every}
+    with tempfile.TemporaryDirectory(prefix="k2-feed-") as tmp:
+        root = data_dir or generate(Path(tmp), symbols=symbols, days=days, seed=seed)
+        try:
+            asyncio.run(serve_market(market_for(root, **options), host, port))
+        except KeyboardInterrupt:
+            pass
 
 
 # api --------------------------------------------------------------------------------------------

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -30,6 +35,12 @@ SEQUENCE_GAPS = Counter("k2_sequence_gaps", "Sequence gaps by severity (warning,
                         ["stage", "severity"], registry=REGISTRY)
 SEQUENCE_ANOMALIES = Counter("k2_sequence_anomalies", "Duplicate and out-of-order sequence numbers",
                              ["stage", "kind"], registry=REGISTRY)
+FEED_MESSAGES = Counter("k2_feed_messages", "Ticks received from a live feed", ["kind"], registry=REGISTRY)
+FEED_LAG = Gauge("k2_feed_lag_seconds", "Feed server send time to receipt, for the latest tick", registry=REGISTRY)
+FEED_LAST_MESSAGE = Gauge("k2_feed_last_message_timestamp_seconds", "When the feed last sent anything (Unix time)",
+                          registry=REGISTRY)
+FEED_RECONNECTS = Counter("k2_feed_reconnects", "Feed connections lost or refused, then retried", registry=REGISTRY)
+FEED_CONNECTED = Gauge("k2_feed_connected", "1 while the feed connection is up", registry=REGISTRY)
 
 # stream
 ROWS_WRITTEN = Counter("k2_rows_written", "Rows committed to Iceberg", ["table"], registry=REGISTRY)
@@ -107,7 +118,41 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
 
 
-def serve_metrics(port: int) -> None:
-    """Expose the registry on its own port (for workloads without an HTTP server of their own)."""
-    if port:
-        start_http_server(port, registry=REGISTRY)
+LivenessCheck = Callable[[], tuple[bool, str]]
+_liveness: list[LivenessCheck] = []
+
+
+@contextmanager
+def liveness(check: LivenessCheck) -> Iterator[None]:
+    """While inside, `/livez` on the metrics port answers 503 with the reason when `check` fails:
+    a workload that can hang without crashing (a silent feed) says so to its liveness probe."""
+    _liveness.append(check)
+    try:
+        yield
+    finally:
+        _liveness.remove(check)
+
+
+def _app(metrics: Callable) -> Callable:
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        if environ.get("PATH_INFO") != "/livez":
+            return metrics(environ, start_response)
+        failing = [reason for ok, reason in (check() for check in list(_liveness)) if not ok]
+        start_response("503 Service Unavailable" if failing else "200 OK", [("Content-Type", "text/plain")])
+        return [("\n".join(failing) or "ok").encode()]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args: object) -> None:  # probes every few seconds are not news
+        pass
+
+
+def serve_metrics(port: int, host: str = "") -> WSGIServer | None:
+    """Expose the registry (and `/livez`) on its own port, for workloads without an HTTP server."""
+    if not port:
+        return None
+    server = make_server(host, port, _app(make_wsgi_app(REGISTRY)), ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="k2-metrics", daemon=True).start()
+    return server

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     gap_halt: int = Field(100, ge=1)
     dlq_path: str = ".k2/dlq.jsonl"
 
+    # live feeds (`k2 ingest feed`)
+    feed_stale_seconds: float = Field(30.0, gt=0, le=3600, description="no feed message (not even a heartbeat) "
+                                      "for this long: reconnect; twice as long: the liveness probe fails")
+
     # query API
     api_keys: str = Field("", description="comma-separated API keys")
     api_keys_file: Path | None = None

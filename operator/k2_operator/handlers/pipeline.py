@@ -21,7 +21,7 @@ from k2_operator.conditions import Condition
 from k2_operator.handlers import runtime
 from k2_operator.kube import CHILD_KINDS
 from k2_operator.models import GROUP, PIPELINE, TABLE, VERSION, IcebergTableSpec, IngestionPipelineSpec
-from k2_operator.render.pipeline import TableBinding, ingest_job_name, render_pipeline
+from k2_operator.render.pipeline import TableBinding, continuous, ingest_job_name, render_pipeline
 from k2_operator.render.pipeline import names as pipeline_names
 
 TOPICS_READY = "TopicsReady"
@@ -199,7 +199,7 @@ def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: st
 
         # 4. Children. The ingest Job runs once per source: once recorded, it is not recreated.
         objects = render_pipeline(name, namespace, spec, binding, rt.render_context())
-        job_name = ingest_job_name(name, spec) if spec.source.type != "none" else None
+        job_name = ingest_job_name(name, spec) if spec.source.type != "none" and not continuous(spec) else None
         recorded = (status.get("ingest") or {}).get("job")
         keep = []
         if job_name and recorded == job_name:
@@ -216,7 +216,8 @@ def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: st
         applied, pruned = runtime.apply_children(PIPELINE, body, objects, PRUNE_KINDS, keep=keep)
         changes += runtime.describe_changes(applied, pruned)
 
-        deployment = next((a.body for a in applied if a.body["kind"] == "Deployment"), None)
+        deployment = next((a.body for a in applied if a.body["kind"] == "Deployment"
+                           and a.body["metadata"]["name"] == pipeline_names(name)["consumer"]), None)
         if deployment is None and binding is None and spec.tables:  # kept as it was, see above
             deployment = rt.kube.get(CHILD_KINDS["Deployment"], namespace, pipeline_names(name)["consumer"])
         desired = spec.consumer.replicas if deployment else 0

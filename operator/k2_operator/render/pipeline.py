@@ -1,11 +1,13 @@
 """IngestionPipeline → settings ConfigMap, consumer Deployment (`k2 stream run`), its metrics
-Service, PodDisruptionBudget and ServiceMonitor, and the ingest Job for csv/synthetic sources."""
+Service, PodDisruptionBudget and ServiceMonitor, and the ingest: a Job for sources that run to
+completion (csv, synthetic), a Deployment for continuous ones (feed)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from k2.sources import SOURCES
 from k2_operator.models import PIPELINE, IngestionPipelineSpec, SyntheticSource, TableKind
 from k2_operator.render import common
 from k2_operator.render.common import RenderContext, SecretEnv, WorkloadConfig
@@ -27,7 +29,12 @@ class TableBinding:
 
 def names(name: str) -> dict[str, str]:
     return {"settings": f"{name}-settings", "consumer": f"{name}-consumer",
-            "metrics": f"{name}-consumer-metrics", "ingest": f"{name}-ingest"}
+            "metrics": f"{name}-consumer-metrics", "ingest": f"{name}-ingest", "feed": f"{name}-feed"}
+
+
+def continuous(spec: IngestionPipelineSpec) -> bool:
+    """The source runs until stopped (a Deployment), not to completion (a Job)."""
+    return spec.source.type in SOURCES and SOURCES[spec.source.type].continuous
 
 
 def consumer_group(name: str, namespace: str) -> str:
@@ -56,6 +63,8 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
         "gap_alert": spec.consumer.gap_alert, "gap_halt": spec.consumer.gap_halt,
         "metrics_port": ctx.workload_metrics_port,
     }
+    if spec.source.feed is not None:
+        values["feed_stale_seconds"] = spec.source.feed.stale_seconds
     if spec.schema_registry and spec.schema_registry.url:
         values["registry_url"] = spec.schema_registry.url
     secrets: list[SecretEnv] = []
@@ -107,7 +116,10 @@ def ingest_args(spec: IngestionPipelineSpec) -> list[str]:
         if source.asx_csv.symbols:
             args += ["--symbols", ",".join(source.asx_csv.symbols)]
         return args
-    raise ValueError(f"source type {source.type!r} has no ingest Job")
+    if source.type == "feed" and source.feed is not None:
+        return ["ingest", "feed", source.feed.url, "--protocol", source.feed.protocol,
+                "--channels", ",".join(source.feed.channels), "--symbols", ",".join(source.feed.symbols) or "*"]
+    raise ValueError(f"source type {source.type!r} has no ingest command")
 
 
 def ingest_job(name: str, namespace: str, spec: IngestionPipelineSpec, workload: WorkloadConfig,
@@ -136,6 +148,24 @@ def ingest_job(name: str, namespace: str, spec: IngestionPipelineSpec, workload:
     }
 
 
+def feed_deployment(name: str, namespace: str, spec: IngestionPipelineSpec, workload: WorkloadConfig,
+                    ctx: RenderContext) -> dict[str, Any]:
+    """One pod per feed: two would ingest every tick twice (the stream would drop the copies, but
+    the feed's entitlement is usually for one connection). Liveness is feed progress (`/livez`:
+    a message, even a heartbeat, within twice the stale period), so a hung session is restarted."""
+    n = names(name)
+    box = common.container(name="feed", ctx=ctx, args=ingest_args(spec), config_map=n["settings"], workload=workload,
+                           resources=spec.source.resources, ports=[("metrics", ctx.workload_metrics_port)],
+                           liveness=common.http_probe("/livez", "metrics", period=15, failure=2, initial=10),
+                           readiness=common.http_probe("/metrics", "metrics", period=10, initial=5))
+    template = common.pod_template(name, "feed", KIND, common.pod_spec([box], ctx), workload,
+                                   metrics_port=ctx.workload_metrics_port)
+    template["spec"]["terminationGracePeriodSeconds"] = 60  # SIGTERM flushes the producer and the DLQ
+    deployment = common.deployment(n["feed"], namespace, name, "feed", KIND, replicas=1, template=template)
+    deployment["spec"]["strategy"] = {"type": "Recreate"}  # never two sessions at once
+    return deployment
+
+
 def render_pipeline(name: str, namespace: str, spec: IngestionPipelineSpec, binding: TableBinding | None,
                     ctx: RenderContext) -> list[dict[str, Any]]:
     """Every child object of the pipeline as it should be. Consumers exist only once the tables are
@@ -152,6 +182,8 @@ def render_pipeline(name: str, namespace: str, spec: IngestionPipelineSpec, bind
         ]
         if ctx.service_monitor:
             objects.append(common.service_monitor(n["consumer"], namespace, name, "consumer", KIND, port="metrics"))
-    if spec.source.type != "none":
+    if continuous(spec):
+        objects.append(feed_deployment(name, namespace, spec, workload, ctx))
+    elif spec.source.type != "none":
         objects.append(ingest_job(name, namespace, spec, workload, ctx))
     return objects

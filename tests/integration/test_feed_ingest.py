@@ -1,0 +1,190 @@
+"""`k2 feed serve` → `k2 ingest feed` → Kafka on the real Kafka + registry: every tick exactly as
+file ingestion makes it, malformed messages dead-lettered with the reason, reconnection with
+resubscription after the feed dies, and SIGTERM flushing what was received."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from k2 import topics
+from k2.dlq import FileDeadLetters
+from k2.ingest.feed import FeedIngest, ingest_feed
+from k2.ingest.pipeline import register_schemas
+from k2.ingest.producer import TickProducer
+from k2.observability import FEED_RECONNECTS
+from k2.quality import SequenceGapHalt
+from k2.schemas.registry import client
+from k2.schemas.wire import AvroDecoder
+from k2.sources import asx
+from k2.sources.feed import K2FeedAdapter, encode_tick
+from k2_synthetic import generate
+
+pytestmark = pytest.mark.integration
+K2 = [str(Path(sys.executable).with_name("k2"))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Simulator:
+    """A real `k2 feed serve` process."""
+
+    def __init__(self, folder: Path, port: int, *args: str) -> None:
+        self.proc = subprocess.Popen([*K2, "feed", "serve", str(folder), "--port", str(port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("k2 feed: ws://"), f"simulator did not start: {line!r}"
+        self.url = line.split(": ", 1)[1].strip()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return generate(tmp_path / "ticks", symbols=2, days=1, seed=11)
+
+
+@pytest.fixture
+def simulators():
+    started: list[Simulator] = []
+    yield lambda *a: started.append(Simulator(*a)) or started[-1]
+    for sim in started:
+        if sim.proc.poll() is None:
+            sim.kill()
+
+
+def _file_records(root: Path) -> dict[tuple, dict]:
+    out = {}
+    for tick_file in asx.discover(root, kinds=("trades", "quotes")):
+        builder = asx.RecordBuilder(tick_file, 0)
+        with tick_file.path.open(newline="") as fh:
+            for line in fh:
+                record = builder.build(line)
+                out[tick_file.kind, record["symbol"], record["exchange_date"], record["sequence_number"]] = record
+    return out
+
+
+def _stored(settings, drain) -> list[tuple[tuple, dict]]:
+    decoder = AvroDecoder(client(settings.registry_url))
+    out = []
+    for kind in ("trades", "quotes"):
+        for msg in drain(settings.kafka_bootstrap, settings.topic(kind)):
+            _, record = decoder.decode(msg.value())
+            assert msg.key().decode() == record["symbol"]
+            out.append(((kind, record["symbol"], record["exchange_date"], record["sequence_number"]), record))
+    return out
+
+
+def _same(record: dict, expected: dict) -> bool:
+    skip = {"ingest_timestamp", "source_id"}
+    return {k: v for k, v in record.items() if k not in skip} == {k: v for k, v in expected.items() if k not in skip}
+
+
+def test_feed_ticks_reach_kafka_exactly_as_from_the_files(folder, simulators, embedded_settings, drain, tmp_path):
+    sim = simulators(folder, _free_port(), "--speed", "0", "--malformed-every", "97")
+    dlq = tmp_path / "dlq.jsonl"
+    summary = ingest_feed(sim.url, embedded_settings, until_end=True, dlq_file=dlq)
+
+    expected = _file_records(folder)
+    stored = _stored(embedded_settings, drain)
+    assert len(stored) == len(expected) == summary.produced_total
+    assert all(_same(record, expected[key]) for key, record in stored)
+    assert {record["source_id"] for _, record in stored} == {f"feed:{sim.url}"}
+    letters = [json.loads(line) for line in dlq.read_text().splitlines()]
+    assert len(letters) == len(expected) // 97 == summary.rejected_total
+    assert {(x["stage"], x["reason"], x["source"]) for x in letters} == {("ingest", "bad_number", f"feed:{sim.url}")}
+    assert all("not-a-price" in x["line"] for x in letters)
+    assert summary.balanced and summary.rows_read == len(expected) + len(letters)
+
+
+def test_reconnects_and_resubscribes_after_the_feed_dies(folder, simulators, embedded_settings, drain, tmp_path):
+    port = _free_port()
+    first = simulators(folder, port, "--speed", "3000", "--max-idle", "0.2")
+    reconnects = FEED_RECONNECTS._value.get()
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(summary=ingest_feed(
+        first.url, embedded_settings, channels=["trades"], until_end=True, dlq_file=tmp_path / "dlq.jsonl")))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not _topic_has(embedded_settings, drain, 50) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    first.kill()  # mid-day: the feed dies with ticks still to come
+    time.sleep(1.0)  # refused connections meanwhile are retried too
+    second = simulators(folder, port, "--speed", "0")  # the venue is back and replays the day
+    worker.join(180)
+    assert not worker.is_alive() and "summary" in result, "ingest did not finish after the feed came back"
+    assert FEED_RECONNECTS._value.get() > reconnects
+    assert second.proc.poll() is None
+    expected = {k for k in _file_records(folder) if k[0] == "trades"}
+    stored = [key for key, _ in _stored(embedded_settings, drain)]
+    assert set(stored) == expected, "every trade of the day, after resubscribing"
+    assert len(stored) > len(expected), "the replayed day arrived again (the stream drops those copies)"
+
+
+def _topic_has(settings, drain, count: int) -> bool:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "probe"})
+    try:
+        topic = settings.topic("trades")
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return False
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in meta.partitions) >= count
+    finally:
+        consumer.close()
+
+
+def test_sigterm_flushes_what_was_received(folder, simulators, embedded_settings, drain):
+    sim = simulators(folder, _free_port(), "--speed", "2000", "--max-idle", "0.2")
+    env = {**os.environ, **embedded_settings.to_env(), "K2_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([*K2, "ingest", "feed", sim.url], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _topic_has(embedded_settings, drain, 20) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    summary = next(json.loads(line) for line in err.splitlines() if '"ingest.summary"' in line)
+    assert summary["interrupted"] and summary["balanced"]
+    stored = _stored(embedded_settings, drain)
+    assert 0 < len(stored) == summary["produced"] < len(_file_records(folder)), "stopped mid-day, nothing lost"
+
+
+def test_sequence_gaps_follow_the_policy(folder, embedded_settings):
+    settings = embedded_settings.model_copy(update={"gap_alert": 3, "gap_halt": 10})
+    records = sorted((r for k, r in _file_records(folder).items() if k[0] == "trades" and k[1] == "BHP"),
+                     key=lambda r: r["sequence_number"])[:40]
+    topics.ensure_pipeline_topics(settings, ("trades",))
+    feed = FeedIngest("ws://test", settings, channels=["trades"], symbols=["BHP"], adapter=K2FeedAdapter(),
+                      dlq=FileDeadLetters(Path(settings.dlq_path)), producer=TickProducer(settings.kafka_bootstrap),
+                      encoders=register_schemas(settings, ("trades",)))
+    sent = [records[i] for i in (4, 5, 7, 12)]  # baseline at 5, then a gap of 1 (warning), of 4 (alert)
+    for record in sent:
+        feed.handle(json.dumps(encode_tick("trades", dict(record))))
+    assert feed.detector.counts == {"warning": 1, "alert": 1}
+    with pytest.raises(SequenceGapHalt):
+        feed.handle(json.dumps(encode_tick("trades", dict(records[30]))))  # 17 missing > halt 10
+    feed.producer.flush()
+    assert sum(feed.producer.delivered.values()) == len(sent), "the halting tick is not produced"
