@@ -94,10 +94,3 @@ def find(conditions: Iterable[dict[str, Any]] | None, type_: str) -> dict[str, A
 def is_ready(status: dict[str, Any] | None) -> bool:
     ready = find((status or {}).get("conditions"), READY)
     return bool(ready and ready.get("status") == "True")
-
-
-def changed(before: Iterable[dict[str, Any]] | None, after: Iterable[dict[str, Any]]) -> bool:
-    """Whether a status patch would change anything a reader sees (ignoring no-op rewrites)."""
-    def key(items: Iterable[dict[str, Any]] | None) -> list[tuple]:
-        return [tuple(sorted(c.items())) for c in items or []]
-    return key(before) != key(after)

@@ -191,15 +191,6 @@ def compare_table(table: Table, definition: tables.TableDefinition) -> TableMism
     return None
 
 
-def ensure_table(cat: Catalog, definition: tables.TableDefinition) -> tuple[Table, bool, bool]:
-    """(table, created, evolved) via `k2.tables.ensure_table`."""
-    existing = tables.load_table(cat, definition.identifier)
-    if existing is None:
-        return tables.ensure_table(cat, definition), True, False
-    evolved = tables.evolve_schema(existing, definition.schema)
-    return existing, False, evolved  # evolve_schema left `existing` current
-
-
 def apply_properties(table: Table, wanted: Mapping[str, str]) -> list[str]:
     """Set the properties that differ (a hand-changed one is put back); returns their keys."""
     drift = {k: v for k, v in wanted.items() if table.properties.get(k) != v and k != "format-version"}

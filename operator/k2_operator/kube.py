@@ -157,10 +157,6 @@ class Kube:
                 return False
             raise
 
-    def patch_metadata(self, kind: Kind, namespace: str, name: str, metadata: dict[str, Any]) -> None:
-        self.request("PATCH", kind.path(namespace, name), body={"metadata": metadata},
-                     content_type="application/merge-patch+json")
-
     # helpers -----------------------------------------------------------------------------------
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         secret = self.get(SECRET, namespace, name)

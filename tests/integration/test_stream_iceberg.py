@@ -38,6 +38,16 @@ def _keys_unique(table) -> None:
     assert grouped.num_rows == keys.num_rows, "duplicate (symbol, exchange_date, sequence_number)"
 
 
+def _wait_for_first_commit(settings: Settings, kind: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        table = tables.load_table(tables.catalog(settings), settings.table_identifier(kind))
+        if table is not None and table.current_snapshot() is not None:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no commit to {kind} (stream exit code {proc.poll()})")
+
+
 def _stream_cli(settings: Settings, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env(), "K2_LOG_LEVEL": "WARNING"}
     return subprocess.Popen([K2, "stream", "run", *args], env=env, **popen)
@@ -132,7 +142,7 @@ def test_kafka_broker_restart_while_writing(tmp_path, embedded_settings, kafka):
     n_trades, n_quotes = _synthetic(tmp_path, embedded_settings, days=3)
     slow = embedded_settings.model_copy(update={"batch_rows": 2000})
     proc = _stream_cli(slow, "--tables", "trades,quotes", "--until-idle", "5")
-    time.sleep(3)
+    _wait_for_first_commit(embedded_settings, "trades", proc)  # the broker goes away mid-stream, not at start
     kafka.stop()
     time.sleep(2)
     kafka.start()

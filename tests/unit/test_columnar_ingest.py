@@ -18,6 +18,7 @@ from k2.ingest import columnar, pipeline
 from k2.quality import GapDetector
 from k2.schemas.wire import AvroEncoder
 from k2.sources.asx import RecordBuilder, RowError, TickFile, discover
+from k2.stopping import StopFlag
 from k2.stream.writer import rows_to_arrow
 from k2_synthetic import generate
 
@@ -48,7 +49,7 @@ def _ingest(files: list[TickFile], *, use_columnar: bool, monkeypatch) -> tuple:
     monkeypatch.setattr(columnar, "available", lambda: use_columnar)
     producer, letters = _Producer(), _Letters()
     detector, summary = GapDetector("ingest"), pipeline.IngestSummary()
-    flag = pipeline.StopFlag()
+    flag = StopFlag("test.stopping")
     for tick_file in files:
         pipeline._ingest_file(tick_file, f"topic.{tick_file.kind}", ENCODERS[tick_file.kind], producer, letters,
                               detector, summary, 1_394_000_000_000_000, flag, lambda _n: None)

@@ -19,6 +19,7 @@ from k2.quality import GapDetector
 from k2.schemas import columnar as codec
 from k2.schemas.wire import AvroEncoder
 from k2.sources.asx import RecordBuilder, RowError, TickFile
+from k2.stopping import StopFlag
 
 pytestmark = pytest.mark.unit
 GOOD = {"trades": b"03/11/2014,10:00:01.000,36.5,100,0,,\r\n",
@@ -76,7 +77,7 @@ def _run(tmp_path: Path, kind: str, data: bytes, *, use_columnar: bool, monkeypa
     monkeypatch.setattr(columnar, "available", lambda: use_columnar)
     producer, letters, summary = _Producer(), _Letters(), pipeline.IngestSummary()
     pipeline._ingest_file(TickFile(kind, path, "BHP"), kind, AvroEncoder(7, schemas.physical_schema(kind)), producer,
-                          letters, GapDetector("ingest"), summary, 1_394_000_000_000_000, pipeline.StopFlag(),
+                          letters, GapDetector("ingest"), summary, 1_394_000_000_000_000, StopFlag("test.stopping"),
                           lambda _n: None)
     return producer.sent, letters.letters, summary
 

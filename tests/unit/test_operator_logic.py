@@ -109,7 +109,7 @@ def test_compare_accepts_added_columns_and_refuses_type_changes(catalog) -> None
     existing = catalog.create_table("m.fx", schema=Schema(NestedField(1, "pair", StringType(), required=True)))
 
     assert external.compare_table(existing, definition) is None
-    table, created, evolved = external.ensure_table(catalog, definition)
+    table, created, evolved = tables.ensure(catalog, definition)
     assert (created, evolved) == (False, True)
     assert [f.name for f in table.schema().fields] == ["pair", "rate"]
 

@@ -15,7 +15,9 @@ from typing import Protocol
 
 from confluent_kafka import Producer
 
+from k2.kafka import PRODUCER_DEFAULTS
 from k2.observability import ROWS_REJECTED
+from k2.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +84,13 @@ class KafkaDeadLetters:
         remaining = self.producer.flush(30)
         if remaining:
             raise RuntimeError(f"{remaining} dead letters not acknowledged by Kafka within 30s")
+
+
+def open_sink(settings: Settings, dlq_file: Path | None, producer: Producer | None = None) -> DeadLetterSink:
+    """The file when one is given (local mode), else the DLQ topic through `producer` (by default an
+    idempotent one of its own)."""
+    if dlq_file:
+        return FileDeadLetters(dlq_file)
+    if producer is None:
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
+    return KafkaDeadLetters(producer, settings.dlq_topic)

@@ -117,7 +117,3 @@ class Settings(BaseSettings):
                 value = value.get_secret_value()
             env[f"K2_{name.upper()}"] = str(value)
         return env
-
-
-def load() -> Settings:
-    return Settings()

@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from pyiceberg.catalog import Catalog, load_catalog
@@ -119,7 +119,13 @@ def catalog(settings: Settings) -> Catalog:
     return load_catalog(settings.catalog_name, **props)
 
 
-def ensure_table(cat: Catalog, definition: TableDefinition) -> Table:
+class EnsuredTable(NamedTuple):
+    table: Table
+    created: bool
+    evolved: bool
+
+
+def ensure(cat: Catalog, definition: TableDefinition) -> EnsuredTable:
     """Create the table if absent; otherwise evolve its schema with compatible additions only."""
     try:
         cat.create_namespace(definition.namespace)
@@ -130,23 +136,28 @@ def ensure_table(cat: Catalog, definition: TableDefinition) -> Table:
                                  partition_spec=definition.partition_spec(), sort_order=definition.sort_order(),
                                  properties={**definition.properties, **REQUIRED_PROPERTIES})
         log.info("table.created", table=definition.identifier)
-        return table
+        return EnsuredTable(table, created=True, evolved=False)
     except TableAlreadyExistsError:
         table = cat.load_table(definition.identifier)
     missing = {k: v for k, v in REQUIRED_PROPERTIES.items() if table.properties.get(k) != v}
     if missing:
         table = set_properties(table, missing)
-    evolve_schema(table, definition.schema)
-    return table
+    evolved = evolve_schema(table, definition.schema)  # leaves `table` current
+    return EnsuredTable(table, created=False, evolved=evolved)
 
 
-def commit_retrying_conflicts(table: Table, action: str, commit: Callable[[Table], None]) -> Table:
+def ensure_table(cat: Catalog, definition: TableDefinition) -> Table:
+    return ensure(cat, definition).table
+
+
+def commit_retrying_conflicts(table: Table, action: str, commit: Callable[[Table], None], *,
+                              on_conflict: Callable[[], None] | None = None) -> Table:
     """Run `commit` on a fresh read of the table until no other commit lands in between.
 
     K2 tables turn pyiceberg's own retry off (it would rebase blindly), so every conflict lands
     here and the whole step is redone — decisions included — from the table as it is now.
     Returns `table` itself, current: pyiceberg's `refresh` and every commit through a transaction
-    update the handle in place.
+    update the handle in place. `on_conflict` is called after each conflict (metrics).
     """
     for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
         table = table.refresh()
@@ -156,7 +167,9 @@ def commit_retrying_conflicts(table: Table, action: str, commit: Callable[[Table
         except (CommitFailedException, ValidationException) as exc:
             log.warning("table.commit_conflict", table=".".join(table.name()), action=action, attempt=attempt,
                         error=str(exc))
-            time.sleep(min(0.05 * 2 ** min(attempt, 4), 1.0) * random.uniform(0.5, 1.5))
+            if on_conflict is not None:
+                on_conflict()
+            time.sleep(min(0.02 * 2 ** min(attempt, 5), 1.0) * random.uniform(0.5, 1.5))
     raise RuntimeError(f"{action} of {'.'.join(table.name())} kept conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
 
 

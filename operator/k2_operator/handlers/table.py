@@ -100,7 +100,7 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
                                         "nothing was changed")
                 observed.update(observed_state(existing))
             else:
-                table, created, evolved = external.ensure_table(cat, definition)
+                table, created, evolved = k2_tables.ensure(cat, definition)
                 changed_properties = [] if created else external.apply_properties(table, definition.properties)
                 if created:
                     changes.append(f"created table {spec.identifier}")

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2 import schemas
-from k2.schemas.columnar import decimal_from_unscaled, unscaled_int64
+from k2.schemas.columnar import byte_ranges, decimal_from_unscaled, unscaled_int64
 from k2.sources.asx import (
     EXCHANGE,
     QUOTE_COLUMNS,
@@ -118,15 +118,9 @@ def _lines(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _strings(data: pa.Buffer, start: np.ndarray, end: np.ndarray, nullable: bool = False) -> pa.Array:
-    """The byte ranges [start, end) of `data` as a string array (the chunk is valid UTF-8): the
-    ranges and the gaps between them are valid offsets, and every other value is taken."""
+    """The byte ranges [start, end) of `data` as a string array (the chunk is valid UTF-8 and below 2 GiB)."""
     m = len(start)
-    if not m:
-        return pa.array([], pa.string())
-    bounds = np.empty(2 * m, np.int32)  # chunks are below 2 GiB
-    bounds[0::2], bounds[1::2] = start, end
-    spans = pa.Array.from_buffers(pa.string(), 2 * m - 1, [None, pa.py_buffer(bounds), data])
-    taken = spans.take(pa.array(np.arange(0, 2 * m, 2)))
+    taken = byte_ranges(data, start, end, pa.string())
     if not nullable or (end > start).all():
         return taken
     validity = pa.py_buffer(np.packbits(end > start, bitorder="little"))  # "" → None, as `fields[i] or None`

@@ -5,7 +5,6 @@ Invariant, checked at the end of every run: rows read = messages produced + rows
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import structlog
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from k2 import schemas, topics
-from k2.dlq import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
+from k2.dlq import DeadLetter, DeadLetterSink, open_sink
 from k2.ingest import columnar
 from k2.ingest.producer import TickProducer
 from k2.quality import GapDetector
@@ -27,6 +26,7 @@ from k2.schemas.registry import register, value_subject
 from k2.schemas.wire import AvroEncoder
 from k2.settings import Settings, TableKind
 from k2.sources.asx import RecordBuilder, RowError, TickFile, discover, reference_records
+from k2.stopping import StopFlag
 
 log = structlog.get_logger("k2.ingest")
 _CHECKPOINT_LINES = 20_000  # progress and the stop flag are looked at this often
@@ -55,30 +55,6 @@ class IngestSummary:
     @property
     def messages_per_second(self) -> float:
         return self.produced_total / self.seconds if self.seconds else 0.0
-
-
-class StopFlag:
-    """SIGTERM/SIGINT ask the loop to stop between rows; the producer is then flushed."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: the caller owns signals
-                pass
-        return self
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        log.warning("ingest.stopping", signal=signal.Signals(signum).name)
-        self.stop = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def register_schemas(settings: Settings, kinds: tuple[TableKind, ...]) -> dict[TableKind, AvroEncoder]:
@@ -114,15 +90,14 @@ def ingest_files(
     topics.ensure_pipeline_topics(settings, all_kinds)
     encoders = register_schemas(settings, all_kinds)
     producer = TickProducer(settings.kafka_bootstrap, producer_config)
-    dlq: DeadLetterSink = (FileDeadLetters(dlq_file) if dlq_file
-                           else KafkaDeadLetters(producer.producer, settings.dlq_topic))
+    dlq = open_sink(settings, dlq_file, producer.producer)
     detector = GapDetector("ingest", settings.gap_alert, settings.gap_halt)
     summary = IngestSummary()
     ingest_us = time.time_ns() // 1000
     started = time.perf_counter()
     total_bytes = sum(f.path.stat().st_size for f in files)
 
-    with StopFlag() as flag, _progress(show_progress) as progress:
+    with StopFlag("ingest.stopping") as flag, _progress(show_progress) as progress:
         task = progress.add_task("ingest", total=total_bytes, rate="")
 
         def advance(nbytes: int) -> None:

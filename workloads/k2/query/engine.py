@@ -27,12 +27,11 @@ import re
 import sys
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import cachetools
 import duckdb
@@ -66,6 +65,7 @@ log = structlog.get_logger("k2.query")
 METADATA_TTL = 0.5  # seconds: older metadata is reloaded in the background
 METADATA_MAX_AGE = 1.0  # seconds: commits must be visible to queries within one second
 PLAN_CACHE_SIZE = 512
+V = TypeVar("V")
 STREAM_BATCH_ROWS = 65_536
 _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -148,12 +148,10 @@ class Engine:
         self._load_locks: dict[TableKind, threading.Lock] = {}
         self._reloading: set[TableKind] = set()
         self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-metadata")
-        self._plans: OrderedDict[tuple, tuple[BooleanExpression, tuple[DataFile, ...], bool]] = OrderedDict()
-        self._plans_lock = threading.Lock()
+        self._plans: _LockedLRU[tuple[BooleanExpression, tuple[DataFile, ...], bool]] = _LockedLRU(PLAN_CACHE_SIZE)
         cache_bytes = settings.query_cache_mb * 2**20
-        self._results: cachetools.LRUCache[tuple, pa.Table] | None = cachetools.LRUCache(
-            cache_bytes, getsizeof=_result_size) if cache_bytes else None
-        self._results_lock = threading.Lock()
+        self._results: _LockedLRU[pa.Table] | None = (
+            _LockedLRU(cache_bytes, getsizeof=_result_size) if cache_bytes else None)
         self._s3: S3FileSystem | None = None
         self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})
@@ -266,18 +264,12 @@ class Engine:
         if pin.table is None or pin.snapshot is None:
             return Scan(pin, flt.iceberg_filter(timestamped=timestamped), ())
         key = (pin.kind, pin.table.metadata.table_uuid, pin.snapshot_id, pin.since_snapshot_id, flt)
-        with self._plans_lock:
-            planned = self._plans.get(key)
-            if planned is not None:
-                self._plans.move_to_end(key)
+        planned = self._plans.get(key)
         if planned is None:
             # The pyiceberg expression is built only when planning: on a cache hit it is reused.
             row_filter = flt.iceberg_filter(timestamped=timestamped)
             planned = (row_filter, *self._plan_files(pin, row_filter))
-            with self._plans_lock:
-                self._plans[key] = planned
-                while len(self._plans) > PLAN_CACHE_SIZE:
-                    self._plans.popitem(last=False)
+            self._plans.put(key, planned)
         row_filter, files, has_deletes = planned
         return Scan(pin, row_filter, files, has_deletes)
 
@@ -297,10 +289,10 @@ class Engine:
 
         The result is served from the cache when the same query read the same snapshots before;
         pass `cacheable=False` when the answer depends on anything else (the clock, say)."""
-        key = _result_key(sql, params, scans) if cacheable and self._results is not None else None
-        if key is not None:
-            with self._results_lock:
-                cached = self._results.get(key)  # type: ignore[union-attr]
+        results = self._results if cacheable else None
+        key = _result_key(sql, params, scans) if results is not None else None
+        if results is not None and key is not None:
+            cached = results.get(key)
             QUERY_CACHE_LOOKUPS.labels(name, "miss" if cached is None else "hit").inc()
             if cached is not None:
                 ROWS_RETURNED.labels(name).inc(cached.num_rows)
@@ -315,11 +307,9 @@ class Engine:
         finally:
             _record(name, outcome, started)
         ROWS_RETURNED.labels(name).inc(result.num_rows)
-        if key is not None:
-            with self._results_lock:
-                if _result_size(result) <= self._results.maxsize // 8:  # type: ignore[union-attr]
-                    self._results[key] = result  # type: ignore[index]
-                QUERY_CACHE_BYTES.set(self._results.currsize)  # type: ignore[union-attr]
+        if results is not None and key is not None:
+            # one result may fill an eighth of the cache, so that one big answer does not empty it
+            QUERY_CACHE_BYTES.set(results.put(key, result, at_most=results.maxsize // 8))
         return result
 
     def stream(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan],
@@ -433,6 +423,30 @@ def _drain(name: str, cur: duckdb.DuckDBPyConnection, reader: pa.RecordBatchRead
     finally:
         cur.close()
         _record(name, outcome, started)
+
+
+class _LockedLRU(Generic[V]):
+    """A thread-safe least-recently-used cache bounded by `maxsize` (entries, or `getsizeof` units)."""
+
+    def __init__(self, maxsize: int, getsizeof: Callable[[V], int] | None = None) -> None:
+        self._cache: cachetools.LRUCache[Hashable, V] = cachetools.LRUCache(maxsize, getsizeof=getsizeof)
+        self._lock = threading.Lock()
+        self.maxsize = maxsize
+
+    @property
+    def currsize(self) -> int:
+        return int(self._cache.currsize)
+
+    def get(self, key: Hashable) -> V | None:
+        with self._lock:
+            return self._cache.get(key)
+
+    def put(self, key: Hashable, value: V, *, at_most: int | None = None) -> int:
+        """Keep `value` unless its size is above `at_most`; returns the cache's size after."""
+        with self._lock:
+            if at_most is None or self._cache.getsizeof(value) <= at_most:
+                self._cache[key] = value
+            return int(self._cache.currsize)
 
 
 def _result_size(result: pa.Table) -> int:

@@ -30,10 +30,6 @@ def avro_schema(kind: TableKind) -> dict[str, Any]:
     return json.loads(text)
 
 
-def avro_schema_str(kind: TableKind) -> str:
-    return json.dumps(avro_schema(kind), separators=(",", ":"))
-
-
 def strip_logical_types(avro_type: Any) -> Any:
     """The physical schema: same binary encoding, but fastavro reads and writes plain ints and
     bytes instead of Decimal/datetime objects, which costs several µs per record each way."""

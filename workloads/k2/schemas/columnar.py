@@ -112,6 +112,20 @@ def decimal_from_unscaled(unscaled: np.ndarray, arrow_type: pa.Decimal128Type,
     return pa.Array.from_buffers(arrow_type, len(unscaled), [_validity(valid), pa.py_buffer(pairs)])
 
 
+def byte_ranges(data: pa.Buffer, start: np.ndarray, end: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """The byte ranges [start, end) of `data`, in order and not overlapping, as a string or binary
+    array copied out at once: the ranges with the gaps between them as extra values are valid
+    offsets into `data`, and taking every other value copies out just the ranges."""
+    m = len(start)
+    if not m:
+        return pa.array([], arrow_type)
+    large = pa.types.is_large_binary(arrow_type) or pa.types.is_large_string(arrow_type)
+    bounds = np.empty(2 * m, np.int64 if large else np.int32)
+    bounds[0::2], bounds[1::2] = start, end
+    spans = pa.Array.from_buffers(arrow_type, 2 * m - 1, [None, pa.py_buffer(bounds), data])
+    return spans.take(pa.array(np.arange(0, 2 * m, 2)))
+
+
 # --- encoding -----------------------------------------------------------------------------
 # Each field becomes "bands": a (rows, width) byte matrix of which row i uses its first
 # lengths[i] bytes (all of them when lengths is None). Laying the bands side by side and
@@ -309,13 +323,8 @@ def _read(cur: _Cursor, fld: _Field, present: np.ndarray) -> pa.Array:
         limit = 10**fld.precision
         cur.fail((unscaled >= limit) | (unscaled <= -limit), f"{name}: decimal beyond precision {fld.precision}")
         return decimal_from_unscaled(unscaled, fld.arrow_type, present)
-    # Every message's bytes lie after the previous message's, so [start, start + length) of all
-    # rows, with the gaps between them as extra values, are valid binary offsets into the blob;
-    # taking every other value copies out just the strings.
-    bounds = np.empty(2 * m, np.int64)
-    bounds[0::2], bounds[1::2] = start, start + length
-    spans = pa.Array.from_buffers(pa.large_binary(), 2 * m - 1, [None, pa.py_buffer(bounds), cur.blob])
-    taken = spans.take(pa.array(np.arange(0, 2 * m, 2)))
+    # Every message's bytes lie after the previous message's: the ranges are in order.
+    taken = byte_ranges(cur.blob, start, start + length, pa.large_binary())
     binary = pa.Array.from_buffers(pa.large_binary(), m, [_validity(present), *taken.buffers()[1:]])
     if kind == "bytes":
         return binary.cast(fld.arrow_type)

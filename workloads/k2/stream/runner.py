@@ -7,18 +7,16 @@ SIGTERM flushes and commits the open batches, then returns.
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from confluent_kafka import Producer
 
 from k2 import tables, topics
-from k2.dlq import DeadLetterSink, FileDeadLetters, KafkaDeadLetters
-from k2.kafka import PRODUCER_DEFAULTS
+from k2.dlq import DeadLetterSink, open_sink
 from k2.settings import Settings, TableKind
+from k2.stopping import StopFlag
 from k2.stream.writer import TableWriter
 
 log = structlog.get_logger("k2.stream")
@@ -54,47 +52,39 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
         until_idle: float | None = None, dlq_file: Path | None = None, group_id: str | None = None,
         ) -> StreamResult:
     topics.ensure_pipeline_topics(settings, kinds)
-    dlq_producer = None
-    if dlq_file:
-        dlq: DeadLetterSink = FileDeadLetters(dlq_file)
-    else:
-        dlq_producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
-        dlq = KafkaDeadLetters(dlq_producer, settings.dlq_topic)
+    dlq = open_sink(settings, dlq_file)
     writers = build_writers(settings, kinds, dlq, group_id)
-    stop = {"requested": False}
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("stream.stopping", signal=signal.Signals(signum).name)
-        stop["requested"] = True
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     started = time.monotonic()
-    try:
-        for writer in writers:
-            writer.start()
-        last_lag_check = 0.0
-        while not stop["requested"]:
-            seen = sum(w.poll(timeout=0.1) for w in writers)
-            if until_idle is None or seen:
-                continue
-            now = time.monotonic()
-            if now - max(w.last_message_at for w in writers) < until_idle or now - last_lag_check < 0.5:
-                continue
-            last_lag_check = now
-            for w in writers:
-                w.flush()
-            if all(w.assigned for w in writers) and all(w.lag() == 0 for w in writers):
-                break
-        for writer in writers:
-            writer.flush()
-        dlq.flush()
-    finally:
-        for writer in writers:
-            writer.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with StopFlag("stream.stopping") as flag:
+        try:
+            _consume(writers, flag, until_idle)
+            dlq.flush()
+        finally:
+            for writer in writers:
+                writer.close()
     result = StreamResult({w.table_name: w.rows_committed for w in writers}, getattr(dlq, "count", 0),
                           time.monotonic() - started)
     log.info("stream.done", rows_written=result.rows_written, dead_letters=result.dead_letters,
              seconds=round(result.seconds, 2))
     return result
+
+
+def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | None) -> None:
+    """Poll every writer in turn until stopped (or idle and caught up), then flush the open batches."""
+    for writer in writers:
+        writer.start()
+    last_lag_check = 0.0
+    while not flag.stop:
+        seen = sum(w.poll(timeout=0.1) for w in writers)
+        if until_idle is None or seen:
+            continue
+        now = time.monotonic()
+        if now - max(w.last_message_at for w in writers) < until_idle or now - last_lag_check < 0.5:
+            continue
+        last_lag_check = now
+        for w in writers:
+            w.flush()
+        if all(w.assigned for w in writers) and all(w.lag() == 0 for w in writers):
+            break
+    for writer in writers:
+        writer.flush()

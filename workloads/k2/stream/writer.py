@@ -20,7 +20,6 @@ de-duplication and gap detection run over those columns.
 from __future__ import annotations
 
 import functools
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
-from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.expressions import AlwaysFalse, AlwaysTrue, And, BooleanExpression, EqualTo, Or
 from pyiceberg.table import Table
 
@@ -53,11 +51,6 @@ from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.stream")
-MAX_COMMIT_ATTEMPTS = 20  # each attempt re-checks the fence; conflicts come from peers and compaction
-
-
-class StaleBatch(RuntimeError):
-    """The table's recorded offsets moved past this batch: another writer owns these partitions."""
 
 
 @dataclass
@@ -94,18 +87,11 @@ class Batch:
 
 
 def _decimal_column(values: list[bytes | None], arrow_type: pa.Decimal128Type) -> pa.Array:
-    """Avro decimal bytes (big-endian unscaled) → Arrow decimal128 without Python Decimals.
-
-    Precision ≤ 18 fits int64, so the 16-byte little-endian value is the int64 and its sign."""
-    mask = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
+    """Avro decimal bytes (big-endian unscaled) → Arrow decimal128 without Python Decimals."""
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
     unscaled = np.fromiter((int.from_bytes(v, "big", signed=True) if v is not None else 0 for v in values),
                            dtype=np.int64, count=len(values))
-    pairs = np.empty((len(values), 2), dtype=np.int64)
-    pairs[:, 0] = unscaled
-    pairs[:, 1] = unscaled >> 63
-    validity = pa.array(~mask).buffers()[1] if mask.any() else None
-    return pa.Array.from_buffers(arrow_type, len(values), [validity, pa.py_buffer(pairs.tobytes())],
-                                 null_count=int(mask.sum()))
+    return columnar.decimal_from_unscaled(unscaled, arrow_type, valid)
 
 
 def rows_to_arrow(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -413,52 +399,56 @@ class TableWriter:
         return written
 
     def _commit(self, data: pa.Table, batch: Batch) -> int:
-        for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
-            self.table = self.table.refresh()
-            all_recorded = tables.recorded_offsets(self.table)
+        fenced: dict[int, tuple[int | None, int]] = {}
+        elapsed = 0.0
+
+        def commit(table: Table) -> None:
+            nonlocal elapsed
+            all_recorded = tables.recorded_offsets(table)
             recorded = all_recorded.get(self.topic, {})
             # A partition with no recorded offset was read from its beginning after our
             # assignment; it stays ours only while nobody else has recorded one for it.
-            stale = {p: (recorded.get(p), start) for p, start in batch.start.items()
-                     if recorded.get(p) != start and not (p not in recorded and p in self.unrecorded)}
-            if stale:
-                COMMITS.labels(self.table_name, "fenced").inc()
-                log.warning("stream.batch_fenced", table=self.table_name, partitions=stale)
-                self._reseek()
-                return 0
-            offsets = {**all_recorded, self.topic: {**recorded, **batch.end}}
+            fenced.clear()
+            fenced.update({p: (recorded.get(p), start) for p, start in batch.start.items()
+                           if recorded.get(p) != start and not (p not in recorded and p in self.unrecorded)})
+            if fenced:
+                return
+            properties = {tables.OFFSETS_PROPERTY: tables.encode_offsets({**all_recorded,
+                                                                          self.topic: {**recorded, **batch.end}})}
             started = time.perf_counter()
-            try:
-                with self.table.transaction() as tx:
-                    if data.num_rows and not self.sequenced:
-                        with warnings.catch_warnings():  # a brand-new key replaces nothing: not news
-                            warnings.filterwarnings("ignore", "Delete operation did not match any records")
-                            tx.delete(self._replaced_keys(data))
-                    if data.num_rows:
-                        tx.append(data, snapshot_properties={tables.OFFSETS_PROPERTY: tables.encode_offsets(offsets)})
-                    else:  # nothing new (all duplicates/poison), but the offsets still advance
-                        with tx.update_snapshot(snapshot_properties={
-                                tables.OFFSETS_PROPERTY: tables.encode_offsets(offsets)}).fast_append():
-                            pass
-            except CommitFailedException as exc:
-                COMMITS.labels(self.table_name, "conflict").inc()
-                log.warning("stream.commit_conflict", table=self.table_name, attempt=attempt, error=str(exc))
-                time.sleep(min(0.02 * 2 ** min(attempt, 5), 1.0) * random.uniform(0.5, 1.5))
-                continue  # reload and re-check the fence before trying again
+            with table.transaction() as tx:
+                if data.num_rows and not self.sequenced:
+                    with warnings.catch_warnings():  # a brand-new key replaces nothing: not news
+                        warnings.filterwarnings("ignore", "Delete operation did not match any records")
+                        tx.delete(self._replaced_keys(data))
+                if data.num_rows:
+                    tx.append(data, snapshot_properties=properties)
+                else:  # nothing new (all duplicates/poison), but the offsets still advance
+                    with tx.update_snapshot(snapshot_properties=properties).fast_append():
+                        pass
             elapsed = time.perf_counter() - started
-            snapshot = self.table.current_snapshot()  # the transaction updated self.table in place
-            COMMIT_DURATION.labels(self.table_name).observe(elapsed)
-            COMMITS.labels(self.table_name, "ok").inc()
-            ROWS_WRITTEN.labels(self.table_name).inc(data.num_rows)
-            added_files = int(snapshot.summary.additional_properties.get("added-data-files", 0)) if snapshot else 0
-            FILES_WRITTEN.labels(self.table_name).inc(added_files)
-            SNAPSHOTS.labels(self.table_name).set(len(self.table.snapshots()))
-            self.rows_committed += data.num_rows
-            log.info("stream.committed", table=self.table_name, rows=data.num_rows, files=added_files,
-                     snapshot_id=snapshot.snapshot_id if snapshot else None, offsets=batch.end,
-                     seconds=round(elapsed, 3))
-            return data.num_rows
-        raise RuntimeError(f"{self.table_name}: commit kept conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
+
+        # each attempt re-reads the table and re-checks the fence; conflicts come from peers and compaction
+        self.table = tables.commit_retrying_conflicts(
+            self.table, f"commit to {self.table_name}", commit,
+            on_conflict=COMMITS.labels(self.table_name, "conflict").inc)
+        if fenced:
+            COMMITS.labels(self.table_name, "fenced").inc()
+            log.warning("stream.batch_fenced", table=self.table_name, partitions=fenced)
+            self._reseek()
+            return 0
+        snapshot = self.table.current_snapshot()  # the transaction updated self.table in place
+        COMMIT_DURATION.labels(self.table_name).observe(elapsed)
+        COMMITS.labels(self.table_name, "ok").inc()
+        ROWS_WRITTEN.labels(self.table_name).inc(data.num_rows)
+        added_files = int(snapshot.summary.additional_properties.get("added-data-files", 0)) if snapshot else 0
+        FILES_WRITTEN.labels(self.table_name).inc(added_files)
+        SNAPSHOTS.labels(self.table_name).set(len(self.table.snapshots()))
+        self.rows_committed += data.num_rows
+        log.info("stream.committed", table=self.table_name, rows=data.num_rows, files=added_files,
+                 snapshot_id=snapshot.snapshot_id if snapshot else None, offsets=batch.end,
+                 seconds=round(elapsed, 3))
+        return data.num_rows
 
     def _reseek(self) -> None:
         self._on_assign(self.consumer, [TopicPartition(self.topic, p) for p in sorted(self.assigned)])
