@@ -21,13 +21,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from k2 import topics
-from k2.dlq import DeadLetter, DeadLetterSink, FileDeadLetters, KafkaDeadLetters
-from k2.ingest.pipeline import IngestSummary, StopFlag, register_schemas
+from k2.dlq import DeadLetter, DeadLetterSink, open_sink
+from k2.ingest.pipeline import IngestSummary, register_schemas
 from k2.ingest.producer import TickProducer
 from k2.observability import FEED_CONNECTED, FEED_LAG, FEED_LAST_MESSAGE, FEED_MESSAGES, FEED_RECONNECTS, liveness
 from k2.quality import GapDetector
 from k2.settings import Settings, TableKind
 from k2.sources.feed import ADAPTERS, CHANNELS, Control, FeedAdapter, MalformedMessage, Tick
+from k2.stopping import StopFlag
 
 log = structlog.get_logger("k2.ingest.feed")
 _POLL_SECONDS = 0.5  # how often the stop flag and staleness are looked at while the feed is quiet
@@ -165,12 +166,11 @@ def ingest_feed(url: str, settings: Settings, *, channels: Sequence[str] = tuple
     topics.ensure_pipeline_topics(settings, kinds)
     encoders = register_schemas(settings, kinds)
     producer = TickProducer(settings.kafka_bootstrap, producer_config)
-    dlq: DeadLetterSink = (FileDeadLetters(dlq_file) if dlq_file
-                           else KafkaDeadLetters(producer.producer, settings.dlq_topic))
+    dlq = open_sink(settings, dlq_file, producer.producer)
     feed = FeedIngest(url, settings, channels=channels, symbols=symbols, adapter=ADAPTERS[protocol](), dlq=dlq,
                       producer=producer, encoders=encoders)
     started = time.perf_counter()
-    with StopFlag() as flag, liveness(feed.alive):
+    with StopFlag("feed.stopping") as flag, liveness(feed.alive):
         try:
             feed.run(flag, until_end=until_end)
         finally:
