@@ -36,8 +36,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY workloads/k2 workloads/k2
 COPY operator/k2_operator operator/k2_operator
 COPY data/k2_synthetic data/k2_synthetic
+# Without extras: the runtime set only. The local dev stack (`k2.stack`, `k2[stack]`) stays out.
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \
+ && rm -rf /opt/k2/lib/python3.*/site-packages/k2/stack \
  && k2 --help >/dev/null
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -47,13 +48,23 @@ def _kinds(value: str | None, default: tuple[TableKind, ...]) -> tuple[TableKind
 
 
 # stack ------------------------------------------------------------------------------------------
+def _stack() -> ModuleType:
+    """`k2.stack`, the local development services: not part of the runtime image."""
+    try:
+        from k2 import stack
+    except ImportError as exc:
+        console.print(f"[red]the local stack is not installed here ({exc}).[/] It is for development: from a K2 "
+                      "checkout run `make install` (or `pip install -e '.[stack]'`).")
+        raise typer.Exit(2) from exc
+    return stack
+
+
 @stack_app.command("up")
 def stack_up(kube: Annotated[bool, typer.Option(help="also start etcd + kube-apiserver (+controller-manager)")] = False,
              embedded: Annotated[bool, typer.Option(help="only Kafka + registry (SQLite/local files for Iceberg)")]
              = False) -> None:
     """Install (cached) and start the services; idempotent."""
-    from k2 import stack
-
+    stack = _stack()
     configure_logging()
     for service in stack.services(kube=kube, embedded=embedded):
         console.print(f"[bold]{service.name}[/] … ", end="")
@@ -65,8 +76,7 @@ def stack_up(kube: Annotated[bool, typer.Option(help="also start etcd + kube-api
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop every service this checkout started (by recorded PID)."""
-    from k2 import stack
-
+    stack = _stack()
     configure_logging()
     for service in reversed(stack.services(kube=True, embedded=False)):
         service.stop()
@@ -75,8 +85,7 @@ def stack_down() -> None:
 
 @stack_app.command("status")
 def stack_status() -> None:
-    from k2 import stack
-
+    stack = _stack()
     table = RichTable("service", "port", "status", "log")
     for service in stack.services(kube=True, embedded=False):
         table.add_row(service.name, str(service.port), service.status(), str(service.log_path))
@@ -86,8 +95,7 @@ def stack_status() -> None:
 @stack_app.command("env")
 def stack_env(kube: bool = False, embedded: bool = False) -> None:
     """Print `export K2_…` lines that point K2 at the local stack."""
-    from k2 import stack
-
+    stack = _stack()
     for key, value in stack.settings_env(kube=kube, embedded=embedded).items():
         print(f"export {key}={value}")
 
@@ -272,4 +280,5 @@ def demo_cmd(asx: Annotated[Path | None, typer.Option(help="load this ASX folder
     """The guided tour: stack → ingest → stream → API → queries → chart."""
     from k2.demo import run_demo
 
+    _stack()
     run_demo(asx=asx, port=port, keep_running=keep_running)
