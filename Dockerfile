@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # The one K2 image: `k2 operator`, `k2 ingest …`, `k2 stream run`, `k2 api`, `k2 maintain` all run
 # from it (the Kubernetes manifests choose the command). `build` resolves wheels into a virtualenv;
 # `runtime` (the default, last stage) copies only that virtualenv onto a clean slim base; `dev`
@@ -11,6 +9,11 @@
 #     are written; pip byte-compiles everything at install time, caches point under /tmp
 #   * no HEALTHCHECK: Kubernetes probes decide liveness/readiness
 #   * tini as PID 1, so SIGTERM reaches `k2` and zombies are reaped
+#
+# Any builder builds it (BuildKit or the legacy one of Debian's docker.io, which has no buildx),
+# offline from image registries too: no `# syntax=` frontend to pull, no BuildKit-only mounts.
+# PYTHON_IMAGE may be the upstream slim image or the Debian bookworm base that k2.stack.images
+# builds where no registry is reachable (`python -m k2.stack.images build k2`).
 
 ARG PYTHON_IMAGE=python:3.11.15-slim-trixie
 
@@ -25,10 +28,9 @@ WORKDIR /src
 # Dependencies first, from pyproject.toml alone, so editing Python sources does not re-resolve
 # them: install the project with empty packages, then drop the project and keep its dependencies.
 COPY pyproject.toml README.md ./
-RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir -p workloads/k2 operator/k2_operator data/k2_synthetic \
+RUN mkdir -p workloads/k2 operator/k2_operator data/k2_synthetic \
  && touch workloads/k2/__init__.py operator/k2_operator/__init__.py data/k2_synthetic/__init__.py \
- && pip install . \
+ && pip install --no-cache-dir . \
  && pip uninstall --yes k2 \
  && rm -rf workloads operator data
 
@@ -37,8 +39,7 @@ COPY workloads/k2 workloads/k2
 COPY operator/k2_operator operator/k2_operator
 COPY data/k2_synthetic data/k2_synthetic
 # Without extras: the runtime set only. The local dev stack (`k2.stack`, `k2[stack]`) stays out.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps . \
+RUN pip install --no-cache-dir --no-deps . \
  && rm -rf /opt/k2/lib/python3.*/site-packages/k2/stack \
  && k2 --help >/dev/null
 

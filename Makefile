@@ -60,14 +60,14 @@ kind-up: $(STAMP)
 	kind get clusters | grep -qx $(KIND_CLUSTER) || kind create cluster --name $(KIND_CLUSTER) --config kind-config.yaml --wait 120s
 	docker build --target runtime -t $(K2_IMAGE) .
 	kind load docker-image $(K2_IMAGE) --name $(KIND_CLUSTER)
-	$(BIN)/python -m k2.stack.helm kind-addons --kube-context $(KCTX)
+	$(BIN)/python -m k2.stack.addons --kube-context $(KCTX)
 	kubectl --context $(KCTX) create namespace k2 --dry-run=client -o yaml | kubectl --context $(KCTX) apply -f -
 	kubectl --context $(KCTX) label namespace k2 pod-security.kubernetes.io/enforce=restricted --overwrite
 	$$($(BIN)/python -m k2.stack.helm) upgrade --install k2 charts/k2 --kube-context $(KCTX) -n k2 \
 		-f charts/k2/ci/kind-values.yaml --set image.repository=$(firstword $(subst :, ,$(K2_IMAGE))) \
 		--set image.tag=$(lastword $(subst :, ,$(K2_IMAGE))) --wait --timeout 15m
 	kubectl --context $(KCTX) -n k2 wait --for=condition=Ready ingestionpipeline/asx icebergtable --all queryservice/k2-api --timeout=20m
-	@echo "API: http://k2.localtest.me/docs  Grafana: kubectl --context $(KCTX) -n monitoring port-forward svc/kps-grafana 3000:80"
+	@echo "API: http://k2.localtest.me/docs  Prometheus: kubectl --context $(KCTX) -n monitoring port-forward svc/prometheus-operated 9091:9090"
 
 kind-down:
 	kind delete cluster --name $(KIND_CLUSTER)

@@ -151,3 +151,10 @@ def test_dockerignore_rules_behave_like_docker() -> None:
     assert not in_context("workloads/k2/__pycache__/settings.cpython-311.pyc", rules)
     assert not in_context("tests/unit/test_chart_image.py", rules)
     assert not in_context("charts/k2/values.yaml", rules)
+
+
+def test_any_builder_builds_it_without_a_registry() -> None:
+    """Debian's docker.io has no buildx (its legacy builder knows no RUN --mount), and a
+    `# syntax=` line would make BuildKit pull its frontend from a registry."""
+    assert not re.search(r"^#\s*syntax=", DOCKERFILE, re.MULTILINE | re.IGNORECASE)
+    assert not any("--mount=" in line for line in INSTRUCTIONS)

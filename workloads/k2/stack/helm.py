@@ -8,12 +8,10 @@ two test sessions from building it twice; the binary appears whole (renamed into
 all, and the `go install` output is kept in `build.log` beside `bin/`.
 
 `template()` and `lint()` run that helm on a chart for the tests (and anyone scripting the chart):
-`template()` returns the rendered objects, parsed. `install_kind_addons()` puts what K2's kind
-cluster needs besides K2 (an ingress controller on the ingress-ready node, kube-prometheus-stack)
-on a cluster, pinned, so `make kind-up`, Tilt and tests/kind install the very same:
+`template()` returns the rendered objects, parsed. (What K2's kind cluster runs besides K2 is
+k2.stack.addons: no chart repository is reachable here.)
 
     python -m k2.stack.helm                               # print helm's path (build it if needed)
-    python -m k2.stack.helm kind-addons --kube-context kind-k2
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,80 +136,10 @@ def lint(chart: Path, *, values: Sequence[Path] = (), strict: bool = True) -> su
     return run_helm(*args)
 
 
-# --- the add-ons of K2's kind cluster ------------------------------------------------------------
-@dataclass(frozen=True)
-class Addon:
-    release: str
-    namespace: str
-    chart: str
-    repo: str
-    version: str
-    values: Mapping[str, Any]
-
-
-# ingress-nginx is retired upstream; Traefik serves the Ingress API. It runs on the control-plane
-# node that kind-config.yaml labels ingress-ready=true and maps to the host's ports 80/443.
-TRAEFIK = Addon("traefik", "traefik", "traefik", "https://traefik.github.io/charts", "41.6.1", {
-    "ports": {"web": {"hostPort": 80}, "websecure": {"hostPort": 443}},
-    "service": {"type": "ClusterIP"},
-    "nodeSelector": {"ingress-ready": "true"},
-    "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}],
-    "ingressClass": {"enabled": True, "isDefaultClass": True, "name": "traefik"},
-    "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
-})
-# Prometheus selects every ServiceMonitor/PodMonitor/PrometheusRule (the operator's own included);
-# Grafana's sidecar loads dashboards labelled grafana_dashboard=1 from every namespace.
-GRAFANA_ADMIN_PASSWORD = "k2-kind"
-KUBE_PROMETHEUS_STACK = Addon(
-    "kps", "monitoring", "kube-prometheus-stack", "https://prometheus-community.github.io/helm-charts", "88.6.0", {
-        "alertmanager": {"enabled": False},
-        "nodeExporter": {"enabled": False},
-        "prometheus": {"prometheusSpec": {
-            "serviceMonitorSelectorNilUsesHelmValues": False, "podMonitorSelectorNilUsesHelmValues": False,
-            "ruleSelectorNilUsesHelmValues": False, "retention": "2d"}},
-        "grafana": {
-            "adminPassword": GRAFANA_ADMIN_PASSWORD,
-            "sidecar": {"dashboards": {"enabled": True, "label": "grafana_dashboard", "labelValue": "1",
-                                       "searchNamespace": "ALL", "folderAnnotation": "grafana_folder",
-                                       "provider": {"foldersFromFilesStructure": True}}},
-        },
-    })
-KIND_ADDONS = (TRAEFIK, KUBE_PROMETHEUS_STACK)
-
-
-def install_addon(addon: Addon, *, kubeconfig: Path | None = None, kube_context: str | None = None,
-                  timeout: str = "10m") -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as values:
-        yaml.safe_dump(dict(addon.values), values)
-        values.flush()
-        args = ["upgrade", "--install", addon.release, addon.chart, "--repo", addon.repo, "--version", addon.version,
-                "--namespace", addon.namespace, "--create-namespace", "--values", values.name, "--wait",
-                "--timeout", timeout]
-        args += ["--kubeconfig", str(kubeconfig)] if kubeconfig else []
-        args += ["--kube-context", kube_context] if kube_context else []
-        log.info("helm.addon", release=addon.release, chart=addon.chart, version=addon.version)
-        proc = run_helm(*args, timeout=900)
-    if proc.returncode != 0:
-        raise StackError(f"installing {addon.chart} {addon.version} failed:\n{proc.stderr.strip()}")
-
-
-def install_kind_addons(*, kubeconfig: Path | None = None, kube_context: str | None = None) -> None:
-    for addon in KIND_ADDONS:
-        install_addon(addon, kubeconfig=kubeconfig, kube_context=kube_context)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m k2.stack.helm", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command")
-    addons = sub.add_parser("kind-addons", help="install Traefik and kube-prometheus-stack (pinned)")
-    addons.add_argument("--kube-context")
-    addons.add_argument("--kubeconfig", type=Path)
-    args = parser.parse_args(argv)
-    if args.command == "kind-addons":
-        install_kind_addons(kubeconfig=args.kubeconfig, kube_context=args.kube_context)
-    else:
-        print(helm_binary())
-
+    parser.parse_args(argv)
+    print(helm_binary())
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,292 @@
+"""The images built on this machine (k2.stack.images) run what the chart runs.
+
+Each infrastructure container of `helm template` with charts/k2/ci/kind-values.yaml is started with
+`docker run` exactly as its pod would start it: the chart's command, args and env, its ConfigMaps
+mounted, emptyDirs and volume claims as tmpfs, the pod's UID/GID, a read-only root filesystem where
+the chart asks for one, every capability dropped, and its Services' DNS names as network aliases.
+Kafka must then serve metadata, the registry its Confluent API (journalled in that Kafka),
+PostgreSQL a SCRAM login to the release's database, versitygw a signed S3 call. The K2 image runs
+`k2 --help` as UID 10001; Prometheus answers its query API; the other add-ons start as nobody.
+
+Needs a Docker engine (started on demand as root by k2.stack.docker); skips with the reason where
+there is none. Builds are cached (k2.stack.images), so a warm run only starts containers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import psycopg2
+import pytest
+import yaml
+from botocore.config import Config
+from confluent_kafka.admin import AdminClient
+
+from k2.stack import docker, helm, images
+
+pytestmark = [pytest.mark.images, pytest.mark.timeout(5400, func_only=False)]
+
+REPO = Path(__file__).resolve().parents[2]
+KIND_VALUES = yaml.safe_load((REPO / "charts/k2/ci/kind-values.yaml").read_text())
+
+
+def docker_cli(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, str]:
+    reason = docker.engine_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return {row["image"]: row["how"] for row in images.ensure_all()}
+
+
+@pytest.fixture(scope="module")
+def chart() -> list[dict[str, Any]]:
+    return helm.template(REPO / "charts/k2", values=[REPO / "charts/k2/ci/kind-values.yaml"])
+
+
+@pytest.fixture(scope="module")
+def network(built: dict[str, str]) -> Iterator[str]:
+    name = f"k2-images-test-{uuid.uuid4().hex[:8]}"
+    docker_cli("network", "create", name)
+    yield name
+    docker_cli("network", "rm", name, check=False)
+
+
+class Pods:
+    """Starts chart containers as docker containers on one network; removes them at the end."""
+
+    def __init__(self, chart: list[dict[str, Any]], network: str, tmp: Path) -> None:
+        self.chart, self.network, self.tmp = chart, network, tmp
+        self.started: list[str] = []
+
+    def workload(self, component: str) -> dict[str, Any]:
+        return next(o for o in self.chart if o["kind"] in ("StatefulSet", "Deployment")
+                    and o["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+
+    def _object(self, kind: str, name: str) -> dict[str, Any]:
+        return next(o for o in self.chart if o["kind"] == kind and o["metadata"]["name"] == name)
+
+    def _env(self, box: dict[str, Any], pod_name: str) -> list[str]:
+        out = []
+        for var in box.get("env", []):
+            if "value" in var:
+                value = var["value"]
+            elif "fieldRef" in var["valueFrom"]:
+                assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+                value = pod_name
+            else:
+                ref = var["valueFrom"]["secretKeyRef"]
+                value = self._object("Secret", ref["name"])["stringData"][ref["key"]]
+            out += ["--env", f"{var['name']}={value}"]
+        return out
+
+    def _mounts(self, workload: dict[str, Any], box: dict[str, Any], name: str) -> list[str]:
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+        out = []
+        for mount in box.get("volumeMounts", []):
+            volume = volumes.get(mount["name"], {})
+            if "configMap" in volume:
+                folder = self.tmp / name / mount["name"]
+                folder.mkdir(parents=True)
+                for key, text in self._object("ConfigMap", volume["configMap"]["name"])["data"].items():
+                    (folder / key).write_text(text)
+                    (folder / key).chmod(0o644)
+                folder.chmod(0o755)
+                out += ["--volume", f"{folder}:{mount['mountPath']}:ro"]
+            else:  # emptyDir or a volume claim: empty and writable, as a fresh volume is
+                out += ["--mount", f"type=tmpfs,destination={mount['mountPath']},tmpfs-mode=1777"]
+        return out
+
+    def _aliases(self, workload: dict[str, Any], pod_name: str) -> list[str]:
+        namespace = workload["metadata"]["namespace"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        names = []
+        for svc in (o for o in self.chart if o["kind"] == "Service"):
+            if all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()):
+                service = svc["metadata"]["name"]
+                names += [service, f"{service}.{namespace}.svc"]
+                if svc["spec"].get("clusterIP") == "None":
+                    names.append(f"{pod_name}.{service}.{namespace}.svc")
+        return [arg for alias in names for arg in ("--network-alias", alias)]
+
+    def start(self, component: str, port: int) -> int:
+        """Start `component`'s first container as pod `<name>-0`; returns the host port of `port`."""
+        workload = self.workload(component)
+        spec = workload["spec"]["template"]["spec"]
+        box = spec["containers"][0]
+        pod_name = f"{workload['metadata']['name']}-0"
+        container = f"{self.network}-{component}"
+        security = spec["securityContext"]
+        args = ["run", "--detach", "--name", container, "--hostname", pod_name, "--network", self.network,
+                "--user", f"{security['runAsUser']}:{security['runAsGroup']}",
+                "--group-add", str(security["fsGroup"]), "--cap-drop", "ALL",
+                "--security-opt", "no-new-privileges", "--publish", f"127.0.0.1::{port}",
+                *self._aliases(workload, pod_name), *self._env(box, pod_name),
+                *self._mounts(workload, box, container)]
+        if box["securityContext"].get("readOnlyRootFilesystem"):
+            args.append("--read-only")
+        command = [*box.get("command", []), *box.get("args", [])]
+        assert box.get("command"), f"{component}: the chart must not rely on the image's entrypoint"
+        docker_cli(*args, "--entrypoint", command[0], box["image"], *command[1:])
+        self.started.append(container)
+        mapped = docker_cli("port", container, f"{port}/tcp").stdout.splitlines()[0]
+        return int(mapped.rsplit(":", 1)[1])
+
+    def logs(self, component: str) -> str:
+        proc = docker_cli("logs", "--tail", "60", f"{self.network}-{component}", check=False)
+        return proc.stdout + proc.stderr
+
+    def remove_all(self) -> None:
+        for container in reversed(self.started):
+            docker_cli("rm", "--force", container, check=False)
+
+
+@pytest.fixture(scope="module")
+def pods(chart: list[dict[str, Any]], network: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
+    started = Pods(chart, network, tmp_path_factory.mktemp("pods"))
+    yield started
+    started.remove_all()
+
+
+def eventually(check: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str]) -> Any:
+    """check()'s first truthy result; a JVM's cold start on 2 busy cores is slow, not broken."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - not serving yet
+            last = exc
+        time.sleep(2)
+    pytest.fail(f"{what} within {timeout:.0f}s (last error: {last}):\n{logs()}")
+
+
+@pytest.fixture(scope="module")
+def kafka_port(pods: Pods) -> int:
+    port = pods.start("kafka", 9092)
+    eventually(lambda: 0 in AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+               .list_topics(timeout=3).brokers, timeout=300, what="Kafka serves metadata",
+               logs=lambda: pods.logs("kafka"))
+    return port
+
+
+# --- tests -----------------------------------------------------------------------------------------
+def test_every_image_runs_as_a_non_root_user(built: dict[str, str]) -> None:
+    for tag in built:
+        user = json.loads(docker_cli("image", "inspect", "--format", "{{json .Config.User}}", tag).stdout)
+        assert user and user.split(":")[0] not in ("0", "root"), f"{tag} runs as {user!r}"
+
+
+def test_k2_image_runs_k2_as_uid_10001_on_a_read_only_root(built: dict[str, str]) -> None:
+    proc = docker_cli("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", images.K2.tag, "--help")
+    uid = docker_cli("run", "--rm", "--entrypoint", "id", images.K2.tag, "-u").stdout.strip()
+
+    assert "operator" in proc.stdout and "stream" in proc.stdout, proc.stdout
+    assert uid == "10001"
+
+
+def test_kafka_broker_serves_and_formats_its_storage_once(pods: Pods, kafka_port: int) -> None:
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{kafka_port}", "log_level": 0})
+    metadata = admin.list_topics(timeout=10)
+
+    assert list(metadata.brokers) == [0]
+    docker_cli("restart", f"{pods.network}-kafka", timeout=180)
+    port = int(docker_cli("port", f"{pods.network}-kafka", "9092/tcp").stdout.splitlines()[0].rsplit(":", 1)[1])
+    eventually(lambda: 0 in AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+               .list_topics(timeout=3).brokers, timeout=300, what="Kafka serves again after a restart",
+               logs=lambda: pods.logs("kafka"))
+
+
+def test_registry_serves_its_confluent_api_from_kafka(pods: Pods, kafka_port: int) -> None:
+    port = pods.start("schema-registry", 8080)
+    url = f"http://127.0.0.1:{port}/apis/ccompat/v7"
+    eventually(lambda: httpx.get(f"{url}/subjects", timeout=5).status_code == 200, timeout=420,
+               what="the registry answers", logs=lambda: pods.logs("schema-registry"))
+    schema = {"type": "record", "name": "T", "fields": [{"name": "x", "type": "long"}]}
+
+    created = httpx.post(f"{url}/subjects/images-test-value/versions", json={"schema": json.dumps(schema)}, timeout=30)
+
+    assert created.status_code == 200, created.text
+    assert httpx.get(f"{url}/subjects", timeout=5).json() == ["images-test-value"]
+
+
+def test_postgresql_initialises_the_release_database_and_accepts_scram_logins(pods: Pods) -> None:
+    port = pods.start("postgresql", 5432)
+    values = KIND_VALUES["postgresql"]
+
+    def query() -> int:
+        with psycopg2.connect(host="127.0.0.1", port=port, user="k2", password=values["password"], dbname="k2",
+                              connect_timeout=3) as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_database() = 'k2' AND current_user = 'k2'")
+            return cur.fetchone()[0]
+
+    assert eventually(query, timeout=120, what="PostgreSQL accepts k2", logs=lambda: pods.logs("postgresql"))
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(host="127.0.0.1", port=port, user="k2", password="wrong", dbname="k2", connect_timeout=3)
+
+
+def test_versitygw_serves_signed_s3_requests(pods: Pods) -> None:
+    port = pods.start("s3", 9000)
+    auth = KIND_VALUES["s3"]["auth"]
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                      aws_access_key_id=auth["accessKey"], aws_secret_access_key=auth["secretKey"],
+                      config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                                    retries={"total_max_attempts": 1}))
+
+    eventually(lambda: s3.list_buckets() is not None, timeout=60, what="versitygw answers",
+               logs=lambda: pods.logs("s3"))
+    s3.create_bucket(Bucket="images-test")
+    s3.put_object(Bucket="images-test", Key="a", Body=b"k2")
+
+    assert s3.get_object(Bucket="images-test", Key="a")["Body"].read() == b"k2"
+
+
+@pytest.mark.parametrize(("name", "args", "expect"), [
+    ("traefik", ["version"], "v3.7.13"),
+    ("prometheus-operator", ["--version"], "0.85.0"),
+    ("prometheus-config-reloader", ["--version"], "0.85.0"),
+    ("metrics-server", ["--version"], "v0.8.0"),
+])
+def test_addon_programs_start_as_nobody(built: dict[str, str], name: str, args: list[str], expect: str) -> None:
+    image = next(i for i in images.ADDON_IMAGES if i.name == name)
+    proc = docker_cli("run", "--rm", "--read-only", "--cap-drop", "ALL", image.tag, *args, check=False)
+
+    assert expect in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_prometheus_answers_queries(built: dict[str, str], network: str) -> None:
+    image = next(i for i in images.ADDON_IMAGES if i.name == "prometheus")
+    container = f"{network}-prometheus"
+    config = ("global: {scrape_interval: 1s}\n"
+              "scrape_configs: [{job_name: self, static_configs: [{targets: ['localhost:9090']}]}]\n")
+    docker_cli("run", "--detach", "--name", container, "--read-only", "--cap-drop", "ALL", "--network", network,
+               "--mount", "type=tmpfs,destination=/prometheus,tmpfs-mode=1777", "--publish", "127.0.0.1::9090",
+               "--entrypoint", "/bin/sh", image.tag, "-c",
+               f"printf \"{config}\" > /prometheus/p.yml && exec /bin/prometheus --config.file=/prometheus/p.yml "
+               "--storage.tsdb.path=/prometheus/data")
+    try:
+        port = int(docker_cli("port", container, "9090/tcp").stdout.splitlines()[0].rsplit(":", 1)[1])
+        logs = lambda: docker_cli("logs", container, check=False).stderr[-3000:]  # noqa: E731
+        result = eventually(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": 'up{job="self"}'},
+                              timeout=5).json()["data"]["result"], timeout=120, what="Prometheus scrapes itself",
+            logs=logs)
+        assert result[0]["value"][1] == "1"
+    finally:
+        docker_cli("rm", "--force", container, check=False)
