@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k2.stack import helm
+from k2.stack import addons, helm
 
 pytestmark = pytest.mark.unit
 
@@ -42,13 +42,16 @@ def test_kind_nodes_run_the_kubernetes_minor_the_local_apiserver_tests() -> None
 
 
 def test_traefik_runs_where_kind_maps_the_host_ports() -> None:
-    values = helm.TRAEFIK.values
+    docs = addons.manifests()
+    traefik = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "traefik")
+    spec = traefik["spec"]["template"]["spec"]
+    ingress_class = next(d for d in docs if d["kind"] == "IngressClass")
 
-    assert values["nodeSelector"] == {"ingress-ready": "true"}
-    assert {values["ports"]["web"]["hostPort"], values["ports"]["websecure"]["hostPort"]} == \
+    assert spec["nodeSelector"] == {"ingress-ready": "true"}
+    assert {p["hostPort"] for p in spec["containers"][0]["ports"] if "hostPort" in p} == \
         {m["hostPort"] for m in KIND["nodes"][0]["extraPortMappings"]}
     kind_values = yaml.safe_load((REPO / "charts/k2/ci/kind-values.yaml").read_text())
-    assert kind_values["samples"]["ingress"]["className"] == values["ingressClass"]["name"]
+    assert kind_values["samples"]["ingress"]["className"] == ingress_class["metadata"]["name"]
 
 
 def test_tiltfile_is_starlark_that_points_at_real_things() -> None:

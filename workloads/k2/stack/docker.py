@@ -254,6 +254,9 @@ def debian_rootfs(packages: Sequence[str], *, suite: str = DEBIAN_SUITE,
             cmd = ["mmdebstrap", f"--variant={variant}", "--mode=root", "--format=tar",
                    # no docs, man pages or apt lists: images stay small
                    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
+                   # …but Java's postinst links its man page through update-alternatives, which
+                   # fails where the folder is missing (openjdk-*-jre-headless)
+                   "--essential-hook=mkdir -p \"$1\"/usr/share/man/man1",
                    "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*",
                    *(f"--customize-hook={hook}" for hook in hooks)]
             if packages:

@@ -47,9 +47,9 @@ log = structlog.get_logger("k2.stack.images")
 REPO = Path(__file__).resolve().parents[3]
 BUILD_TIMEOUT = 3600.0
 LABEL = "k2.image.key"
-# Where the host keeps CA certificates of its own (a TLS-inspecting proxy's, a company's):
-# the Python base trusts them too, so pip inside `docker build` reaches PyPI as the host does.
-HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+# The host's CA bundle (with any CA of its own: a TLS-inspecting proxy's, a company's) replaces the
+# Python base's, so pip inside `docker build` reaches PyPI as the host does.
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PIP_CONF = "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n"
 
 
@@ -66,18 +66,16 @@ class Base:
     with_host_cas: bool = False
 
     def files(self) -> dict[str, bytes | str]:
-        if not self.with_host_cas:
+        if not self.with_host_cas or not HOST_CA_BUNDLE.exists():
             return {}
-        found: dict[str, bytes | str] = {str(ca): ca.read_bytes() for ca in sorted(HOST_CA_DIR.glob("*.crt"))}
-        return {**found, "/etc/pip.conf": PIP_CONF}
+        return {str(HOST_CA_BUNDLE): HOST_CA_BUNDLE.read_bytes(), "/etc/pip.conf": PIP_CONF}
 
     def ensure(self) -> str:
-        hooks = (*self.hooks, 'chroot "$1" update-ca-certificates') if self.with_host_cas else self.hooks
-        return debian_image(self.tag, self.packages, suite=self.suite, files=self.files(), hooks=hooks,
+        return debian_image(self.tag, self.packages, suite=self.suite, files=self.files(), hooks=self.hooks,
                             changes=self.changes)
 
     def key(self) -> str:
-        return _digest(self.tag, self.suite, self.packages, self.hooks, self.changes, sorted(self.files()))
+        return _digest(self.tag, self.suite, self.packages, self.hooks, self.changes, self.files())
 
 
 PYTHON_BASE = Base("k2.local/python:3.11-bookworm",
@@ -293,25 +291,48 @@ class GoProgram:
 def module_dir(module: str, version: str) -> Path:
     """`module`@`version` in the Go module cache (read-only), downloaded if needed."""
     proc = run(["go", "mod", "download", "-json", f"{module}@{version}"], what=f"go mod download {module}@{version}",
-               env={"PATH": f"{os.environ.get('PATH', '')}{os.pathsep}/usr/local/go/bin"}, timeout=1800)
+               env=_go_env(), timeout=1800)
     return Path(json.loads(proc.stdout)["Dir"])
 
 
 def module_source(module: str, version: str) -> Path:
     """A writable copy of `module`@`version` from the module cache, to build inside it: `go
-    install pkg@version` refuses modules with replace directives (Traefik's, the operator's)."""
-    source = module_dir(module, version)
+    install pkg@version` refuses modules with replace directives (Traefik's, the operator's).
+
+    The module zip lacks what upstream's own checkout has: nested modules (the operator's
+    pkg/client and pkg/apis/monitoring) that go.mod replaces with their folder, and a go.work
+    (Prometheus') naming folders that are not there. Those replacements are dropped, so the
+    published module of the required version is used, and the workspace file is removed."""
     copy = cache_dir() / "go-src" / f"{module.replace('/', '_')}@{version}"
-    if not copy.exists():
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=copy.parent) as tmp:
-            staged = Path(tmp) / "src"
-            shutil.copytree(source, staged)
-            for path in [staged, *staged.rglob("*")]:  # the module cache's files are read-only
-                if not path.is_symlink():
-                    path.chmod(path.stat().st_mode | 0o200)
-            staged.rename(copy)
+    if copy.exists():
+        return copy
+    source = module_dir(module, version)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=copy.parent) as tmp:
+        staged = Path(tmp) / "src"
+        shutil.copytree(source, staged)
+        for path in [staged, *staged.rglob("*")]:  # the module cache's files are read-only
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | 0o200)
+        for name in ("go.work", "go.work.sum"):
+            (staged / name).unlink(missing_ok=True)
+        go = _go_env()
+        replaces = json.loads(run(["go", "mod", "edit", "-json"], cwd=staged, env=go, what="go mod edit").stdout)
+        for rule in replaces.get("Replace") or []:
+            target = rule["New"]["Path"]
+            if target.startswith(".") and not (staged / target).is_dir():
+                old = rule["Old"]["Path"]
+                run(["go", "mod", "edit", f"-dropreplace={old}"], cwd=staged, env=go, what="go mod edit")
+                # go.sum has no lines for a module that was replaced by a folder: add them.
+                required = next(r["Version"] for r in replaces["Require"] if r["Path"] == old)
+                run(["go", "get", f"{old}@{required}"], cwd=staged, env=go, what=f"go get {old}@{required}",
+                    timeout=1800)
+        staged.rename(copy)
     return copy
+
+
+def _go_env() -> dict[str, str]:
+    return {"PATH": f"{os.environ.get('PATH', '')}{os.pathsep}/usr/local/go/bin", "GOWORK": "off"}
 
 
 PROMETHEUS_VERSION = "v3.16.0"  # the module's v0.316.0
@@ -322,8 +343,8 @@ PROMETHEUS = GoProgram("github.com/prometheus/prometheus", "v0.316.0", ("./cmd/p
 PROMETHEUS_OPERATOR = GoProgram("github.com/prometheus-operator/prometheus-operator", "v0.85.0",
                                 ("./cmd/operator", "./cmd/prometheus-config-reloader"), (
     "-X github.com/prometheus/common/version.Version=0.85.0",))
-TRAEFIK = GoProgram("github.com/traefik/traefik/v3", "v3.7.13", ("./cmd/traefik",), (
-    "-X github.com/traefik/traefik/v3/pkg/version.Version=v3.7.13",))
+TRAEFIK = GoProgram("github.com/traefik/traefik/v3", "v3.6.12", ("./cmd/traefik",), (
+    "-X github.com/traefik/traefik/v3/pkg/version.Version=v3.6.12",))
 METRICS_SERVER = GoProgram("sigs.k8s.io/metrics-server", "v0.8.0", ("./cmd/metrics-server",), (
     "-X k8s.io/client-go/pkg/version.gitVersion=v0.8.0",))
 
