@@ -67,6 +67,11 @@ ROWS_RETURNED = Counter("k2_query_rows_returned", "Rows returned to clients", ["
 QUERY_CACHE_LOOKUPS = Counter("k2_query_cache_lookups", "Result cache lookups (hit, miss)", ["query", "result"],
                               registry=REGISTRY)
 QUERY_CACHE_BYTES = Gauge("k2_query_cache_bytes", "Bytes of results held by the result cache", registry=REGISTRY)
+STREAM_SUBSCRIBERS = Gauge("k2_stream_subscribers", "WebSocket subscribers of live ticks", ["kind"],
+                           registry=REGISTRY)
+STREAM_TICKS = Counter("k2_stream_ticks", "Live ticks read by the API's Kafka consumer", ["kind"], registry=REGISTRY)
+STREAM_DISCONNECTS = Counter("k2_stream_disconnects", "WebSocket subscribers cut off, by reason", ["kind", "reason"],
+                         registry=REGISTRY)
 
 # operator
 RECONCILES = Counter("k2_operator_reconcile", "Reconciliations", ["kind", "outcome"], registry=REGISTRY)

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     query_threads: int = Field(0, ge=0, le=256, description="DuckDB threads per process; 0: one per core. Serving "
                                "many requests at once, cores ÷ worker processes wastes less on coordination")
 
+    stream_buffer: int = Field(10_000, ge=10, le=1_000_000, description="ticks queued per WebSocket subscriber; "
+                               "a subscriber whose queue fills is disconnected (slow consumer)")
+
     log_level: str = "INFO"
     metrics_port: int = Field(0, ge=0, le=65535, description="0: no separate metrics server")
 

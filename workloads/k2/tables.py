@@ -213,13 +213,14 @@ def load_table(cat: Catalog, identifier: str) -> Table | None:
         return None
 
 
-def recorded_offsets(table: Table) -> dict[str, dict[int, int]]:
-    """The Kafka offsets of the newest snapshot in the main lineage that recorded them.
+def recorded_offsets(table: Table, snapshot: Snapshot | None = None) -> dict[str, dict[int, int]]:
+    """The Kafka offsets recorded by `snapshot` (default: the current one), or by its newest
+    ancestor that recorded them.
 
     Snapshots made by maintenance carry them forward, but walking the lineage keeps this right
     for snapshots made by other tools too.
     """
-    snapshot: Snapshot | None = table.current_snapshot()
+    snapshot = snapshot or table.current_snapshot()
     while snapshot is not None:
         raw = snapshot.summary.additional_properties.get(OFFSETS_PROPERTY) if snapshot.summary else None
         if raw:

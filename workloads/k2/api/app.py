@@ -49,8 +49,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     query_engine = engine or Engine(settings)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        if getattr(app.state, "hub", None) is not None:  # started by the first WebSocket subscriber
+            app.state.hub.close()
         if owned:
             query_engine.close()
 

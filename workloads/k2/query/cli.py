@@ -176,3 +176,50 @@ def chart(symbol: str, day: Annotated[str, typer.Argument(metavar="DATE", help="
     candlestick(rows, title=f"{symbol} {date.isoformat()} ({interval})", interval=INTERVALS[interval], zone=ZONE,
                 path=out)
     stderr.print(f"wrote {out} ({len(rows)} bars)")
+
+
+@app.command()
+def tail(symbols: Annotated[list[str] | None, typer.Argument(help="e.g. BHP RIO (default: all)")] = None,
+         kind: Annotated[TickKind, typer.Option(help="trades or quotes")] = "trades",
+         since: Annotated[str | None, typer.Option("--from", help="catch up from this ISO-8601 time or date first")]
+         = None,
+         count: Annotated[int | None, typer.Option(min=1, help="exit after this many ticks")] = None,
+         url: UrlOption = DEFAULT_URL, output: Annotated[Literal["line", "json"], typer.Option(
+             "--format", "-f", help="line: one readable line per tick; json: the API's objects")] = "line") -> None:
+    """Live ticks as they print (WebSocket /v1/stream/…), until Ctrl-C."""
+    from urllib.parse import urlencode
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    params = {"symbols": ",".join(symbols)} if symbols else {}
+    if since is not None:
+        params["from"] = _instant(since, "--from").isoformat()  # type: ignore[union-attr]
+    query = f"?{urlencode(params)}" if params else ""
+    ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/v1/stream/{kind}{query}"
+    key = os.environ.get("K2_API_KEY", DEV_API_KEY)
+    seen = 0
+    try:
+        with connect(ws_url, additional_headers={"X-API-Key": key}, open_timeout=15) as ws:
+            for frame in ws:
+                tick = json.loads(frame)
+                print(json.dumps(tick) if output == "json" else _tick_line(kind, tick), flush=True)
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+    except ConnectionClosed as exc:
+        stderr.print(f"[red]stream closed:[/] {exc.rcvd.reason if exc.rcvd else exc}")
+        raise typer.Exit(1) from None
+    except (OSError, TimeoutError) as exc:
+        stderr.print(f"[red]error:[/] cannot reach {ws_url}: {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _tick_line(kind: TickKind, tick: dict[str, Any]) -> str:
+    when = dt.datetime.fromisoformat(tick["exchange_timestamp"]).astimezone(ZONE).strftime("%Y-%m-%d %H:%M:%S.%f")
+    head = f"{when} {tick['symbol']:<8} #{tick['sequence_number']:<7}"
+    if kind == "trades":
+        return f"{head} {tick['volume']:>9} @ {tick['price']}"
+    return f"{head} {tick['bid_size']:>9} {tick['bid_price']} / {tick['ask_price']} {tick['ask_size']}"

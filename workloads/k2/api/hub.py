@@ -1,0 +1,271 @@
+"""Live ticks for WebSocket subscribers: one Kafka consumer per API process, fanned out in memory.
+
+The hub's thread reads the trades and quotes topics from their end (partitions that appear later,
+from their beginning), decodes each poll's messages at once, and hands every subscriber the ticks
+of its symbols on the event loop. Each subscriber has a bounded queue: one that falls behind is
+cut off with the reason, so it can neither slow the others nor grow memory.
+
+`subscribe` returns, atomically with joining, the offset from which the hub will deliver on each
+partition: a catch-up reads Iceberg up to the offsets its snapshot recorded and Kafka from there up
+to these, so the three parts meet exactly (`k2.api.routers.stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from pydantic_core import to_json
+
+from k2 import schemas
+from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
+from k2.query.rows import to_rows
+from k2.schemas import columnar
+from k2.schemas.registry import client as registry_client
+from k2.schemas.wire import AvroDecoder, PoisonMessage
+from k2.settings import Settings
+
+log = structlog.get_logger("k2.api.hub")
+Partition = tuple[str, int]  # (topic, partition)
+_REFRESH_SECONDS = 5.0  # how often new topics and partitions are looked for
+_EPOCH = dt.date(1970, 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveTick:
+    symbol: str
+    exchange_date: int  # epoch day
+    sequence_number: int
+    partition: Partition
+    offset: int
+    json: str  # the tick as the REST API writes it
+
+
+class SlowConsumer(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Subscription:
+    kind: str
+    symbols: frozenset[str]  # empty: every symbol
+    buffer: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[LiveTick] = field(init=False)
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.buffer)
+
+    def wants(self, symbol: str) -> bool:
+        return not self.symbols or symbol in self.symbols
+
+    def push(self, ticks: list[LiveTick]) -> None:
+        """On the event loop: queue the ticks, or give up on a subscriber that is too far behind."""
+        if self.overflowed.is_set():
+            return
+        for tick in ticks:
+            try:
+                self.queue.put_nowait(tick)
+            except asyncio.QueueFull:
+                STREAM_DISCONNECTS.labels(self.kind, "slow_consumer").inc()
+                self.overflowed.set()
+                return
+
+
+def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> Iterator[LiveTick]:
+    """Confluent-Avro messages of one topic → ticks in message order (undecodable ones are skipped:
+    the stream dead-letters them, and a live view must not show what the table never will)."""
+    payloads = [m.value() for m in messages]
+    ids = columnar.confluent_schema_ids(payloads)
+    target = schemas.arrow_schema(kind)  # type: ignore[arg-type]
+    decoded: list[tuple[np.ndarray, pa.Table]] = []
+    for schema_id in np.unique(ids[ids >= 0]).tolist():
+        where = np.flatnonzero(ids == schema_id)
+        try:
+            writer = decoder.writer_schema_json(schema_id)
+        except PoisonMessage:
+            continue
+        result = columnar.decode([payloads[i] for i in where.tolist()], writer, skip=5)
+        good = where[~result.bad]
+        table = result.table.filter(pa.array(~result.bad)) if result.bad.any() else result.table
+        decoded.append((good, conform(table, target)))
+    rows: list[tuple[int, dict]] = []
+    for positions, table in decoded:
+        rows.extend(zip(positions.tolist(), to_rows(table), strict=True))
+    rows.sort(key=lambda item: item[0])
+    for i, row in rows:
+        msg = messages[i]
+        yield LiveTick(row["symbol"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
+                       (msg.topic(), msg.partition()), msg.offset(), to_json(row).decode())
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Decoded columns as the table's Arrow schema: its order and types, nulls for columns an
+    older writer did not have."""
+    arrays = []
+    for fld in schema:
+        if fld.name in table.column_names:
+            column = table[fld.name]
+            arrays.append(column if column.type == fld.type else column.cast(fld.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, fld.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class TickHub:
+    def __init__(self, settings: Settings, kinds: Iterable[str] = ("trades", "quotes")) -> None:
+        self.settings = settings
+        self.topics = {settings.topic(k): k for k in kinds}  # type: ignore[arg-type]
+        self.decoder = AvroDecoder(registry_client(settings.registry_url))
+        self._lock = threading.Lock()
+        self._subscribers: set[Subscription] = set()
+        self._positions: dict[Partition, int] = {}  # next offset the hub delivers, per partition
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: Consumer | None = None
+        self._started = threading.Event()
+
+    # lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="k2-tick-hub", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def wait_started(self, timeout: float) -> bool:
+        return self._started.wait(timeout)
+
+    def consumer_config(self) -> dict:
+        # No group: every API process reads every partition; offsets are never committed.
+        return {"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "k2-api-hub",
+                "enable.auto.commit": False, "enable.auto.offset.store": False,
+                "isolation.level": "read_committed", "enable.partition.eof": False}
+
+    def _run(self) -> None:
+        consumer = Consumer(self.consumer_config())
+        self._consumer = consumer
+        first, refreshed = True, 0.0
+        try:
+            while not self._stop.is_set():
+                if time.monotonic() - refreshed > _REFRESH_SECONDS:
+                    self._assign_new(consumer, at_end=first)
+                    first, refreshed = False, time.monotonic()
+                    self._started.set()
+                messages = consumer.consume(2000, timeout=0.1)
+                if messages:
+                    self._dispatch(messages)
+        except Exception:  # noqa: BLE001 - logged; subscribers see the stream stop
+            log.exception("hub.failed")
+            raise
+        finally:
+            consumer.close()
+
+    def _assign_new(self, consumer: Consumer, *, at_end: bool) -> None:
+        """Partitions not yet read: at their end when the hub starts, from the beginning later
+        (a partition created while we run holds only new ticks)."""
+        added = []
+        for topic in self.topics:
+            try:
+                meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+            except KafkaException as exc:
+                log.warning("hub.metadata_unavailable", topic=topic, error=str(exc))
+                continue
+            if meta is None or meta.error is not None:
+                continue
+            for p in meta.partitions:
+                if (topic, p) in self._positions:
+                    continue
+                if at_end:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
+                    offset = high
+                else:
+                    offset = OFFSET_BEGINNING
+                added.append(TopicPartition(topic, p, offset))
+        if not added:
+            return
+        with self._lock:
+            for tp in added:
+                # the position of a partition read from its beginning is its low watermark, 0 until compacted
+                self._positions[(tp.topic, tp.partition)] = max(tp.offset, 0)
+        consumer.incremental_assign(added)
+        log.info("hub.assigned", partitions={f"{tp.topic}/{tp.partition}": tp.offset for tp in added})
+
+    def _dispatch(self, messages: list[Message]) -> None:
+        by_topic: dict[str, list[Message]] = {}
+        for msg in messages:
+            if msg.error() is None:
+                by_topic.setdefault(msg.topic(), []).append(msg)
+        for topic, batch in by_topic.items():
+            kind = self.topics[topic]
+            ticks = list(decode_ticks(self.decoder, kind, batch))
+            STREAM_TICKS.labels(kind).inc(len(ticks))
+            with self._lock:  # positions move and subscribers get the ticks as one step
+                for msg in batch:
+                    self._positions[(topic, msg.partition())] = msg.offset() + 1
+                for sub in self._subscribers:
+                    if sub.kind != kind or sub.overflowed.is_set():
+                        continue
+                    mine = [t for t in ticks if sub.wants(t.symbol)]
+                    if mine:
+                        sub.loop.call_soon_threadsafe(sub.push, mine)
+
+    # subscribers --------------------------------------------------------------------------
+    def subscribe(self, sub: Subscription) -> dict[int, int]:
+        """Join; returns the offset per partition of the sub's topic from which it gets ticks."""
+        topic = self.settings.topic(sub.kind)  # type: ignore[arg-type]
+        with self._lock:
+            self._subscribers.add(sub)
+            STREAM_SUBSCRIBERS.labels(sub.kind).set(sum(s.kind == sub.kind for s in self._subscribers))
+            return {p: o for (t, p), o in self._positions.items() if t == topic}
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+            STREAM_SUBSCRIBERS.labels(sub.kind).set(sum(s.kind == sub.kind for s in self._subscribers))
+
+
+def read_range(settings: Settings, topic: str, ranges: dict[int, tuple[int, int]],
+               timeout: float = 30.0) -> Iterator[list[Message]]:
+    """The messages of [start, end) per partition, in batches (blocking: run it in a thread)."""
+    pending = {p: end for p, (start, end) in ranges.items() if end > start}
+    if not pending:
+        return
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "k2-api-catchup",
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "auto.offset.reset": "earliest"})  # offset 0 of a partition compacted past it
+    try:
+        consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in pending])
+        deadline = time.monotonic() + timeout
+        while pending:
+            messages = consumer.consume(2000, timeout=0.5)
+            batch = []
+            for msg in messages:
+                if msg.error() is not None or msg.partition() not in pending:
+                    continue
+                if msg.offset() < pending[msg.partition()]:
+                    batch.append(msg)
+                if msg.offset() + 1 >= pending[msg.partition()]:
+                    pending.pop(msg.partition(), None)
+            # an offset that is no message (a transaction marker) is passed without being seen
+            for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
+                if tp.offset >= pending.get(tp.partition, 0):
+                    pending.pop(tp.partition, None)
+            if batch:
+                deadline = time.monotonic() + timeout
+                yield batch
+            elif pending and time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: offsets {pending} not reached within {timeout}s")
+    finally:
+        consumer.close()
