@@ -40,6 +40,9 @@ def test_demo_runs_the_whole_tour_and_is_idempotent(tmp_path: Path, kafka, regis
     for section in ("symbols", "daily summary", "5-minute bars", "VWAP per symbol on", "trades table history",
                     "as of now"):
         assert section in first
+    # the live segment: the tail printed BHP trades of the simulated day as they printed, numbered from 1
+    live = re.findall(r"^2014-03-13 \S+ BHP +#(\d+) ", first, flags=re.M)
+    assert [int(n) for n in live] == list(range(1, 13)), live
     # the third day arrived after the oldest snapshot: time travel does not see it, the present does
     assert "as of the oldest snapshot: (no rows)" in first
     committed = [int(n.replace(",", "")) for n in re.findall(r"market\.trades: ([\d,]+) new rows committed", first)]
@@ -55,3 +58,5 @@ def test_demo_runs_the_whole_tour_and_is_idempotent(tmp_path: Path, kafka, regis
     demo = Settings(catalog_uri=f"sqlite:///{home}/catalog.db", warehouse=str(home / "warehouse"))
     reference = tables.catalog(demo).load_table("market.reference").scan().to_arrow()
     assert sorted(reference["symbol"].to_pylist()) == ["BHP", "CBA", "RIO", "WBC"]
+    trades = tables.catalog(demo).load_table("market.trades").scan(row_filter="exchange_date = '2014-03-13'")
+    assert trades.to_arrow().num_rows > 12, "the stream stored the live day"

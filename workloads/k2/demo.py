@@ -3,14 +3,18 @@
 Kafka and the schema registry are real (started from the local stack); Iceberg lives in a SQLite
 catalog and a local warehouse under `.k2/demo`. Synthetic ticks arrive in two rounds: two days,
 then the same files again with a third day, so the tour can show that re-ingesting changes
-nothing and that the earlier snapshot still reads the table as it was. Running the demo again is
+nothing and that the earlier snapshot still reads the table as it was. It ends live: the market
+simulator replays a new day through `k2 ingest feed` while `k2-query tail` prints its trades over
+the API's WebSocket. Running the demo again is
 safe for the same reason: the same ticks get the same sequence numbers and de-duplication
 leaves the tables as they were.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -61,7 +65,7 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
     home = Path(".k2/demo").absolute()
     home.mkdir(parents=True, exist_ok=True)
 
-    _step("1/5 local stack (embedded: Kafka KRaft + schema registry; Iceberg on SQLite + local files)")
+    _step("1/6 local stack (embedded: Kafka KRaft + schema registry; Iceberg on SQLite + local files)")
     for service in stack.services(embedded=True):
         service.start()
         console.print(f"  {service.name}: ready on 127.0.0.1:{service.port}")
@@ -71,23 +75,23 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
     os.environ.update(env)
     settings = Settings()
 
-    _step("2/5 ingest: CSV → Kafka (Avro, Confluent wire format, idempotent producer)")
+    _step("2/6 ingest: CSV → Kafka (Avro, Confluent wire format, idempotent producer)")
     generated = asx is None
     if asx is None:
         asx = generate(home / "ticks", symbols=4, days=2, seed=2014)
         console.print(f"  generated two days of deterministic synthetic ticks in {asx}")
     _ingest(asx, settings)
-    _step("3/5 stream: Kafka → Iceberg (exactly-once, de-duplicated), until caught up")
+    _step("3/6 stream: Kafka → Iceberg (exactly-once, de-duplicated), until caught up")
     _stream(settings)
     if generated:
-        _step("4/5 a day later: the same files again, now with a third day")
+        _step("4/6 a day later: the same files again, now with a third day")
         generate(home / "ticks", symbols=4, days=3, seed=2014)
         _ingest(asx, settings)
         console.print("  the first two days are duplicates by (symbol, exchange date, sequence number): "
                       "only the new day lands, as a new snapshot")
         _stream(settings)
 
-    _step("5/5 query API")
+    _step("5/6 query API")
     api = subprocess.Popen([str(Path(sys.executable).with_name("k2")), "api", "--port", str(port)],
                            env={**os.environ, "K2_LOG_LEVEL": "WARNING"})
     base = f"http://127.0.0.1:{port}"
@@ -95,11 +99,15 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
         _wait_http(f"{base}/health")
         client = httpx.Client(base_url=base, headers={"X-API-Key": DEV_API_KEY}, timeout=30)
         symbol, day = _tour(client, home)
+        _step("6/6 live: market simulator → k2 ingest feed → Kafka → k2 stream, and k2-query tail over WebSocket")
+        _live(base, home)
         console.print(Panel.fit(
             f"Explore: {base}/docs (key header X-API-Key: {DEV_API_KEY})\n"
             f"CLI:     k2-query symbols --url {base}   (also: trades --symbol {symbol} --limit 10, "
             f"bars {symbol} --interval 5m, summary {symbol} {day}, snapshots, stats; --local reads the "
             f"catalog directly)\n"
+            f"Live:    k2 feed serve --speed 60 & k2 ingest feed ws://127.0.0.1:8765, then "
+            f"k2-query tail {symbol} --url {base}\n"
             f"Stack:   Kafka and the registry keep running for that (and for a fast next demo); "
             f"`make dev-down` stops them.\n"
             f"Done in {time.monotonic() - started:.0f}s.", title="K2 demo"))
@@ -109,6 +117,40 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
     finally:
         api.terminate()
         api.wait(timeout=20)
+
+
+def _live(base: str, home: Path, ticks: int = 12) -> None:
+    """A new trading day replayed at 3000× (about ten seconds): a tail subscribed first prints the
+    first trades as they print; the stream then commits the day."""
+    from k2_synthetic import generate
+
+    folder = generate(home / "live", symbols=2, days=1, seed=2015, start=dt.date(2014, 3, 13))
+    k2 = str(Path(sys.executable).with_name("k2"))
+    env = {**os.environ, "K2_LOG_LEVEL": "WARNING", "K2_API_KEY": DEV_API_KEY}
+    tail = subprocess.Popen([str(Path(sys.executable).with_name("k2-query")), "tail", "BHP", "--count", str(ticks),
+                             "--url", base], env=env)
+    time.sleep(1.0)  # subscribed before the market opens
+    feed = subprocess.Popen([k2, "feed", "serve", str(folder), "--port", "0", "--speed", "3000", "--max-idle", "0.2"],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    url = feed.stdout.readline().split(": ", 1)[-1].strip()  # type: ignore[union-attr]
+    ingest = subprocess.Popen([k2, "ingest", "feed", url, "--until-end"], env=env, stdout=subprocess.DEVNULL)
+    procs = [tail, ingest, feed]
+    try:
+        tail.wait(timeout=120)
+        # Started now, the stream is never idle before the day ends; then it commits the rest and exits.
+        procs.append(subprocess.Popen([k2, "stream", "run", "--until-idle", "2"], env=env))
+        ingest.wait(timeout=120)
+        procs[-1].wait(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    console.print(f"  {ticks} live BHP trades above; the whole simulated day of 2014-03-13 is now stored")
 
 
 def _ingest(root: Path, settings: Settings) -> None:
