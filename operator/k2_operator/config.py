@@ -37,6 +37,10 @@ class OperatorConfig(BaseSettings):
     workload_metrics_port: int = Field(9090, ge=1, le=65535, description="Metrics port of stream/ingest pods")
     api_port: int = Field(8000, ge=1, le=65535, description="Port of `k2 api` in query pods")
     service_account: str | None = Field(None, description="ServiceAccount of workload pods (default: none)")
+    registry_secret_name: str | None = Field(
+        None, description="Secret holding the default registry URL (credentials included): workloads read it with "
+                          "secretKeyRef from a Secret of this name in their own namespace, never from a ConfigMap")
+    registry_secret_key: str = Field("url", description="Key of the URL in registry_secret_name")
 
 
 @cache

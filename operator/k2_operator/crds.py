@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from k2_operator.models import CATEGORIES, GROUP, KINDS, MAX_NAME_LENGTH, QUERY, VERSION, KindInfo
+from k2_operator.models import CATEGORIES, GROUP, KINDS, MAX_NAME_LENGTH, PIPELINE, QUERY, VERSION, KindInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUT_DIRS = (Path("manifests/base/crds"), Path("charts/k2/crds"))
@@ -138,7 +138,12 @@ def crd(info: KindInfo) -> dict[str, Any]:
     }
     subresources: dict[str, Any] = {"status": {}}
     if info is QUERY:
-        subresources["scale"] = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"}
+        subresources["scale"] = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                                 "labelSelectorPath": ".status.selector"}
+    elif info is PIPELINE:
+        subresources["scale"] = {"specReplicasPath": ".spec.consumer.replicas",
+                                 "statusReplicasPath": ".status.consumers.replicas",
+                                 "labelSelectorPath": ".status.consumers.selector"}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

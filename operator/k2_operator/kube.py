@@ -126,6 +126,9 @@ class Kube:
                 return []
             raise
 
+    def create(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", kind.path(namespace), body=body)
+
     def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
         try:
             self.request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"})

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
+from k2 import tables
 from k2.exchanges import SYMBOL_PATTERN
 from k2.settings import TABLE_KINDS, Settings
 from k2.sources import SOURCES
@@ -264,6 +265,9 @@ class IngestionPipelineSpec(_Model):
         _cel("self.source.type != 'feed' || self.source.feed.channels.all(c, c in self.topics.kinds)",
              "a feed source produces its channels (trades, quotes): topics.kinds must list them",
              field_path=".topics.kinds"),
+        _cel("self.consumer.replicas <= self.topics.partitions",
+             "consumer.replicas must not exceed topics.partitions: a consumer beyond the partition count "
+             "gets no partition and idles (grow topics.partitions first)", field_path=".consumer.replicas"),
     ))
 
     exchange: str = _setting("exchange", "Exchange code; part of every topic name.", max_length=32, default=...,
@@ -364,6 +368,23 @@ class PartitionFieldSpec(_Model):
                            description="identity or bucket[N].")
 
 
+# Properties `extra` may not set: K2 owns the first (its writers resolve commit conflicts themselves),
+# the others have a typed field, so one property never has two sources that could disagree.
+COMPRESSION_PROPERTY = "write.parquet.compression-codec"
+TARGET_FILE_SIZE_PROPERTY = "write.target-file-size-bytes"
+MAX_SNAPSHOT_AGE_PROPERTY = "history.expire.max-snapshot-age-ms"
+MIN_SNAPSHOTS_PROPERTY = "history.expire.min-snapshots-to-keep"
+OWNED_TABLE_PROPERTIES = {
+    **{key: f"K2 owns it (always {value}): its writers re-check their Kafka offsets and retry a conflicting "
+            "commit themselves, an Iceberg-level retry would rebase a stale batch"
+       for key, value in tables.REQUIRED_PROPERTIES.items()},
+    COMPRESSION_PROPERTY: "set properties.compression instead",
+    TARGET_FILE_SIZE_PROPERTY: "set properties.targetFileSizeBytes instead",
+    MAX_SNAPSHOT_AGE_PROPERTY: "set snapshotRetention.maxAgeHours instead",
+    MIN_SNAPSHOTS_PROPERTY: "set snapshotRetention.minSnapshotsToKeep instead",
+}
+
+
 class TablePropertiesSpec(_Model):
     """Write properties of the table."""
 
@@ -371,7 +392,19 @@ class TablePropertiesSpec(_Model):
         "zstd", description="Parquet compression codec.")
     target_file_size_bytes: int = _setting("target_file_size_bytes", "Target data file size.", le=2**34)
     extra: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
-        default_factory=dict, max_length=64, description="Further Iceberg table properties, verbatim.")
+        default_factory=dict, max_length=64,
+        description="Further Iceberg table properties, verbatim (not those K2 owns or a field sets: "
+                    f"{', '.join(OWNED_TABLE_PROPERTIES)}).",
+        json_schema_extra=_validations(*(_cel(f"!('{key}' in self)", f"properties.extra must not set {key}: {why}")
+                                         for key, why in OWNED_TABLE_PROPERTIES.items())))
+
+    @field_validator("extra")
+    @classmethod
+    def _not_owned(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key in OWNED_TABLE_PROPERTIES:
+                raise ValueError(f"properties.extra must not set {key}: {OWNED_TABLE_PROPERTIES[key]}")
+        return value
 
 
 class SnapshotRetentionSpec(_Model):
@@ -496,8 +529,9 @@ class SubjectStatus(_Model):
 
 
 class ReplicasStatus(_Model):
-    replicas: int = Field(0, description="Desired replicas.")
+    replicas: int = Field(0, description="Desired replicas (the scale subresource reads it).")
     available_replicas: int = Field(0, description="Replicas available per the Deployment.")
+    selector: str | None = Field(None, description="Label selector of the consumer pods (for an HPA or KEDA).")
 
 
 class IngestStatus(_Model):
@@ -532,6 +566,7 @@ class QueryServiceStatus(_Model):
     replicas: int | None = Field(None, description="Pods of the API Deployment (the scale subresource reads it).")
     available_replicas: int | None = Field(None, description="Replicas available per the Deployment.")
     url: str | None = Field(None, description="Where the API answers.")
+    selector: str | None = Field(None, description="Label selector of the API pods (for an HPA).")
 
 
 # --- the kinds ------------------------------------------------------------------------------------

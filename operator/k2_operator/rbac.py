@@ -42,7 +42,7 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule(("",), ("secrets",), ("get",), "read catalog, registry and API key Secrets named by the resources"),
     Rule(("",), ("events",), ("create", "patch"), "post Events on the resources"),
     Rule(("apps",), ("deployments",), MANAGE, "consumer and query Deployments"),
-    Rule(("batch",), ("jobs",), ("get", "list", "create", "patch", "delete"), "ingest Jobs"),
+    Rule(("batch",), ("jobs",), MANAGE, "ingest Jobs (watched: IngestComplete follows them)"),
     Rule(("batch",), ("cronjobs",), MANAGE, "maintenance CronJobs"),
     Rule(("policy",), ("poddisruptionbudgets",), MANAGE, "PodDisruptionBudgets"),
     Rule(("networking.k8s.io",), ("ingresses",), MANAGE, "the QueryService Ingress"),

@@ -65,6 +65,26 @@ def test_scaling_and_partition_growth_are_applied(cluster: Any, namespace: str, 
     assert cluster.events(namespace, name, "Reconciled")
 
 
+def test_consumers_scale_through_the_scale_subresource_up_to_the_partitions(
+        cluster: Any, namespace: str, with_consumers: tuple[str, str], k2op: Any) -> None:
+    """An HPA or KEDA scales consumers like a Deployment; CEL keeps them at most one per partition."""
+    name, _ = with_consumers
+    path = f"/apis/k2.io/v1alpha1/namespaces/{namespace}/ingestionpipelines/{name}/scale"
+    proc = cluster.kubectl("scale", "ipl", name, "-n", namespace, "--replicas=2")
+    assert proc.returncode == 0, proc.stderr
+
+    k2op.wait_for(lambda: cluster.deployment(namespace, f"{name}-consumer").spec.replicas == 2, "2 consumers", 30)
+    scale = json.loads(cluster.kubectl("get", "--raw", path).stdout)
+    assert scale["spec"]["replicas"] == 2
+    selector = dict(pair.split("=") for pair in scale["status"]["selector"].split(","))
+    pod_labels = cluster.deployment(namespace, f"{name}-consumer").spec.template.metadata.labels
+    assert selector.items() <= pod_labels.items()
+
+    partitions = cluster.get(namespace, "IngestionPipeline", name)["spec"]["topics"]["partitions"]
+    refused = cluster.kubectl("scale", "ipl", name, "-n", namespace, f"--replicas={partitions + 1}")
+    assert refused.returncode != 0 and "consumer.replicas must not exceed topics.partitions" in refused.stderr
+
+
 def test_shrinking_is_refused_by_the_apiserver(cluster: Any, namespace: str, operator: Any, asset_class: str) -> None:
     name = f"p-{exchange()}"
     cluster.create(namespace, pipeline(name, name[2:], asset_class, topics={"partitions": 4}))

@@ -4,6 +4,7 @@ child watch) and follow the spec — scale through the scale subresource, Ingres
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -38,6 +39,56 @@ def test_scale_subresource_reaches_the_deployment(cluster: Any, namespace: str, 
 
     cluster.wait_condition(namespace, "QueryService", served)
     k2op.wait_for(lambda: cluster.deployment(namespace, served).spec.replicas == 3, "3 API replicas", 20)
+
+
+def test_an_hpa_can_scale_the_query_service(cluster: Any, namespace: str, served: str, k2op: Any) -> None:
+    """The scale subresource reports the pods' selector, so the HPA controller gets past reading the
+    scale (without it: ScalingActive=False, InvalidSelector, "selector is required")."""
+    scale = json.loads(cluster.kubectl("get", "--raw", f"/apis/k2.io/v1alpha1/namespaces/{namespace}/queryservices/"
+                                       f"{served}/scale").stdout)
+    pod_labels = cluster.deployment(namespace, served).spec.template.metadata.labels
+    selector = dict(pair.split("=") for pair in scale["status"]["selector"].split(","))
+    assert selector.items() <= pod_labels.items()
+
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": served},
+           "spec": {"scaleTargetRef": {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "name": served},
+                    "minReplicas": 1, "maxReplicas": 4, "metrics": [{"type": "Resource", "resource": {
+                        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]}}
+    proc = cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(hpa))
+    assert proc.returncode == 0, proc.stderr
+
+    def conditions() -> dict[str, dict] | None:
+        out = cluster.kubectl("get", "hpa", served, "-n", namespace, "-o", "json")
+        found = {c["type"]: c for c in (json.loads(out.stdout).get("status") or {}).get("conditions") or []}
+        return found if "ScalingActive" in found else None
+
+    found = k2op.wait_for(conditions, "the HPA controller to evaluate the QueryService", 60, interval=1)
+    assert found["AbleToScale"]["status"] == "True", found
+    # No metrics server here: the HPA stops at reading metrics, past the selector.
+    assert found["ScalingActive"]["reason"] != "InvalidSelector", found
+    cluster.kubectl("delete", "hpa", served, "-n", namespace)
+
+
+def test_a_rotated_secret_rolls_the_api_pods(cluster: Any, namespace: str, served: str, k2op: Any) -> None:
+    """The API reads the catalog Secret through env: a new version of it changes the pod template."""
+    def secrets_hash() -> str | None:
+        return (cluster.deployment(namespace, served).spec.template.metadata.annotations or {}).get(
+            "k2.io/secrets-hash")
+
+    before = secrets_hash()
+    assert before
+    cluster.core.patch_namespaced_secret("k2-catalog", namespace, {"stringData": {"rotated": uuid.uuid4().hex}})
+
+    k2op.wait_for(lambda: secrets_hash() not in (None, before), "the pod template to follow the Secret", 30)
+
+
+def test_the_api_config_map_holds_no_registry_url_and_no_keys(cluster: Any, namespace: str, served: str) -> None:
+    data = cluster.core.read_namespaced_config_map(f"{served}-settings", namespace).data
+    pod = cluster.deployment(namespace, served).spec.template.spec
+
+    assert "K2_REGISTRY_URL" not in data and "K2_API_KEYS" not in data
+    assert data["K2_API_KEYS_FILE"] == "/var/run/k2/api-keys-file/api_keys"
+    assert any(v.secret and v.secret.secret_name == "k2-api-keys" for v in pod.volumes)
 
 
 def test_deleted_children_are_recreated(cluster: Any, namespace: str, served: str, k2op: Any) -> None:
@@ -98,3 +149,18 @@ def test_service_monitor_only_when_its_crd_exists(cluster: Any, namespace: str, 
             ext.delete_custom_resource_definition("servicemonitors.monitoring.coreos.com")
     cluster.patch(namespace, "QueryService", served, {"spec": {"rateLimit": "100/minute"}})
     cluster.wait_condition(namespace, "QueryService", served, timeout=30)
+
+
+def test_an_invalid_value_the_schema_lets_through_is_a_condition(cluster: Any, namespace: str, operator: Any,
+                                                                 k2op: Any) -> None:
+    """A quantity is int-or-string to the apiserver; the model rejects a malformed one, and that ends
+    as Ready=False/InvalidSpec naming the field, not as an exception retried forever."""
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "metadata": {"name": "bad"},
+                               "spec": {"tables": [{"name": "fx"}], "resources": {"requests": {"cpu": "lots"}}}})
+
+    obj = cluster.wait_condition(namespace, "QueryService", "bad", "Ready", "False", "InvalidSpec", timeout=30)
+
+    message = k2op.find_condition(obj, "Ready")["message"]
+    assert "spec.resources.requests" in message and "'lots' is not a Kubernetes quantity" in message
+    assert cluster.deployment(namespace, "bad") is None
+    cluster.delete(namespace, "QueryService", "bad")

@@ -89,7 +89,8 @@ def test_tables_are_created_as_specified(applied: dict, catalog: Any) -> None:
         "pair": ("string", True), "fixing_date": ("date", True), "fixed_at": ("timestamptz", True),
         "rate": ("decimal(18, 8)", True), "source": ("string", False)}
     assert [str(f.transform) for f in fx.spec().fields] == ["bucket[8]"]
-    assert fx.properties["commit.retry.num-retries"] == "10"
+    assert fx.properties["write.metadata.previous-versions-max"] == "50"
+    assert fx.properties["commit.retry.num-retries"] == "0", "K2 owns it: its writers retry conflicts themselves"
     assert catalog.load_table("synthetic.reference") is not None
 
 
@@ -151,6 +152,10 @@ INVALID = [
     ("IcebergTable", {"schema": {"fields": [{"name": "c", "type": "varchar"}]}}, "spec.schema.fields[0].type"),
     ("IcebergTable", {"compactionSchedule": "@daily"}, "compactionSchedule is supported for K2's tables"),
     ("QueryService", {"tables": []}, "should have at least 1 items"),
+    ("IcebergTable", {"properties": {"extra": {"commit.retry.num-retries": "10"}}},
+     "properties.extra must not set commit.retry.num-retries: K2 owns it"),
+    ("IcebergTable", {"properties": {"extra": {"write.parquet.compression-codec": "gzip"}}},
+     "set properties.compression instead"),
 ]
 VALID = {
     "IngestionPipeline": {"exchange": "xx"},

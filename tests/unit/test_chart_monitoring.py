@@ -275,12 +275,14 @@ def test_monitors_select_the_pods_and_ports_the_operator_renders() -> None:
     """The chart's PodMonitor and NetworkPolicies must match the labels and port names of the
     workloads rendered by k2_operator.render (consumers, ingest Jobs, API pods)."""
     from k2_operator.models import IngestionPipelineSpec, QueryServiceSpec
-    from k2_operator.render import RenderContext, TableBinding, render_pipeline, render_query
+    from k2_operator.render import Owner, RenderContext, TableBinding, render_pipeline, render_query
 
     ctx = RenderContext()
     pipeline = IngestionPipelineSpec.model_validate({"exchange": "asx", "source": {"type": "synthetic"}})
-    children = render_pipeline("asx", "k2", pipeline, TableBinding(("trades",), "market", "k2-catalog"), ctx)
-    children += render_query("api", "k2", QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
+    children = render_pipeline(Owner(kind="IngestionPipeline", name="asx", namespace="k2"), pipeline,
+                               binding=TableBinding(("trades",), "market", "k2-catalog"), ctx=ctx)
+    children += render_query(Owner(kind="QueryService", name="api", namespace="k2"),
+                             QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
                              table_namespace="market", catalog_secret="k2-catalog", ctx=ctx)
     pods = []
     for child in children:

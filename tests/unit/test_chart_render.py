@@ -303,6 +303,9 @@ def test_external_registry_url_comes_from_a_secret() -> None:
     env = {e["name"]: e for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
 
     assert env["K2_REGISTRY_URL"]["valueFrom"]["secretKeyRef"] == {"name": "sr", "key": "url"}
+    # …and tells the operator so, which then hands it to workloads by secretKeyRef, not in ConfigMaps.
+    assert (env["K2_OPERATOR_REGISTRY_SECRET_NAME"]["value"], env["K2_OPERATOR_REGISTRY_SECRET_KEY"]["value"]) == (
+        "sr", "url")
     assert not any(o["metadata"]["labels"]["app.kubernetes.io/component"] == "schema-registry"
                    for o in objects if o["kind"] == "Deployment")
 

@@ -12,7 +12,7 @@ from pyiceberg.types import LongType, NestedField, StringType
 from k2 import schemas, tables
 from k2.settings import Settings
 from k2_operator import external
-from k2_operator.handlers import children, pipeline, runtime
+from k2_operator.handlers import apply, children, pipeline, status
 from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec
 from k2_operator.render import table_definition
 
@@ -66,8 +66,8 @@ def test_fingerprints_ignore_status_but_not_spec() -> None:
     status_moved = {"kind": "Deployment", "metadata": {"generation": 3, "resourceVersion": "101"}}
     config_map = {"kind": "ConfigMap", "metadata": {"resourceVersion": "7"}}
 
-    assert runtime.fingerprint(deployment) == runtime.fingerprint(status_moved) == "g3"
-    assert runtime.fingerprint(config_map) == "r7"
+    assert apply.fingerprint(deployment) == apply.fingerprint(status_moved) == "g3"
+    assert apply.fingerprint(config_map) == "r7"
 
 
 def test_children_are_traced_to_their_controlling_owner() -> None:
@@ -81,9 +81,9 @@ def test_children_are_traced_to_their_controlling_owner() -> None:
 
 
 def test_availability() -> None:
-    assert runtime.availability("Available", 0, 0).reason == "ScaledToZero"
-    assert runtime.availability("Available", 2, 2).ok
-    assert runtime.availability("Available", 2, 1).status == "False"
+    assert status.availability("Available", 0, 0).reason == "ScaledToZero"
+    assert status.availability("Available", 2, 2).ok
+    assert status.availability("Available", 2, 1).status == "False"
 
 
 def test_catalog_settings_come_from_the_secret_keys() -> None:
@@ -139,3 +139,15 @@ def test_properties_are_put_back(catalog) -> None:
         "write.parquet.compression-codec"]
     assert catalog.load_table("m.t").properties["write.parquet.compression-codec"] == "zstd"
     assert external.apply_properties(catalog.load_table("m.t"), {"write.parquet.compression-codec": "zstd"}) == []
+
+
+def test_retries_back_off_exponentially_with_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from k2_operator.config import OperatorConfig
+    from k2_operator.handlers import backoff, runtime
+
+    monkeypatch.setattr(runtime, "_runtime", runtime.Runtime(kube=None, settings=Settings(),  # type: ignore[arg-type]
+                                                             config=OperatorConfig(retry_delay=2.0)))
+    for attempt, ceiling in [(0, 2.0), (1, 4.0), (3, 16.0), (20, backoff.MAX_DELAY)]:
+        delays = [backoff.retry_delay(attempt) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, delays)
+        assert len(set(delays)) > 1, "jittered: resources waiting on one outage must not retry in lockstep"

@@ -89,3 +89,10 @@ def test_query_service_needs_tables_and_a_valid_rate_limit() -> None:
         QueryServiceSpec.model_validate({"tables": [{"name": "t"}], "rateLimit": "lots"})
     spec = QueryServiceSpec.model_validate({"tables": [{"name": "t"}]})
     assert spec.rate_limit == Settings().rate_limit and spec.auth.api_keys_secret.key == "api_keys"
+
+
+@pytest.mark.parametrize("key", ["commit.retry.num-retries", "write.parquet.compression-codec"])
+def test_properties_k2_owns_are_refused_in_extra(key: str) -> None:
+    with pytest.raises(ValidationError, match=f"must not set {key}"):
+        IcebergTableSpec.model_validate({"name": "t", "schema": {"fromSubject": "s"},
+                                         "properties": {"extra": {key: "x"}}})

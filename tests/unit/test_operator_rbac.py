@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from k2_operator import rbac
+from k2_operator.handlers import children
 from k2_operator.kube import CHILD_KINDS
 from k2_operator.models import KINDS
 
@@ -18,7 +19,7 @@ def test_children_can_be_applied_listed_and_pruned(kind: str) -> None:
         assert rbac.allows(rbac.NAMESPACED_RULES, child.group, child.plural, verb), (kind, verb)
 
 
-@pytest.mark.parametrize("kind", ["ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "Ingress", "CronJob"])
+@pytest.mark.parametrize("kind", children.WATCHED)
 def test_watched_children_can_be_watched(kind: str) -> None:
     child = CHILD_KINDS[kind]
     assert rbac.allows(rbac.NAMESPACED_RULES, child.group, child.plural, "watch")

@@ -11,8 +11,10 @@ from k2 import schemas, tables
 from k2.settings import Settings
 from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec, QueryServiceSpec
 from k2_operator.render import (
+    Owner,
     RenderContext,
     TableBinding,
+    common,
     render_pipeline,
     render_query,
     render_table,
@@ -26,6 +28,11 @@ pytestmark = pytest.mark.unit
 
 CTX = RenderContext(image="registry.example.com/k2:1.2.3", kafka_bootstrap="kafka:9092",
                     registry_url="http://registry:8081")
+ASX = Owner(kind="IngestionPipeline", name="asx", namespace="k2")
+LIVE = Owner(kind="IngestionPipeline", name="live", namespace="k2")
+API = Owner(kind="QueryService", name="api", namespace="k2")
+TRADES = Owner(kind="IcebergTable", name="trades", namespace="k2")
+QUOTES = Owner(kind="IcebergTable", name="quotes", namespace="k2")
 BINDING = TableBinding(kinds=("trades", "quotes"), namespace="market", catalog_secret="k2-catalog",
                        target_file_size_bytes=64 * 1024 * 1024)
 
@@ -74,12 +81,13 @@ def workload_env(objects: list[dict[str, Any]], container: dict[str, Any],
 FEED = {"type": "feed", "feed": {"url": "ws://feed.market:8765", "channels": ["trades"], "symbols": ["BHP", "RIO"],
                                   "staleSeconds": 20}}
 ALL = [
-    *render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX),
-    *[o for o in render_pipeline("live", "k2", pipeline_spec(source=FEED), BINDING, CTX) if o["kind"] == "Deployment"],
-    *render_query("api", "k2", QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
+    *render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=CTX),
+    *[o for o in render_pipeline(LIVE, pipeline_spec(source=FEED), binding=BINDING, ctx=CTX)
+      if o["kind"] == "Deployment"],
+    *render_query(API, QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
                   table_namespace="market", catalog_secret="k2-catalog", ctx=CTX),
-    *render_table("trades", "k2", IcebergTableSpec.model_validate(
-        {"name": "trades", "schema": {"fromSubject": "s"}, "compactionSchedule": "@daily"}), CTX),
+    *render_table(TRADES, IcebergTableSpec.model_validate(
+        {"name": "trades", "schema": {"fromSubject": "s"}, "compactionSchedule": "@daily"}), ctx=CTX),
 ]
 
 
@@ -111,7 +119,7 @@ def test_every_child_is_labelled_for_its_owner() -> None:
 
 
 def test_consumer_deployment_runs_k2_stream_for_the_bound_tables() -> None:
-    objects = by_kind(render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX))
+    objects = by_kind(render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=CTX))
     deployment = objects["Deployment"]
 
     assert deployment["metadata"]["name"] == "asx-consumer"
@@ -129,7 +137,7 @@ def test_consumer_deployment_runs_k2_stream_for_the_bound_tables() -> None:
 
 def test_configuration_round_trips_through_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """CR → Settings → ConfigMap + secretKeyRef → env → the workload's own Settings()."""
-    objects = render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX)
+    objects = render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=CTX)
     box = containers(by_kind(objects)["Deployment"])[0]
     secrets = {"catalog_uri": "postgresql+psycopg2://k2:pw@pg/k2", "warehouse": "s3://lake/warehouse",
                "s3_secret_key": "hunter2"}
@@ -154,7 +162,7 @@ def test_configuration_round_trips_through_settings(monkeypatch: pytest.MonkeyPa
 def test_secrets_never_land_in_the_config_map(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("K2_API_KEYS", "operator-key")
     monkeypatch.setenv("K2_S3_SECRET_KEY", "operator-secret")
-    objects = render_pipeline("asx", "k2", pipeline_spec(), BINDING, CTX)
+    objects = render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=CTX)
     data = by_kind(objects)["ConfigMap"]["data"]
 
     assert "operator-key" not in data.values() and "operator-secret" not in data.values()
@@ -166,7 +174,7 @@ def test_secrets_never_land_in_the_config_map(monkeypatch: pytest.MonkeyPatch) -
 
 def test_registry_url_from_a_secret() -> None:
     spec = pipeline_spec(schemaRegistry={"secretRef": {"name": "registry", "key": "url"}})
-    objects = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))
+    objects = by_kind(render_pipeline(ASX, spec, binding=BINDING, ctx=CTX))
 
     env = {e["name"]: e for e in containers(objects["Deployment"])[0]["env"]}
     assert env["K2_REGISTRY_URL"]["valueFrom"]["secretKeyRef"] == {"name": "registry", "key": "url"}
@@ -175,7 +183,7 @@ def test_registry_url_from_a_secret() -> None:
 
 def test_settings_changes_roll_the_pods_but_unrelated_ones_do_not() -> None:
     def digest(spec: IngestionPipelineSpec) -> str:
-        deployment = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Deployment"]
+        deployment = by_kind(render_pipeline(ASX, spec, binding=BINDING, ctx=CTX))["Deployment"]
         return deployment["spec"]["template"]["metadata"]["annotations"]["k2.io/settings-hash"]
 
     base = digest(pipeline_spec())
@@ -184,14 +192,14 @@ def test_settings_changes_roll_the_pods_but_unrelated_ones_do_not() -> None:
 
 
 def test_no_consumers_without_bound_tables() -> None:
-    objects = render_pipeline("asx", "k2", pipeline_spec(), None, CTX)
+    objects = render_pipeline(ASX, pipeline_spec(), binding=None, ctx=CTX)
 
     assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job"]
 
 
 def test_synthetic_source_is_an_ingest_job_named_after_its_source() -> None:
     spec = pipeline_spec()
-    job = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Job"]
+    job = by_kind(render_pipeline(ASX, spec, binding=BINDING, ctx=CTX))["Job"]
 
     assert containers(job)[0]["args"] == ["ingest", "synthetic", "--symbols", "3", "--days", "1", "--seed", "7",
                                           "--no-progress"]
@@ -206,7 +214,7 @@ def test_synthetic_source_is_an_ingest_job_named_after_its_source() -> None:
 def test_asx_csv_source_mounts_its_claim_read_only() -> None:
     spec = pipeline_spec(source={"type": "asx-csv", "asxCsv": {"path": "/data/asx", "claimName": "ticks",
                                                                "symbols": ["BHP", "CBA"]}})
-    job = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Job"]
+    job = by_kind(render_pipeline(ASX, spec, binding=BINDING, ctx=CTX))["Job"]
     box = containers(job)[0]
 
     assert box["args"] == ["ingest", "asx", "/data/asx", "--no-progress", "--topics", "trades,quotes",
@@ -220,7 +228,7 @@ def test_query_service_children() -> None:
         "replicas": 3, "tables": [{"name": "market-trades"}], "rateLimit": "50/second", "serviceType": "NodePort",
         "auth": {"apiKeysSecret": {"name": "keys", "key": "k"}},
         "ingress": {"host": "k2.example.com", "className": "nginx", "tlsSecret": "k2-tls"}})
-    objects = by_kind(render_query("api", "k2", spec, table_namespace="market", catalog_secret="cat",
+    objects = by_kind(render_query(API, spec, table_namespace="market", catalog_secret="cat",
                                    ctx=RenderContext(service_monitor=True)))
 
     box = containers(objects["Deployment"])[0]
@@ -228,8 +236,10 @@ def test_query_service_children() -> None:
     assert box["livenessProbe"]["httpGet"]["path"] == "/health"
     assert box["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert objects["Deployment"]["spec"]["replicas"] == 3
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in box["env"]}
-    assert env["K2_API_KEYS"] == {"name": "keys", "key": "k"}
+    assert {"name": "api-keys-file", "mountPath": "/var/run/k2/api-keys-file", "readOnly": True} in box["volumeMounts"]
+    assert {"name": "api-keys-file", "secret": {"secretName": "keys", "items": [{"key": "k", "path": "k"}]}} in pod(
+        objects["Deployment"])["volumes"]
+    assert objects["ConfigMap"]["data"]["K2_API_KEYS_FILE"] == "/var/run/k2/api-keys-file/k"
     assert objects["ConfigMap"]["data"]["K2_RATE_LIMIT"] == "50/second"
     assert "K2_API_KEYS" not in objects["ConfigMap"]["data"]
     assert objects["Service"]["spec"]["type"] == "NodePort"
@@ -240,15 +250,15 @@ def test_query_service_children() -> None:
     assert ingress["tls"] == [{"hosts": ["k2.example.com"], "secretName": "k2-tls"}]
     assert ingress["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": "api", "port": {"name": "http"}}
     assert objects["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "http"
-    assert query_render.url("api", "k2", spec) == "https://k2.example.com"
+    assert query_render.url(API, spec) == "https://k2.example.com"
 
 
 def test_optional_children_only_when_asked_for() -> None:
     spec = QueryServiceSpec.model_validate({"tables": [{"name": "t"}]})
-    kinds = {o["kind"] for o in render_query("api", "k2", spec, table_namespace="m", catalog_secret="c", ctx=CTX)}
+    kinds = {o["kind"] for o in render_query(API, spec, table_namespace="m", catalog_secret="c", ctx=CTX)}
 
     assert kinds == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
-    assert query_render.url("api", "k2", spec) == "http://api.k2.svc:80"
+    assert query_render.url(API, spec) == "http://api.k2.svc:80"
 
 
 def test_table_definition_uses_the_shared_table_code() -> None:
@@ -274,13 +284,13 @@ def test_compaction_schedule_is_a_maintenance_cron_job() -> None:
     spec = IcebergTableSpec.model_validate({"name": "quotes", "schema": {"fromSubject": "s"},
                                             "compactionSchedule": "15 3 * * *",
                                             "snapshotRetention": {"maxAgeHours": 48}})
-    objects = by_kind(render_table("quotes", "k2", spec, CTX))
+    objects = by_kind(render_table(QUOTES, spec, ctx=CTX))
 
     cron = objects["CronJob"]
     assert cron["spec"]["schedule"] == "15 3 * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert containers(cron)[0]["args"] == ["maintain", "--table", "quotes", "--retention-hours", "48"]
     assert objects["ConfigMap"]["data"]["K2_NAMESPACE"] == "market"
-    assert render_table("quotes", "k2", spec.model_copy(update={"compaction_schedule": None}), CTX) == []
+    assert render_table(QUOTES, spec.model_copy(update={"compaction_schedule": None}), ctx=CTX) == []
 
 
 def _parse_with_the_real_cli(args: list[str]) -> dict[str, Any]:
@@ -308,7 +318,7 @@ def test_rendered_commands_parse_with_the_k2_cli(obj: dict[str, Any]) -> None:
 
 def test_asx_ingest_arguments_reach_the_cli_options() -> None:
     spec = pipeline_spec(source={"type": "asx-csv", "asxCsv": {"path": "/data/asx", "symbols": ["BHP"]}})
-    job = by_kind(render_pipeline("asx", "k2", spec, BINDING, CTX))["Job"]
+    job = by_kind(render_pipeline(ASX, spec, binding=BINDING, ctx=CTX))["Job"]
 
     params = _parse_with_the_real_cli(containers(job)[0]["args"])
 
@@ -317,7 +327,7 @@ def test_asx_ingest_arguments_reach_the_cli_options() -> None:
 
 
 def test_feed_source_is_a_deployment_whose_liveness_is_feed_progress() -> None:
-    objects = render_pipeline("live", "k2", pipeline_spec(source=FEED), BINDING, CTX)
+    objects = render_pipeline(LIVE, pipeline_spec(source=FEED), binding=BINDING, ctx=CTX)
     assert "Job" not in {o["kind"] for o in objects}
     feed = next(o for o in objects if o["metadata"]["name"] == "live-feed")
     box = containers(feed)[0]
@@ -331,3 +341,47 @@ def test_feed_source_is_a_deployment_whose_liveness_is_feed_progress() -> None:
         "ws://feed.market:8765", "trades", "BHP,RIO", "k2")
     config = by_kind(objects)["ConfigMap"]["data"]
     assert Settings.model_validate({"feed_stale_seconds": config["K2_FEED_STALE_SECONDS"]}).feed_stale_seconds == 20
+
+
+SECRET_CTX = RenderContext(registry_url="https://user:pw@registry.example.com", registry_secret=("registry", "url"))
+
+
+def test_a_secret_default_registry_is_read_by_secret_key_ref_and_never_lands_in_a_config_map() -> None:
+    """The operator's own registry URL came from a Secret (chart: schemaRegistry.external.existingSecret)."""
+    objects = [*render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=SECRET_CTX),
+               *render_query(API, QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
+                             table_namespace="market", catalog_secret="k2-catalog", ctx=SECRET_CTX),
+               *render_table(TRADES, IcebergTableSpec.model_validate(
+                   {"name": "trades", "schema": {"fromSubject": "s"}, "compactionSchedule": "@daily"}), ctx=SECRET_CTX)]
+
+    for config_map in (o for o in objects if o["kind"] == "ConfigMap"):
+        assert "user:pw" not in str(config_map["data"]), config_map["metadata"]["name"]
+    consumer = containers(by_kind(render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=SECRET_CTX))
+                          ["Deployment"])[0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in consumer["env"]}
+    assert env["K2_REGISTRY_URL"] == {"name": "registry", "key": "url"}
+
+
+def test_workloads_that_never_use_the_registry_get_no_registry_url() -> None:
+    query = by_kind(render_query(API, QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
+                                 table_namespace="m", catalog_secret="c", ctx=CTX))
+    table = by_kind(render_table(TRADES, IcebergTableSpec.model_validate(
+        {"name": "trades", "schema": {"fromSubject": "s"}, "compactionSchedule": "@daily"}), ctx=CTX))
+
+    assert "K2_REGISTRY_URL" not in query["ConfigMap"]["data"]
+    assert "K2_REGISTRY_URL" not in table["ConfigMap"]["data"]
+
+
+def test_a_rotated_secret_changes_the_pod_template() -> None:
+    def template(versions: dict[str, str]) -> dict[str, Any]:
+        ctx = RenderContext(secret_versions=versions)
+        return by_kind(render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=ctx))["Deployment"]["spec"][
+            "template"]["metadata"]["annotations"]
+
+    assert common.referenced_secrets(render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=CTX)) == [
+        "k2-catalog"]
+    before = template({"k2-catalog": "100"})
+    assert template({"k2-catalog": "100"}) == before
+    rotated = template({"k2-catalog": "101"})
+    assert rotated["k2.io/secrets-hash"] != before["k2.io/secrets-hash"]
+    assert rotated["k2.io/settings-hash"] == before["k2.io/settings-hash"]

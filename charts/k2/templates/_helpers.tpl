@@ -204,6 +204,11 @@ K2_-prefixed; tests/unit/test_chart_settings.py keeps it that way.
     secretKeyRef:
       name: {{ .Values.schemaRegistry.external.existingSecret }}
       key: {{ .Values.schemaRegistry.external.key }}
+{{- /* Workloads read it from a Secret of this name in their namespace, never from a ConfigMap. */}}
+- name: K2_OPERATOR_REGISTRY_SECRET_NAME
+  value: {{ .Values.schemaRegistry.external.existingSecret | quote }}
+- name: K2_OPERATOR_REGISTRY_SECRET_KEY
+  value: {{ .Values.schemaRegistry.external.key | quote }}
 {{- else }}
 - name: K2_REGISTRY_URL
   value: {{ include "k2.registry.url" . | quote }}

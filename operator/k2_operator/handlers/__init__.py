@@ -5,6 +5,6 @@ Importing this package registers everything with kopf's default registry; `kopf 
 k2_operator.handlers` (what `k2 operator` and the tests' KopfRunner do) needs nothing else.
 """
 
-from k2_operator.handlers import children, pipeline, query, startup, table
+from k2_operator.handlers import children, drift, pipeline, query, startup, table
 
-__all__ = ["children", "pipeline", "query", "startup", "table"]
+__all__ = ["children", "drift", "pipeline", "query", "startup", "table"]

@@ -13,12 +13,14 @@ from typing import Any
 
 import kopf
 
-from k2_operator.handlers import pipeline, query, runtime, table
+from k2_operator.handlers import apply, drift, pipeline, query, runtime
+from k2_operator.handlers import status as status_
 from k2_operator.kube import CHILD_KINDS
 from k2_operator.models import API_VERSION, KINDS, PIPELINE, QUERY, IngestionPipelineSpec, KindInfo
 from k2_operator.render.common import MANAGED_BY
 
-WATCHED = ("ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "Ingress", "CronJob")
+WATCHED = ("ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "Ingress", "CronJob", "Job")
+SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 _BY_KIND = {info.kind: info for info in KINDS}
 
 
@@ -42,45 +44,50 @@ def child_event(type: str | None, body: kopf.Body, pipeline_topic_claims: kopf.I
         owner = rt.kube.get(runtime.resource_kind(info), namespace, owner_name)
         if owner is None or owner["metadata"].get("deletionTimestamp"):
             return  # the owner is going away; garbage collection takes the children
-        drifted = type == "DELETED" or rt.applied_version(body) != runtime.fingerprint(body)
+        drifted = type == "DELETED" or apply.applied_version(body) != apply.fingerprint(body)
         if drifted:
             try:
-                reconcile_owner(info, owner, pipeline_topic_claims)
+                drift.reconcile_owner(info, owner, pipeline_topic_claims, trigger="drift")
             except kopf.TemporaryError:
                 pass  # the owner's own handlers and timer retry; this was a best-effort repair
         elif body["kind"] == "Deployment":
             refresh_availability(info, owner, body)
-
-
-def reconcile_owner(info: KindInfo, owner: Mapping[str, Any], claims: Mapping[str, Any]) -> None:
-    if info is PIPELINE:
-        pipeline.reconcile(owner, claims, trigger="drift")
-    elif info is QUERY:
-        query.reconcile(owner, trigger="drift")
-    else:
-        table.reconcile(owner, trigger="drift")
+        elif body["kind"] == "Job" and info is PIPELINE:
+            refresh_ingest(owner, body)
 
 
 def refresh_availability(info: KindInfo, owner: Mapping[str, Any], deployment: Mapping[str, Any]) -> None:
-    available = runtime.available_replicas(deployment)
+    available = status_.available_replicas(deployment)
     status = owner.get("status") or {}
     if info is PIPELINE:
         desired = IngestionPipelineSpec.model_validate(dict(owner["spec"])).consumer.replicas
         if (status.get("consumers") or {}).get("availableReplicas") == available:
             return
-        runtime.patch_conditions(info, owner, [runtime.availability(pipeline.CONSUMERS_AVAILABLE, desired, available)],
+        status_.patch_conditions(info, owner, [status_.availability(pipeline.CONSUMERS_AVAILABLE, desired, available)],
                                  {"consumers": {"replicas": desired, "availableReplicas": available}})
     elif info is QUERY:
         desired = int(owner["spec"].get("replicas", 0))
         current = int((deployment.get("status") or {}).get("replicas") or 0)
         if (status.get("availableReplicas"), status.get("replicas")) == (available, current):
             return
-        runtime.patch_conditions(info, owner, [runtime.availability(query.AVAILABLE, desired, available)],
+        status_.patch_conditions(info, owner, [status_.availability(query.AVAILABLE, desired, available)],
                                  {"availableReplicas": available, "replicas": current})
+
+
+def refresh_ingest(owner: Mapping[str, Any], job: Mapping[str, Any]) -> None:
+    """The ingest Job moved (started, finished): IngestComplete follows at once, not at the next drift round."""
+    recorded = (owner.get("status") or {}).get("ingest") or {}
+    if recorded.get("job") != job["metadata"]["name"]:
+        return  # a Job of a former source
+    phase = pipeline.job_phase(job)
+    if recorded.get("phase") == phase:
+        return
+    status_.patch_conditions(PIPELINE, owner, [pipeline.ingest_condition(job["metadata"]["name"], phase)],
+                             {"ingest": {"job": job["metadata"]["name"], "phase": phase}})
 
 
 for _kind in WATCHED:
     _child = CHILD_KINDS[_kind]
     _group, _, _version = _child.api_version.rpartition("/")
     kopf.on.event(group=_group, version=_version, plural=_child.plural, id=f"child_{_child.plural}",
-                  labels={"app.kubernetes.io/managed-by": MANAGED_BY})(child_event)
+                  labels={"app.kubernetes.io/managed-by": MANAGED_BY})(child_event)  # and server-side, see startup

@@ -8,7 +8,7 @@ run. Unreachable systems are retried with backoff; a missing IcebergTable is wai
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -16,17 +16,18 @@ from pydantic import ValidationError
 
 from k2 import topics as k2_topics
 from k2.schemas.registry import SchemaIncompatible, value_subject
-from k2_operator import conditions, external
+from k2_operator import external
 from k2_operator.conditions import Condition
-from k2_operator.handlers import runtime
+from k2_operator.handlers import apply, cleanup, metrics, refs, runtime
+from k2_operator.handlers import status as status_
+from k2_operator.handlers.events import event
 from k2_operator.kube import CHILD_KINDS
-from k2_operator.models import GROUP, PIPELINE, TABLE, VERSION, IcebergTableSpec, IngestionPipelineSpec
-from k2_operator.render.pipeline import TableBinding, continuous, ingest_job_name, render_pipeline
-from k2_operator.render.pipeline import names as pipeline_names
+from k2_operator.models import GROUP, PIPELINE, VERSION, IcebergTableSpec, IngestionPipelineSpec
+from k2_operator.render.pipeline import Names, TableBinding, continuous, ingest_job_name, render_pipeline
 
 TOPICS_READY = "TopicsReady"
 SCHEMAS_REGISTERED = "SchemasRegistered"
-TABLES_RESOLVED = "TablesResolved"
+TABLES_RESOLVED = refs.TABLES_RESOLVED
 CONSUMERS_AVAILABLE = "ConsumersAvailable"
 INGEST_COMPLETE = "IngestComplete"
 REQUIRED = (TOPICS_READY, SCHEMAS_REGISTERED, TABLES_RESOLVED)
@@ -70,174 +71,187 @@ def conflicts(spec: IngestionPipelineSpec, uid: str, claims: Mapping[str, Any]) 
     return owners
 
 
-def _registry_url(namespace: str, spec: IngestionPipelineSpec) -> str:
-    rt = runtime.get()
-    ref = spec.schema_registry
-    if ref and ref.secret_ref:
-        data = rt.kube.secret_data(namespace, ref.secret_ref.name)
-        if not data or ref.secret_ref.key not in data:
-            raise LookupError(f"Secret {ref.secret_ref.name} has no key {ref.secret_ref.key}")
-        return data[ref.secret_ref.key]
-    return ref.url if ref and ref.url else rt.settings.registry_url
-
-
-def resolve_tables(namespace: str, spec: IngestionPipelineSpec) -> tuple[TableBinding | None, Condition, bool]:
-    """(binding, TablesResolved, waiting): the referenced IcebergTables must exist, be Ready, be named
-    after one of the pipeline's kinds and share one catalog and namespace."""
+def _tables_binding(namespace: str, spec: IngestionPipelineSpec) -> tuple[TableBinding | None, refs.Tables]:
+    """The IcebergTables the consumers write: resolved like every kind's, and each must be named
+    after one of the pipeline's record kinds."""
     if not spec.tables:
-        return None, Condition.true(TABLES_RESOLVED, "NoTables", "no IcebergTables referenced: no consumers"), False
-    kube = runtime.get().kube
-    found: list[IcebergTableSpec] = []
-    for ref in spec.tables:
-        body = kube.get(runtime.resource_kind(TABLE), namespace, ref.name)
-        if body is None:
-            return None, Condition.false(TABLES_RESOLVED, "TableNotFound",
-                                         f"IcebergTable {ref.name} does not exist"), True
-        table = IcebergTableSpec.model_validate(body["spec"])
-        if table.name not in spec.topics.kinds:
-            return None, Condition.false(TABLES_RESOLVED, "InvalidTableReference",
-                                         f"IcebergTable {ref.name} is table {table.name!r}; consumers write "
-                                         f"tables named after topics.kinds {list(spec.topics.kinds)}"), False
-        if not conditions.is_ready(body.get("status")):
-            return None, Condition.false(TABLES_RESOLVED, "TableNotReady",
-                                         f"IcebergTable {ref.name} is not Ready yet"), True
-        found.append(table)
-    if len({(t.namespace, t.catalog_ref.name) for t in found}) > 1:
-        return None, Condition.false(TABLES_RESOLVED, "InvalidTableReference",
-                                     "the referenced IcebergTables must share one catalogRef and namespace"), False
-    first = found[0]
-    binding = TableBinding(kinds=tuple(t.name for t in found), namespace=first.namespace,  # type: ignore[misc]
-                           catalog_secret=first.catalog_ref.name,
+        none = Condition.true(TABLES_RESOLVED, "NoTables", "no IcebergTables referenced: no consumers")
+        return None, refs.Tables((), none)
+
+    def invalid(name: str, table: IcebergTableSpec) -> str | None:
+        if table.name in spec.topics.kinds:
+            return None
+        return (f"IcebergTable {name} is table {table.name!r}; consumers write tables named after "
+                f"topics.kinds {list(spec.topics.kinds)}")
+
+    resolved = refs.resolve_tables(namespace, spec.tables, invalid=invalid)
+    if not resolved.specs:
+        return None, resolved
+    first = resolved.specs[0]
+    binding = TableBinding(kinds=tuple(t.name for t in resolved.specs),  # type: ignore[misc]
+                           namespace=first.namespace, catalog_secret=first.catalog_ref.name,
                            target_file_size_bytes=first.properties.target_file_size_bytes)
-    names = ", ".join(f"{t.namespace}.{t.name}" for t in found)
-    return binding, Condition.true(TABLES_RESOLVED, "Resolved", f"writing {names}"), False
+    return binding, resolved
 
 
-def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: str) -> None:
+@dataclass
+class Outcome:
+    """What the steps of one reconcile found: conditions, observed status fields, changes, and
+    whether to retry soon."""
+
+    checks: list[Condition] = field(default_factory=list)
+    observed: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    retry: bool = False
+
+
+def ensure_topics(spec: IngestionPipelineSpec, status: Mapping[str, Any], out: Outcome) -> None:
+    """Topics (k2.topics: create, grow, apply config; never shrink), plus the shared DLQ."""
+    bootstrap = runtime.get().settings.kafka_bootstrap
+    topic_by_kind = spec.topic_names()
+    wanted = [k2_topics.TopicSpec(t, spec.topics.partitions, spec.topics.replication_factor,
+                                  dict(spec.topics.config)) for t in topic_by_kind.values()]
+    dlq = k2_topics.TopicSpec(spec.dlq_topic(), 1, spec.topics.replication_factor)
+    partitions: dict[str, int] = {}
+    try:
+        states = external.ensure_topics(bootstrap, [*wanted, dlq])
+        # From what was just applied: Kafka's metadata can lag a partition change by a moment.
+        partitions = {state.name: state.partitions for state in states}
+        out.changes += [change for state in states[:-1] for change in _topic_changes(state)]
+        out.checks.append(Condition.true(TOPICS_READY, "Reconciled",
+                                         f"{len(wanted)} topics with {spec.topics.partitions} partitions"))
+    except k2_topics.TopicShrinkRefused as exc:
+        out.checks.append(Condition.false(TOPICS_READY, "ShrinkRefused", str(exc)))
+    except external.Unavailable as exc:
+        out.checks.append(Condition.false(TOPICS_READY, "KafkaUnavailable", str(exc)))
+        out.retry = True
+    try:
+        if not partitions:
+            partitions = external.topic_partitions(bootstrap, list(topic_by_kind.values()))
+        out.observed["topics"] = [{"name": t, "partitions": partitions[t]} for t in topic_by_kind.values()
+                                  if t in partitions]
+    except external.Unavailable:
+        out.observed["topics"] = status.get("topics") or []
+
+
+def _topic_changes(state: k2_topics.TopicState) -> list[str]:
+    changes = []
+    if state.created:
+        changes.append(f"created topic {state.name} ({state.partitions} partitions)")
+    if state.grown_from is not None:
+        changes.append(f"grew topic {state.name} from {state.grown_from} to {state.partitions} partitions")
+    if state.config_changed:
+        changes.append(f"set {', '.join(state.config_changed)} on topic {state.name}")
+    return changes
+
+
+def register_schemas(namespace: str, spec: IngestionPipelineSpec, status: Mapping[str, Any], out: Outcome,
+                     logger: Any) -> None:
+    """Value schemas (k2.schemas.registry: compatibility checked before anything changes)."""
+    previous = status.get("schemas") or []
+    try:
+        url = refs.registry_url(namespace, spec.schema_registry)
+        registrations = external.register_value_schemas(url, spec.topic_names(), spec.compatibility)
+    except SchemaIncompatible as exc:
+        out.checks.append(Condition.false(SCHEMAS_REGISTERED, "SchemaIncompatible", str(exc)))
+        out.observed["schemas"] = previous
+        return
+    except refs.Waiting as exc:
+        out.checks.append(Condition.false(SCHEMAS_REGISTERED, exc.reason, str(exc)))
+    except external.Unavailable as exc:
+        out.checks.append(Condition.false(SCHEMAS_REGISTERED, "RegistryUnavailable", str(exc)))
+        out.observed["schemas"] = previous
+    except Exception as exc:  # noqa: BLE001 - whatever the registry answered: report it, retry
+        logger.warning("pipeline.registry_error", error=str(exc), error_type=type(exc).__name__)
+        out.checks.append(Condition.false(SCHEMAS_REGISTERED, "RegistryError", f"{type(exc).__name__}: {exc}"))
+        out.observed["schemas"] = previous
+    else:
+        out.observed["schemas"] = [{"subject": r.subject, "schemaId": r.schema_id, "version": r.version}
+                                   for r in registrations]
+        before = {s["subject"]: (s.get("schemaId"), s.get("version")) for s in previous}
+        out.changes += [f"registered {r.subject} version {r.version} (id {r.schema_id})" for r in registrations
+                        if before.get(r.subject) != (r.schema_id, r.version)]
+        out.checks.append(Condition.true(SCHEMAS_REGISTERED, "Registered",
+                                         f"{len(registrations)} subjects at {spec.compatibility}"))
+        return
+    out.retry = True
+
+
+def apply_workloads(body: Mapping[str, Any], spec: IngestionPipelineSpec, binding: TableBinding | None,
+                    out: Outcome) -> None:
+    """Children. The ingest Job runs once per source: once recorded, it is not recreated. While the
+    tables are unresolved (a catalog outage, a table being recreated), running consumers and their
+    settings are left alone rather than torn down or rewritten half-configured."""
     rt = runtime.get()
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    with runtime.reconciling(PIPELINE, body, trigger) as logger:
-        spec = IngestionPipelineSpec.model_validate(dict(body["spec"]))
-        status = body.get("status") or {}
-        changes: list[str] = []
-        checks: list[Condition] = []
-        observed: dict[str, Any] = {}
-        retry = False
+    owner = runtime.owner(PIPELINE, body)
+    status = body.get("status") or {}
+    objects = apply.render_children(owner.namespace, lambda ctx: render_pipeline(owner, spec, binding=binding, ctx=ctx))
+    job_name = ingest_job_name(owner.name, spec) if spec.source.type != "none" and not continuous(spec) else None
+    recorded = (status.get("ingest") or {}).get("job")
+    keep = []
+    if job_name and recorded == job_name:
+        objects = [o for o in objects if o["kind"] != "Job"]
+        keep.append(f"Job/{job_name}")
+    holding = binding is None and bool(spec.tables)
+    n = Names.of(owner.name)
+    if holding:
+        keep += [f"Deployment/{n.consumer}", f"Service/{n.metrics}", f"PodDisruptionBudget/{n.consumer}",
+                 f"ServiceMonitor/{n.consumer}", f"ConfigMap/{n.settings}"]
+        if rt.kube.get(CHILD_KINDS["ConfigMap"], owner.namespace, n.settings) is not None:
+            objects = [o for o in objects if o["kind"] != "ConfigMap"]
+    applied, pruned = apply.apply_children(PIPELINE, body, objects, PRUNE_KINDS, keep=keep)
+    out.changes += apply.describe_changes(applied, pruned)
 
+    deployment = next((a.body for a in applied if a.body["kind"] == "Deployment"
+                       and a.body["metadata"]["name"] == n.consumer), None)
+    if deployment is None and holding:
+        deployment = rt.kube.get(CHILD_KINDS["Deployment"], owner.namespace, n.consumer)
+    desired = spec.consumer.replicas if deployment else 0
+    available = status_.available_replicas(deployment)
+    out.observed["consumers"] = {"replicas": desired, "availableReplicas": available,
+                                 "selector": owner.selector("consumer")}
+    out.checks.append(status_.availability(CONSUMERS_AVAILABLE, desired, available) if deployment else
+                      Condition.true(CONSUMERS_AVAILABLE, "NoConsumers", "no tables bound: no consumers"))
+    if job_name:
+        job = rt.kube.get(CHILD_KINDS["Job"], owner.namespace, job_name)
+        phase = job_phase(job, recorded_phase=(status.get("ingest") or {}).get("phase"))
+        out.observed["ingest"] = {"job": job_name, "phase": phase}
+        out.checks.append(ingest_condition(job_name, phase))
+    else:
+        out.observed["ingest"] = None  # merge patch: remove what a former source left
+
+
+def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
+    meta = body["metadata"]
+    with metrics.reconciling(PIPELINE, body, trigger) as logger:
+        spec = status_.validated(PIPELINE, body, IngestionPipelineSpec)
+        if spec is None:
+            return
+        status = body.get("status") or {}
         owned_by_others = conflicts(spec, meta["uid"], claims)
         if owned_by_others:
             message = "; ".join(f"topic {t} is already managed by IngestionPipeline {c.ref}"
                                 for t, c in sorted(owned_by_others.items()))
             conflict = Condition.false(TOPICS_READY, "ResourceConflict", message)
-            runtime.write_status(PIPELINE, body, [conflict], required=REQUIRED, observed_state={},
+            status_.write_status(PIPELINE, body, [conflict], required=REQUIRED, observed_state={},
                                  ready_override=Condition.false("Ready", "ResourceConflict", message))
             return
 
-        # 1. Topics (k2.topics: create, grow, apply config; never shrink), plus the shared DLQ.
-        topic_by_kind = spec.topic_names()
-        wanted = [k2_topics.TopicSpec(t, spec.topics.partitions, spec.topics.replication_factor,
-                                      dict(spec.topics.config)) for t in topic_by_kind.values()]
-        dlq = k2_topics.TopicSpec(spec.dlq_topic(), 1, spec.topics.replication_factor)
-        partitions: dict[str, int] = {}
-        try:
-            states = external.ensure_topics(rt.settings.kafka_bootstrap, [*wanted, dlq])
-            # From what was just applied: Kafka's metadata can lag a partition change by a moment.
-            partitions = {state.name: state.partitions for state in states}
-            for state in states[:-1]:
-                if state.created:
-                    changes.append(f"created topic {state.name} ({state.partitions} partitions)")
-                if state.grown_from is not None:
-                    changes.append(f"grew topic {state.name} from {state.grown_from} to {state.partitions} partitions")
-                if state.config_changed:
-                    changes.append(f"set {', '.join(state.config_changed)} on topic {state.name}")
-            checks.append(Condition.true(TOPICS_READY, "Reconciled",
-                                         f"{len(wanted)} topics with {spec.topics.partitions} partitions"))
-        except k2_topics.TopicShrinkRefused as exc:
-            checks.append(Condition.false(TOPICS_READY, "ShrinkRefused", str(exc)))
-        except external.Unavailable as exc:
-            checks.append(Condition.false(TOPICS_READY, "KafkaUnavailable", str(exc)))
-            retry = True
-        try:
-            if not partitions:
-                partitions = external.topic_partitions(rt.settings.kafka_bootstrap, list(topic_by_kind.values()))
-            observed["topics"] = [{"name": t, "partitions": partitions[t]} for t in topic_by_kind.values()
-                                  if t in partitions]
-        except external.Unavailable:
-            observed["topics"] = status.get("topics") or []
+        out = Outcome()
+        ensure_topics(spec, status, out)
+        register_schemas(meta["namespace"], spec, status, out, logger)
+        binding, tables = _tables_binding(meta["namespace"], spec)
+        out.checks.append(tables.condition)
+        apply_workloads(body, spec, binding, out)
+        status_.conclude(PIPELINE, body, out.checks, required=REQUIRED, observed_state=out.observed,
+                         changes=out.changes, trigger=trigger, logger=logger, retry=out.retry or tables.waiting,
+                         attempt=attempt,
+                         remove=() if out.observed["ingest"] else (INGEST_COMPLETE,))
 
-        # 2. Value schemas (k2.schemas.registry: compatibility checked before anything changes).
-        try:
-            url = _registry_url(namespace, spec)
-            registrations = external.register_value_schemas(url, topic_by_kind, spec.compatibility)
-            observed["schemas"] = [{"subject": r.subject, "schemaId": r.schema_id, "version": r.version}
-                                   for r in registrations]
-            before = {s["subject"]: (s.get("schemaId"), s.get("version")) for s in status.get("schemas") or []}
-            changes += [f"registered {r.subject} version {r.version} (id {r.schema_id})" for r in registrations
-                        if before.get(r.subject) != (r.schema_id, r.version)]
-            checks.append(Condition.true(SCHEMAS_REGISTERED, "Registered",
-                                         f"{len(registrations)} subjects at {spec.compatibility}"))
-        except SchemaIncompatible as exc:
-            checks.append(Condition.false(SCHEMAS_REGISTERED, "SchemaIncompatible", str(exc)))
-            observed["schemas"] = status.get("schemas") or []
-        except LookupError as exc:
-            checks.append(Condition.false(SCHEMAS_REGISTERED, "SecretNotFound", str(exc)))
-            retry = True
-        except external.Unavailable as exc:
-            checks.append(Condition.false(SCHEMAS_REGISTERED, "RegistryUnavailable", str(exc)))
-            observed["schemas"] = status.get("schemas") or []
-            retry = True
-        except Exception as exc:  # noqa: BLE001 - whatever the registry answered: report it, retry
-            logger.warning("pipeline.registry_error", error=str(exc), error_type=type(exc).__name__)
-            checks.append(Condition.false(SCHEMAS_REGISTERED, "RegistryError", f"{type(exc).__name__}: {exc}"))
-            observed["schemas"] = status.get("schemas") or []
-            retry = True
 
-        # 3. Tables the consumers write.
-        binding, tables_condition, waiting = resolve_tables(namespace, spec)
-        checks.append(tables_condition)
-
-        # 4. Children. The ingest Job runs once per source: once recorded, it is not recreated.
-        objects = render_pipeline(name, namespace, spec, binding, rt.render_context())
-        job_name = ingest_job_name(name, spec) if spec.source.type != "none" and not continuous(spec) else None
-        recorded = (status.get("ingest") or {}).get("job")
-        keep = []
-        if job_name and recorded == job_name:
-            objects = [o for o in objects if o["kind"] != "Job"]
-            keep.append(f"Job/{job_name}")
-        if binding is None and spec.tables:
-            # Tables unresolved (a catalog outage, a table being recreated): leave running consumers
-            # and their settings alone rather than tear them down or rewrite them half-configured.
-            n = pipeline_names(name)
-            keep += [f"Deployment/{n['consumer']}", f"Service/{n['metrics']}", f"PodDisruptionBudget/{n['consumer']}",
-                     f"ServiceMonitor/{n['consumer']}", f"ConfigMap/{n['settings']}"]
-            if rt.kube.get(CHILD_KINDS["ConfigMap"], namespace, n["settings"]) is not None:
-                objects = [o for o in objects if o["kind"] != "ConfigMap"]
-        applied, pruned = runtime.apply_children(PIPELINE, body, objects, PRUNE_KINDS, keep=keep)
-        changes += runtime.describe_changes(applied, pruned)
-
-        deployment = next((a.body for a in applied if a.body["kind"] == "Deployment"
-                           and a.body["metadata"]["name"] == pipeline_names(name)["consumer"]), None)
-        if deployment is None and binding is None and spec.tables:  # kept as it was, see above
-            deployment = rt.kube.get(CHILD_KINDS["Deployment"], namespace, pipeline_names(name)["consumer"])
-        desired = spec.consumer.replicas if deployment else 0
-        available = runtime.available_replicas(deployment)
-        observed["consumers"] = {"replicas": desired, "availableReplicas": available}
-        checks.append(runtime.availability(CONSUMERS_AVAILABLE, desired, available) if deployment else
-                      Condition.true(CONSUMERS_AVAILABLE, "NoConsumers", "no tables bound: no consumers"))
-        if job_name:
-            job = rt.kube.get(CHILD_KINDS["Job"], namespace, job_name)
-            phase = job_phase(job, recorded_phase=(status.get("ingest") or {}).get("phase"))
-            observed["ingest"] = {"job": job_name, "phase": phase}
-            checks.append(Condition(INGEST_COMPLETE, "True" if phase == "Succeeded" else
-                                    "False" if phase == "Failed" else "Unknown", f"Ingest{phase}",
-                                    f"Job {job_name} {phase.lower()}"))
-
-        if not job_name:
-            observed["ingest"] = None  # merge patch: remove what a former source left
-        runtime.conclude(PIPELINE, body, checks, required=REQUIRED, observed_state=observed, changes=changes,
-                         trigger=trigger, logger=logger, retry=retry or waiting,
-                         remove=() if job_name else (INGEST_COMPLETE,))
+def ingest_condition(job_name: str, phase: str) -> Condition:
+    status = "True" if phase == "Succeeded" else "False" if phase == "Failed" else "Unknown"
+    return Condition(INGEST_COMPLETE, status, f"Ingest{phase}", f"Job {job_name} {phase.lower()}")
 
 
 def job_phase(job: Mapping[str, Any] | None, recorded_phase: str | None = None) -> str:
@@ -256,39 +270,30 @@ def job_phase(job: Mapping[str, Any] | None, recorded_phase: str | None = None) 
 @kopf.on.resume(GROUP, VERSION, PIPELINE.plural)
 @kopf.on.create(GROUP, VERSION, PIPELINE.plural)
 @kopf.on.update(GROUP, VERSION, PIPELINE.plural)
-def pipeline_changed(body: kopf.Body, pipeline_topic_claims: kopf.Index, reason: str, **_: Any) -> None:
-    reconcile(body, pipeline_topic_claims, trigger="change" if reason != "resume" else "resume")
+def pipeline_changed(body: kopf.Body, pipeline_topic_claims: kopf.Index, reason: str, retry: int, **_: Any) -> None:
+    reconcile(body, pipeline_topic_claims, trigger="change" if reason != "resume" else "resume", attempt=retry)
 
 
-@kopf.timer(GROUP, VERSION, PIPELINE.plural, interval=runtime.config_value("drift_interval"),
-            initial_delay=runtime.config_value("drift_initial_delay"), id="pipeline_drift")
-def pipeline_drift(body: kopf.Body, pipeline_topic_claims: kopf.Index, **_: Any) -> None:
-    reconcile(body, pipeline_topic_claims, trigger="drift")
-
-
-def _deletes_external(spec: Mapping[str, Any], **_: Any) -> bool:
-    return spec.get("deletionPolicy") == "Delete"
-
-
-@kopf.on.delete(GROUP, VERSION, PIPELINE.plural, when=_deletes_external)
+@kopf.on.delete(GROUP, VERSION, PIPELINE.plural, when=cleanup.deletes_external)
 def pipeline_deleted(body: kopf.Body, pipeline_topic_claims: kopf.Index, retry: int, **_: Any) -> None:
     """deletionPolicy Delete: remove this pipeline's topics and subjects (never the shared DLQ,
     never a topic another pipeline owns); give up after `cleanup_attempts` or on the annotation."""
     rt = runtime.get()
     meta = body["metadata"]
     spec = IngestionPipelineSpec.model_validate(dict(body["spec"]))
-    with runtime.reconciling(PIPELINE, body, "delete") as logger:
-        if runtime.skip_cleanup(body):
-            runtime.event(body, "CleanupSkipped", f"{runtime.SKIP_CLEANUP_ANNOTATION}=true: topics and subjects "
-                          "are left in place", warning=True)
+    with metrics.reconciling(PIPELINE, body, "delete") as logger:
+        if cleanup.skip_cleanup(body):
+            event(body, "CleanupSkipped", f"{cleanup.SKIP_CLEANUP_ANNOTATION}=true: topics and subjects "
+                  "are left in place", warning=True)
             return
         others = conflicts(spec, meta["uid"], pipeline_topic_claims)
         mine = [t for t in spec.topic_names().values() if t not in others]
         try:
             external.delete_topics(rt.settings.kafka_bootstrap, mine)
-            external.delete_subjects(_registry_url(meta["namespace"], spec), [value_subject(t) for t in mine])
-        except (external.Unavailable, LookupError) as exc:
-            runtime.cleanup_failed(PIPELINE, body, retry, exc, logger)
+            external.delete_subjects(refs.registry_url(meta["namespace"], spec.schema_registry),
+                                     [value_subject(t) for t in mine])
+        except (external.Unavailable, refs.Waiting) as exc:
+            cleanup.cleanup_failed(PIPELINE, body, retry, exc, logger)
             return
-        runtime.event(body, "CleanedUp", f"deleted topics and subjects of {', '.join(mine) or 'nothing'}")
-        rt.track_ready(PIPELINE.kind, meta["uid"], None)
+        event(body, "CleanedUp", f"deleted topics and subjects of {', '.join(mine) or 'nothing'}")
+        metrics.track_ready(PIPELINE.kind, meta["uid"], None)

@@ -12,7 +12,10 @@ from pyiceberg.schema import Schema
 from k2 import tables as k2_tables
 from k2_operator import external
 from k2_operator.conditions import Condition
-from k2_operator.handlers import runtime
+from k2_operator.handlers import apply, cleanup, metrics, refs, runtime
+from k2_operator.handlers import status as status_
+from k2_operator.handlers.events import event
+from k2_operator.handlers.refs import Waiting
 from k2_operator.models import GROUP, TABLE, VERSION, IcebergTableSpec
 from k2_operator.render.table import render_table, table_definition
 
@@ -21,34 +24,15 @@ REQUIRED = (TABLE_READY,)
 PRUNE_KINDS = ("ConfigMap", "CronJob")
 
 
-class Waiting(Exception):
-    """A dependency (Secret, subject) is not there yet: report, retry soon."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 class InvalidSpec(Waiting):
     """The spec cannot be satisfied as written (e.g. a partition column missing from the subject)."""
-
-
-def _registry_url(namespace: str, spec: IcebergTableSpec) -> str:
-    rt = runtime.get()
-    ref = spec.schema_.registry
-    if ref and ref.secret_ref:
-        data = rt.kube.secret_data(namespace, ref.secret_ref.name) or {}
-        if ref.secret_ref.key not in data:
-            raise Waiting("SecretNotFound", f"Secret {ref.secret_ref.name} has no key {ref.secret_ref.key}")
-        return data[ref.secret_ref.key]
-    return ref.url if ref and ref.url else rt.settings.registry_url
 
 
 def resolve_schema(namespace: str, spec: IcebergTableSpec) -> Schema:
     if spec.schema_.fields:
         return external.iceberg_schema(spec.schema_.avro_record(spec.name))
     subject = spec.schema_.from_subject or ""
-    avro = external.latest_avro_schema(_registry_url(namespace, spec), subject)
+    avro = external.latest_avro_schema(refs.registry_url(namespace, spec.schema_.registry), subject)
     if avro is None:
         raise Waiting("SubjectNotFound", f"subject {subject} is not registered yet")
     return external.iceberg_schema(avro)
@@ -74,12 +58,12 @@ def observed_state(table: Any) -> dict[str, Any]:
             "snapshots": len(table.metadata.snapshots)}
 
 
-def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
-    rt = runtime.get()
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    with runtime.reconciling(TABLE, body, trigger) as logger:
-        spec = IcebergTableSpec.model_validate(dict(body["spec"]))
+def reconcile(body: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
+    namespace = body["metadata"]["namespace"]
+    with metrics.reconciling(TABLE, body, trigger) as logger:
+        spec = status_.validated(TABLE, body, IcebergTableSpec)
+        if spec is None:
+            return
         status = body.get("status") or {}
         changes: list[str] = []
         observed: dict[str, Any] = {"identifier": spec.identifier}
@@ -111,7 +95,7 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
                 observed.update(observed_state(table))
                 check = Condition.true(TABLE_READY, "Reconciled",
                                        f"{spec.identifier} with {observed['columns']} columns")
-        except InvalidSpec as exc:  # retrying cannot help; the drift timer looks again
+        except InvalidSpec as exc:  # retrying cannot help; the drift loop looks again
             check = Condition.false(TABLE_READY, exc.reason, str(exc))
         except Waiting as exc:
             check = Condition.false(TABLE_READY, exc.reason, str(exc))
@@ -127,46 +111,36 @@ def reconcile(body: Mapping[str, Any], *, trigger: str) -> None:
             observed = {k: v for k, v in {**status, **observed}.items()
                         if k not in ("conditions", "observedGeneration")}
 
-        applied, pruned = runtime.apply_children(TABLE, body, render_table(name, namespace, spec, rt.render_context()),
-                                                 PRUNE_KINDS)
-        changes += runtime.describe_changes(applied, pruned)
-        runtime.conclude(TABLE, body, [check], required=REQUIRED, observed_state=observed, changes=changes,
-                         trigger=trigger, logger=logger, retry=retry)
+        owner = runtime.owner(TABLE, body)
+        objects = apply.render_children(namespace, lambda ctx: render_table(owner, spec, ctx=ctx))
+        applied, pruned = apply.apply_children(TABLE, body, objects, PRUNE_KINDS)
+        changes += apply.describe_changes(applied, pruned)
+        status_.conclude(TABLE, body, [check], required=REQUIRED, observed_state=observed, changes=changes,
+                         trigger=trigger, logger=logger, retry=retry, attempt=attempt)
 
 
 @kopf.on.resume(GROUP, VERSION, TABLE.plural)
 @kopf.on.create(GROUP, VERSION, TABLE.plural)
 @kopf.on.update(GROUP, VERSION, TABLE.plural)
-def table_changed(body: kopf.Body, reason: str, **_: Any) -> None:
-    reconcile(body, trigger="change" if reason != "resume" else "resume")
+def table_changed(body: kopf.Body, reason: str, retry: int, **_: Any) -> None:
+    reconcile(body, trigger="change" if reason != "resume" else "resume", attempt=retry)
 
 
-@kopf.timer(GROUP, VERSION, TABLE.plural, interval=runtime.config_value("drift_interval"),
-            initial_delay=runtime.config_value("drift_initial_delay"), id="table_drift")
-def table_drift(body: kopf.Body, **_: Any) -> None:
-    reconcile(body, trigger="drift")
-
-
-def _deletes_external(spec: Mapping[str, Any], **_: Any) -> bool:
-    return spec.get("deletionPolicy") == "Delete"
-
-
-@kopf.on.delete(GROUP, VERSION, TABLE.plural, when=_deletes_external)
+@kopf.on.delete(GROUP, VERSION, TABLE.plural, when=cleanup.deletes_external)
 def table_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
     """deletionPolicy Delete: drop the table and purge its files."""
-    rt = runtime.get()
     meta = body["metadata"]
     spec = IcebergTableSpec.model_validate(dict(body["spec"]))
-    with runtime.reconciling(TABLE, body, "delete") as logger:
-        if runtime.skip_cleanup(body):
-            runtime.event(body, "CleanupSkipped", f"{runtime.SKIP_CLEANUP_ANNOTATION}=true: table "
-                          f"{spec.identifier} is left in place", warning=True)
+    with metrics.reconciling(TABLE, body, "delete") as logger:
+        if cleanup.skip_cleanup(body):
+            event(body, "CleanupSkipped", f"{cleanup.SKIP_CLEANUP_ANNOTATION}=true: table "
+                  f"{spec.identifier} is left in place", warning=True)
             return
         try:
             dropped = external.drop_table(catalog_for(meta["namespace"], spec), spec.identifier, purge=True)
         except Exception as exc:  # noqa: BLE001 - whatever the catalog raised: retry, then give up
-            runtime.cleanup_failed(TABLE, body, retry, exc, logger)
+            cleanup.cleanup_failed(TABLE, body, retry, exc, logger)
             return
-        runtime.event(body, "CleanedUp", f"dropped and purged {spec.identifier}" if dropped
-                      else f"{spec.identifier} was already gone")
-        rt.track_ready(TABLE.kind, meta["uid"], None)
+        event(body, "CleanedUp", f"dropped and purged {spec.identifier}" if dropped
+              else f"{spec.identifier} was already gone")
+        metrics.track_ready(TABLE.kind, meta["uid"], None)

@@ -29,6 +29,8 @@ MANAGED_BY = "k2-operator"
 PART_OF = "k2"
 SETTINGS_HASH_ANNOTATION = "k2.io/settings-hash"
 TMP_MOUNT = "/tmp"
+SECRETS_MOUNT = "/var/run/k2"
+SECRETS_HASH_ANNOTATION = "k2.io/secrets-hash"
 APP_UID = 10001
 
 # Catalog connection: the keys a catalog Secret may hold (K2 setting names) and which are required.
@@ -60,14 +62,21 @@ class RenderContext:
     api_port: int = 8000
     service_monitor: bool = False
     service_account: str | None = None
+    # The default registry URL is secret: workloads get it from this Secret key, `registry_url` is unused.
+    registry_secret: tuple[str, str] | None = None
+    # resourceVersion of each Secret the workloads read through env: a rotation changes the pod
+    # template's checksum annotation, which rolls the pods.
+    secret_versions: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings, config: OperatorConfig, *, service_monitor: bool = False) -> RenderContext:
+        secret = (config.registry_secret_name, config.registry_secret_key) if config.registry_secret_name else None
         return cls(image=config.image, image_pull_policy=config.image_pull_policy,
-                   kafka_bootstrap=settings.kafka_bootstrap, registry_url=settings.registry_url,
+                   kafka_bootstrap=settings.kafka_bootstrap,
+                   registry_url=settings.registry_url if secret is None else RenderContext.registry_url,
                    log_level=settings.log_level, workload_metrics_port=config.workload_metrics_port,
                    api_port=config.api_port, service_monitor=service_monitor,
-                   service_account=config.service_account)
+                   service_account=config.service_account, registry_secret=secret)
 
 
 @dataclass(frozen=True)
@@ -96,15 +105,45 @@ def catalog_secret_env(secret: str) -> list[SecretEnv]:
 
 
 @dataclass(frozen=True)
+class SecretFile:
+    """A Secret key mounted as a file, for settings a workload re-reads when the file changes."""
+
+    setting: str  # Settings field holding the file's path
+    secret: str
+    key: str
+
+    @property
+    def volume(self) -> str:
+        return self.setting.replace("_", "-")
+
+    @property
+    def path(self) -> str:
+        return f"{SECRETS_MOUNT}/{self.volume}/{self.key}"
+
+    def volume_manifest(self) -> dict[str, Any]:
+        return {"name": self.volume, "secret": {"secretName": self.secret, "items": [{"key": self.key,
+                                                                                       "path": self.key}]}}
+
+    def mount_manifest(self) -> dict[str, Any]:
+        return {"name": self.volume, "mountPath": f"{SECRETS_MOUNT}/{self.volume}", "readOnly": True}
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
-    """One workload's configuration: the settings and which of them come from Secrets."""
+    """One workload's configuration: the settings, which of them come from Secrets (env or mounted
+    files), and which it does not use at all (left out of its ConfigMap)."""
 
     settings: Settings
     secrets: tuple[SecretEnv, ...] = field(default_factory=tuple)
+    files: tuple[SecretFile, ...] = field(default_factory=tuple)
+    unused: frozenset[str] = frozenset()
 
     def config_map_data(self) -> dict[str, str]:
-        secret_vars = {s.env_name for s in self.secrets}
-        return {k: v for k, v in sorted(self.settings.to_env().items()) if k not in secret_vars}
+        left_out = {s.env_name for s in self.secrets} | {f"K2_{name.upper()}" for name in self.unused}
+        return {k: v for k, v in sorted(self.settings.to_env().items()) if k not in left_out}
+
+    def secret_names(self) -> list[str]:
+        return sorted({s.secret for s in self.secrets} | {f.secret for f in self.files})
 
     def env(self) -> list[dict[str, Any]]:
         return [s.manifest() for s in self.secrets]
@@ -126,23 +165,32 @@ def workload_settings(ctx: RenderContext, **values: Any) -> Settings:
 
 
 # --- metadata -------------------------------------------------------------------------------------
-def selector_labels(instance: str, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "k2", "app.kubernetes.io/instance": instance,
-            "app.kubernetes.io/component": component}
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource a child belongs to: every child's name, labels and namespace derive from it."""
 
+    kind: str
+    name: str
+    namespace: str
 
-def labels(instance: str, component: str, owner_kind: str) -> dict[str, str]:
-    return {**selector_labels(instance, component), "app.kubernetes.io/part-of": PART_OF,
-            "app.kubernetes.io/managed-by": MANAGED_BY, f"k2.io/{owner_kind.lower()}": instance}
+    def selector_labels(self, component: str) -> dict[str, str]:
+        return {"app.kubernetes.io/name": "k2", "app.kubernetes.io/instance": self.name,
+                "app.kubernetes.io/component": component}
 
+    def selector(self, component: str) -> str:
+        """`selector_labels` as the label selector string the scale subresource reports."""
+        return ",".join(f"{k}={v}" for k, v in self.selector_labels(component).items())
 
-def metadata(name: str, namespace: str, instance: str, component: str, owner_kind: str,
-             annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": namespace,
-                            "labels": labels(instance, component, owner_kind)}
-    if annotations:
-        meta["annotations"] = dict(annotations)
-    return meta
+    def labels(self, component: str) -> dict[str, str]:
+        return {**self.selector_labels(component), "app.kubernetes.io/part-of": PART_OF,
+                "app.kubernetes.io/managed-by": MANAGED_BY, f"k2.io/{self.kind.lower()}": self.name}
+
+    def metadata(self, *, name: str, component: str,
+                 annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": self.labels(component)}
+        if annotations:
+            meta["annotations"] = dict(annotations)
+        return meta
 
 
 # --- pods -----------------------------------------------------------------------------------------
@@ -175,7 +223,8 @@ def container(*, name: str, ctx: RenderContext, args: list[str], config_map: str
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": TMP_MOUNT}, *extra_mounts],
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP_MOUNT}, *[f.mount_manifest() for f in workload.files],
+                         *extra_mounts],
     }
     if startup:
         body["startupProbe"] = startup
@@ -207,61 +256,73 @@ def pod_spec(containers: list[dict[str, Any]], ctx: RenderContext, *, restart_po
     return spec
 
 
-def pod_template(instance: str, component: str, owner_kind: str, spec: dict[str, Any],
-                 workload: WorkloadConfig, *, metrics_port: int | None = None) -> dict[str, Any]:
+def pod_template(*, owner: Owner, component: str, spec: dict[str, Any], workload: WorkloadConfig,
+                 ctx: RenderContext, metrics_port: int | None = None) -> dict[str, Any]:
+    spec = {**spec, "volumes": [*spec["volumes"], *[f.volume_manifest() for f in workload.files]]}
     annotations = {SETTINGS_HASH_ANNOTATION: workload.digest()}
+    env_secrets = sorted({s.secret for s in workload.secrets})
+    if env_secrets:
+        annotations[SECRETS_HASH_ANNOTATION] = short_hash({n: ctx.secret_versions.get(n) for n in env_secrets}, 16)
     if metrics_port:
         annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port)})
-    return {"metadata": {"labels": labels(instance, component, owner_kind), "annotations": annotations},
+    return {"metadata": {"labels": owner.labels(component), "annotations": annotations},
             "spec": spec}
 
 
 # --- objects ----------------------------------------------------------------------------------------
-def config_map(name: str, namespace: str, instance: str, component: str, owner_kind: str,
-               workload: WorkloadConfig) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": metadata(name, namespace, instance, component, owner_kind),
+def config_map(*, owner: Owner, name: str, component: str, workload: WorkloadConfig) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": owner.metadata(name=name, component=component),
             "data": workload.config_map_data()}
 
 
-def deployment(name: str, namespace: str, instance: str, component: str, owner_kind: str, *, replicas: int,
+def deployment(*, owner: Owner, name: str, component: str, replicas: int,
                template: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": metadata(name, namespace, instance, component, owner_kind),
+        "metadata": owner.metadata(name=name, component=component),
         "spec": {
             "replicas": replicas,
             "revisionHistoryLimit": 3,
-            "selector": {"matchLabels": selector_labels(instance, component)},
+            "selector": {"matchLabels": owner.selector_labels(component)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": template,
         },
     }
 
 
-def service(name: str, namespace: str, instance: str, component: str, owner_kind: str, *,
-            ports: list[dict[str, Any]], service_type: str = "ClusterIP", headless: bool = False) -> dict[str, Any]:
-    spec: dict[str, Any] = {"type": service_type, "selector": selector_labels(instance, component), "ports": ports}
+def service(*, owner: Owner, name: str, component: str, ports: list[dict[str, Any]],
+            service_type: str = "ClusterIP", headless: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": service_type, "selector": owner.selector_labels(component), "ports": ports}
     if headless:
         spec["clusterIP"] = "None"
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": metadata(name, namespace, instance, component, owner_kind), "spec": spec}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": owner.metadata(name=name, component=component),
+            "spec": spec}
 
 
-def pod_disruption_budget(name: str, namespace: str, instance: str, component: str,
-                          owner_kind: str) -> dict[str, Any]:
+def pod_disruption_budget(*, owner: Owner, name: str, component: str) -> dict[str, Any]:
     # maxUnavailable (not minAvailable) so a single replica never blocks a node drain.
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-            "metadata": metadata(name, namespace, instance, component, owner_kind),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(instance, component)}}}
+            "metadata": owner.metadata(name=name, component=component),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": owner.selector_labels(component)}}}
 
 
-def service_monitor(name: str, namespace: str, instance: str, component: str, owner_kind: str, *,
-                    port: str, path: str = "/metrics") -> dict[str, Any]:
+def service_monitor(*, owner: Owner, name: str, component: str, port: str, path: str = "/metrics") -> dict[str, Any]:
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-            "metadata": metadata(name, namespace, instance, component, owner_kind),
-            "spec": {"selector": {"matchLabels": selector_labels(instance, component)},
+            "metadata": owner.metadata(name=name, component=component),
+            "spec": {"selector": {"matchLabels": owner.selector_labels(component)},
                      "endpoints": [{"port": port, "path": path, "interval": "30s"}]}}
+
+
+def referenced_secrets(objects: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The Secrets rendered pods read through env (`secretKeyRef`)."""
+    names = set()
+    for obj in objects:
+        template = (obj.get("spec") or {}).get("template") or \
+            ((obj.get("spec") or {}).get("jobTemplate") or {}).get("spec", {}).get("template") or {}
+        for box in (template.get("spec") or {}).get("containers") or []:
+            names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in box.get("env") or []
+                      if "secretKeyRef" in (e.get("valueFrom") or {})}
+    return sorted(names)
 
 
 def short_hash(value: Any, length: int = 8) -> str:

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from k2.sources import SOURCES
-from k2_operator.models import PIPELINE, IngestionPipelineSpec, SyntheticSource, TableKind
+from k2_operator.models import IngestionPipelineSpec, SyntheticSource, TableKind
 from k2_operator.render import common
-from k2_operator.render.common import RenderContext, SecretEnv, WorkloadConfig
+from k2_operator.render.common import Owner, RenderContext, SecretEnv, WorkloadConfig
 
-KIND = PIPELINE.kind
 REGISTRY_SECRET_KEY_SETTING = "registry_url"
 
 
@@ -27,9 +26,20 @@ class TableBinding:
     target_file_size_bytes: int | None = None
 
 
-def names(name: str) -> dict[str, str]:
-    return {"settings": f"{name}-settings", "consumer": f"{name}-consumer",
-            "metrics": f"{name}-consumer-metrics", "ingest": f"{name}-ingest", "feed": f"{name}-feed"}
+@dataclass(frozen=True)
+class Names:
+    """The names of a pipeline's children."""
+
+    settings: str
+    consumer: str
+    metrics: str
+    ingest: str
+    feed: str
+
+    @classmethod
+    def of(cls, name: str) -> Names:
+        return cls(settings=f"{name}-settings", consumer=f"{name}-consumer", metrics=f"{name}-consumer-metrics",
+                   ingest=f"{name}-ingest", feed=f"{name}-feed")
 
 
 def continuous(spec: IngestionPipelineSpec) -> bool:
@@ -50,7 +60,7 @@ def source_digest(spec: IngestionPipelineSpec) -> str:
 
 
 def ingest_job_name(name: str, spec: IngestionPipelineSpec) -> str:
-    return f"{names(name)['ingest']}-{source_digest(spec)}"
+    return f"{Names.of(name).ingest}-{source_digest(spec)}"
 
 
 def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, ctx: RenderContext) -> WorkloadConfig:
@@ -71,6 +81,8 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
     if spec.schema_registry and spec.schema_registry.secret_ref:
         ref = spec.schema_registry.secret_ref
         secrets.append(SecretEnv(REGISTRY_SECRET_KEY_SETTING, ref.name, ref.key))
+    elif not spec.schema_registry and ctx.registry_secret:
+        secrets.append(SecretEnv(REGISTRY_SECRET_KEY_SETTING, *ctx.registry_secret))
     if binding is not None:
         values["namespace"] = binding.namespace
         if binding.target_file_size_bytes:
@@ -84,21 +96,22 @@ def _metrics_probes(ctx: RenderContext) -> dict[str, Any]:
             "readiness": common.http_probe("/metrics", "metrics", period=10, initial=5)}
 
 
-def consumer_deployment(name: str, namespace: str, spec: IngestionPipelineSpec, binding: TableBinding,
+def consumer_deployment(owner: Owner, spec: IngestionPipelineSpec, *, binding: TableBinding,
                         workload: WorkloadConfig, ctx: RenderContext) -> dict[str, Any]:
-    n = names(name)
+    n = Names.of(owner.name)
     # One consumer group per pipeline (and table): pipelines of other exchanges writing tables of
     # the same name must not share a group.
-    args = ["stream", "run", "--tables", ",".join(binding.kinds), "--group-id", consumer_group(name, namespace)]
+    args = ["stream", "run", "--tables", ",".join(binding.kinds),
+            "--group-id", consumer_group(owner.name, owner.namespace)]
     probes = _metrics_probes(ctx)
-    box = common.container(name="stream", ctx=ctx, args=args, config_map=n["settings"], workload=workload,
+    box = common.container(name="stream", ctx=ctx, args=args, config_map=n.settings, workload=workload,
                            resources=spec.consumer.resources, ports=[("metrics", ctx.workload_metrics_port)],
                            liveness=probes["liveness"], readiness=probes["readiness"])
-    template = common.pod_template(name, "consumer", KIND, common.pod_spec([box], ctx), workload,
-                                   metrics_port=ctx.workload_metrics_port)
+    template = common.pod_template(owner=owner, component="consumer", spec=common.pod_spec([box], ctx),
+                                   workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port)
     # SIGTERM makes `k2 stream run` flush and commit its open batches: give it time to.
     template["spec"]["terminationGracePeriodSeconds"] = 60
-    return common.deployment(n["consumer"], namespace, name, "consumer", KIND, replicas=spec.consumer.replicas,
+    return common.deployment(owner=owner, name=n.consumer, component="consumer", replicas=spec.consumer.replicas,
                              template=template)
 
 
@@ -122,9 +135,8 @@ def ingest_args(spec: IngestionPipelineSpec) -> list[str]:
     raise ValueError(f"source type {source.type!r} has no ingest command")
 
 
-def ingest_job(name: str, namespace: str, spec: IngestionPipelineSpec, workload: WorkloadConfig,
+def ingest_job(owner: Owner, spec: IngestionPipelineSpec, *, workload: WorkloadConfig,
                ctx: RenderContext) -> dict[str, Any]:
-    n = names(name)
     mounts: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
     csv = spec.source.asx_csv
@@ -132,58 +144,59 @@ def ingest_job(name: str, namespace: str, spec: IngestionPipelineSpec, workload:
         mounts.append({"name": "input", "mountPath": csv.mount_path, "readOnly": True})
         volumes.append({"name": "input", "persistentVolumeClaim": {"claimName": csv.claim_name, "readOnly": True}})
     probes = _metrics_probes(ctx)
-    box = common.container(name="ingest", ctx=ctx, args=ingest_args(spec), config_map=n["settings"],
+    box = common.container(name="ingest", ctx=ctx, args=ingest_args(spec), config_map=Names.of(owner.name).settings,
                            workload=workload, resources=spec.source.resources,
                            ports=[("metrics", ctx.workload_metrics_port)], liveness=probes["liveness"],
                            readiness=probes["readiness"], extra_mounts=mounts)
     pod = common.pod_spec([box], ctx, restart_policy="Never", extra_volumes=volumes, tmp_size="4Gi")
-    template = common.pod_template(name, "ingest", KIND, pod, workload, metrics_port=ctx.workload_metrics_port)
+    template = common.pod_template(owner=owner, component="ingest", spec=pod, workload=workload, ctx=ctx,
+                                   metrics_port=ctx.workload_metrics_port)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": common.metadata(ingest_job_name(name, spec), namespace, name, "ingest", KIND,
-                                    annotations={"k2.io/source-digest": source_digest(spec)}),
+        "metadata": owner.metadata(name=ingest_job_name(owner.name, spec), component="ingest",
+                                   annotations={"k2.io/source-digest": source_digest(spec)}),
         # A rerun of the same source is harmless (sequence numbers are deterministic and the stream
         # de-duplicates), so a failed pod is retried a couple of times.
         "spec": {"backoffLimit": 2, "template": template},
     }
 
 
-def feed_deployment(name: str, namespace: str, spec: IngestionPipelineSpec, workload: WorkloadConfig,
+def feed_deployment(owner: Owner, spec: IngestionPipelineSpec, *, workload: WorkloadConfig,
                     ctx: RenderContext) -> dict[str, Any]:
     """One pod per feed: two would ingest every tick twice (the stream would drop the copies, but
     the feed's entitlement is usually for one connection). Liveness is feed progress (`/livez`:
     a message, even a heartbeat, within twice the stale period), so a hung session is restarted."""
-    n = names(name)
-    box = common.container(name="feed", ctx=ctx, args=ingest_args(spec), config_map=n["settings"], workload=workload,
+    n = Names.of(owner.name)
+    box = common.container(name="feed", ctx=ctx, args=ingest_args(spec), config_map=n.settings, workload=workload,
                            resources=spec.source.resources, ports=[("metrics", ctx.workload_metrics_port)],
                            liveness=common.http_probe("/livez", "metrics", period=15, failure=2, initial=10),
                            readiness=common.http_probe("/metrics", "metrics", period=10, initial=5))
-    template = common.pod_template(name, "feed", KIND, common.pod_spec([box], ctx), workload,
-                                   metrics_port=ctx.workload_metrics_port)
+    template = common.pod_template(owner=owner, component="feed", spec=common.pod_spec([box], ctx),
+                                   workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port)
     template["spec"]["terminationGracePeriodSeconds"] = 60  # SIGTERM flushes the producer and the DLQ
-    deployment = common.deployment(n["feed"], namespace, name, "feed", KIND, replicas=1, template=template)
+    deployment = common.deployment(owner=owner, name=n.feed, component="feed", replicas=1, template=template)
     deployment["spec"]["strategy"] = {"type": "Recreate"}  # never two sessions at once
     return deployment
 
 
-def render_pipeline(name: str, namespace: str, spec: IngestionPipelineSpec, binding: TableBinding | None,
+def render_pipeline(owner: Owner, spec: IngestionPipelineSpec, *, binding: TableBinding | None,
                     ctx: RenderContext) -> list[dict[str, Any]]:
     """Every child object of the pipeline as it should be. Consumers exist only once the tables are
     bound (`binding`), so they never create a table their IcebergTable has not defined yet."""
-    n = names(name)
+    n = Names.of(owner.name)
     workload = workload_config(spec, binding, ctx)
-    objects = [common.config_map(n["settings"], namespace, name, "pipeline", KIND, workload)]
+    objects = [common.config_map(owner=owner, name=n.settings, component="pipeline", workload=workload)]
     if binding is not None and binding.kinds:
         objects += [
-            consumer_deployment(name, namespace, spec, binding, workload, ctx),
-            common.service(n["metrics"], namespace, name, "consumer", KIND, headless=True, ports=[
+            consumer_deployment(owner, spec, binding=binding, workload=workload, ctx=ctx),
+            common.service(owner=owner, name=n.metrics, component="consumer", headless=True, ports=[
                 {"name": "metrics", "port": ctx.workload_metrics_port, "targetPort": "metrics", "protocol": "TCP"}]),
-            common.pod_disruption_budget(n["consumer"], namespace, name, "consumer", KIND),
+            common.pod_disruption_budget(owner=owner, name=n.consumer, component="consumer"),
         ]
         if ctx.service_monitor:
-            objects.append(common.service_monitor(n["consumer"], namespace, name, "consumer", KIND, port="metrics"))
+            objects.append(common.service_monitor(owner=owner, name=n.consumer, component="consumer", port="metrics"))
     if continuous(spec):
-        objects.append(feed_deployment(name, namespace, spec, workload, ctx))
+        objects.append(feed_deployment(owner, spec, workload=workload, ctx=ctx))
     elif spec.source.type != "none":
-        objects.append(ingest_job(name, namespace, spec, workload, ctx))
+        objects.append(ingest_job(owner, spec, workload=workload, ctx=ctx))
     return objects

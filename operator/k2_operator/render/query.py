@@ -3,79 +3,91 @@ and optionally an Ingress and a ServiceMonitor."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from k2_operator.models import QUERY, QueryServiceSpec
+from k2_operator.models import QueryServiceSpec
 from k2_operator.render import common
-from k2_operator.render.common import RenderContext, SecretEnv, WorkloadConfig
+from k2_operator.render.common import Owner, RenderContext, SecretFile, WorkloadConfig
 
-KIND = QUERY.kind
 SERVICE_PORT = 80
 
 
-def names(name: str) -> dict[str, str]:
-    return {"settings": f"{name}-settings", "api": name}
+@dataclass(frozen=True)
+class Names:
+    """The names of a QueryService's children."""
+
+    settings: str
+    api: str
+
+    @classmethod
+    def of(cls, name: str) -> Names:
+        return cls(settings=f"{name}-settings", api=name)
 
 
-def workload_config(spec: QueryServiceSpec, namespace: str, catalog_secret: str,
+def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: str,
                     ctx: RenderContext) -> WorkloadConfig:
+    keys = spec.auth.api_keys_secret
+    # Keys as a mounted file: `k2 api` re-reads it when the kubelet updates it, so a rotation
+    # needs no restart. The API never talks to the registry.
+    api_keys = SecretFile("api_keys_file", keys.name, keys.key)
     settings = common.workload_settings(ctx, namespace=namespace, rate_limit=spec.rate_limit,
                                         max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb,
-                                        query_threads=spec.query_threads)
-    keys = spec.auth.api_keys_secret
-    secrets = (*common.catalog_secret_env(catalog_secret), SecretEnv("api_keys", keys.name, keys.key))
-    return WorkloadConfig(settings, secrets)
+                                        query_threads=spec.query_threads, api_keys_file=api_keys.path)
+    return WorkloadConfig(settings, tuple(common.catalog_secret_env(catalog_secret)), files=(api_keys,),
+                          unused=frozenset({"registry_url", "api_keys"}))
 
 
-def url(name: str, namespace: str, spec: QueryServiceSpec) -> str:
+def url(owner: Owner, spec: QueryServiceSpec) -> str:
     if spec.ingress:
         scheme = "https" if spec.ingress.tls_secret else "http"
         return f"{scheme}://{spec.ingress.host}{spec.ingress.path.rstrip('/')}"
-    return f"http://{names(name)['api']}.{namespace}.svc:{SERVICE_PORT}"
+    return f"http://{Names.of(owner.name).api}.{owner.namespace}.svc:{SERVICE_PORT}"
 
 
-def api_deployment(name: str, namespace: str, spec: QueryServiceSpec, workload: WorkloadConfig,
+def api_deployment(owner: Owner, spec: QueryServiceSpec, *, workload: WorkloadConfig,
                    ctx: RenderContext) -> dict[str, Any]:
-    n = names(name)
+    n = Names.of(owner.name)
     box = common.container(
         name="api", ctx=ctx, args=["api", "--host", "0.0.0.0", "--port", str(ctx.api_port)],
-        config_map=n["settings"], workload=workload, resources=spec.resources, ports=[("http", ctx.api_port)],
+        config_map=n.settings, workload=workload, resources=spec.resources, ports=[("http", ctx.api_port)],
         liveness=common.http_probe("/health", "http", period=10, failure=3, initial=5),
         readiness=common.http_probe("/ready", "http", period=5, failure=2, initial=5),
         startup=common.http_probe("/health", "http", period=2, failure=30, initial=2))
-    template = common.pod_template(name, "query", KIND, common.pod_spec([box], ctx), workload,
-                                   metrics_port=ctx.api_port)
+    template = common.pod_template(owner=owner, component="query", spec=common.pod_spec([box], ctx),
+                                   workload=workload, ctx=ctx, metrics_port=ctx.api_port)
     template["spec"]["terminationGracePeriodSeconds"] = 30
-    return common.deployment(n["api"], namespace, name, "query", KIND, replicas=spec.replicas, template=template)
+    return common.deployment(owner=owner, name=n.api, component="query", replicas=spec.replicas, template=template)
 
 
-def ingress(name: str, namespace: str, spec: QueryServiceSpec) -> dict[str, Any]:
+def ingress(owner: Owner, spec: QueryServiceSpec) -> dict[str, Any]:
     assert spec.ingress is not None
+    api = Names.of(owner.name).api
     rule = {"host": spec.ingress.host, "http": {"paths": [{
         "path": spec.ingress.path, "pathType": "Prefix",
-        "backend": {"service": {"name": names(name)["api"], "port": {"name": "http"}}}}]}}
+        "backend": {"service": {"name": api, "port": {"name": "http"}}}}]}}
     body: dict[str, Any] = {"rules": [rule]}
     if spec.ingress.class_name:
         body["ingressClassName"] = spec.ingress.class_name
     if spec.ingress.tls_secret:
         body["tls"] = [{"hosts": [spec.ingress.host], "secretName": spec.ingress.tls_secret}]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": common.metadata(names(name)["api"], namespace, name, "query", KIND), "spec": body}
+            "metadata": owner.metadata(name=api, component="query"), "spec": body}
 
 
-def render_query(name: str, namespace: str, spec: QueryServiceSpec, *, table_namespace: str,
-                 catalog_secret: str, ctx: RenderContext) -> list[dict[str, Any]]:
-    n = names(name)
-    workload = workload_config(spec, table_namespace, catalog_secret, ctx)
+def render_query(owner: Owner, spec: QueryServiceSpec, *, table_namespace: str, catalog_secret: str,
+                 ctx: RenderContext) -> list[dict[str, Any]]:
+    n = Names.of(owner.name)
+    workload = workload_config(spec, namespace=table_namespace, catalog_secret=catalog_secret, ctx=ctx)
     objects = [
-        common.config_map(n["settings"], namespace, name, "query", KIND, workload),
-        api_deployment(name, namespace, spec, workload, ctx),
-        common.service(n["api"], namespace, name, "query", KIND, service_type=spec.service_type, ports=[
+        common.config_map(owner=owner, name=n.settings, component="query", workload=workload),
+        api_deployment(owner, spec, workload=workload, ctx=ctx),
+        common.service(owner=owner, name=n.api, component="query", service_type=spec.service_type, ports=[
             {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}]),
-        common.pod_disruption_budget(n["api"], namespace, name, "query", KIND),
+        common.pod_disruption_budget(owner=owner, name=n.api, component="query"),
     ]
     if spec.ingress:
-        objects.append(ingress(name, namespace, spec))
+        objects.append(ingress(owner, spec))
     if ctx.service_monitor:
-        objects.append(common.service_monitor(n["api"], namespace, name, "query", KIND, port="http"))
+        objects.append(common.service_monitor(owner=owner, name=n.api, component="query", port="http"))
     return objects

@@ -3,24 +3,33 @@ a compaction schedule, a `k2 maintain` CronJob with its settings ConfigMap."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pyiceberg.schema import Schema
 
 from k2 import tables
-from k2_operator.models import TABLE, IcebergTableSpec
+from k2_operator.models import (
+    COMPRESSION_PROPERTY,
+    MAX_SNAPSHOT_AGE_PROPERTY,
+    MIN_SNAPSHOTS_PROPERTY,
+    TARGET_FILE_SIZE_PROPERTY,
+    IcebergTableSpec,
+)
 from k2_operator.render import common
-from k2_operator.render.common import RenderContext, WorkloadConfig
-
-KIND = TABLE.kind
-MAX_SNAPSHOT_AGE_PROPERTY = "history.expire.max-snapshot-age-ms"
-MIN_SNAPSHOTS_PROPERTY = "history.expire.min-snapshots-to-keep"
-COMPRESSION_PROPERTY = "write.parquet.compression-codec"
-TARGET_FILE_SIZE_PROPERTY = "write.target-file-size-bytes"
+from k2_operator.render.common import Owner, RenderContext, WorkloadConfig
 
 
-def names(name: str) -> dict[str, str]:
-    return {"settings": f"{name}-maintenance-settings", "maintenance": f"{name}-maintenance"}
+@dataclass(frozen=True)
+class Names:
+    """The names of an IcebergTable's children."""
+
+    settings: str
+    maintenance: str
+
+    @classmethod
+    def of(cls, name: str) -> Names:
+        return cls(settings=f"{name}-maintenance-settings", maintenance=f"{name}-maintenance")
 
 
 def properties(spec: IcebergTableSpec) -> dict[str, str]:
@@ -50,39 +59,41 @@ def workload_config(spec: IcebergTableSpec, ctx: RenderContext) -> WorkloadConfi
     settings = common.workload_settings(ctx, namespace=spec.namespace,
                                         target_file_size_bytes=spec.properties.target_file_size_bytes,
                                         metrics_port=ctx.workload_metrics_port)
-    return WorkloadConfig(settings, tuple(common.catalog_secret_env(spec.catalog_ref.name)))
+    return WorkloadConfig(settings, tuple(common.catalog_secret_env(spec.catalog_ref.name)),
+                          unused=frozenset({"registry_url"}))  # `k2 maintain` never talks to the registry
 
 
-def maintenance_cron_job(name: str, namespace: str, spec: IcebergTableSpec, workload: WorkloadConfig,
+def maintenance_cron_job(owner: Owner, spec: IcebergTableSpec, *, workload: WorkloadConfig,
                          ctx: RenderContext) -> dict[str, Any]:
-    n = names(name)
+    n = Names.of(owner.name)
     args = ["maintain", "--table", spec.name, "--retention-hours", f"{spec.snapshot_retention.max_age_hours:g}"]
     box = common.container(
-        name="maintain", ctx=ctx, args=args, config_map=n["settings"], workload=workload,
+        name="maintain", ctx=ctx, args=args, config_map=n.settings, workload=workload,
         resources=common.Resources(requests={"cpu": "250m", "memory": "512Mi"}, limits={"memory": "2Gi"}),
         ports=[("metrics", ctx.workload_metrics_port)],
         liveness=common.http_probe("/metrics", "metrics", period=30, failure=3, initial=10),
         readiness=common.http_probe("/metrics", "metrics", period=30, initial=5))
-    template = common.pod_template(name, "maintenance", KIND,
-                                   common.pod_spec([box], ctx, restart_policy="OnFailure"), workload)
+    template = common.pod_template(owner=owner, component="maintenance",
+                                   spec=common.pod_spec([box], ctx, restart_policy="OnFailure"), workload=workload,
+                                   ctx=ctx)
     return {
         "apiVersion": "batch/v1", "kind": "CronJob",
-        "metadata": common.metadata(n["maintenance"], namespace, name, "maintenance", KIND),
+        "metadata": owner.metadata(name=n.maintenance, component="maintenance"),
         "spec": {
             "schedule": spec.compaction_schedule,
             # Compaction commits conflict with each other, never run two at once.
             "concurrencyPolicy": "Forbid",
             "successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 3,
-            "jobTemplate": {"metadata": {"labels": common.labels(name, "maintenance", KIND)},
+            "jobTemplate": {"metadata": {"labels": owner.labels("maintenance")},
                             "spec": {"backoffLimit": 2, "template": template}},
         },
     }
 
 
-def render_table(name: str, namespace: str, spec: IcebergTableSpec, ctx: RenderContext) -> list[dict[str, Any]]:
+def render_table(owner: Owner, spec: IcebergTableSpec, *, ctx: RenderContext) -> list[dict[str, Any]]:
     if not spec.compaction_schedule:
         return []
-    n = names(name)
+    n = Names.of(owner.name)
     workload = workload_config(spec, ctx)
-    return [common.config_map(n["settings"], namespace, name, "maintenance", KIND, workload),
-            maintenance_cron_job(name, namespace, spec, workload, ctx)]
+    return [common.config_map(owner=owner, name=n.settings, component="maintenance", workload=workload),
+            maintenance_cron_job(owner, spec, workload=workload, ctx=ctx)]

@@ -42,10 +42,10 @@ compares them rule by rule). Split three ways:
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
-# ingest Jobs
+# ingest Jobs (watched: IngestComplete follows them)
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # maintenance CronJobs
 - apiGroups: [batch]
   resources: [cronjobs]
