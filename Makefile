@@ -18,7 +18,7 @@ help:
 	@echo "make dev-up    - start the local stack (KUBE=1 adds etcd + kube-apiserver + controller-manager)"
 	@echo "make dev-down  - stop it"
 	@echo "make bench     - benchmarks on the ASX sample (results in docs/benchmarks.md)"
-	@echo "make lint      - ruff"
+	@echo "make lint      - ruff and mypy (types)"
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -44,8 +44,10 @@ dev-down: $(STAMP)
 bench: $(STAMP)
 	bash scripts/bench.sh
 
+# ruff (style, bugs) then mypy (types; config in pyproject.toml, incremental: a few seconds warm)
 lint: $(STAMP)
 	$(BIN)/ruff check workloads operator data tests benchmarks
+	$(BIN)/mypy
 
 operator: $(STAMP)
 	$(K2) operator

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-__all__ = ["Listing", "generate", "LISTINGS"]
+__all__ = ["LISTINGS", "Listing", "generate"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ def _lot(rng: random.Random, price: float) -> int:
 
 
 def _weekdays(start: dt.date, days: int) -> list[dt.date]:
-    out, day = [], start
+    out: list[dt.date] = []
+    day = start
     while len(out) < days:
         if day.weekday() < 5:
             out.append(day)
@@ -79,7 +80,7 @@ def _weekdays(start: dt.date, days: int) -> list[dt.date]:
 
 def _clock(date: dt.date, seconds: float) -> tuple[str, str]:
     whole = int(seconds)
-    millis = int(round((seconds - whole) * 1000)) % 1000
+    millis = round((seconds - whole) * 1000) % 1000
     return date.strftime("%m/%d/%Y"), f"{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}.{millis:03d}"
 
 

@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check:
         stale = differences(args.root)
-        for path in stale:
-            print(f"stale: {path} (run python -m k2_operator.crds --write)", file=sys.stderr)
+        for name in stale:
+            print(f"stale: {name} (run python -m k2_operator.crds --write)", file=sys.stderr)
         return 1 if stale else 0
     sys.stdout.write("---\n".join(rendered_files().values()))
     return 0

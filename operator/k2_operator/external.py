@@ -63,7 +63,7 @@ def catalog_settings(secret: Mapping[str, str]) -> Settings:
     values = {k: secret[k] for k in CATALOG_SECRET_FIELDS if secret.get(k)}
     if "catalog_uri" not in values:
         raise ValueError("the catalog Secret has no catalog_uri")
-    return DeclaredSettings(**values)
+    return DeclaredSettings.model_validate(values)
 
 
 def catalog(settings: Settings) -> Catalog:
@@ -134,7 +134,7 @@ def register_value_schemas(url: str, topic_by_kind: Mapping[str, str],
     SchemaIncompatible propagates before anything of that subject changes."""
     client = registry(url)
     return [_registry_call(schema_registry.register, client, schema_registry.value_subject(topic),
-                           schemas.avro_schema(kind), compatibility)  # type: ignore[arg-type]
+                           schemas.avro_schema(kind), compatibility)
             for kind, topic in topic_by_kind.items()]
 
 

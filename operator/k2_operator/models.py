@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
 from k2 import tables
 from k2.exchanges import SYMBOL_PATTERN
-from k2.settings import TABLE_KINDS, Settings
+from k2.settings import TABLE_KINDS, Compatibility, Settings
 from k2.sources import SOURCES
 from k2.sources.feed import ADAPTERS, CHANNELS
 
@@ -45,8 +45,15 @@ PARTITION_TRANSFORM = r"^(identity|bucket\[[1-9][0-9]{0,3}\])$"
 
 TableKind = Literal["trades", "quotes", "reference"]
 assert TABLE_KINDS == ("trades", "quotes", "reference")
-Compatibility = Settings.model_fields["compatibility"].annotation
 DeletionPolicy = Literal["Retain", "Delete"]
+if TYPE_CHECKING:
+    FeedProtocol = str
+    FeedChannel = str
+    SourceType = str
+else:  # enums in the CRD schema, from the registries of sources, feed adapters and channels
+    FeedProtocol = Literal[tuple(ADAPTERS)]
+    FeedChannel = Literal[tuple(CHANNELS)]
+    SourceType = Literal[(*SOURCES, "none")]
 
 
 def _cel(rule: str, message: str | None = None, *, message_expression: str | None = None,
@@ -173,9 +180,9 @@ class FeedSource(_Model):
     """A live WebSocket feed, ingested by a long-running `k2 ingest feed` Deployment."""
 
     url: str = Field(max_length=2048, pattern=r"^wss?://\S+$", description="ws:// or wss:// URL of the feed.")
-    protocol: Literal[tuple(ADAPTERS)] = Field(  # type: ignore[valid-type]
+    protocol: FeedProtocol = Field(
         "k2", description="Feed adapter: k2 is the K2 feed protocol (docs/feed-protocol.md).")
-    channels: list[Literal[tuple(CHANNELS)]] = Field(  # type: ignore[valid-type]
+    channels: list[FeedChannel] = Field(
         list(CHANNELS), min_length=1, max_length=len(CHANNELS), description="Channels to subscribe to.",
         json_schema_extra={"x-kubernetes-list-type": "set"})
     symbols: list[Annotated[str, Field(max_length=16, pattern=SYMBOL_PATTERN)]] = Field(
@@ -205,7 +212,7 @@ class SourceSpec(_Model):
         _cel("self.type == 'feed' || !has(self.feed)", "source.feed is only allowed with type feed"),
     ))
 
-    type: Literal[(*SOURCES, "none")] = Field("none", description="Kind of source.")  # type: ignore[valid-type]
+    type: SourceType = Field("none", description="Kind of source.")
     asx_csv: AsxCsvSource | None = Field(None, description="ASX CSV input (type asx-csv).")
     synthetic: SyntheticSource | None = Field(None, description="Generator options (type synthetic).")
     feed: FeedSource | None = Field(None, description="Live feed (type feed): a Deployment, not a Job.")

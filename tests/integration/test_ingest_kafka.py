@@ -184,5 +184,5 @@ def test_a_killed_producer_rerun_yields_identical_sequence_numbers(asx_root, tmp
 
 
 def test_discover_rejects_a_folder_without_reference_data(tmp_path):
-    with pytest.raises(FileNotFoundError, match="company_info.csv"):
+    with pytest.raises(FileNotFoundError, match=r"company_info\.csv"):
         discover(tmp_path)

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asx]
 AEDT = dt.timezone(dt.timedelta(hours=11))
 
 
-@pytest.fixture()
+@pytest.fixture
 def local_env(asx_lakehouse, monkeypatch) -> None:
     """`--local` reads Settings() from the environment: exactly the shared lakehouse's settings
     (and none of the K2_* variables a stack run may have exported)."""

@@ -39,7 +39,7 @@ def test_every_daily_summary_is_exact(asx_api, asx_oracle) -> None:
         assert response.json() == asx_oracle.summary(symbol, day), (symbol, day)
 
 
-@pytest.mark.parametrize("interval, minutes", [("1m", 1), ("5m", 5)])
+@pytest.mark.parametrize(("interval", "minutes"), [("1m", 1), ("5m", 5)])
 def test_every_bar_of_every_symbol_day_is_exact(asx_api, asx_oracle, interval: str, minutes: int) -> None:
     checked = 0
     for symbol, day in asx_oracle.symbol_days():

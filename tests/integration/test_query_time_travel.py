@@ -24,7 +24,7 @@ SYMBOLS = {"DVN", "MWR"}
 DAYS = [dt.date(2014, 3, d) for d in range(10, 15)]
 
 
-@pytest.fixture()
+@pytest.fixture
 def growing(asx_root, lakehouse_settings_for, tmp_path) -> Iterator[tuple[TestClient, Callable[[dt.date], int]]]:
     """An API over DVN and MWR trades of the first day, and `append(day)` to commit another day."""
     settings = lakehouse_settings_for(tmp_path)

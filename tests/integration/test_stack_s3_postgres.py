@@ -45,7 +45,7 @@ BATCH_1 = _trades([("BHP", 1, 37.12, 100), ("CBA", 2, 72.50, 20), ("BHP", 3, 37.
 BATCH_2 = _trades([("RIO", 4, 61.03, 40), ("BHP", 5, 37.10, 75)])
 
 
-@pytest.fixture()
+@pytest.fixture
 def catalog(s3: S3, postgres: Postgres) -> Iterator[tuple[SqlCatalog, str]]:
     # A namespace of its own per run: the catalog and bucket persist across runs.
     namespace = f"it_{uuid.uuid4().hex[:12]}"

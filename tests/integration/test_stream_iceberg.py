@@ -89,7 +89,7 @@ def _synthetic(tmp_path: Path, settings: Settings, days: int = 2) -> tuple[int, 
 
 
 def test_writer_killed_mid_batch_restarts_to_exact_counts(tmp_path, embedded_settings):
-    n_trades, n_quotes = _synthetic(tmp_path, embedded_settings)
+    n_trades, _ = _synthetic(tmp_path, embedded_settings)
     slow = embedded_settings.model_copy(update={"batch_rows": 4000, "batch_seconds": 30.0})
     proc = _stream_cli(slow, "--tables", "trades")
     deadline = time.monotonic() + 60

@@ -100,7 +100,7 @@ def kubectl(kube: Path) -> Kubectl:
 
 
 @pytest.fixture(scope="module")
-def crds(kubectl: Kubectl) -> Iterator[None]:
+def crds(kubectl: Kubectl) -> None:
     """K2's CRDs from the chart, plus the minimal monitoring CRDs, installed and Established."""
     monitoring = [monitoring_crd(kind, plural) for kind, plural in MONITORING_KINDS.items()]
     kubectl.ok("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
@@ -108,7 +108,6 @@ def crds(kubectl: Kubectl) -> Iterator[None]:
     names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in sorted((CHART / "crds").glob("*.yaml"))]
     names += [c["metadata"]["name"] for c in monitoring]
     kubectl.ok("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names))
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -83,5 +83,5 @@ def test_samples_wire_the_catalog_and_api_key_secrets_of_the_release() -> None:
 
 
 def test_asx_csv_source_needs_a_claim() -> None:
-    with pytest.raises(helm.StackError, match="samples.source.asxCsv.claimName"):
+    with pytest.raises(helm.StackError, match=r"samples\.source\.asxCsv\.claimName"):
         chart_samples(**{"samples.source.type": "asx-csv"})

@@ -145,8 +145,7 @@ def test_small_chunks_and_bytes_that_are_not_utf8_fall_back_per_chunk(tmp_path, 
     _assert_same_as_row_path(files, monkeypatch)
     parser = columnar.ChunkParser(trades, 1)
     with pytest.raises(columnar.NotColumnar):
-        for data in columnar.read_chunks(trades.path):
-            parser.parse(1, data)
+        [parser.parse(1, data) for data in columnar.read_chunks(trades.path)]
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -24,7 +24,7 @@ from k2_synthetic import generate
 TTL, MAX_AGE, SLOW_LOAD = 0.1, 0.6, 0.3
 
 
-@pytest.fixture()
+@pytest.fixture
 def lakehouse(tmp_path):
     settings = Settings(mode="dev", catalog_uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=str(tmp_path / "wh"),
                         namespace="market", s3_endpoint=None, log_level="WARNING")

@@ -30,7 +30,7 @@ def _rows(start: int, count: int) -> pa.Table:
                     schema=ARROW)
 
 
-@pytest.fixture()
+@pytest.fixture
 def table(tmp_path) -> Table:
     cat = SqlCatalog("k2", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/warehouse")
     definition = tables.TableDefinition(
@@ -44,7 +44,7 @@ def table(tmp_path) -> Table:
     return created
 
 
-@pytest.fixture()
+@pytest.fixture
 def writer_commits_during_catalog_commit(table, monkeypatch):
     """Arm the next `times` catalog commits to lose the race to a writer.
 
@@ -102,7 +102,7 @@ def test_maintenance_gives_up_with_a_clear_error_when_conflicts_never_stop(table
     monkeypatch.setattr(tables.time, "sleep", lambda _: None)
     monkeypatch.setattr(tables, "MAX_COMMIT_ATTEMPTS", 3)
     writer_commits_during_catalog_commit(100)
-    with pytest.raises(RuntimeError, match="snapshot expiry of market.ticks kept conflicting after 3 attempts"):
+    with pytest.raises(RuntimeError, match=r"snapshot expiry of market\.ticks kept conflicting after 3 attempts"):
         maintenance.expire(table, dt.timedelta(0))
 
 

@@ -44,7 +44,7 @@ def _kinds(value: str | None, default: tuple[TableKind, ...]) -> tuple[TableKind
     unknown = [k for k in kinds if k not in TABLE_KINDS]
     if unknown:
         raise typer.BadParameter(f"unknown {unknown}; choose from {', '.join(TABLE_KINDS)}")
-    return kinds  # type: ignore[return-value]
+    return tuple(TABLE_KINDS[TABLE_KINDS.index(k)] for k in kinds)  # as TableKinds
 
 
 # stack ------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ class TradingCalendar:
 
     def trading_days(self, first: dt.date, count: int) -> list[dt.date]:
         """`count` trading days from `first` on (inclusive)."""
-        days, day = [], first
+        days: list[dt.date] = []
+        day = first
         while len(days) < count:
             if self.is_trading_day(day):
                 days.append(day)

@@ -7,7 +7,6 @@ stops, because silently storing a day with hundreds of missing ticks is worse th
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -35,7 +34,7 @@ class SequenceGapHalt(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class Gap:
     symbol: str
-    exchange_date: dt.date
+    exchange_date: int  # epoch day, as Avro carries it
     expected: int
     received: int
     severity: Severity
@@ -50,7 +49,7 @@ class GapDetector:
     stage: str
     alert: int = 10
     halt: int = 100
-    last_seen: dict[tuple[str, dt.date], int] = field(default_factory=dict)
+    last_seen: dict[tuple[str, int], int] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
 
     def classify(self, missing: int) -> Severity:
@@ -60,7 +59,7 @@ class GapDetector:
             return Severity.ALERT
         return Severity.WARNING
 
-    def observe(self, symbol: str, exchange_date: dt.date, sequence_number: int) -> Gap | None:
+    def observe(self, symbol: str, exchange_date: int, sequence_number: int) -> Gap | None:
         """Record one sequence number; return the gap it reveals, raise on a halting gap."""
         key = (symbol, exchange_date)
         last = self.last_seen.get(key, 0)
@@ -76,7 +75,7 @@ class GapDetector:
         self.last_seen[key] = sequence_number
         return gap
 
-    def _report(self, symbol: str, exchange_date: dt.date, last: int, sequence_number: int) -> Gap:
+    def _report(self, symbol: str, exchange_date: int, last: int, sequence_number: int) -> Gap:
         """Count and log the gap after `last`; raise if it halts."""
         gap = Gap(symbol, exchange_date, last + 1, sequence_number, self.classify(sequence_number - last - 1))
         self.counts[gap.severity.value] += 1

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_API_KEY = "k2-dev-api-key-2026"
 TableKind = Literal["trades", "quotes", "reference"]
 TABLE_KINDS: tuple[TableKind, ...] = ("trades", "quotes", "reference")
+Compatibility = Literal["BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE",
+                        "NONE"]
 
 
 class Settings(BaseSettings):
@@ -33,8 +35,7 @@ class Settings(BaseSettings):
     exchange: str = Field("asx", pattern=r"^[a-z][a-z0-9-]*$")
     topic_partitions: int = Field(6, ge=1, le=1000)
     topic_replication: int = Field(1, ge=1, le=7)
-    compatibility: Literal["BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL",
-                           "FULL_TRANSITIVE", "NONE"] = "BACKWARD"
+    compatibility: Compatibility = "BACKWARD"
 
     # Iceberg catalog + warehouse (embedded defaults: SQLite + local files)
     catalog_name: str = "k2"

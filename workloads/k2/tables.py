@@ -25,7 +25,7 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrder
-from pyiceberg.transforms import BucketTransform, IdentityTransform
+from pyiceberg.transforms import BucketTransform, IdentityTransform, Transform
 from sqlalchemy.exc import IntegrityError
 
 from k2 import schemas
@@ -60,6 +60,7 @@ class TableDefinition:
         fields = []
         for position, (column, transform) in enumerate(self.partition_by):
             source = self.schema.find_field(column)
+            tf: Transform[Any, Any]
             if transform == "identity":
                 tf, name = IdentityTransform(), column
             elif transform.startswith("bucket["):

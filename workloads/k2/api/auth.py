@@ -34,7 +34,7 @@ def key_id(key: str) -> str:
 
 
 def _parse(text: str) -> list[str]:
-    keys = []
+    keys: list[str] = []
     for line in text.splitlines():
         keys.extend(k.strip() for k in line.split("#", 1)[0].split(","))
     return [k for k in keys if k]
@@ -50,15 +50,15 @@ class ApiKeys:
         self._file_keys: list[str] = []
         if self._file is not None:
             try:
-                self._read_file()
+                self._read_file(self._file)
             except OSError as exc:
                 raise ApiKeyConfigError(f"K2_API_KEYS_FILE {self._file} is not readable: {exc}") from exc
         if not self._configured() and self._mode == "prod":
             raise ApiKeyConfigError("K2_MODE=prod needs API keys: set K2_API_KEYS or K2_API_KEYS_FILE")
         self._digests = self._compute_digests()
 
-    def _read_file(self) -> None:
-        path = Path(self._file)  # type: ignore[arg-type]
+    def _read_file(self, file: Path) -> None:
+        path = Path(file)
         mtime = os.stat(path).st_mtime_ns
         if mtime != self._file_mtime:
             self._file_keys = _parse(path.read_text())
@@ -77,7 +77,7 @@ class ApiKeys:
         with self._lock:
             previous = self._file_mtime
             try:
-                self._read_file()
+                self._read_file(self._file)
             except OSError as exc:  # a Secret being swapped: keep the keys we had
                 log.warning("api.keys_file_unreadable", path=str(self._file), error=str(exc))
                 return

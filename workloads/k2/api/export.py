@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -27,8 +28,9 @@ MEDIA_TYPES: dict[str, str] = {"json": "application/json", "csv": "text/csv; cha
 SNAPSHOT_HEADER = "X-K2-Snapshot-Id"
 
 # For the OpenAPI document of export routes.
-EXPORT_RESPONSES = {200: {"description": "Rows in tick order, streamed in the requested format",
-                          "content": {m: {} for m in MEDIA_TYPES.values()}}}
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Rows in tick order, streamed in the requested format",
+          "content": {m: {} for m in MEDIA_TYPES.values()}}}
 
 
 def export(engine: Engine, pin: Pin, body: TickSelection) -> StreamingResponse:
@@ -91,7 +93,7 @@ class _Sink(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data) -> int:
         chunk = bytes(data)
         self._chunks.append(chunk)
         self._position += len(chunk)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
 
 import pyarrow as pa
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, create_model
@@ -42,7 +42,10 @@ Symbols = Annotated[list[Symbol], Field(min_length=1, max_length=MAX_SYMBOLS)]
 Instant = Annotated[AwareDatetime, AfterValidator(_in_range),
                     Field(description="ISO-8601 instant with a UTC offset", examples=["2014-03-10T00:00:00+11:00"])]
 Day = Annotated[dt.date, AfterValidator(_day_in_range), Field(description="exchange-local date")]
-Exchange = Literal[tuple(EXCHANGES)]  # type: ignore[valid-type]
+if TYPE_CHECKING:
+    Exchange = str
+else:  # the registered exchanges, an enum in the OpenAPI document; built at run time from k2.exchanges
+    Exchange = Literal[tuple(EXCHANGES)]
 SnapshotId = Annotated[int, Field(ge=0, le=2**63 - 1, description="Iceberg snapshot id")]
 Format = Literal["json", "csv", "parquet"]
 Mode = Literal["cold_start", "catch_up", "rewind"]
@@ -79,11 +82,15 @@ def _record_model(kind: TableKind, name: str) -> type[BaseModel]:
     return create_model(name, __doc__=schemas.avro_schema(kind).get("doc"), **fields)
 
 
-Trade = _record_model("trades", "Trade")
-Quote = _record_model("quotes", "Quote")
+if TYPE_CHECKING:  # the fields come from the Avro schemas, at run time
+    class Trade(BaseModel): ...
+    class Quote(BaseModel): ...
+else:
+    Trade = _record_model("trades", "Trade")
+    Quote = _record_model("quotes", "Quote")
 
 
-class QuotedTrade(Trade):  # type: ignore[misc, valid-type]
+class QuotedTrade(Trade):
     """A trade with the quote that prevailed when it printed (null when none within tolerance)."""
 
     quote_timestamp: dt.datetime | None = None
@@ -102,11 +109,11 @@ class Page(BaseModel, Generic[RowT]):
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
 
 
-class TradePage(Page[Trade]):  # type: ignore[valid-type]
+class TradePage(Page[Trade]):
     pass
 
 
-class QuotePage(Page[Quote]):  # type: ignore[valid-type]
+class QuotePage(Page[Quote]):
     pass
 
 
@@ -117,7 +124,7 @@ class QuotedTradePage(Page[QuotedTrade]):
 class LatestQuotes(BaseModel):
     as_of: dt.datetime
     snapshot_id: int | None
-    data: list[Quote]  # type: ignore[valid-type]
+    data: list[Quote]
 
 
 # summaries and bars -----------------------------------------------------------------------------
@@ -159,7 +166,7 @@ class AggregationRequest(Request):
     start: Instant
     end: Instant
     fill: Fill = "none"
-    exchange: Exchange = DEFAULT_EXCHANGE  # type: ignore[valid-type]
+    exchange: Exchange = DEFAULT_EXCHANGE
 
 
 class Bars(BaseModel):
@@ -173,7 +180,7 @@ class Bars(BaseModel):
 # tick queries, exports and replay -----------------------------------------------------------------
 class TickSelection(Request):
     symbols: Symbols
-    exchange: Exchange | None = None  # type: ignore[valid-type]
+    exchange: Exchange | None = None
     start: Instant | None = None
     end: Instant | None = None
     fields: list[str] | None = Field(None, min_length=1, description="columns to return (default: all)")
@@ -196,7 +203,7 @@ class ReplayRequest(Request):
     table: TickKind = "trades"
     mode: Mode = "cold_start"
     symbols: Annotated[list[Symbol], Field(max_length=MAX_SYMBOLS, description="default: all")] = []
-    exchange: Exchange | None = None  # type: ignore[valid-type]
+    exchange: Exchange | None = None
     start: Instant | None = None
     end: Instant | None = None
     snapshot_id: SnapshotId | None = None

@@ -82,6 +82,7 @@ class Market:
     buffer: int = 10_000
     malformed_every: int = 0  # fault injection: a corrupted copy before every Nth tick
     subscribers: set[Subscriber] = field(default_factory=set)
+    closing: set[asyncio.Task] = field(default_factory=set)  # the loop keeps only weak references to tasks
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False
     sent: int = 0
@@ -141,7 +142,9 @@ class Market:
         except asyncio.QueueFull:
             log.warning("feed.slow_consumer", remote=str(sub.ws.remote_address), buffer=self.buffer)
             self.subscribers.discard(sub)
-            asyncio.create_task(sub.ws.close(SLOW_CONSUMER, f"slow consumer: {self.buffer} messages buffered"))
+            task = asyncio.create_task(sub.ws.close(SLOW_CONSUMER, f"slow consumer: {self.buffer} messages buffered"))
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
             return False
 
     # the market ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ file order, as `RecordBuilder.build` does, continuing across chunks.
 from __future__ import annotations
 
 import codecs
+import datetime as dt
 import io
 import locale
 from collections.abc import Iterator
@@ -233,7 +234,7 @@ class ChunkParser:
         whose fields all took the strict fast path."""
         # Dates: few distinct per file, so the reference parser judges each distinct text.
         dates = pc.dictionary_encode(_strings(data, start[:, 0], end[:, 0]))
-        parsed = []
+        parsed: list[tuple[dt.date, int] | None] = []
         for text in dates.dictionary.to_pylist():
             try:
                 parsed.append(_parse_date(text))
@@ -248,8 +249,9 @@ class ChunkParser:
         slot = which * 24 + np.where(ok, hour, 0)
         offsets = np.zeros(len(parsed) * 24, np.int64)
         for s in np.flatnonzero(np.bincount(slot, minlength=len(offsets))).tolist():
-            if parsed[s // 24] is not None:
-                offsets[s] = _utc_offset_us(parsed[s // 24][0], s % 24)
+            date = parsed[s // 24]
+            if date is not None:
+                offsets[s] = _utc_offset_us(date[0], s % 24)
         values: dict[str, np.ndarray | pa.Array] = {
             "exchange_timestamp": day * _MICROS_PER_DAY + local_us - offsets[slot],
             "exchange_date": day,

@@ -39,7 +39,7 @@ class TickProducer:
         self._callback = self._on_delivery
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        topic = msg.topic()
+        topic = msg.topic() or ""  # a delivery report always names its topic
         if err is not None:
             self.failed[topic] += 1
             PRODUCE_ERRORS.labels(topic, err.name()).inc()

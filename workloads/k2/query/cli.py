@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import typer
 from rich.console import Console
@@ -54,6 +54,10 @@ def _source(url: str, local: bool) -> Iterator[Source]:
         source.close()
 
 
+@overload
+def _instant(text: str, option: str) -> dt.datetime: ...
+@overload
+def _instant(text: str | None, option: str) -> dt.datetime | None: ...
 def _instant(text: str | None, option: str) -> dt.datetime | None:
     if text is None:
         return None

@@ -107,6 +107,19 @@ class Pin:
         return self.snapshot.snapshot_id if self.snapshot else None
 
     @property
+    def existing_table(self) -> Table:
+        """The table, where only a pin of a table with data gets (planning, reading)."""
+        if self.table is None:
+            raise NotFound(f"{self.kind} does not exist yet")
+        return self.table
+
+    @property
+    def existing_snapshot(self) -> Snapshot:
+        if self.snapshot is None:
+            raise NotFound(f"{self.kind} holds no data yet")
+        return self.snapshot
+
+    @property
     def since_snapshot_id(self) -> int | None:
         return self.since.snapshot_id if self.since else None
 
@@ -169,7 +182,7 @@ class Engine:
             if self._catalog is None:
                 try:
                     self._catalog = tables.catalog(self.settings)
-                except Exception as exc:  # noqa: BLE001 - any driver error means the same to a client
+                except Exception as exc:
                     raise self._unreachable(exc) from exc
             return self._catalog
 
@@ -185,11 +198,11 @@ class Engine:
         with self._tables_lock:
             loaded = self._tables.get(kind)
             age = time.monotonic() - loaded[0] if loaded else math.inf
-            if not fresh and age < self._max_age:
+            if loaded is not None and not fresh and age < self._max_age:
                 if age >= self._ttl and kind not in self._reloading:
                     self._reloading.add(kind)
                     self._reloader.submit(self._reload_in_background, kind)
-                return loaded[1]  # type: ignore[index]
+                return loaded[1]
         # Callers arriving while another one loads share its result, unless they asked for `fresh`.
         now = time.monotonic()
         return self._load(kind, not_before=now if fresh else now - self._max_age)
@@ -210,7 +223,7 @@ class Engine:
                 table = None
             except Unavailable:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise self._unreachable(exc) from exc
             # A new Table object per load: queries holding the previous one keep a consistent view.
             with self._tables_lock:
@@ -231,7 +244,7 @@ class Engine:
         for fresh in (False, True):
             table = self.table(kind, fresh=fresh)
             snapshot = table.snapshot_by_id(snapshot_id) if table else None
-            if snapshot is not None:
+            if table is not None and snapshot is not None:
                 return table, snapshot
         raise NotFound(f"{kind} has no snapshot {snapshot_id} (never existed or expired)")
 
@@ -242,6 +255,8 @@ class Engine:
         # The start of a catch-up is resolved first: finding it may reload the metadata, and the
         # end must then come from metadata at least as new.
         since = self._snapshot(kind, since_snapshot_id)[1] if since_snapshot_id is not None else None
+        table: Table | None
+        snapshot: Snapshot | None
         if snapshot_id is not None:
             table, snapshot = self._snapshot(kind, snapshot_id)
         else:
@@ -275,9 +290,9 @@ class Engine:
 
     def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> tuple[tuple[DataFile, ...], bool]:
         if pin.since is not None:
-            return _appended_files(pin.kind, pin.table, pin.since, pin.snapshot), False
+            return _appended_files(pin.kind, pin.existing_table, pin.since, pin.existing_snapshot), False
         try:
-            tasks = list(pin.table.scan(row_filter=row_filter, snapshot_id=pin.snapshot_id).plan_files())
+            tasks = list(pin.existing_table.scan(row_filter=row_filter, snapshot_id=pin.snapshot_id).plan_files())
         except OSError as exc:
             raise Unavailable(f"cannot read {pin.kind} metadata: {exc}") from exc
         return tuple(t.file for t in tasks), any(t.delete_files for t in tasks)
@@ -353,7 +368,7 @@ class Engine:
         name = f"k2_scan_{alias}"
         if scan.has_deletes:
             # Row-level deletes (merge-on-read, written by other engines): pyiceberg applies them.
-            reader = scan.pin.table.scan(row_filter=scan.row_filter,
+            reader = scan.pin.existing_table.scan(row_filter=scan.row_filter,
                                          snapshot_id=scan.pin.snapshot_id).to_arrow_batch_reader()
             cur.register(name, reader)
             return name
@@ -392,7 +407,7 @@ class Engine:
             pass  # reachable; nothing has been written yet
         except Unavailable:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._unreachable(exc) from exc
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, cast
 
 import pyarrow as pa
 from pydantic import Field
@@ -17,8 +17,9 @@ from pyiceberg.conversions import from_bytes
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
+from pyiceberg.types import PrimitiveType
 
-from k2.query.engine import Engine
+from k2.query.engine import Engine, Scan
 from k2.query.filters import EARLIEST, TickFilter
 from k2.settings import TABLE_KINDS, TableKind
 
@@ -56,7 +57,7 @@ def table_stats(engine: Engine, kind: TableKind) -> TableStats:
         rows=sum(f.record_count for f in files),
         files=len(files),
         bytes=sum(f.file_size_in_bytes for f in files),
-        partitions=len({tuple(f.partition) for f in files}),
+        partitions=len({f.partition for f in files}),
         snapshot_id=pin.snapshot_id,
         committed_at=_ms(pin.snapshot.timestamp_ms) if pin.snapshot else None,
         event_watermark=_upper_bound(pin.table, files, "exchange_timestamp"),
@@ -81,7 +82,7 @@ def snapshots(engine: Engine, kind: TableKind) -> list[SnapshotInfo]:
 
 def symbols(engine: Engine) -> pa.Table:
     """Every symbol with trades or quotes: counts, first and last trading date, company name."""
-    scans = {kind: engine.plan(engine.pin(kind), TickFilter()) for kind in TABLE_KINDS}
+    scans: dict[str, Scan] = {kind: engine.plan(engine.pin(kind), TickFilter()) for kind in TABLE_KINDS}
     sql = """
         WITH t AS (SELECT symbol, exchange, count(*) AS trades, min(exchange_date) AS first_date,
                           max(exchange_date) AS last_date FROM {trades} GROUP BY symbol, exchange),
@@ -114,7 +115,7 @@ def _upper_bound(table: Table | None, files: tuple[DataFile, ...], column: str) 
         return None
     field = table.schema().find_field(column)
     bounds = [f.upper_bounds.get(field.field_id) for f in files if f.upper_bounds]
-    values = [from_bytes(field.field_type, b) for b in bounds if b is not None]
+    values = [cast(int, from_bytes(cast(PrimitiveType, field.field_type), b)) for b in bounds if b is not None]
     return EARLIEST + dt.timedelta(microseconds=max(values)) if values else None
 
 

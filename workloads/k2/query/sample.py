@@ -57,7 +57,9 @@ def load_asx(settings: Settings, root: Path, *, symbols: Collection[str] | None 
         for rows in batches:
             if rows:
                 table.append(_sorted(rows_to_arrow(rows, schema)))
-                committed[kind].append(table.current_snapshot().snapshot_id)
+                snapshot = table.current_snapshot()
+                if snapshot is not None:  # an append always makes one
+                    committed[kind].append(snapshot.snapshot_id)
     return committed
 
 

@@ -10,7 +10,7 @@ import copy
 import json
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 import pyarrow as pa
@@ -46,7 +46,7 @@ def strip_logical_types(avro_type: Any) -> Any:
 
 @cache
 def physical_schema(kind: TableKind) -> dict[str, Any]:
-    return fastavro.parse_schema(strip_logical_types(avro_schema(kind)))
+    return cast(dict[str, Any], fastavro.parse_schema(strip_logical_types(avro_schema(kind))))  # a record
 
 
 def _arrow_type(avro_type: Any) -> tuple[pa.DataType, bool]:

@@ -23,8 +23,9 @@ branch), ints outside int32, decimals longer than 8 bytes or beyond their precis
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +82,7 @@ def _compile(schema: dict[str, Any]) -> list[_Field]:
             null = ftype.index("null")
             ftype, branches = ftype[1 - null], (null, 1 - null)
         kind = _kind(ftype)
+        assert kind is not None  # checked above
         fields.append(_Field(spec["name"], kind, arrow_field.type, branches,
                              ftype["precision"] if kind == "decimal" else 0))
     return fields
@@ -232,7 +234,7 @@ def encode(table: pa.Table, avro_schema: dict[str, Any], header: bytes = b"") ->
         at += w
     blob = rows[used].tobytes()  # row-major: message after message
     bounds = np.concatenate([[0], np.cumsum(row_lengths)]).tolist()
-    return [blob[s:e] for s, e in zip(bounds, bounds[1:], strict=False)]
+    return [blob[s:e] for s, e in itertools.pairwise(bounds)]
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class _Cursor:
             self.why[new] = len(self.problems)
             self.bad |= new
 
-    def advance(self, rows: np.ndarray, n: np.ndarray, what: str) -> np.ndarray:
+    def advance(self, rows: np.ndarray, n: np.ndarray | int, what: str) -> np.ndarray:
         """Move `rows` on by `n` bytes (checked against their message's end); returns where they were."""
         n = np.where(rows, n, 0)
         self.fail(rows & ((n < 0) | (self.pos + n > self.end)), f"{what}: past the end of the message")
@@ -348,8 +350,9 @@ def confluent_schema_ids(payloads: list[bytes | None]) -> np.ndarray:
     for a payload without one (None, shorter than 5 bytes, another magic byte)."""
     n = len(payloads)
     try:
-        sizes = np.fromiter(map(len, payloads), np.int64, n)
-        blob = b"".join(payloads)
+        present = cast(list[bytes], payloads)  # a None raises TypeError below
+        sizes = np.fromiter(map(len, present), np.int64, n)
+        blob = b"".join(present)
     except TypeError:  # a None (a tombstone) among them
         sizes = np.fromiter((-1 if p is None else len(p) for p in payloads), np.int64, n)
         blob = b"".join(p for p in payloads if p is not None)

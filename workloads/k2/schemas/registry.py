@@ -24,7 +24,7 @@ class SchemaIncompatible(RuntimeError):
 class Registration:
     subject: str
     schema_id: int
-    version: int
+    version: int | None
 
 
 def value_subject(topic: str) -> str:

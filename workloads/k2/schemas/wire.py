@@ -11,7 +11,7 @@ import io
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -63,11 +63,11 @@ class AvroDecoder:
         if schema is None:
             try:
                 registered: Schema = self.registry.get_schema(schema_id)
-                schema = json.loads(registered.schema_str)
-            except Exception as exc:  # noqa: BLE001 - any registry failure makes the id unusable
+                schema = json.loads(registered.schema_str or "")
+            except Exception as exc:
                 raise PoisonMessage("unknown_schema_id", f"schema id {schema_id}: {exc}") from exc
             self._json[schema_id] = schema
-            self._physical[schema_id] = fastavro.parse_schema(strip_logical_types(schema))
+            self._physical[schema_id] = cast(dict[str, Any], fastavro.parse_schema(strip_logical_types(schema)))
         return schema
 
     def physical_writer_schema(self, schema_id: int) -> dict[str, Any]:
@@ -86,8 +86,8 @@ class AvroDecoder:
         buf.seek(_HEADER.size)
         try:
             record = fastavro.schemaless_reader(buf, writer, None)
-        except Exception as exc:  # noqa: BLE001 - fastavro raises many types on garbage input
+        except Exception as exc:
             raise PoisonMessage("undecodable", f"{type(exc).__name__}: {exc}") from exc
         if buf.tell() != len(payload):
             raise PoisonMessage("undecodable", f"{len(payload) - buf.tell()} trailing bytes after the record")
-        return schema_id, record
+        return schema_id, cast(dict[str, Any], record)  # a record schema reads a dict

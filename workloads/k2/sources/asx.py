@@ -58,7 +58,9 @@ def _parse_date(text: str) -> tuple[dt.date, int]:
 def _utc_offset_us(date: dt.date, hour: int) -> int:
     """Sydney's UTC offset in µs for that local hour (AEDT/AEST changes at 2-3 am, so per hour)."""
     local = dt.datetime(date.year, date.month, date.day, hour, tzinfo=EXCHANGE_TZ)
-    return int(local.utcoffset().total_seconds()) * 1_000_000
+    offset = local.utcoffset()
+    assert offset is not None  # an aware datetime has one
+    return int(offset.total_seconds()) * 1_000_000
 
 
 def parse_timestamp(date_text: str, time_text: str) -> tuple[int, int, dt.date]:

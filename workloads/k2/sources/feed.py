@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,7 +90,7 @@ def control(type_: str, **body: Any) -> str:
 # --- decoding (k2 ingest feed) ---------------------------------------------------------------
 def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = message.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise MalformedMessage("bad_field", f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
     return value
 
@@ -162,7 +162,8 @@ def _quote(message: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-_TICKS = {"trade": ("trades", _trade), "quote": ("quotes", _quote)}
+_TICKS: dict[str, tuple[TableKind, Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    "trade": ("trades", _trade), "quote": ("quotes", _quote)}
 CONTROL_TYPES = frozenset({"hello", "subscribed", "unsubscribed", "heartbeat", "end", "error"})
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from k2.stack.base import Service, StackError, cache_dir, state_dir
 
-__all__ = ["Service", "StackError", "cache_dir", "state_dir", "services", "settings_env", "connection_summary"]
+__all__ = ["Service", "StackError", "cache_dir", "connection_summary", "services", "settings_env", "state_dir"]
 
 
 def services(*, kube: bool = False, embedded: bool = False) -> list[Service]:

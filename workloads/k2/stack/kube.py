@@ -183,7 +183,7 @@ def ensure_pki() -> None:
                            key_agreement=False, encipher_only=False, decipher_only=False), True),
         ])
         serving_key = ec.generate_private_key(ec.SECP256R1())
-        service_ip = next(ipaddress.ip_network(SERVICE_CLUSTER_IP_RANGE).hosts())
+        service_ip = next(ipaddress.IPv4Network(SERVICE_CLUSTER_IP_RANGE).hosts())
         serving = _certificate("kube-apiserver", serving_key, ca, ca_key, [
             (x509.BasicConstraints(ca=False, path_length=None), True),
             (x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,

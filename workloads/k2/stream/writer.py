@@ -23,7 +23,7 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -233,10 +233,10 @@ class TableWriter:
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("stream.consumer_error", table=self.table_name, error=err.str())
             return
-        partition = msg.partition()
-        if partition not in self.assigned:
-            return
-        self.batch.add(partition, msg.offset(), msg.value())
+        partition, offset = msg.partition(), msg.offset()
+        if partition is None or offset is None or partition not in self.assigned:
+            return  # (None only on error events, handled above)
+        self.batch.add(partition, offset, msg.value())
 
     def _batch_due(self) -> bool:
         b = self.batch
@@ -265,7 +265,8 @@ class TableWriter:
             except PoisonMessage as exc:
                 letters.extend((i, exc.reason, str(exc)) for i in where.tolist())
                 continue
-            table, bad = self._decode_group(schema_id, writer, [payloads[i] for i in where.tolist()], letters, where)
+            framed = cast(list[bytes], [payloads[i] for i in where.tolist()])  # an id was read from each
+            table, bad = self._decode_group(schema_id, writer, framed, letters, where)
             missing = np.zeros(table.num_rows, bool)
             lacking = [k for k in self.keys if k not in table.column_names]
             for k in self.keys:
@@ -441,7 +442,8 @@ class TableWriter:
         COMMIT_DURATION.labels(self.table_name).observe(elapsed)
         COMMITS.labels(self.table_name, "ok").inc()
         ROWS_WRITTEN.labels(self.table_name).inc(data.num_rows)
-        added_files = int(snapshot.summary.additional_properties.get("added-data-files", 0)) if snapshot else 0
+        summary = snapshot.summary.additional_properties if snapshot and snapshot.summary else {}
+        added_files = int(summary.get("added-data-files", 0))
         FILES_WRITTEN.labels(self.table_name).inc(added_files)
         SNAPSHOTS.labels(self.table_name).set(len(self.table.snapshots()))
         self.rows_committed += data.num_rows

@@ -23,7 +23,7 @@ add_tick_routes(router, "quotes", QuotePage)
 def latest_quotes(
     engine: EngineDep,
     symbol: Annotated[list[Symbol], Query(min_length=1, max_length=MAX_SYMBOLS, description="repeatable")],
-    exchange: Exchange | None = None,  # type: ignore[valid-type]
+    exchange: Exchange | None = None,
     as_of: Annotated[Instant | None, Query(description="default: now")] = None,
 ) -> Response:
     """The last quote at or before `as_of` of each symbol (symbols without one are absent)."""

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/summary", tags=["summary"])
 
 @router.get("/{symbol}/{date}", response_model=Summary)
 def daily_summary(symbol: Symbol, date: Day, engine: EngineDep,
-                  exchange: Exchange = DEFAULT_EXCHANGE) -> Summary:  # type: ignore[valid-type]
+                  exchange: Exchange = DEFAULT_EXCHANGE) -> Summary:
     """Open, high, low, close, volume, trade count and VWAP of that exchange-local date."""
     day = bars.summary(engine, symbol, date, exchange)
     if day is None:

@@ -19,7 +19,7 @@ from k2.query.filters import TickFilter, TickKind, columns
 def add_tick_routes(router: APIRouter, kind: TickKind, page_model: type[Page]) -> None:
     @router.get("", response_model=page_model, summary=f"Page through {kind} in time order")
     def list_ticks(engine: EngineDep, limit: PageLimit, symbol: Symbol | None = None,
-                   exchange: Exchange | None = None,  # type: ignore[valid-type]
+                   exchange: Exchange | None = None,
                    start: Annotated[Instant | None, Query(description="inclusive")] = None,
                    end: Annotated[Instant | None, Query(description="exclusive")] = None,
                    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,

@@ -22,7 +22,7 @@ add_tick_routes(router, "trades", TradePage)
 
 @router.get("/asof", response_model=QuotedTradePage)
 def trades_with_quotes(
-    engine: EngineDep, limit: PageLimit, symbol: Symbol, exchange: Exchange | None = None,  # type: ignore[valid-type]
+    engine: EngineDep, limit: PageLimit, symbol: Symbol, exchange: Exchange | None = None,
     start: Instant | None = None, end: Instant | None = None,
     tolerance_ms: Annotated[int, Query(ge=0, le=86_400_000, description="oldest usable quote, in ms")] = 5_000,
     cursor: str | None = None,
