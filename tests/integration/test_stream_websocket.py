@@ -139,7 +139,7 @@ def test_a_client_joining_mid_day_gets_every_tick_once_in_sequence_order(live):
 
 
 def test_a_client_that_does_not_read_is_disconnected_with_the_reason(live):
-    procs, folder, settings = live
+    procs, folder, _ = live
     procs.env["K2_STREAM_BUFFER"] = "50"
     url = _start_api(procs)
     feed = _start_feed(procs, folder, "--speed", "0")

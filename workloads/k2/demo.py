@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -134,7 +135,7 @@ def _live(base: str, home: Path, ticks: int = 12) -> None:
                             env=env, stdout=subprocess.PIPE, text=True)
     url = feed.stdout.readline().split(": ", 1)[-1].strip()  # type: ignore[union-attr]
     ingest = subprocess.Popen([k2, "ingest", "feed", url, "--until-end"], env=env, stdout=subprocess.DEVNULL)
-    procs = [tail, ingest, feed]
+    procs: list[subprocess.Popen[Any]] = [tail, ingest, feed]
     try:
         tail.wait(timeout=120)
         # Started now, the stream is never idle before the day ends; then it commits the rest and exits.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from confluent_kafka import Message
+
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,  # implies acks=all, bounded in-flight, ordered retries per partition
     "acks": "all",
@@ -15,3 +17,11 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "queue.buffering.max.kbytes": 1_048_576,
     "message.timeout.ms": 120_000,
 }
+
+
+def coordinates(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed message: only error events lack them."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError(f"an error event, not a message: {msg.error()}")
+    return topic, partition, offset

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from pydantic_core import to_json
 
 from k2 import schemas
+from k2.kafka import coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.query.rows import to_rows
 from k2.schemas import columnar
@@ -94,7 +96,8 @@ def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> It
             writer = decoder.writer_schema_json(schema_id)
         except PoisonMessage:
             continue
-        result = columnar.decode([payloads[i] for i in where.tolist()], writer, skip=5)
+        framed = cast(list[bytes], [payloads[i] for i in where.tolist()])  # an id was read from each
+        result = columnar.decode(framed, writer, skip=5)
         good = where[~result.bad]
         table = result.table.filter(pa.array(~result.bad)) if result.bad.any() else result.table
         decoded.append((good, conform(table, target)))
@@ -103,9 +106,9 @@ def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> It
         rows.extend(zip(positions.tolist(), to_rows(table), strict=True))
     rows.sort(key=lambda item: item[0])
     for i, row in rows:
-        msg = messages[i]
+        topic, partition, offset = coordinates(messages[i])
         yield LiveTick(row["symbol"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
-                       (msg.topic(), msg.partition()), msg.offset(), to_json(row).decode())
+                       (topic, partition), offset, to_json(row).decode())
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -166,7 +169,7 @@ class TickHub:
                 messages = consumer.consume(2000, timeout=0.1)
                 if messages:
                     self._dispatch(messages)
-        except Exception:  # noqa: BLE001 - logged; subscribers see the stream stop
+        except Exception:
             log.exception("hub.failed")
             raise
         finally:
@@ -188,7 +191,7 @@ class TickHub:
                 if (topic, p) in self._positions:
                     continue
                 if at_end:
-                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
+                    _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
                     offset = high
                 else:
                     offset = OFFSET_BEGINNING
@@ -206,14 +209,15 @@ class TickHub:
         by_topic: dict[str, list[Message]] = {}
         for msg in messages:
             if msg.error() is None:
-                by_topic.setdefault(msg.topic(), []).append(msg)
+                by_topic.setdefault(coordinates(msg)[0], []).append(msg)
         for topic, batch in by_topic.items():
             kind = self.topics[topic]
             ticks = list(decode_ticks(self.decoder, kind, batch))
             STREAM_TICKS.labels(kind).inc(len(ticks))
             with self._lock:  # positions move and subscribers get the ticks as one step
                 for msg in batch:
-                    self._positions[(topic, msg.partition())] = msg.offset() + 1
+                    _, partition, offset = coordinates(msg)
+                    self._positions[(topic, partition)] = offset + 1
                 for sub in self._subscribers:
                     if sub.kind != kind or sub.overflowed.is_set():
                         continue
@@ -252,12 +256,15 @@ def read_range(settings: Settings, topic: str, ranges: dict[int, tuple[int, int]
             messages = consumer.consume(2000, timeout=0.5)
             batch = []
             for msg in messages:
-                if msg.error() is not None or msg.partition() not in pending:
+                if msg.error() is not None:
                     continue
-                if msg.offset() < pending[msg.partition()]:
+                _, partition, offset = coordinates(msg)
+                if partition not in pending:
+                    continue
+                if offset < pending[partition]:
                     batch.append(msg)
-                if msg.offset() + 1 >= pending[msg.partition()]:
-                    pending.pop(msg.partition(), None)
+                if offset + 1 >= pending[partition]:
+                    pending.pop(partition, None)
             # an offset that is no message (a transaction marker) is passed without being seen
             for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
                 if tp.offset >= pending.get(tp.partition, 0):

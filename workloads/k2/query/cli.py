@@ -198,7 +198,7 @@ def tail(symbols: Annotated[list[str] | None, typer.Argument(help="e.g. BHP RIO 
 
     params = {"symbols": ",".join(symbols)} if symbols else {}
     if since is not None:
-        params["from"] = _instant(since, "--from").isoformat()  # type: ignore[union-attr]
+        params["from"] = _instant(since, "--from").isoformat()
     query = f"?{urlencode(params)}" if params else ""
     ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/v1/stream/{kind}{query}"
     key = os.environ.get("K2_API_KEY", DEV_API_KEY)

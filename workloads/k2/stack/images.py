@@ -101,7 +101,7 @@ class Image:
     dockerfile: str = ""
     stage: Callable[[Path], None] = lambda context: None
     # What the staged artifacts are (versions), for the key; the staging itself is not hashed.
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[str | tuple[str, ...], ...] = ()
     build_args: tuple[tuple[str, str], ...] = field(default=())
 
     def key(self) -> str:
