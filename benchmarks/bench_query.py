@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from k2.query.engine import Engine
 from k2.query.filters import TickFilter, columns, select_fields
 from k2.query.sample import load_asx
 from k2.settings import DEV_API_KEY, Settings
+from k2.stack.base import free_port
 
 SYDNEY = ZoneInfo("Australia/Sydney")
 SYMBOL, DAY = "BHP", "2014-03-12"
@@ -174,12 +174,6 @@ def bench_latency(settings: Settings, iterations: int, warmup: int) -> list[tupl
         cached_engine.close()
     return rows
 
-
-def free_port() -> int:
-    """A port free right now (another process could take it before uvicorn binds: rare, and loud)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bench_steady_load(settings: Settings, rate: float, seconds: float, warmup: float, workers: int,

@@ -27,6 +27,7 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 
 from k2 import schemas, tables, topics
+from k2.reach import is_transport_error
 from k2.schemas import registry as schema_registry
 from k2.settings import Settings
 from k2_operator.render.common import CATALOG_SECRET_FIELDS, DeclaredSettings
@@ -119,11 +120,8 @@ def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         if exc.http_status_code is not None and exc.http_status_code >= 500:
             raise Unavailable("Schema Registry", str(exc)) from exc
         raise
-    except OSError as exc:  # connection refused, DNS, timeouts (requests/httpx errors are OSErrors)
-        raise Unavailable("Schema Registry", str(exc)) from exc
     except Exception as exc:
-        # Transport errors of whichever HTTP stack the client uses (httpx, a vendored httpx2, requests).
-        if type(exc).__module__.split(".")[0].rstrip("0123456789") in ("requests", "httpx", "httpcore", "urllib3"):
+        if is_transport_error(exc):
             raise Unavailable("Schema Registry", f"{type(exc).__name__}: {exc}") from exc
         raise
 

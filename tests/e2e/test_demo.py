@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -14,14 +13,10 @@ import pytest
 
 from k2 import tables
 from k2.settings import Settings
+from k2.stack.base import free_port
 
 pytestmark = pytest.mark.e2e
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_demo_runs_the_whole_tour_and_is_idempotent(tmp_path: Path, kafka, registry):
@@ -32,7 +27,7 @@ def test_demo_runs_the_whole_tour_and_is_idempotent(tmp_path: Path, kafka, regis
     k2 = str(Path(sys.executable).with_name("k2"))
     outputs = []
     for _ in range(2):
-        proc = subprocess.run([k2, "demo", "--port", str(_free_port())], cwd=tmp_path, env=env,
+        proc = subprocess.run([k2, "demo", "--port", str(free_port())], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(proc.stdout)

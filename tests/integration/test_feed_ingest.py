@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,16 +26,12 @@ from k2.schemas.registry import client
 from k2.schemas.wire import AvroDecoder
 from k2.sources import asx
 from k2.sources.feed import K2FeedAdapter, encode_tick
+from k2.stack.base import free_port
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.integration
 K2 = [str(Path(sys.executable).with_name("k2"))]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Simulator:
@@ -96,7 +91,7 @@ def _same(record: dict, expected: dict) -> bool:
 
 
 def test_feed_ticks_reach_kafka_exactly_as_from_the_files(folder, simulators, embedded_settings, drain, tmp_path):
-    sim = simulators(folder, _free_port(), "--speed", "0", "--malformed-every", "97")
+    sim = simulators(folder, free_port(), "--speed", "0", "--malformed-every", "97")
     dlq = tmp_path / "dlq.jsonl"
     summary = ingest_feed(sim.url, embedded_settings, until_end=True, dlq_file=dlq)
 
@@ -113,7 +108,7 @@ def test_feed_ticks_reach_kafka_exactly_as_from_the_files(folder, simulators, em
 
 
 def test_reconnects_and_resubscribes_after_the_feed_dies(folder, simulators, embedded_settings, drain, tmp_path):
-    port = _free_port()
+    port = free_port()
     first = simulators(folder, port, "--speed", "3000", "--max-idle", "0.2")
     reconnects = FEED_RECONNECTS._value.get()
     result: dict = {}
@@ -152,7 +147,7 @@ def _topic_has(settings, drain, count: int) -> bool:
 
 
 def test_sigterm_flushes_what_was_received(folder, simulators, embedded_settings, drain):
-    sim = simulators(folder, _free_port(), "--speed", "2000", "--max-idle", "0.2")
+    sim = simulators(folder, free_port(), "--speed", "2000", "--max-idle", "0.2")
     env = {**os.environ, **embedded_settings.to_env(), "K2_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen([*K2, "ingest", "feed", sim.url], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

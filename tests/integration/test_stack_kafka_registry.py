@@ -7,7 +7,6 @@ is neither needed nor touched; the downloads in the cache are shared.
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import uuid
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from k2.stack.base import free_port
 from k2.stack.kafka import Kafka
 from k2.stack.registry import SchemaRegistry
 
@@ -40,18 +40,13 @@ TRADE_OPTIONAL_FIELD = {**TRADE_V1, "fields": [*TRADE_V1["fields"],
                                                {"name": "venue", "type": ["null", "string"], "default": None}]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kafka, SchemaRegistry]]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("K2_STATE_DIR", str(tmp_path_factory.mktemp("state")))
         for var in ("K2_KAFKA_PORT", "K2_KAFKA_CONTROLLER_PORT", "K2_REGISTRY_PORT", "K2_REGISTRY_MANAGEMENT_PORT"):
-            env.setenv(var, str(_free_port()))
+            env.setenv(var, str(free_port()))
         kafka = Kafka()
         registry = SchemaRegistry(kafka=kafka)
         try:

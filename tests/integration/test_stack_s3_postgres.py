@@ -20,7 +20,7 @@ import pytest
 from pyarrow.fs import S3FileSystem
 from pyiceberg.catalog.sql import SqlCatalog
 
-from k2.stack.base import Service, StackError
+from k2.stack.base import Service, StackError, free_port
 from k2.stack.postgres import Postgres
 from k2.stack.s3 import S3
 
@@ -121,11 +121,6 @@ def test_iceberg_table_on_postgres_catalog_and_s3(s3: S3, postgres: Postgres,
     con.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.parametrize(("service", "env_var"), [(S3, "K2_S3_PORT"), (Postgres, "K2_POSTGRES_PORT")])
 def test_port_in_use_names_the_env_var(service: type[Service], env_var: str, tmp_path,
@@ -134,7 +129,7 @@ def test_port_in_use_names_the_env_var(service: type[Service], env_var: str, tmp
     svc = service()
     # Move every port of the service off the stack's own (maybe running) instance first.
     for var in (svc.port_env, *svc.extra_ports()):
-        monkeypatch.setenv(var, str(_free_port()))
+        monkeypatch.setenv(var, str(free_port()))
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,13 @@ from websockets.sync.client import connect
 from k2 import tables
 from k2.settings import DEV_API_KEY
 from k2.sources import asx
+from k2.stack.base import free_port
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.integration
 K2 = str(Path(sys.executable).with_name("k2"))
 SYDNEY = asx.EXCHANGE_TZ
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Processes:
@@ -69,7 +64,7 @@ def live(tmp_path, embedded_settings):
 
 
 def _start_api(procs: Processes) -> str:
-    port = _free_port()
+    port = free_port()
     procs.start("api", "--port", str(port))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

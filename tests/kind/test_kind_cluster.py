@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from k2.stack import helm
+from k2.stack.base import free_port
 
 pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
 
@@ -32,11 +32,6 @@ NAMESPACE = "k2"
 HOST = "k2.localtest.me"
 SYNTHETIC_SAMPLE = REPO / "manifests/samples/k2_v1alpha1_ingestionpipeline_synthetic.yaml"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:

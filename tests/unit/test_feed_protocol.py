@@ -5,7 +5,6 @@ makes; every malformed message is refused with a reason; reconnect delays are ji
 from __future__ import annotations
 
 import json
-import socket
 from collections import defaultdict
 
 import httpx
@@ -16,6 +15,7 @@ from k2.feed.server import ticks
 from k2.ingest.feed import backoff
 from k2.sources import asx
 from k2.sources.feed import Control, K2FeedAdapter, MalformedMessage, Tick, encode_tick
+from k2.stack.base import free_port
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.unit
@@ -99,14 +99,9 @@ def test_backoff_is_jittered_and_capped():
     assert len({round(d, 6) for d in delays}) > len(delays) // 2, "jittered, not in step"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_livez_reports_a_stalled_workload():
-    port = _free_port()
+    port = free_port()
     server = observability.serve_metrics(port, host="127.0.0.1")
     try:
         url = f"http://127.0.0.1:{port}"

@@ -56,3 +56,15 @@ def test_service_lifecycle_and_busy_port(tmp_path: Path, monkeypatch: pytest.Mon
     assert service.pid() == pid
     service.stop()
     assert service.status() == "stopped" and service.pid() is None
+
+
+def test_settings_defaults_point_at_the_local_stack_as_it_runs(monkeypatch: pytest.MonkeyPatch):
+    """After `make dev-up` (default ports) `k2 ingest`/`k2 stream` work with no K2_* set."""
+    from k2 import stack
+    from k2.settings import Settings
+
+    for var in [v for v in os.environ if v.startswith("K2_")]:
+        monkeypatch.delenv(var)
+    defaults = Settings()
+    for var, value in stack.settings_env(embedded=True).items():
+        assert getattr(defaults, var.removeprefix("K2_").lower()) == value, var

@@ -282,3 +282,15 @@ def demo_cmd(asx: Annotated[Path | None, typer.Option(help="load this ASX folder
 
     _stack()
     run_demo(asx=asx, port=port, keep_running=keep_running)
+
+
+def main() -> None:
+    """`k2`: what the user can fix by configuration is one clear line, not a traceback."""
+    from k2.reach import Unreachable
+    from k2.topics import MissingResource
+
+    try:
+        app()
+    except (Unreachable, MissingResource) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(1) from None

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
 
     # Kafka + Schema Registry
     kafka_bootstrap: str = "127.0.0.1:9092"
-    registry_url: str = "http://127.0.0.1:8081"
+    registry_url: str = "http://127.0.0.1:8081/apis/ccompat/v7"  # the local stack's registry (Apicurio's Confluent API)
     asset_class: str = Field("equities", pattern=r"^[a-z][a-z0-9-]*$")
     exchange: str = Field("asx", pattern=r"^[a-z][a-z0-9-]*$")
     topic_partitions: int = Field(6, ge=1, le=1000)

@@ -26,9 +26,10 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrder
 from pyiceberg.transforms import BucketTransform, IdentityTransform, Transform
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from k2 import schemas
+from k2.reach import Unreachable, redacted
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.tables")
@@ -117,7 +118,11 @@ def catalog(settings: Settings) -> Catalog:
         if settings.s3_access_key and settings.s3_secret_key:
             props["s3.access-key-id"] = settings.s3_access_key.get_secret_value()
             props["s3.secret-access-key"] = settings.s3_secret_key.get_secret_value()
-    return load_catalog(settings.catalog_name, **props)
+    try:
+        return load_catalog(settings.catalog_name, **props)
+    except OperationalError as exc:  # the database did not answer (or a SQLite file cannot be opened)
+        raise Unreachable("The Iceberg catalog database", redacted(settings.resolved_catalog_uri), "K2_CATALOG_URI",
+                          str(exc.orig).strip().splitlines()[0]) from exc
 
 
 class EnsuredTable(NamedTuple):

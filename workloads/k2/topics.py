@@ -19,6 +19,7 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
+from k2.reach import Unreachable
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.topics")
@@ -108,6 +109,10 @@ def ensure_pipeline_topics(settings: Settings, kinds: tuple[TableKind, ...]) -> 
     `create_resources` off (deployed by the operator, which creates them from the
     IngestionPipeline) they are only checked, and a missing one is a clear error."""
     admin = admin_client(settings.kafka_bootstrap)
+    try:
+        admin.list_topics(timeout=10)
+    except KafkaException as exc:
+        raise Unreachable("Kafka", settings.kafka_bootstrap, "K2_KAFKA_BOOTSTRAP", str(exc.args[0])) from exc
     specs = [TopicSpec(settings.topic(k), settings.topic_partitions, settings.topic_replication) for k in kinds]
     specs.append(TopicSpec(settings.dlq_topic, 1, settings.topic_replication))
     if not settings.create_resources:

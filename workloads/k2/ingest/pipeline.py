@@ -22,7 +22,7 @@ from k2.ingest.producer import TickProducer
 from k2.quality import GapDetector
 from k2.schemas import columnar as columnar_avro
 from k2.schemas.registry import client as registry_client
-from k2.schemas.registry import register, value_subject
+from k2.schemas.registry import reachable, register, value_subject
 from k2.schemas.wire import AvroEncoder
 from k2.settings import Settings, TableKind
 from k2.sources.asx import RecordBuilder, RowError, TickFile, discover, reference_records
@@ -62,8 +62,9 @@ def register_schemas(settings: Settings, kinds: tuple[TableKind, ...]) -> dict[T
     registry = registry_client(settings.registry_url)
     encoders = {}
     for kind in kinds:
-        reg = register(registry, value_subject(settings.topic(kind)), schemas.avro_schema(kind),
-                       settings.compatibility)
+        with reachable(settings.registry_url):
+            reg = register(registry, value_subject(settings.topic(kind)), schemas.avro_schema(kind),
+                           settings.compatibility)
         encoders[kind] = AvroEncoder(reg.schema_id, schemas.physical_schema(kind))
     return encoders
 

@@ -63,7 +63,8 @@ class ApiSource:
         try:
             response = self._http.request(method, path, params=query, json=body)
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach {self._http.base_url}: {exc}") from exc
+            raise ClientError(f"the K2 API could not be reached at {self._http.base_url}: {exc}. Start it with "
+                              "`k2 api`, or pass --url where it runs (--local reads the catalog directly)") from exc
         if response.is_error:
             try:
                 message = response.json()["error"]["message"]

@@ -5,12 +5,16 @@ is produced (and the subject is left as it was)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from k2.reach import LOCAL_STACK_HINT, Unreachable, is_transport_error
 
 log = structlog.get_logger("k2.schemas")
 REQUEST_TIMEOUT_SECONDS = 30
@@ -37,13 +41,35 @@ def client(url: str) -> SchemaRegistryClient:
     return SchemaRegistryClient({"url": url, "timeout": REQUEST_TIMEOUT_SECONDS})
 
 
+CONFLUENT_PATH = "/apis/ccompat/v7"  # where Apicurio serves the Confluent-compatible API
+
+
 def _subject_exists(registry: SchemaRegistryClient, subject: str) -> bool:
     try:
         registry.get_latest_version(subject)
         return True
     except SchemaRegistryError as exc:
-        if exc.http_status_code == 404:
+        if exc.http_status_code == 404 and exc.error_code is not None:  # the registry's "no such subject"
             return False
+        raise
+
+
+@contextmanager
+def reachable(url: str) -> Iterator[None]:
+    """Registry calls inside: no server at `url`, or a server that is no Confluent-compatible
+    registry there (a bare 404), become `Unreachable` naming K2_REGISTRY_URL."""
+    try:
+        yield
+    except SchemaRegistryError as exc:
+        if exc.http_status_code != 404 or exc.error_code is not None:
+            raise
+        hint = "" if url.rstrip("/").endswith(CONFLUENT_PATH) else \
+            f"Apicurio serves it under {CONFLUENT_PATH}: try K2_REGISTRY_URL={url.rstrip('/')}{CONFLUENT_PATH}"
+        raise Unreachable("Schema Registry", url, "K2_REGISTRY_URL", "HTTP 404, no Confluent-compatible registry "
+                          "API at this URL", hint or LOCAL_STACK_HINT) from exc
+    except Exception as exc:
+        if is_transport_error(exc):
+            raise Unreachable("Schema Registry", url, "K2_REGISTRY_URL", f"{type(exc).__name__}: {exc}") from exc
         raise
 
 

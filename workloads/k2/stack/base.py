@@ -51,6 +51,13 @@ def port_from_env(env_var: str, default: int) -> int:
         raise StackError(f"{env_var}={raw!r} is not a port number") from exc
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on right now (another process could take it before the caller binds)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
