@@ -263,6 +263,34 @@ def api_cmd(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None
                 log_config=None, access_log=False, log_level=settings.log_level.lower())
 
 
+@app.command("api-key")
+def api_key_cmd(
+    key_id: Annotated[str, typer.Option("--id", help="how the key appears in logs and errors")],
+    symbols: Annotated[str | None, typer.Option(help="comma-separated symbols or prefixes (BH*); default all")]
+    = None,
+    exchanges: Annotated[str | None, typer.Option(help="comma-separated exchange codes; default all")] = None,
+    tables: Annotated[str | None, typer.Option(help="comma-separated: trades,quotes,reference; default all")] = None,
+    stream: Annotated[bool, typer.Option(help="may subscribe to /v1/stream/*")] = False,
+) -> None:
+    """A new scoped API key: the key once on stdout, its entitlements entry (a digest, never the key)
+    on stderr, to add to the QueryService's entitlements Secret."""
+    import secrets
+
+    import yaml
+
+    from k2.api.entitlements import Entitlement, digest
+
+    def split(value: str | None) -> list[str] | None:
+        return [v.strip() for v in value.split(",") if v.strip()] if value is not None else None
+
+    key = "k2_" + secrets.token_urlsafe(32)
+    entry = Entitlement(id=key_id, sha256=digest(key), symbols=split(symbols), exchanges=split(exchanges),
+                        tables=split(tables), stream=stream)
+    entry.scope()  # refuses unknown exchanges or tables now rather than at the API's start
+    print(key)
+    console.print(yaml.safe_dump({"keys": [entry.model_dump(exclude_none=True)]}, sort_keys=False), end="")
+
+
 # operator ---------------------------------------------------------------------------------------
 @app.command("operator")
 def operator_cmd(namespace: Annotated[list[str] | None, typer.Option(help="watch only these namespaces")] = None,

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # query API
     api_keys: str = Field("", description="comma-separated API keys")
     api_keys_file: Path | None = None
+    api_entitlements: SecretStr | None = Field(None, description="scoped API keys as SHA-256 digests (YAML; see "
+                                               "k2.api.entitlements), e.g. from a Secret")
+    api_entitlements_file: Path | None = None
     rate_limit: str = "100/minute"
     max_rows: int = Field(10_000, ge=1)
     query_cache_mb: int = Field(64, ge=0, le=65_536,

@@ -15,6 +15,7 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 
 from k2.api.auth import ApiKeys
+from k2.api.entitlements import Entitlements
 from k2.api.errors import install_error_handlers
 from k2.api.middleware import ObservabilityMiddleware
 from k2.api.ratelimit import RateLimiter
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     settings = settings or Settings()
     configure_logging(settings.log_level)
     api_keys = ApiKeys(settings)
+    entitlements = Entitlements(settings)
     rate_limiter = RateLimiter(settings.rate_limit)
     owned = engine is None
     query_engine = engine or Engine(settings)
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.settings = settings
     app.state.engine = query_engine
     app.state.api_keys = api_keys
+    app.state.entitlements = entitlements
     app.state.rate_limiter = rate_limiter
     install_error_handlers(app)
     # Added last = outermost: the correlation id exists before anything else runs.

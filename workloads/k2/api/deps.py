@@ -9,6 +9,7 @@ from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader
 
 from k2.api.errors import ApiError
+from k2.query import scope as scopes
 from k2.query.engine import Engine
 from k2.query.errors import InvalidQuery
 from k2.settings import Settings
@@ -35,6 +36,10 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 async def authenticate(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> str:
     """The caller's key id; 401 without a valid key."""
     identity = request.app.state.api_keys.identify(key)
+    scope = request.app.state.entitlements.scope(key) if identity is None else None
+    if scope is not None:
+        identity = scope.key_id
+        scopes.bind(scope)  # every query of this request reads only what the key is entitled to
     if identity is None:
         raise ApiError(401, "unauthorized", "missing or invalid X-API-Key header",
                        headers={"WWW-Authenticate": "ApiKey"})

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
+import structlog
 from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,9 +15,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2.api.models import ErrorBody, ErrorDetail, ErrorResponse
 from k2.query.errors import Conflict, InvalidQuery, NotFound, QueryError, Unavailable
+from k2.query.scope import Forbidden
 
+log = structlog.get_logger("k2.api")
 _QUERY_ERRORS: dict[type[QueryError], tuple[int, str]] = {
     InvalidQuery: (422, "invalid_query"),
+    Forbidden: (403, "forbidden"),
     NotFound: (404, "not_found"),
     Conflict: (409, "conflict"),
     Unavailable: (503, "unavailable"),
@@ -54,6 +58,10 @@ async def _on_validation(_: Request, exc: RequestValidationError) -> JSONRespons
 
 async def _on_query_error(_: Request, exc: QueryError) -> JSONResponse:
     status, code = next(v for cls, v in _QUERY_ERRORS.items() if isinstance(exc, cls))
+    if isinstance(exc, Forbidden):
+        context = structlog.contextvars.get_contextvars()
+        log.warning("api.forbidden", reason=str(exc), correlation_id=correlation_id.get(),
+                    api_key_id=context.get("api_key_id"))
     details = [ErrorDetail(field=exc.field, location=None, message=str(exc), type=code)] \
         if isinstance(exc, InvalidQuery) else []
     return error_response(status, code, str(exc), details=details)

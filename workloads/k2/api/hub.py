@@ -30,6 +30,7 @@ from k2 import schemas
 from k2.kafka import coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.query.rows import to_rows
+from k2.query.scope import Scope
 from k2.schemas import columnar
 from k2.schemas.registry import client as registry_client
 from k2.schemas.wire import AvroDecoder, PoisonMessage
@@ -44,6 +45,7 @@ _EPOCH = dt.date(1970, 1, 1)
 @dataclass(frozen=True, slots=True)
 class LiveTick:
     symbol: str
+    exchange: str
     exchange_date: int  # epoch day
     sequence_number: int
     partition: Partition
@@ -61,14 +63,16 @@ class Subscription:
     symbols: frozenset[str]  # empty: every symbol
     buffer: int
     loop: asyncio.AbstractEventLoop
+    scope: Scope | None = None  # the key's entitlements
     queue: asyncio.Queue[LiveTick] = field(init=False)
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(self.buffer)
 
-    def wants(self, symbol: str) -> bool:
-        return not self.symbols or symbol in self.symbols
+    def wants(self, tick: LiveTick) -> bool:
+        return ((not self.symbols or tick.symbol in self.symbols)
+                and (self.scope is None or self.scope.allows(tick.symbol, tick.exchange)))
 
     def push(self, ticks: list[LiveTick]) -> None:
         """On the event loop: queue the ticks, or give up on a subscriber that is too far behind."""
@@ -107,7 +111,7 @@ def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> It
     rows.sort(key=lambda item: item[0])
     for i, row in rows:
         topic, partition, offset = coordinates(messages[i])
-        yield LiveTick(row["symbol"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
+        yield LiveTick(row["symbol"], row["exchange"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
                        (topic, partition), offset, to_json(row).decode())
 
 
@@ -221,7 +225,7 @@ class TickHub:
                 for sub in self._subscribers:
                     if sub.kind != kind or sub.overflowed.is_set():
                         continue
-                    mine = [t for t in ticks if sub.wants(t.symbol)]
+                    mine = [t for t in ticks if sub.wants(t)]
                     if mine:
                         sub.loop.call_soon_threadsafe(sub.push, mine)
 

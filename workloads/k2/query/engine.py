@@ -57,6 +57,7 @@ from k2.observability import (
 )
 from k2.query.errors import Conflict, NotFound, Unavailable
 from k2.query.filters import TICK_KINDS, TickFilter, micros
+from k2.query.scope import Scope
 from k2.query.sql import EXACT_RATIO_MACRO
 from k2.settings import Settings, TableKind
 
@@ -135,6 +136,7 @@ class Scan:
     row_filter: BooleanExpression
     files: tuple[DataFile, ...]
     has_deletes: bool = False
+    scope: Scope | None = None  # every row read passes its predicate
 
 
 @dataclass(frozen=True)
@@ -276,8 +278,10 @@ class Engine:
     def plan(self, pin: Pin, flt: TickFilter) -> Scan:
         """The data files of `pin` that may hold rows matching `flt` (cached per snapshot)."""
         timestamped = pin.kind in TICK_KINDS
+        if flt.scope is not None:
+            flt.scope.check(table=pin.kind)
         if pin.table is None or pin.snapshot is None:
-            return Scan(pin, flt.iceberg_filter(timestamped=timestamped), ())
+            return Scan(pin, flt.iceberg_filter(timestamped=timestamped), (), scope=flt.scope)
         key = (pin.kind, pin.table.metadata.table_uuid, pin.snapshot_id, pin.since_snapshot_id, flt)
         planned = self._plans.get(key)
         if planned is None:
@@ -286,7 +290,7 @@ class Engine:
             planned = (row_filter, *self._plan_files(pin, row_filter))
             self._plans.put(key, planned)
         row_filter, files, has_deletes = planned
-        return Scan(pin, row_filter, files, has_deletes)
+        return Scan(pin, row_filter, files, has_deletes, flt.scope)
 
     def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> tuple[tuple[DataFile, ...], bool]:
         if pin.since is not None:
@@ -364,6 +368,15 @@ class Engine:
         return text, {name: value for name, value in bound.items() if name in used}
 
     def _source(self, cur: duckdb.DuckDBPyConnection, alias: str, scan: Scan, bound: dict[str, Any]) -> str:
+        """The FROM-clause text that reads `scan`, only the rows of its scope."""
+        source = self._read(cur, alias, scan, bound)
+        if scan.scope is None or not scan.scope.restricts_rows:
+            return source
+        predicate, params = scan.scope.sql(f"k2_scope_{alias}_")
+        bound.update(params)
+        return f"(SELECT * FROM {source} WHERE {predicate})"
+
+    def _read(self, cur: duckdb.DuckDBPyConnection, alias: str, scan: Scan, bound: dict[str, Any]) -> str:
         """The FROM-clause text that reads `scan` (registering an Arrow source on `cur` if needed)."""
         name = f"k2_scan_{alias}"
         if scan.has_deletes:
@@ -484,7 +497,13 @@ def _result_key(sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan]) 
             tuple(sorted((k, type(v).__name__, _frozen(v)) for k, v in params.items())),
             tuple(sorted((alias, s.pin.kind, s.pin.table.metadata.table_uuid if s.pin.table else None,
                           s.pin.snapshot_id, s.pin.since_snapshot_id, s.has_deletes,
-                          tuple(f.file_path for f in s.files)) for alias, s in scans.items())))
+                          tuple(f.file_path for f in s.files), _scope_key(s.scope)) for alias, s in scans.items())))
+
+
+def _scope_key(scope: Scope | None) -> tuple:
+    if scope is None:
+        return ()
+    return (scope.symbols, tuple(sorted(scope.exchanges)) if scope.exchanges is not None else None)
 
 
 def _record(name: str, outcome: str, started: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -26,6 +26,7 @@ from pyiceberg.expressions import (
 )
 
 from k2 import exchanges, schemas
+from k2.query import scope as scopes
 from k2.query.errors import InvalidQuery
 from k2.settings import TableKind
 
@@ -84,10 +85,14 @@ class TickFilter:
     exchange: str | None = None
     start: dt.datetime | None = None
     end: dt.datetime | None = None
+    # What the caller may read (`k2.query.scope`): taken from the request, so no caller forgets it.
+    scope: scopes.Scope | None = field(default_factory=scopes.current)
 
     def __post_init__(self) -> None:
         if self.exchange is not None:
             exchange_zone(self.exchange)
+        if self.scope is not None:
+            self.scope.check(symbols=self.symbols, exchange=self.exchange)
         if self.start is not None and self.end is not None and self.start >= self.end:
             raise InvalidQuery("end", "end must be after start")
         # One canonical form per set of symbols, so equal filters share a cache entry.
@@ -116,6 +121,8 @@ class TickFilter:
             terms.append(In("symbol", self.symbols) if len(self.symbols) > 1 else EqualTo("symbol", self.symbols[0]))
         if self.exchange:
             terms.append(EqualTo("exchange", self.exchange))
+        if self.scope is not None:
+            terms.extend(self.scope.iceberg_terms())
         if timestamped:
             if self.start:
                 terms.append(GreaterThanOrEqual("exchange_timestamp", micros(self.start)))

@@ -32,9 +32,11 @@ from k2 import tables
 from k2.api.hub import LiveTick, Subscription, TickHub, decode_ticks, read_range
 from k2.exchanges import SYMBOL_PATTERN
 from k2.observability import STREAM_DISCONNECTS
+from k2.query import scope as scopes
 from k2.query.engine import Engine
 from k2.query.filters import EARLIEST, LATEST, MAX_SYMBOLS, TICK_KINDS, TickFilter
 from k2.query.rows import to_rows
+from k2.query.scope import Forbidden, Scope
 from k2.query.ticks import tick_relation
 from k2.settings import Settings
 
@@ -82,7 +84,8 @@ def _instant(text: str | None) -> dt.datetime | None:
     return instant
 
 
-async def _identify(ws: WebSocket) -> str:
+async def _identify(ws: WebSocket) -> tuple[str, Scope | None]:
+    """The key's id and, for an entitled key, its scope."""
     keys = ws.app.state.api_keys
     presented = ws.headers.get("x-api-key")
     if presented is None:
@@ -91,10 +94,14 @@ async def _identify(ws: WebSocket) -> str:
             presented = json.loads(first).get("api_key")
         except (TimeoutError, ValueError, AttributeError):
             presented = None
-    identity = keys.identify(presented) if isinstance(presented, str) else None
+    presented = presented if isinstance(presented, str) else None
+    identity = keys.identify(presented)
+    scope = ws.app.state.entitlements.scope(presented) if identity is None else None
+    if scope is not None:
+        identity = scope.key_id
     if identity is None:
         raise Refused(POLICY_VIOLATION, "unauthorized: send X-API-Key or {\"api_key\": …} first")
-    return identity
+    return identity, scope
 
 
 class Sender:
@@ -149,8 +156,9 @@ async def _drain(iterator: Iterator) -> Any:
         yield item
 
 
-async def _catch_up(ws: WebSocket, sender: Sender, kind: str, symbols: frozenset[str], start: dt.datetime,
+async def _catch_up(ws: WebSocket, sender: Sender, sub: Subscription, start: dt.datetime,
                     live_from: dict[int, int]) -> None:
+    kind, symbols = sub.kind, sub.symbols
     app, settings = ws.app, ws.app.state.settings
     offsets, stored = await asyncio.to_thread(_stored, app.state.engine, settings, kind, symbols, start)
     async for batch in _drain(stored):
@@ -162,7 +170,7 @@ async def _catch_up(ws: WebSocket, sender: Sender, kind: str, symbols: frozenset
     decoder = hub(app).decoder
     async for messages in _drain(read_range(settings, topic, gap)):
         for tick in decode_ticks(decoder, kind, messages):
-            if not symbols or tick.symbol in symbols:
+            if sub.wants(tick):
                 await sender.tick(tick)
 
 
@@ -181,28 +189,37 @@ async def stream_ticks(ws: WebSocket, kind: str) -> None:
     try:
         if kind not in TICK_KINDS:
             raise Refused(POLICY_VIOLATION, f"not_found: stream {kind!r}; choose from {', '.join(TICK_KINDS)}")
-        identity = await _identify(ws)
+        identity, scope = await _identify(ws)
+        structlog.contextvars.bind_contextvars(api_key_id=identity)
         symbols = _symbols(ws.query_params.get("symbols"))
         start = _instant(ws.query_params.get("from"))
-        structlog.contextvars.bind_contextvars(api_key_id=identity)
+        if scope is not None:
+            if not scope.stream:
+                raise Forbidden(f"key {scope.key_id} may not stream")
+            scope.check(symbols=tuple(sorted(symbols)), table=kind)
+            scopes.bind(scope)  # the catch-up's queries read only what the key may see
         the_hub = hub(ws.app)
         if not await asyncio.to_thread(the_hub.wait_started, _HUB_START_TIMEOUT):
             raise Refused(TRY_AGAIN_LATER, "unavailable: Kafka did not answer")
         settings: Settings = ws.app.state.settings
-        sub = Subscription(kind, symbols, settings.stream_buffer, asyncio.get_running_loop())
+        sub = Subscription(kind, symbols, settings.stream_buffer, asyncio.get_running_loop(), scope)
         live_from = the_hub.subscribe(sub)
         log.info("stream.subscribed", kind=kind, symbols=sorted(symbols), start=str(start) if start else None)
         sender = Sender(ws)
         if start is not None:
-            await _catch_up(ws, sender, kind, symbols, start, live_from)
+            await _catch_up(ws, sender, sub, start, live_from)
         await _live(ws, sub, sender)
+    except Forbidden as exc:
+        log.warning("stream.forbidden", kind=kind, reason=str(exc))
+        STREAM_DISCONNECTS.labels(kind, "forbidden").inc()
+        await ws.close(POLICY_VIOLATION, f"forbidden: {exc}"[:120])
     except Refused as exc:
         log.warning("stream.refused", kind=kind, reason=exc.reason)
         reason = exc.reason.split(":")[0]
         if reason != "slow_consumer":  # counted by the hub the moment the queue filled
             STREAM_DISCONNECTS.labels(kind, reason).inc()
         if ws.application_state == WebSocketState.CONNECTED:
-            await ws.close(exc.code, exc.reason)
+            await ws.close(exc.code, exc.reason[:120])  # a close reason holds at most 123 bytes
     except WebSocketDisconnect:
         pass
     finally:
