@@ -55,3 +55,13 @@ def test_demo_runs_the_whole_tour_and_is_idempotent(tmp_path: Path, kafka, regis
     assert sorted(reference["symbol"].to_pylist()) == ["BHP", "CBA", "RIO", "WBC"]
     trades = tables.catalog(demo).load_table("market.trades").scan(row_filter="exchange_date = '2014-03-13'")
     assert trades.to_arrow().num_rows > 12, "the stream stored the live day"
+    # run without a terminal, the demo ends by saying how to reach its tables; those lines work as printed
+    assert "The demo's API has stopped" in second
+    exports = dict(kv.split("=", 1) for line in second.splitlines() if line.strip().startswith("export ")
+                   for kv in line.split()[1:])
+    assert exports["K2_CATALOG_URI"] == f"sqlite:///{home}/catalog.db", exports
+    query = next(line.split("#")[0].split("(")[0].split() for line in second.splitlines()
+                 if line.strip().startswith("k2-query symbols --local"))
+    listed = subprocess.run([str(Path(sys.executable).with_name(query[0])), *query[1:]], cwd=tmp_path,
+                            env={**env, **exports}, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "BHP" in listed.stdout, listed.stdout + listed.stderr

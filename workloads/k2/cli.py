@@ -5,6 +5,7 @@ Containers on Kubernetes run these same sub-commands, configured by the same `K2
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -304,12 +305,16 @@ def operator_cmd(namespace: Annotated[list[str] | None, typer.Option(help="watch
 
 @app.command("demo")
 def demo_cmd(asx: Annotated[Path | None, typer.Option(help="load this ASX folder instead of synthetic ticks")]
-             = None, port: int = 8000, keep_running: bool = False) -> None:
+             = None, port: int = 8000,
+             keep_running: Annotated[bool | None, typer.Option(
+                 help="keep the API serving until Ctrl-C (default: when run in a terminal); otherwise print "
+                      "how to query the demo's tables afterwards")] = None) -> None:
     """The guided tour: stack → ingest → stream → API → queries → chart."""
     from k2.demo import run_demo
 
     _stack()
-    run_demo(asx=asx, port=port, keep_running=keep_running)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    run_demo(asx=asx, port=port, keep_running=interactive if keep_running is None else keep_running)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ leaves the tables as they were.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -102,22 +103,30 @@ def run_demo(*, asx: Path | None, port: int, keep_running: bool) -> None:
         symbol, day = _tour(client, home)
         _step("6/6 live: market simulator → k2 ingest feed → Kafka → k2 stream, and k2-query tail over WebSocket")
         _live(base, home)
-        console.print(Panel.fit(
-            f"Explore: {base}/docs (key header X-API-Key: {DEV_API_KEY})\n"
-            f"CLI:     k2-query symbols --url {base}   (also: trades --symbol {symbol} --limit 10, "
-            f"bars {symbol} --interval 5m, summary {symbol} {day}, snapshots, stats; --local reads the "
-            f"catalog directly)\n"
-            f"Live:    k2 feed serve --speed 60 & k2 ingest feed ws://127.0.0.1:8765, then "
-            f"k2-query tail {symbol} --url {base}\n"
-            f"Stack:   Kafka and the registry keep running for that (and for a fast next demo); "
-            f"`make dev-down` stops them.\n"
-            f"Done in {time.monotonic() - started:.0f}s.", title="K2 demo"))
+        more = (f"(also: trades --symbol {symbol} --limit 10, bars {symbol} --interval 5m, summary {symbol} {day}, "
+                "snapshots, stats)")
         if keep_running:
-            console.print("API running; Ctrl-C to stop")
-            api.wait()
+            console.print(Panel.fit(
+                f"Explore: {base}/docs (key header X-API-Key: {DEV_API_KEY})\n"
+                f"CLI:     k2-query symbols --url {base}   {more}\n"
+                f"Live:    k2 feed serve --speed 60 & k2 ingest feed ws://127.0.0.1:8765, then "
+                f"k2-query tail {symbol} --url {base}\n"
+                f"Stack:   Kafka and the registry keep running (`make dev-down` stops them).\n"
+                f"Done in {time.monotonic() - started:.0f}s. The API serves until you press Ctrl-C.",
+                title="K2 demo"))
+            with contextlib.suppress(KeyboardInterrupt):
+                api.wait()
     finally:
         api.terminate()
         api.wait(timeout=20)
+    if not keep_running:
+        console.print(Panel.fit(f"Done in {time.monotonic() - started:.0f}s. The demo's API has stopped; its "
+                                f"tables stay in {home}.", title="K2 demo"))
+        # Plain lines, so they copy and paste whole: the demo's catalog is not the default one.
+        print("Query them again (Kafka and the registry keep running; `make dev-down` stops them):")
+        print(f"  export K2_CATALOG_URI=sqlite:///{home}/catalog.db K2_WAREHOUSE={home / 'warehouse'}")
+        print(f"  k2-query symbols --local   {more}")
+        print(f"  k2 api --port {port}   # then {base}/docs, or k2-query … --url {base}")
 
 
 def _live(base: str, home: Path, ticks: int = 12) -> None:

@@ -46,6 +46,8 @@ def _source(url: str, local: bool) -> Iterator[Source]:
     source: ApiSource | LocalSource = (LocalSource(Settings()) if local
                                        else ApiSource.connect(url, os.environ.get("K2_API_KEY", DEV_API_KEY)))
     try:
+        if isinstance(source, LocalSource):
+            source.check_not_empty()
         yield source
     except ClientError as exc:
         stderr.print(f"[red]error:[/] {exc}")

@@ -24,6 +24,7 @@ from k2.query.engine import Engine
 from k2.query.errors import QueryError
 from k2.query.filters import TickFilter, TickKind, columns
 from k2.query.rows import to_rows
+from k2.reach import redacted
 from k2.settings import TABLE_KINDS, Settings, TableKind
 
 Row = dict[str, Any]
@@ -104,7 +105,18 @@ class LocalSource:
     def __init__(self, settings: Settings, *, engine: Engine | None = None) -> None:
         self._owned = engine is None
         self._engine = engine or Engine(settings)
+        self._settings = settings
         self._max_rows = settings.max_rows
+
+    def check_not_empty(self) -> None:
+        """A catalog without K2's tables is most likely not the one meant: say which one was read."""
+        with _answering():
+            if any(self._engine.table(kind) is not None for kind in TABLE_KINDS):
+                return
+        s = self._settings
+        raise ClientError(f"the catalog {redacted(s.resolved_catalog_uri)} (warehouse {s.warehouse}) has no K2 tables "
+                          f"in namespace {s.namespace!r}: nothing was streamed into it. Set K2_CATALOG_URI and "
+                          "K2_WAREHOUSE to the catalog that holds your data (`k2 demo` prints its own)")
 
     def ticks(self, kind: TickKind, *, symbol: str | None, start: dt.datetime | None, end: dt.datetime | None,
               limit: int) -> list[Row]:
