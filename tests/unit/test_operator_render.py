@@ -223,6 +223,21 @@ def test_asx_csv_source_mounts_its_claim_read_only() -> None:
     assert {"name": "input", "persistentVolumeClaim": {"claimName": "ticks", "readOnly": True}} in pod(job)["volumes"]
 
 
+def test_query_service_mounts_its_entitlements_secret() -> None:
+    spec = QueryServiceSpec.model_validate({
+        "tables": [{"name": "market-trades"}],
+        "auth": {"apiKeysSecret": {"name": "keys", "key": "k"}, "entitlementsSecret": {"name": "scopes", "key": "e"}}})
+    objects = by_kind(render_query(API, spec, table_namespace="market", catalog_secret="cat", ctx=RenderContext()))
+    box = containers(objects["Deployment"])[0]
+    assert {"name": "api-entitlements-file", "mountPath": "/var/run/k2/api-entitlements-file",
+            "readOnly": True} in box["volumeMounts"]
+    assert {"name": "api-entitlements-file", "secret": {"secretName": "scopes", "items": [{"key": "e", "path": "e"}]}} \
+        in pod(objects["Deployment"])["volumes"]
+    data = objects["ConfigMap"]["data"]
+    assert data["K2_API_ENTITLEMENTS_FILE"] == "/var/run/k2/api-entitlements-file/e"
+    assert "K2_API_ENTITLEMENTS" not in data, "digests stay in the Secret"
+
+
 def test_query_service_children() -> None:
     spec = QueryServiceSpec.model_validate({
         "replicas": 3, "tables": [{"name": "market-trades"}], "rateLimit": "50/second", "serviceType": "NodePort",

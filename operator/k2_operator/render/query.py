@@ -31,11 +31,17 @@ def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: s
     # Keys as a mounted file: `k2 api` re-reads it when the kubelet updates it, so a rotation
     # needs no restart. The API never talks to the registry.
     api_keys = SecretFile("api_keys_file", keys.name, keys.key)
+    files = [api_keys]
+    paths = {"api_keys_file": api_keys.path}
+    if spec.auth.entitlements_secret is not None:  # re-read on change too: scopes change without a restart
+        ref = spec.auth.entitlements_secret
+        files.append(SecretFile("api_entitlements_file", ref.name, ref.key))
+        paths["api_entitlements_file"] = files[-1].path
     settings = common.workload_settings(ctx, namespace=namespace, rate_limit=spec.rate_limit,
                                         max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb,
-                                        query_threads=spec.query_threads, api_keys_file=api_keys.path)
-    return WorkloadConfig(settings, tuple(common.catalog_secret_env(catalog_secret)), files=(api_keys,),
-                          unused=frozenset({"registry_url", "api_keys"}))
+                                        query_threads=spec.query_threads, **paths)
+    return WorkloadConfig(settings, tuple(common.catalog_secret_env(catalog_secret)), files=tuple(files),
+                          unused=frozenset({"registry_url", "api_keys", "api_entitlements"}))
 
 
 def url(owner: Owner, spec: QueryServiceSpec) -> str:

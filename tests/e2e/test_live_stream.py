@@ -26,7 +26,7 @@ from k2.sources import asx
 from k2.stack.base import free_port
 from k2_synthetic import generate
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 K2 = str(Path(sys.executable).with_name("k2"))
 SYDNEY = asx.EXCHANGE_TZ
 
@@ -124,6 +124,16 @@ def test_a_client_joining_mid_day_gets_every_tick_once_in_sequence_order(live):
         with pytest.raises(TimeoutError):
             ws.recv(timeout=2)  # and nothing after the last tick: no duplicate arrives late
     assert received == expected, "every tick of the day, once each, in sequence order per symbol"
+
+    # the feed → Kafka → Iceberg → REST path: once the stream has committed the day, the API serves all of it
+    deadline = time.monotonic() + 120
+    while _stored_rows(settings) < total and time.monotonic() < deadline:
+        time.sleep(0.3)
+    for symbol, numbers in expected.items():
+        rows = httpx.post(f"{url}/v1/trades/query", json={"symbols": [symbol]}, headers={"X-API-Key": DEV_API_KEY},
+                          timeout=60).raise_for_status().json()["data"]
+        assert sorted(r["sequence_number"] for r in rows) == numbers
+        assert {r["source_id"] for r in rows} == {f"feed:{feed}"}
 
     symbol = sorted(expected)[0]
     tail = subprocess.run([str(Path(sys.executable).with_name("k2-query")), "tail", symbol, "--from", "2014-03-10",
