@@ -47,13 +47,19 @@ def docker_cli(*args: str, timeout: float = 120, check: bool = True) -> subproce
 
 
 @pytest.fixture(scope="module")
-def built() -> dict[str, str]:
+def engine() -> None:
     if os.environ.get("K2_IMAGE_TESTS") != "1":
         pytest.skip("set K2_IMAGE_TESTS=1: the image builds are being brought up on this machine")
     reason = docker.engine_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    return {row["image"]: row["how"] for row in images.ensure_all()}
+    docker.ensure_engine()
+
+
+def ensure(tag: str) -> str:
+    """Build or load the image `tag` (each test builds only what it runs: cheap when cached)."""
+    images.ensure(next(image for image in images.all_images() if image.tag == tag))
+    return tag
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def chart() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def network(built: dict[str, str]) -> Iterator[str]:
+def network(engine: None) -> Iterator[str]:
     name = f"k2-images-test-{uuid.uuid4().hex[:8]}"
     docker_cli("network", "create", name)
     yield name
@@ -77,7 +83,7 @@ class Pods:
         self.started: list[str] = []
 
     def workload(self, component: str) -> dict[str, Any]:
-        return next(o for o in self.chart if o["kind"] in ("StatefulSet", "Deployment")
+        return next(o for o in self.chart if o["kind"] in ("StatefulSet", "Deployment", "Job")
                     and o["metadata"]["labels"]["app.kubernetes.io/component"] == component)
 
     def _object(self, kind: str, name: str) -> dict[str, Any]:
@@ -98,7 +104,9 @@ class Pods:
         return out
 
     def _mounts(self, workload: dict[str, Any], box: dict[str, Any], name: str) -> list[str]:
-        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+        spec = workload["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        owner = f"uid={spec['securityContext']['runAsUser']},gid={spec['securityContext']['fsGroup']}"
         out = []
         for mount in box.get("volumeMounts", []):
             volume = volumes.get(mount["name"], {})
@@ -110,8 +118,8 @@ class Pods:
                     (folder / key).chmod(0o644)
                 folder.chmod(0o755)
                 out += ["--volume", f"{folder}:{mount['mountPath']}:ro"]
-            else:  # emptyDir or a volume claim: empty and writable, as a fresh volume is
-                out += ["--mount", f"type=tmpfs,destination={mount['mountPath']},tmpfs-mode=1777"]
+            else:  # emptyDir or a volume claim: empty, and writable as fsGroup makes a fresh volume
+                out += ["--tmpfs", f"{mount['mountPath']}:mode=0770,{owner}"]
         return out
 
     def _aliases(self, workload: dict[str, Any], pod_name: str) -> list[str]:
@@ -126,28 +134,41 @@ class Pods:
                     names.append(f"{pod_name}.{service}.{namespace}.svc")
         return [arg for alias in names for arg in ("--network-alias", alias)]
 
-    def start(self, component: str, port: int) -> int:
-        """Start `component`'s first container as pod `<name>-0`; returns the host port of `port`."""
+    def _run_args(self, component: str) -> list[str]:
+        """`docker run` arguments that start `component`'s first container as pod `<name>-0`."""
         workload = self.workload(component)
         spec = workload["spec"]["template"]["spec"]
         box = spec["containers"][0]
         pod_name = f"{workload['metadata']['name']}-0"
         container = f"{self.network}-{component}"
         security = spec["securityContext"]
-        args = ["run", "--detach", "--name", container, "--hostname", pod_name, "--network", self.network,
+        args = ["--name", container, "--hostname", pod_name, "--network", self.network,
                 "--user", f"{security['runAsUser']}:{security['runAsGroup']}",
                 "--group-add", str(security["fsGroup"]), "--cap-drop", "ALL",
-                "--security-opt", "no-new-privileges", "--publish", f"127.0.0.1::{port}",
+                "--security-opt", "no-new-privileges",
                 *self._aliases(workload, pod_name), *self._env(box, pod_name),
                 *self._mounts(workload, box, container)]
         if box["securityContext"].get("readOnlyRootFilesystem"):
             args.append("--read-only")
         command = [*box.get("command", []), *box.get("args", [])]
         assert box.get("command"), f"{component}: the chart must not rely on the image's entrypoint"
-        docker_cli(*args, "--entrypoint", command[0], box["image"], *command[1:])
+        return [*args, "--entrypoint", command[0], ensure(box["image"]), *command[1:]]
+
+    def start(self, component: str, port: int) -> int:
+        """Start `component` in the background; returns the host port its `port` is published on."""
+        run_args = self._run_args(component)
+        docker_cli("run", "--detach", "--publish", f"127.0.0.1::{port}", *run_args)
+        container = f"{self.network}-{component}"
         self.started.append(container)
         mapped = docker_cli("port", container, f"{port}/tcp").stdout.splitlines()[0]
         return int(mapped.rsplit(":", 1)[1])
+
+    def run_to_completion(self, component: str) -> subprocess.CompletedProcess:
+        return docker_cli("run", "--rm", *self._run_args(component), timeout=300, check=False)
+
+    def alive(self, component: str) -> bool:
+        proc = docker_cli("inspect", "--format", "{{.State.Running}}", f"{self.network}-{component}", check=False)
+        return proc.stdout.strip() == "true"
 
     def logs(self, component: str) -> str:
         proc = docker_cli("logs", "--tail", "60", f"{self.network}-{component}", check=False)
@@ -165,11 +186,15 @@ def pods(chart: list[dict[str, Any]], network: str, tmp_path_factory: pytest.Tem
     started.remove_all()
 
 
-def eventually(check: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str]) -> Any:
-    """check()'s first truthy result; a JVM's cold start on 2 busy cores is slow, not broken."""
+def eventually(check: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str],
+               alive: Callable[[], bool] = lambda: True) -> Any:
+    """check()'s first truthy result; a JVM's cold start on 2 busy cores is slow, not broken,
+    but a container that exited has failed."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if not alive():
+            pytest.fail(f"the container exited before {what}:\n{logs()}")
         try:
             result = check()
             if result:
@@ -185,18 +210,19 @@ def kafka_port(pods: Pods) -> int:
     port = pods.start("kafka", 9092)
     eventually(lambda: 0 in AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
                .list_topics(timeout=3).brokers, timeout=300, what="Kafka serves metadata",
-               logs=lambda: pods.logs("kafka"))
+               logs=lambda: pods.logs("kafka"), alive=lambda: pods.alive("kafka"))
     return port
 
 
 # --- tests -----------------------------------------------------------------------------------------
-def test_every_image_runs_as_a_non_root_user(built: dict[str, str]) -> None:
-    for tag in built:
+def test_every_image_runs_as_a_non_root_user(engine: None) -> None:
+    for tag in (ensure(image.tag) for image in images.all_images()):
         user = json.loads(docker_cli("image", "inspect", "--format", "{{json .Config.User}}", tag).stdout)
         assert user and user.split(":")[0] not in ("0", "root"), f"{tag} runs as {user!r}"
 
 
-def test_k2_image_runs_k2_as_uid_10001_on_a_read_only_root(built: dict[str, str]) -> None:
+def test_k2_image_runs_k2_as_uid_10001_on_a_read_only_root(engine: None) -> None:
+    ensure(images.K2.tag)
     proc = docker_cli("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", images.K2.tag, "--help")
     uid = docker_cli("run", "--rm", "--entrypoint", "id", images.K2.tag, "-u").stdout.strip()
 
@@ -204,23 +230,24 @@ def test_k2_image_runs_k2_as_uid_10001_on_a_read_only_root(built: dict[str, str]
     assert uid == "10001"
 
 
-def test_kafka_broker_serves_and_formats_its_storage_once(pods: Pods, kafka_port: int) -> None:
+def test_kafka_broker_serves_and_its_start_script_reruns_on_formatted_storage(pods: Pods, kafka_port: int) -> None:
     admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{kafka_port}", "log_level": 0})
-    metadata = admin.list_topics(timeout=10)
+    box = pods.workload("kafka")["spec"]["template"]["spec"]["containers"][0]
+    # What a restarted pod runs before the broker: everything in the script but its final exec.
+    steps = "\n".join(line for line in box["args"][0].splitlines() if not line.startswith("exec "))
 
-    assert list(metadata.brokers) == [0]
-    docker_cli("restart", f"{pods.network}-kafka", timeout=180)
-    port = int(docker_cli("port", f"{pods.network}-kafka", "9092/tcp").stdout.splitlines()[0].rsplit(":", 1)[1])
-    eventually(lambda: 0 in AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
-               .list_topics(timeout=3).brokers, timeout=300, what="Kafka serves again after a restart",
-               logs=lambda: pods.logs("kafka"))
+    rerun = docker_cli("exec", f"{pods.network}-kafka", "/bin/sh", "-ec", steps, timeout=180, check=False)
+
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert list(admin.list_topics(timeout=10).brokers) == [0]
 
 
 def test_registry_serves_its_confluent_api_from_kafka(pods: Pods, kafka_port: int) -> None:
     port = pods.start("schema-registry", 8080)
     url = f"http://127.0.0.1:{port}/apis/ccompat/v7"
     eventually(lambda: httpx.get(f"{url}/subjects", timeout=5).status_code == 200, timeout=420,
-               what="the registry answers", logs=lambda: pods.logs("schema-registry"))
+               what="the registry answers", logs=lambda: pods.logs("schema-registry"),
+               alive=lambda: pods.alive("schema-registry"))
     schema = {"type": "record", "name": "T", "fields": [{"name": "x", "type": "long"}]}
 
     created = httpx.post(f"{url}/subjects/images-test-value/versions", json={"schema": json.dumps(schema)}, timeout=30)
@@ -239,7 +266,8 @@ def test_postgresql_initialises_the_release_database_and_accepts_scram_logins(po
             cur.execute("SELECT current_database() = 'k2' AND current_user = 'k2'")
             return cur.fetchone()[0]
 
-    assert eventually(query, timeout=120, what="PostgreSQL accepts k2", logs=lambda: pods.logs("postgresql"))
+    assert eventually(query, timeout=120, what="PostgreSQL accepts k2", logs=lambda: pods.logs("postgresql"),
+                      alive=lambda: pods.alive("postgresql"))
     with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
         psycopg2.connect(host="127.0.0.1", port=port, user="k2", password="wrong", dbname="k2", connect_timeout=3)
 
@@ -253,11 +281,17 @@ def test_versitygw_serves_signed_s3_requests(pods: Pods) -> None:
                                     retries={"total_max_attempts": 1}))
 
     eventually(lambda: s3.list_buckets() is not None, timeout=60, what="versitygw answers",
-               logs=lambda: pods.logs("s3"))
+               logs=lambda: pods.logs("s3"), alive=lambda: pods.alive("s3"))
     s3.create_bucket(Bucket="images-test")
     s3.put_object(Bucket="images-test", Key="a", Body=b"k2")
 
     assert s3.get_object(Bucket="images-test", Key="a")["Body"].read() == b"k2"
+    # The chart's post-install Job creates the warehouse bucket with the K2 image, idempotently.
+    bucket = KIND_VALUES.get("s3", {}).get("bucket", "k2-warehouse")
+    for _ in range(2):
+        job = pods.run_to_completion("s3-bucket")
+        assert job.returncode == 0 and f"bucket {bucket} ready" in job.stdout, job.stdout + job.stderr
+    assert bucket in {b["Name"] for b in s3.list_buckets()["Buckets"]}
 
 
 @pytest.mark.parametrize(("name", "args", "expect"), [
@@ -266,15 +300,16 @@ def test_versitygw_serves_signed_s3_requests(pods: Pods) -> None:
     ("prometheus-config-reloader", ["--version"], "0.85.0"),
     ("metrics-server", ["--version"], "v0.8.0"),
 ])
-def test_addon_programs_start_as_nobody(built: dict[str, str], name: str, args: list[str], expect: str) -> None:
+def test_addon_programs_start_as_nobody(engine: None, name: str, args: list[str], expect: str) -> None:
     image = next(i for i in images.ADDON_IMAGES if i.name == name)
-    proc = docker_cli("run", "--rm", "--read-only", "--cap-drop", "ALL", image.tag, *args, check=False)
+    proc = docker_cli("run", "--rm", "--read-only", "--cap-drop", "ALL", ensure(image.tag), *args, check=False)
 
     assert expect in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-def test_prometheus_answers_queries(built: dict[str, str], network: str) -> None:
+def test_prometheus_answers_queries(network: str) -> None:
     image = next(i for i in images.ADDON_IMAGES if i.name == "prometheus")
+    ensure(image.tag)
     container = f"{network}-prometheus"
     config = ("global: {scrape_interval: 1s}\n"
               "scrape_configs: [{job_name: self, static_configs: [{targets: ['localhost:9090']}]}]\n")
