@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     batch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     batch_seconds: float = Field(2.0, gt=0)
     target_file_size_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    compact_interval_seconds: float = Field(600.0, ge=0, description="the stream compacts partitions with at least "
+                                            "compact_min_files files this often; 0: never (k2 maintain only)")
+    compact_min_files: int = Field(32, ge=2)
 
     # data quality: sequence gaps below `gap_alert` warn, up to `gap_halt` alert, above halt
     gap_alert: int = Field(10, ge=1)

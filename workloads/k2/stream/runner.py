@@ -17,6 +17,7 @@ from k2 import tables, topics
 from k2.dlq import DeadLetterSink, open_sink
 from k2.settings import Settings, TableKind
 from k2.stopping import StopFlag
+from k2.stream import maintenance
 from k2.stream.writer import TableWriter
 
 log = structlog.get_logger("k2.stream")
@@ -69,13 +70,37 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
     return result
 
 
+class Compactor:
+    """Small files compacted automatically, in the writing process: with commits every fraction of a
+    second a partition (a trading day) gains thousands of files a day. Every `compact_interval_seconds`
+    the partitions with at least `compact_min_files` files are rewritten into well-sized sorted files
+    (`k2.stream.maintenance.compact`), carrying the recorded offsets forward. Done between polls, so
+    it never races this process's own commits; another writer's commit makes it retry on a fresh read."""
+
+    def __init__(self, writers: list[TableWriter]) -> None:
+        self.writers = [w for w in writers if w.settings.compact_interval_seconds > 0]
+        self.last = time.monotonic()
+
+    def maybe_run(self) -> None:
+        if not self.writers or time.monotonic() - self.last < self.writers[0].settings.compact_interval_seconds:
+            return
+        for writer in self.writers:
+            writer.flush()  # the open batch first: compaction then sees every committed row
+            writer.table, compacted = maintenance.compact(writer.table, writer.settings.compact_min_files)
+            if compacted:
+                log.info("stream.compacted", table=writer.table_name, partitions=compacted)
+        self.last = time.monotonic()
+
+
 def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | None) -> None:
     """Poll every writer in turn until stopped (or idle and caught up), then flush the open batches."""
     for writer in writers:
         writer.start()
     last_lag_check = 0.0
+    compactor = Compactor(writers)
     while not flag.stop:
         seen = sum(w.poll(timeout=0.1) for w in writers)
+        compactor.maybe_run()
         if until_idle is None or seen:
             continue
         now = time.monotonic()
