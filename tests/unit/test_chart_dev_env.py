@@ -13,7 +13,7 @@ import yaml
 
 from k2.stack import addons, helm
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
 REPO = Path(__file__).resolve().parents[2]
 KIND = yaml.safe_load((REPO / "kind-config.yaml").read_text())

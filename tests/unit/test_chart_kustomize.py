@@ -13,7 +13,7 @@ import yaml
 
 from k2.stack import helm
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ["manifests/base", "manifests/overlays/dev", "manifests/overlays/kind"]

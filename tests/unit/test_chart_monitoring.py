@@ -23,7 +23,7 @@ from k2 import observability
 from k2.quality import Severity
 from k2.stack import helm
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"

@@ -16,7 +16,7 @@ import yaml
 
 from k2.stack import helm
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(900, func_only=False)]
+pytestmark = [pytest.mark.unit, pytest.mark.helm, pytest.mark.timeout(900, func_only=False)]
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "k2"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))

@@ -14,7 +14,7 @@ import yaml
 from k2.stack import helm
 from k2_operator.models import KINDS
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"

@@ -23,7 +23,7 @@ from k2.stack import helm
 from k2_operator.config import OperatorConfig
 from k2_operator.render.common import CATALOG_REQUIRED_FIELDS, CATALOG_SECRET_FIELDS
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"

@@ -21,6 +21,8 @@ from k2.query.sample import load_asx
 from k2.settings import Settings
 from k2_synthetic import generate
 
+pytestmark = pytest.mark.unit
+
 TTL, MAX_AGE, SLOW_LOAD = 0.1, 0.6, 0.3
 
 

