@@ -180,6 +180,10 @@ OPERATOR_ENV = {
     "K2_OPERATOR_METRICS_PORT": "0",
     "K2_OPERATOR_LIVENESS": "",
     "K2_OPERATOR_IMAGE": "ghcr.io/k2-lakehouse/k2:test",
+    # One Lease per test session (operators of one session run one after another), short enough
+    # that an operator stopped uncleanly blocks the next for seconds only.
+    "K2_OPERATOR_LEASE_NAME": f"k2-operator-test-{uuid.uuid4().hex[:8]}",
+    "K2_OPERATOR_LEASE_DURATION": "4",
 }
 
 

@@ -41,6 +41,11 @@ class OperatorConfig(BaseSettings):
         None, description="Secret holding the default registry URL (credentials included): workloads read it with "
                           "secretKeyRef from a Secret of this name in their own namespace, never from a ConfigMap")
     registry_secret_key: str = Field("url", description="Key of the URL in registry_secret_name")
+    lease_namespace: str | None = Field(
+        None, description="Namespace of the leader-election Lease (default: POD_NAMESPACE, else `default`)")
+    lease_name: str = Field("k2-operator", description="Leader-election Lease: one operator acts at a time")
+    lease_duration: float = Field(
+        15.0, ge=2, le=300, description="Seconds a leader's Lease lasts without renewal before another takes over")
 
 
 @cache

@@ -60,6 +60,7 @@ CHILD_KINDS: dict[str, Kind] = {k.kind: k for k in (
 )}
 SECRET = Kind("v1", "Secret", "secrets")
 EVENT = Kind("v1", "Event", "events")
+LEASE = Kind("coordination.k8s.io/v1", "Lease", "leases")
 CRD = Kind("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", namespaced=False)
 
 
@@ -128,6 +129,10 @@ class Kube:
 
     def create(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", kind.path(namespace), body=body)
+
+    def replace(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT: fails with 409 when `metadata.resourceVersion` is no longer current."""
+        return self.request("PUT", kind.path(namespace, body["metadata"]["name"]), body=body)
 
     def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
         try:

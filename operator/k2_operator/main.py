@@ -1,19 +1,24 @@
 """`k2 operator`: run the kopf operator in-cluster (ServiceAccount) or with the kubeconfig.
 
 The same handlers run under `kopf.testing.KopfRunner` in the tests (`kopf run -m
-k2_operator.handlers`); this module only adds process concerns: logging, namespaces, liveness.
+k2_operator.handlers`); this module only adds process concerns: logging, namespaces, liveness, and
+leader election (`k2_operator.leadership`: kopf starts only once this process holds the Lease).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 
 import kopf
 import structlog
 
 from k2.observability import configure_logging
 from k2_operator import config as operator_config
+from k2_operator import leadership
+from k2_operator.kube import Kube
 
 # Chatty at INFO: one line per HTTP request to the registry, one per successful kopf handler.
 QUIET_LOGGERS = ("httpx", "httpx2", "httpcore", "kopf.objects", "kopf.activities.probe")
@@ -41,10 +46,21 @@ def run(namespaces: list[str] | None = None) -> None:
 
     configure_logging(json=True)
     json_stdlib_logging()
+    asyncio.run(_lead_then_operate(list(namespaces or [])))
+
+
+async def _lead_then_operate(namespaces: list[str]) -> None:
+    """Hold the Lease (waiting as a standby until then), renew it while kopf runs, release it on exit."""
     cfg = operator_config.load()
-    asyncio.run(kopf.operator(
-        clusterwide=not namespaces,
-        namespaces=list(namespaces or []),
-        standalone=True,
-        liveness_endpoint=cfg.liveness or None,
-    ))
+    namespace = cfg.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+    elector = leadership.Elector(Kube.connect(), namespace=namespace, name=cfg.lease_name,
+                                 duration=cfg.lease_duration)
+    await elector.standby(cfg.liveness)
+    # Lost to another replica: stop at once (kopf stops gracefully on SIGTERM).
+    keeper = asyncio.create_task(elector.keep(on_lost=lambda: signal.raise_signal(signal.SIGTERM)))
+    try:
+        await kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
+                            liveness_endpoint=cfg.liveness or None)
+    finally:
+        keeper.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, elector.release)  # hand over at once

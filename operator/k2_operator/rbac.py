@@ -58,6 +58,12 @@ CLUSTER_RULES: tuple[Rule, ...] = (
 
 RULES: tuple[Rule, ...] = NAMESPACED_RULES + CLUSTER_RULES
 
+# Granted only in the operator's own namespace (where its Lease lives), by a Role of its own.
+LEASE_RULES: tuple[Rule, ...] = (
+    Rule(("coordination.k8s.io",), ("leases",), ("get", "create", "update"),
+         "leader election: one active operator replica holds the Lease"),
+)
+
 
 def _labels() -> dict[str, str]:
     return {"app.kubernetes.io/name": "k2", "app.kubernetes.io/component": "operator",

@@ -164,3 +164,28 @@ def test_an_invalid_value_the_schema_lets_through_is_a_condition(cluster: Any, n
     assert "spec.resources.requests" in message and "'lots' is not a Kubernetes quantity" in message
     assert cluster.deployment(namespace, "bad") is None
     cluster.delete(namespace, "QueryService", "bad")
+
+
+def test_pausing_holds_every_change_until_resumed(cluster: Any, namespace: str, served: str, k2op: Any) -> None:
+    """As Strimzi's strimzi.io/pause-reconciliation: nothing applied, nothing repaired, said in a condition."""
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "metadata": {"name": "held"},
+                               "spec": {"replicas": 1, "tables": [{"name": "fx"}]}})
+    cluster.wait_condition(namespace, "QueryService", "held", timeout=60)
+    cluster.patch(namespace, "QueryService", "held", {"metadata": {"annotations": {
+        "k2.io/pause-reconciliation": "true"}}})
+    cluster.wait_condition(namespace, "QueryService", "held", "ReconciliationPaused", "True", generation=False)
+
+    cluster.patch(namespace, "QueryService", "held", {"spec": {"replicas": 3}})
+    cluster.apps.delete_namespaced_deployment("held", namespace)
+    time_for_two_drift_rounds = 8
+    with pytest.raises(AssertionError):
+        k2op.wait_for(lambda: cluster.deployment(namespace, "held") is not None, "nothing while paused",
+                      time_for_two_drift_rounds)
+
+    cluster.patch(namespace, "QueryService", "held", {"metadata": {"annotations": {
+        "k2.io/pause-reconciliation": None}}})
+    k2op.wait_for(lambda: (d := cluster.deployment(namespace, "held")) is not None and d.spec.replicas == 3,
+                  "the held change applied once resumed", 30)
+    obj = cluster.wait_condition(namespace, "QueryService", "held", timeout=30)
+    assert not k2op.find_condition(obj, "ReconciliationPaused")
+    cluster.delete(namespace, "QueryService", "held")

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"
 Triple = tuple[str, str, str]
 SECRETS: set[Triple] = {("", "secrets", "get")}
+LEASES: set[Triple] = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 
 
 def triples(rules: Any) -> set[Triple]:
@@ -62,6 +63,7 @@ def grants(objects: list[dict[str, Any]], service_account: str,
 
 def test_the_declared_rules_keep_secrets_read_only() -> None:
     assert {t for t in triples(rbac.RULES) if t[1] == "secrets"} == SECRETS
+    assert triples(rbac.LEASE_RULES) == LEASES
 
 
 def test_cluster_scope_grants_the_declared_rules_with_secrets_per_namespace() -> None:
@@ -70,7 +72,7 @@ def test_cluster_scope_grants_the_declared_rules_with_secrets_per_namespace() ->
     cluster, per_namespace = grants(objects, "k2", "k2-system")
 
     assert cluster == triples(rbac.RULES) - SECRETS
-    assert per_namespace == {"k2-system": SECRETS, "market-data": SECRETS}
+    assert per_namespace == {"k2-system": SECRETS | LEASES, "market-data": SECRETS}
 
 
 def test_namespace_scope_grants_cluster_rules_cluster_wide_and_the_rest_per_watched_namespace() -> None:
@@ -80,14 +82,15 @@ def test_namespace_scope_grants_cluster_rules_cluster_wide_and_the_rest_per_watc
     cluster, per_namespace = grants(objects, "k2", "k2-system")
 
     assert cluster == triples(rbac.CLUSTER_RULES)
-    assert per_namespace == {"desk-a": triples(rbac.NAMESPACED_RULES), "desk-b": triples(rbac.NAMESPACED_RULES)}
+    assert per_namespace == {"desk-a": triples(rbac.NAMESPACED_RULES), "desk-b": triples(rbac.NAMESPACED_RULES),
+                             "k2-system": LEASES}
 
 
 def test_chart_roles_match_the_rbac_module_helpers() -> None:
     """The module's own manifests (cluster_role/role) and the chart agree in namespace scope."""
     objects = helm.template(CHART, set_values={"rbac.scope": "namespace"})
     cluster_role = next(o for o in objects if o["kind"] == "ClusterRole")
-    role = next(o for o in objects if o["kind"] == "Role")
+    role = next(o for o in objects if o["kind"] == "Role" and not o["metadata"]["name"].endswith("-leader-election"))
 
     assert triples(cluster_role["rules"]) == triples(rbac.cluster_role(namespaced=True)["rules"])
     assert triples(role["rules"]) == triples(rbac.role("k2")["rules"])
@@ -114,4 +117,4 @@ def test_kustomize_rbac_grants_the_declared_rules(path: str) -> None:
     cluster, per_namespace = grants(objects, account["metadata"]["name"], account["metadata"]["namespace"])
 
     assert cluster == triples(rbac.RULES) - SECRETS
-    assert per_namespace == {account["metadata"]["namespace"]: SECRETS}
+    assert per_namespace == {account["metadata"]["namespace"]: SECRETS | LEASES}

@@ -44,6 +44,8 @@ def child_event(type: str | None, body: kopf.Body, pipeline_topic_claims: kopf.I
         owner = rt.kube.get(runtime.resource_kind(info), namespace, owner_name)
         if owner is None or owner["metadata"].get("deletionTimestamp"):
             return  # the owner is going away; garbage collection takes the children
+        if status_.is_paused(owner):
+            return  # paused: a hand change stays until the annotation is removed
         drifted = type == "DELETED" or apply.applied_version(body) != apply.fingerprint(body)
         if drifted:
             try:

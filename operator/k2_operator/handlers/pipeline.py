@@ -224,6 +224,8 @@ def apply_workloads(body: Mapping[str, Any], spec: IngestionPipelineSpec, bindin
 def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
     meta = body["metadata"]
     with metrics.reconciling(PIPELINE, body, trigger) as logger:
+        if status_.paused(PIPELINE, body):
+            return
         spec = status_.validated(PIPELINE, body, IngestionPipelineSpec)
         if spec is None:
             return

@@ -25,6 +25,8 @@ PRUNE_KINDS = ("ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "Ing
 def reconcile(body: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
     owner = runtime.owner(QUERY, body)
     with metrics.reconciling(QUERY, body, trigger) as logger:
+        if status_.paused(QUERY, body):
+            return
         spec = status_.validated(QUERY, body, QueryServiceSpec)
         if spec is None:
             return

@@ -38,7 +38,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes:
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
-    # A dead operator replica must not block deletions: no peering, one active replica.
+    # One active replica through a Lease (`k2 operator`, see handlers/leadership.py), not kopf
+    # peering, which would need kopf's own CRDs.
     settings.peering.standalone = True
     # Children are watched through a label selector the apiserver applies, so the operator is
     # not streamed every ConfigMap, Deployment, Job… of the cluster only to drop them.

@@ -17,6 +17,9 @@ from k2_operator.models import KindInfo
 
 M = TypeVar("M", bound=BaseModel)
 
+PAUSE_ANNOTATION = "k2.io/pause-reconciliation"
+PAUSED = "ReconciliationPaused"
+
 # Not ready yet for an expected reason (a dependency is still being created): a Normal Event.
 WAITING_REASONS = frozenset({"Reconciling", "TableNotFound", "TableNotReady", "SubjectNotFound", "SecretNotFound"})
 
@@ -45,7 +48,8 @@ def conclude(info: KindInfo, body: Mapping[str, Any], checks: Sequence[Condition
              retry: bool, attempt: int = 0, remove: Sequence[str] = ()) -> Condition:
     """How every reconcile ends: the status, an Event for what it changed, one log line, and a
     retry (kopf.TemporaryError, backing off with `attempt`) while it waits for something."""
-    ready = write_status(info, body, checks, required=required, observed_state=observed_state, remove=remove)
+    ready = write_status(info, body, checks, required=required, observed_state=observed_state,
+                         remove=(*remove, PAUSED))
     meta = body["metadata"]
     report_changes(body, changes, trigger,
                    spec_unchanged=(body.get("status") or {}).get("observedGeneration") == meta.get("generation"))
@@ -80,6 +84,22 @@ def _announce(body: Mapping[str, Any], previous: Sequence[Mapping[str, Any]], re
     if before is None or before.get("status") != ready.status or before.get("reason") != ready.reason:
         event(body, ready.reason if not ready.ok else "Ready", ready.message,
               warning=ready.status == "False" and ready.reason not in WAITING_REASONS)
+
+
+def is_paused(body: Mapping[str, Any]) -> bool:
+    return (body["metadata"].get("annotations") or {}).get(PAUSE_ANNOTATION, "").lower() == "true"
+
+
+def paused(info: KindInfo, body: Mapping[str, Any]) -> bool:
+    """Strimzi's pause: with the annotation set nothing is applied, repaired or created (deletion
+    still cleans up); the resource says so in a ReconciliationPaused condition."""
+    if not is_paused(body):
+        return False
+    if (conditions.find((body.get("status") or {}).get("conditions"), PAUSED) or {}).get("status") != "True":
+        patch_conditions(info, body, [Condition.true(PAUSED, "PauseAnnotation",
+                                                     f"{PAUSE_ANNOTATION}=true: nothing is applied until it is "
+                                                     "removed")], {})
+    return True
 
 
 def validated(info: KindInfo, body: Mapping[str, Any], model: type[M]) -> M | None:

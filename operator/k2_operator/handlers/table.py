@@ -61,6 +61,8 @@ def observed_state(table: Any) -> dict[str, Any]:
 def reconcile(body: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
     namespace = body["metadata"]["namespace"]
     with metrics.reconciling(TABLE, body, trigger) as logger:
+        if status_.paused(TABLE, body):
+            return
         spec = status_.validated(TABLE, body, IcebergTableSpec)
         if spec is None:
             return

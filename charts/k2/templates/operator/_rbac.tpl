@@ -64,6 +64,13 @@ compares them rule by rule). Split three ways:
   verbs: [get, list, create, patch, delete]
 {{- end }}
 
+{{- define "k2.rbac.leaseRules" -}}
+# leader election: one active operator replica holds the Lease
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, create, update]
+{{- end }}
+
 {{- define "k2.rbac.secretRules" -}}
 # read catalog, registry and API key Secrets named by the resources
 - apiGroups: [""]
