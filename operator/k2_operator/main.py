@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Mapping
 
 import kopf
 import structlog
@@ -40,9 +41,26 @@ def json_stdlib_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Their defaults point at the local dev stack (127.0.0.1), which is never right inside a cluster.
+REQUIRED_IN_CLUSTER = ("K2_KAFKA_BOOTSTRAP", "K2_REGISTRY_URL")
+
+
+def missing_endpoints(environ: Mapping[str, str]) -> list[str]:
+    """The endpoint variables an operator running in a cluster lacks."""
+    if not environ.get("KUBERNETES_SERVICE_HOST"):
+        return []
+    return [name for name in REQUIRED_IN_CLUSTER if not environ.get(name)]
+
+
 def run(namespaces: list[str] | None = None) -> None:
     """Watch `namespaces` (all namespaces when empty) until SIGTERM/SIGINT."""
     import k2_operator.handlers  # noqa: F401 - registers the handlers
+
+    missing = missing_endpoints(os.environ)
+    if missing:
+        raise SystemExit(f"k2 operator: {', '.join(missing)} not set; in a cluster they must name your Kafka and "
+                         "Schema Registry (Helm sets them from kafka/schemaRegistry values, kustomize from your "
+                         "overlay's k2-operator-env)")
 
     configure_logging(json=True)
     json_stdlib_logging()

@@ -456,6 +456,9 @@ class IcebergTableSpec(_Model):
     compaction_schedule: str | None = Field(
         None, max_length=128, pattern=CRON,
         description="Cron schedule of a `k2 maintain` CronJob (compaction + snapshot expiry); omitted: none.")
+    compaction_time_zone: str = Field(
+        "Etc/UTC", max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$",
+        description="IANA time zone of compactionSchedule (e.g. Australia/Sydney: after the local close).")
     deletion_policy: DeletionPolicy = Field(
         "Retain", description="Retain keeps the table when the resource is deleted; Delete drops and purges it.")
 

@@ -103,7 +103,7 @@ def test_child_objects_are_rendered_and_owned(applied: dict, cluster: Any, names
     assert owned_by(consumer, "IngestionPipeline", "asx")
     assert consumer.spec.replicas == 1
     box = consumer.spec.template.spec.containers[0]
-    assert box.command == ["k2"]
+    assert box.command is None, "the image's entrypoint (tini -- k2) stays"
     assert box.args == ["stream", "run", "--tables", "trades,quotes,reference", "--group-id",
                         f"k2-stream-{namespace}-asx"]
     settings = cluster.core.read_namespaced_config_map("asx-settings", namespace).data

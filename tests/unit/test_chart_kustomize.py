@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from k2.stack import helm
+from k2_operator.main import REQUIRED_IN_CLUSTER
 
 pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
@@ -49,6 +50,9 @@ def test_base_lists_every_generated_crd() -> None:
     assert sorted(r for r in kustomization["resources"] if r.startswith("crds/")) == crds
 
 
+ENDPOINTS = REQUIRED_IN_CLUSTER
+
+
 def test_base_and_chart_run_the_same_operator_pod() -> None:
     base = operator_deployment(kustomize("manifests/base"))
     chart = operator_deployment(helm.template(REPO / "charts/k2"))
@@ -72,7 +76,15 @@ def test_base_configures_the_same_variables_as_the_chart() -> None:
 
     assert set(env_map["data"]) <= chart_env
     assert chart_env - set(env_map["data"]) <= {"K2_OPERATOR_DRIFT_INTERVAL", "K2_OPERATOR_RETRY_DELAY",
-                                                "K2_OPERATOR_WORKERS"}, "only tunables may be left at defaults"
+                                                "K2_OPERATOR_WORKERS", *ENDPOINTS}, \
+        "only tunables (and the endpoints each overlay names) may be left out"
+
+
+def test_the_base_names_no_endpoints_and_every_overlay_does() -> None:
+    assert not set(ENDPOINTS) & set(operator_env_map(kustomize("manifests/base"))["data"])
+    for target in TARGETS:
+        if target != "manifests/base":
+            assert set(ENDPOINTS) <= set(operator_env_map(kustomize(target))["data"]), target
 
 
 @pytest.mark.parametrize("target", TARGETS)

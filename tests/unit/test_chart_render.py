@@ -373,3 +373,9 @@ def test_schema_describes_every_default_value() -> None:
 
     walk(values, schema, "")
     assert render()
+
+
+def test_chart_description_names_the_object_store_it_deploys() -> None:
+    description = yaml.safe_load((CHART / "Chart.yaml").read_text())["description"]
+
+    assert "MinIO" not in description and "Versity S3 gateway" in description

@@ -151,3 +151,12 @@ def test_retries_back_off_exponentially_with_jitter(monkeypatch: pytest.MonkeyPa
         delays = [backoff.retry_delay(attempt) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, delays)
         assert len(set(delays)) > 1, "jittered: resources waiting on one outage must not retry in lockstep"
+
+
+def test_an_operator_in_a_cluster_needs_real_endpoints() -> None:
+    from k2_operator.main import missing_endpoints
+
+    assert missing_endpoints({}) == [], "outside a cluster the local stack's defaults are right"
+    in_cluster = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert missing_endpoints(in_cluster) == ["K2_KAFKA_BOOTSTRAP", "K2_REGISTRY_URL"]
+    assert missing_endpoints({**in_cluster, "K2_KAFKA_BOOTSTRAP": "kafka:9092", "K2_REGISTRY_URL": "http://r"}) == []

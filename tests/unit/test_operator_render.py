@@ -107,7 +107,7 @@ def test_every_pod_is_restricted_with_probes_and_resources(obj: dict[str, Any]) 
         assert {"name": "tmp", "mountPath": "/tmp"} in box["volumeMounts"]
         assert box["livenessProbe"] and box["readinessProbe"]
         assert box["resources"]["requests"]["cpu"] and box["resources"]["limits"]["memory"]
-        assert box["image"] == CTX.image and box["command"] == ["k2"]
+        assert box["image"] == CTX.image and "command" not in box, "keep the image's tini entrypoint"
 
 
 def test_every_child_is_labelled_for_its_owner() -> None:
@@ -327,7 +327,7 @@ def _parse_with_the_real_cli(args: list[str]) -> dict[str, Any]:
 @pytest.mark.parametrize("obj", [o for o in ALL if containers(o)], ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
 def test_rendered_commands_parse_with_the_k2_cli(obj: dict[str, Any]) -> None:
     for box in containers(obj):
-        assert box["command"] == ["k2"]
+        assert "command" not in box  # the entrypoint is `tini -- k2`
         assert _parse_with_the_real_cli(box["args"]) is not None
 
 
@@ -400,3 +400,15 @@ def test_a_rotated_secret_changes_the_pod_template() -> None:
     rotated = template({"k2-catalog": "101"})
     assert rotated["k2.io/secrets-hash"] != before["k2.io/secrets-hash"]
     assert rotated["k2.io/settings-hash"] == before["k2.io/settings-hash"]
+
+
+def test_jobs_end_and_go_and_schedules_name_their_time_zone() -> None:
+    job = by_kind(render_pipeline(ASX, pipeline_spec(), binding=BINDING, ctx=CTX))["Job"]
+    cron = by_kind(render_table(QUOTES, IcebergTableSpec.model_validate(
+        {"name": "quotes", "schema": {"fromSubject": "s"}, "compactionSchedule": "15 17 * * 1-5",
+         "compactionTimeZone": "Australia/Sydney"}), ctx=CTX))["CronJob"]
+
+    assert job["spec"]["activeDeadlineSeconds"] > 0 and job["spec"]["ttlSecondsAfterFinished"] > 0
+    assert cron["spec"]["timeZone"] == "Australia/Sydney"
+    maintenance = cron["spec"]["jobTemplate"]["spec"]
+    assert maintenance["activeDeadlineSeconds"] > 0 and maintenance["ttlSecondsAfterFinished"] > 0

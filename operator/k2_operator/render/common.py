@@ -210,7 +210,7 @@ def container(*, name: str, ctx: RenderContext, args: list[str], config_map: str
         "name": name,
         "image": ctx.image,
         "imagePullPolicy": ctx.image_pull_policy,
-        "command": ["k2"],
+        # No `command`: the image's entrypoint (tini -- k2) reaps zombies and forwards signals.
         "args": list(args),
         "workingDir": TMP_MOUNT,
         "envFrom": [{"configMapRef": {"name": config_map}}],

@@ -13,6 +13,8 @@ from k2_operator.render import common
 from k2_operator.render.common import Owner, RenderContext, SecretEnv, WorkloadConfig
 
 REGISTRY_SECRET_KEY_SETTING = "registry_url"
+INGEST_DEADLINE_SECONDS = 12 * 3600  # a stuck ingest fails instead of holding its pod forever
+FINISHED_JOB_TTL_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,9 @@ def ingest_job(owner: Owner, spec: IngestionPipelineSpec, *, workload: WorkloadC
                                    annotations={"k2.io/source-digest": source_digest(spec)}),
         # A rerun of the same source is harmless (sequence numbers are deterministic and the stream
         # de-duplicates), so a failed pod is retried a couple of times.
-        "spec": {"backoffLimit": 2, "template": template},
+        "spec": {"backoffLimit": 2, "template": template, "activeDeadlineSeconds": INGEST_DEADLINE_SECONDS,
+                 # The pipeline records the Job's outcome in its status, so the Job itself can go.
+                 "ttlSecondsAfterFinished": FINISHED_JOB_TTL_SECONDS},
     }
 
 

@@ -19,6 +19,9 @@ from k2_operator.models import (
 from k2_operator.render import common
 from k2_operator.render.common import Owner, RenderContext, WorkloadConfig
 
+MAINTENANCE_DEADLINE_SECONDS = 4 * 3600  # a stuck compaction must not block the next run (Forbid)
+FINISHED_JOB_TTL_SECONDS = 24 * 3600
+
 
 @dataclass(frozen=True)
 class Names:
@@ -81,11 +84,14 @@ def maintenance_cron_job(owner: Owner, spec: IcebergTableSpec, *, workload: Work
         "metadata": owner.metadata(name=n.maintenance, component="maintenance"),
         "spec": {
             "schedule": spec.compaction_schedule,
+            "timeZone": spec.compaction_time_zone,
             # Compaction commits conflict with each other, never run two at once.
             "concurrencyPolicy": "Forbid",
             "successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 3,
             "jobTemplate": {"metadata": {"labels": owner.labels("maintenance")},
-                            "spec": {"backoffLimit": 2, "template": template}},
+                            "spec": {"backoffLimit": 2, "template": template,
+                                     "activeDeadlineSeconds": MAINTENANCE_DEADLINE_SECONDS,
+                                     "ttlSecondsAfterFinished": FINISHED_JOB_TTL_SECONDS}},
         },
     }
 
