@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	touch $(STAMP)
 
 install: $(STAMP)
+	@echo "installed into $(VENV): put k2 and k2-query on your PATH with  source $(VENV)/bin/activate"
 
 demo: $(STAMP)
 	$(K2) demo $(if $(ASX_DEMO),--asx $(ASX_DEMO))

@@ -255,7 +255,8 @@ def feed_serve(
 
 # api --------------------------------------------------------------------------------------------
 @app.command("api")
-def api_cmd(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+def api_cmd(host: str = "127.0.0.1", port: Annotated[int, typer.Option(envvar="K2_API_PORT")] = 8000,
+            workers: int = 1) -> None:
     """Serve the REST API (FastAPI + uvicorn)."""
     import uvicorn
 
