@@ -58,31 +58,32 @@ lint: $(STAMP)
 operator: $(STAMP)
 	$(K2) operator
 
-# kind / Tilt: need Docker, kind, helm (built into ~/.cache/k2 by k2.stack.helm) and tilt; docs/operations.md
+# kind / Tilt: the Docker engine (started on demand as root), kind and the node image are built
+# here (k2.stack.docker, k2.stack.kindnode; no registry needed); helm by k2.stack.helm. docs/operations.md
 KIND_CLUSTER ?= k2
-K2_IMAGE ?= k2:dev
 KCTX = kind-$(KIND_CLUSTER)
+KUBECTL = $(BIN)/python -m k2.stack.kindnode kubectl
 
 kind-up: $(STAMP)
-	@docker info >/dev/null 2>&1 || { echo "kind-up needs a running Docker engine"; exit 1; }
-	kind get clusters | grep -qx $(KIND_CLUSTER) || kind create cluster --name $(KIND_CLUSTER) --config kind-config.yaml --wait 120s
-	docker build --target runtime -t $(K2_IMAGE) .
-	kind load docker-image $(K2_IMAGE) --name $(KIND_CLUSTER)
+	$(BIN)/python -m k2.stack.kindcluster up --name $(KIND_CLUSTER)
+	$(BIN)/python -m k2.stack.images build
+	$(BIN)/python -m k2.stack.kindcluster load --name $(KIND_CLUSTER) $$($(BIN)/python -m k2.stack.images list)
 	$(BIN)/python -m k2.stack.addons --kube-context $(KCTX)
-	kubectl --context $(KCTX) create namespace k2 --dry-run=client -o yaml | kubectl --context $(KCTX) apply -f -
-	kubectl --context $(KCTX) label namespace k2 pod-security.kubernetes.io/enforce=restricted --overwrite
+	$$($(KUBECTL)) --context $(KCTX) create namespace k2 --dry-run=client -o yaml | $$($(KUBECTL)) --context $(KCTX) apply -f -
+	$$($(KUBECTL)) --context $(KCTX) label namespace k2 pod-security.kubernetes.io/enforce=restricted --overwrite
 	$$($(BIN)/python -m k2.stack.helm) upgrade --install k2 charts/k2 --kube-context $(KCTX) -n k2 \
-		-f charts/k2/ci/kind-values.yaml --set image.repository=$(firstword $(subst :, ,$(K2_IMAGE))) \
-		--set image.tag=$(lastword $(subst :, ,$(K2_IMAGE))) --wait --timeout 15m
-	kubectl --context $(KCTX) -n k2 wait --for=condition=Ready ingestionpipeline/asx icebergtable --all queryservice/k2-api --timeout=20m
+		-f charts/k2/ci/kind-values.yaml --wait --timeout 15m
+	$$($(KUBECTL)) --context $(KCTX) -n k2 wait --for=condition=Ready ingestionpipeline/asx icebergtable --all queryservice/k2-api --timeout=20m
 	@echo "API: http://k2.localtest.me/docs  Prometheus: kubectl --context $(KCTX) -n monitoring port-forward svc/prometheus-operated 9091:9090"
 
-kind-down:
-	kind delete cluster --name $(KIND_CLUSTER)
+# Deletes the kind cluster, and stops the Docker engine if K2 started it and no kind cluster is left
+# (its images stay cached under ~/.cache/k2/docker).
+kind-down: $(STAMP)
+	$(BIN)/python -m k2.stack.kindcluster down --name $(KIND_CLUSTER)
 
-tilt:
-	kind get clusters | grep -qx $(KIND_CLUSTER) || kind create cluster --name $(KIND_CLUSTER) --config kind-config.yaml --wait 120s
-	kubectl config use-context $(KCTX)
+tilt: $(STAMP)
+	$(BIN)/python -m k2.stack.kindcluster up --name $(KIND_CLUSTER)
+	$$($(KUBECTL)) config use-context $(KCTX)
 	tilt up
 
 clean:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,12 @@ import yaml
 from k2.stack import helm
 from k2.stack.base import free_port
 
-pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
+pytestmark = [
+    pytest.mark.kind, pytest.mark.timeout(3600),
+    pytest.mark.skipif(os.environ.get("K2_KIND_E2E") != "1", reason=(
+        "the chart on kind runs only with K2_KIND_E2E=1 until its images (k2.stack.images) and kind "
+        "add-ons are built here; tests/kind/test_kind_platform.py covers the cluster itself")),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"

@@ -11,18 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k2.stack import addons, helm
+from k2.stack import addons, helm, kindnode
 
 pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
 REPO = Path(__file__).resolve().parents[2]
 KIND = yaml.safe_load((REPO / "kind-config.yaml").read_text())
 TILTFILE = (REPO / "Tiltfile").read_text()
-
-
-def kube_minor() -> str:
-    go_mod = (REPO / "workloads/k2/stack/kube/kubernetes/go.mod").read_text()
-    return re.search(r"k8s\.io/kubernetes v1\.(\d+)\.", go_mod).group(1)
 
 
 def test_kind_cluster_has_an_ingress_ready_control_plane_and_a_worker() -> None:
@@ -36,9 +31,11 @@ def test_kind_cluster_has_an_ingress_ready_control_plane_and_a_worker() -> None:
     assert {(m["containerPort"], m["hostPort"]) for m in control["extraPortMappings"]} == {(80, 80), (443, 443)}
 
 
-def test_kind_nodes_run_the_kubernetes_minor_the_local_apiserver_tests() -> None:
+def test_kind_nodes_run_the_node_image_built_for_the_local_apiserver_version() -> None:
     for node in KIND["nodes"]:
-        assert re.fullmatch(rf"kindest/node:v1\.{kube_minor()}\.\d+(@sha256:[0-9a-f]{{64}})?", node["image"])
+        assert node["image"] == kindnode.node_image_tag()
+        assert {"hostPath": "../shared/data/asx-2014-03", "containerPath": "/data/asx", "readOnly": True} \
+            in node["extraMounts"]
 
 
 def test_traefik_runs_where_kind_maps_the_host_ports() -> None:

@@ -77,7 +77,7 @@ def module_version(module_dir: Path, module: str) -> str:
 
 
 def kube_bin_dir() -> Path:
-    version = module_version(GO_MODULES / "kubernetes", "k8s.io/kubernetes")
+    version = kubernetes_version()
     return cache_dir() / f"kube-{version.removeprefix('v')}" / "bin"
 
 
@@ -125,18 +125,26 @@ def go_build(module_dir: Path, packages: list[str], bin_dir: Path, binaries: lis
                  bin_dir=str(bin_dir))
 
 
-def install_kubernetes() -> None:
-    version = module_version(GO_MODULES / "kubernetes", "k8s.io/kubernetes")
+def kubernetes_version() -> str:
+    return module_version(GO_MODULES / "kubernetes", "k8s.io/kubernetes")
+
+
+def version_stamp() -> tuple[str, ...]:
+    """What upstream's release build stamps in; unset, /version says v0.0.0-master and clients
+    that compare server versions (kubectl's skew check among them) misread it."""
+    version = kubernetes_version()
     major, minor, _ = version.removeprefix("v").split(".", 2)
-    # What upstream's release build stamps in; unset, /version says v0.0.0-master and clients
-    # that compare server versions (kubectl's skew check among them) misread it.
-    stamp = tuple(f"-X {pkg}.{var}={value}"
-                  for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
-                  for var, value in (("gitVersion", version), ("gitMajor", major), ("gitMinor", minor),
-                                     ("gitTreeState", "clean")))
-    go_build(GO_MODULES / "kubernetes",
-             ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager"],
-             kube_bin_dir(), ["kube-apiserver", "kube-controller-manager"], stamp)
+    return tuple(f"-X {pkg}.{var}={value}"
+                 for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
+                 for var, value in (("gitVersion", version), ("gitMajor", major), ("gitMinor", minor),
+                                    ("gitTreeState", "clean")))
+
+
+def install_kubernetes(commands: tuple[str, ...] = ("kube-apiserver", "kube-controller-manager")) -> Path:
+    """Build `commands` of k8s.io/kubernetes (cmd/<name>) into kube_bin_dir(), which is returned."""
+    go_build(GO_MODULES / "kubernetes", [f"k8s.io/kubernetes/cmd/{c}" for c in commands], kube_bin_dir(),
+             list(commands), version_stamp())
+    return kube_bin_dir()
 
 
 # PKI and credentials -----------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""The kind cluster itself, on the node image built here (k2.stack.kindnode): both nodes Ready,
+CoreDNS answering, pods on different nodes reaching each other through the default CNI, a PVC
+bound and written by the default StorageClass, and the ASX sample mounted read-only in the nodes.
+
+The cluster is created from kind-config.yaml under its own name with free host ports, so a
+`make kind-up` cluster can stay up alongside, and deleted at the end (the engine too, when this
+session started it)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from k2.stack import docker, kindcluster, kindnode, kube
+
+pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
+
+NAME = "k2-platform-test"
+ASX_IN_NODE = "/data/asx"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from pytest_kind import KindCluster
+
+    engine_was_running = docker.engine_answers()
+    kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
+    try:
+        kindcluster.up(NAME, host_ports={80: free_port(), 443: free_port()}, kubeconfig=kubeconfig)
+        kind = KindCluster(NAME, kubeconfig=kubeconfig, kind_path=kindnode.kind_binary(),
+                           kubectl_path=kube.kube_bin_dir() / "kubectl")
+        kind.create()
+        yield kind
+    finally:
+        if docker.engine_answers():
+            kindcluster.delete(NAME)
+        if not engine_was_running:
+            docker.stop_engine()
+
+
+def wait_json(cluster: Any, what: str, check: Any, *args: str, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = json.loads(cluster.kubectl(*args, "-o", "json"))
+            if check(found):
+                return found
+        except Exception:  # noqa: BLE001 - "not yet": the object may not exist yet
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(3)
+
+
+def run_pod(cluster: Any, name: str, node: str, command: list[str]) -> None:
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"nodeName": node, "restartPolicy": "Never", "containers": [{
+            "name": "main", "image": kindnode.runtime_base(), "command": command}]},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+
+
+def test_both_nodes_are_ready_with_the_built_node_image(cluster: Any) -> None:
+    nodes = wait_json(cluster, "two Ready nodes",
+                      lambda n: len(n["items"]) == 2 and all(
+                          any(c["type"] == "Ready" and c["status"] == "True" for c in i["status"]["conditions"])
+                          for i in n["items"]), "get", "nodes")
+
+    versions = {n["status"]["nodeInfo"]["kubeletVersion"] for n in nodes["items"]}
+    assert versions == {kube.kubernetes_version()}
+
+
+def test_coredns_resolves_cluster_names(cluster: Any) -> None:
+    wait_json(cluster, "CoreDNS available", lambda d: d["status"].get("availableReplicas", 0) >= 1,
+              "-n", "kube-system", "get", "deployment", "coredns")
+    run_pod(cluster, "dns-probe", f"{NAME}-worker", ["busybox", "nslookup", "kubernetes.default.svc.cluster.local"])
+
+    pod = wait_json(cluster, "the DNS probe to finish", lambda p: p["status"]["phase"] in ("Succeeded", "Failed"),
+                    "get", "pod", "dns-probe")
+
+    assert pod["status"]["phase"] == "Succeeded", cluster.kubectl("logs", "dns-probe")
+    assert "10.96.0.1" in cluster.kubectl("logs", "dns-probe")
+
+
+def test_pods_on_different_nodes_reach_each_other(cluster: Any) -> None:
+    run_pod(cluster, "web", f"{NAME}-control-plane",
+            ["sh", "-c", "mkdir -p /www && echo k2-cross-node > /www/index.html && busybox httpd -f -p 8080 -h /www"])
+    server = wait_json(cluster, "the web pod's IP", lambda p: p["status"].get("podIP") and
+                       p["status"]["phase"] == "Running", "get", "pod", "web")
+    cluster.kubectl("expose", "pod", "web", "--port", "80", "--target-port", "8080")
+    ip = server["status"]["podIP"]
+    # bash's /dev/tcp: busybox's wget crashes on a refused connection instead of exiting non-zero
+    fetch = ('for i in $(seq 30); do exec 3<>/dev/tcp/{0}/{1} && break; sleep 1; done; '
+             'printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3; tail -n 1 <&3; echo')
+    script = f"{fetch.format(ip, 8080)}; {fetch.format('web.default', 80)}"
+    run_pod(cluster, "client", f"{NAME}-worker", ["bash", "-c", script])
+
+    pod = wait_json(cluster, "the client to finish", lambda p: p["status"]["phase"] in ("Succeeded", "Failed"),
+                    "get", "pod", "client")
+
+    assert pod["status"]["phase"] == "Succeeded", cluster.kubectl("logs", "client")
+    assert cluster.kubectl("logs", "client").split() == ["k2-cross-node", "k2-cross-node"]
+
+
+def test_default_storage_class_binds_and_mounts_a_pvc(cluster: Any) -> None:
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "writer"},
+           "spec": {"restartPolicy": "Never",
+                    "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}],
+                    "containers": [{"name": "main", "image": kindnode.runtime_base(),
+                                    "command": ["sh", "-c", "echo stored > /d/f && cat /d/f"],
+                                    "volumeMounts": [{"name": "d", "mountPath": "/d"}]}]}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [pvc, pod]}))
+
+    done = wait_json(cluster, "the writer pod", lambda p: p["status"]["phase"] in ("Succeeded", "Failed"),
+                     "get", "pod", "writer", timeout=600)
+    claim = json.loads(cluster.kubectl("get", "pvc", "data", "-o", "json"))
+
+    assert done["status"]["phase"] == "Succeeded", cluster.kubectl("logs", "writer")
+    assert claim["status"]["phase"] == "Bound"
+    assert cluster.kubectl("logs", "writer").strip() == "stored"
+
+
+def test_asx_sample_is_mounted_read_only_in_the_nodes(cluster: Any, asx_root: Path) -> None:
+    expected = sorted(p.name for p in asx_root.iterdir())
+    for node in (f"{NAME}-control-plane", f"{NAME}-worker"):
+        listed = docker_exec(node, "ls", ASX_IN_NODE).split()
+        refused = docker_exec(node, "sh", "-c", f"touch {ASX_IN_NODE}/k2-probe 2>&1 || echo refused")
+
+        assert listed == expected
+        assert "refused" in refused
+
+
+def docker_exec(node: str, *args: str) -> str:
+    return subprocess.run(["docker", "exec", node, *args], capture_output=True, text=True, timeout=60).stdout
