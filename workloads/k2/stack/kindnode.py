@@ -46,6 +46,7 @@ import structlog
 
 from . import docker, kube
 from .base import StackError, cache_dir, run, run_logged
+from .images import module_dir
 
 log = structlog.get_logger("k2.stack.kindnode")
 
@@ -111,13 +112,6 @@ def go_install(package: str, version: str, binary: str) -> Path:
             os.replace(built if built.exists() else Path(out) / binary, target)
         log.info("kindnode.built", package=package, version=version, seconds=round(time.monotonic() - started))
     return target
-
-
-def module_dir(module: str, version: str) -> Path:
-    """The module's source in the Go module cache (downloaded if needed)."""
-    proc = run([_go(), "mod", "download", "-json", f"{module}@{version}"], env=_go_env(),
-               what=f"go mod download {module}@{version}", timeout=600)
-    return Path(json.loads(proc.stdout)["Dir"])
 
 
 def kind_binary() -> Path:
