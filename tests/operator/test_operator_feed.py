@@ -1,0 +1,58 @@
+"""An IngestionPipeline with a live feed source on the real apiserver: the operator runs `k2 ingest
+feed` as a one-pod Deployment (never a Job), whose liveness probe is feed progress; the apiserver
+refuses a feed source without its settings, or with channels the pipeline has no topics for."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+pytestmark = [pytest.mark.operator, pytest.mark.timeout(180)]
+
+
+def _pipeline(name: str, exchange: str, asset_class: str, source: dict[str, Any],
+              kinds: tuple[str, ...] = ("trades", "quotes")) -> dict[str, Any]:
+    return {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline", "metadata": {"name": name},
+            "spec": {"exchange": exchange, "assetClass": asset_class, "topics": {"kinds": list(kinds)},
+                     "source": source}}
+
+
+def test_a_feed_source_runs_as_a_deployment_not_a_job(cluster: Any, namespace: str, operator: Any,
+                                                       asset_class: str) -> None:
+    ex = f"x{uuid.uuid4().hex[:6]}"
+    name = f"f-{ex}"
+    feed = {"url": "ws://feed.market.svc:8765", "channels": ["trades"], "symbols": ["BHP", "BTC-USD"]}
+    cluster.create(namespace, _pipeline(name, ex, asset_class, {"type": "feed", "feed": feed}))
+    cluster.wait_condition(namespace, "IngestionPipeline", name, timeout=90)
+
+    deployment = cluster.deployment(namespace, f"{name}-feed")
+    assert deployment is not None and deployment.spec.replicas == 1
+    assert deployment.spec.strategy.type == "Recreate"
+    box = deployment.spec.template.spec.containers[0]
+    assert box.args[:3] == ["ingest", "feed", "ws://feed.market.svc:8765"]
+    assert "BHP,BTC-USD" in box.args
+    assert box.liveness_probe.http_get.path == "/livez"
+    jobs = cluster.kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()
+    assert not [j for j in jobs if name in j], jobs
+    status = cluster.get(namespace, "IngestionPipeline", name)["status"]
+    assert not status.get("ingest"), "no ingest Job is tracked for a feed"
+
+
+@pytest.mark.parametrize(("source", "kinds", "message"), [
+    ({"type": "feed"}, ("trades",), "source.feed (url) is required"),
+    ({"type": "feed", "feed": {"url": "ws://f:1", "channels": ["quotes"]}}, ("trades",),
+     "topics.kinds must list them"),
+    ({"type": "synthetic", "feed": {"url": "ws://f:1"}}, ("trades", "quotes", "reference"),
+     "source.feed is only allowed with type feed"),
+    ({"type": "feed", "feed": {"url": "http://f:1"}}, ("trades", "quotes"), "should match"),
+])
+def test_the_apiserver_refuses_a_feed_source_it_cannot_run(cluster: Any, namespace: str, crds: list[str],
+                                                           source: dict[str, Any], kinds: tuple[str, ...],
+                                                           message: str) -> None:
+    ex = f"x{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ApiException) as refused:
+        cluster.create(namespace, _pipeline(f"f-{ex}", ex, "equities", source, kinds))
+    assert refused.value.status == 422 and message in refused.value.body
