@@ -14,6 +14,7 @@ from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
 from k2 import schemas
+from k2.observability import REGISTRY
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
@@ -83,13 +84,21 @@ def test_missing_catalog_secret_is_waited_for(cluster: Any, namespace: str, oper
     ns = f"t_{unique()}"
     cluster.create(namespace, iceberg_table("later", ns, catalogRef={"name": "catalog-later"}))
     cluster.wait_condition(namespace, "IcebergTable", "later", "TableReady", "False", "SecretNotFound")
+    series = {"kind": "IcebergTable", "resource_namespace": namespace, "resource": "later"}
+    assert REGISTRY.get_sample_value("k2_operator_resource_ready", series) == 0, "the alert can name it"
 
     cluster.core.create_namespaced_secret(namespace, client.V1Secret(
         metadata=client.V1ObjectMeta(name="catalog-later"),
         data={k: base64.b64encode(v.encode()).decode() for k, v in k2op.catalog_secret_data(catalog_dir).items()}))
 
     cluster.wait_condition(namespace, "IcebergTable", "later", timeout=30)
+    assert REGISTRY.get_sample_value("k2_operator_resource_ready", series) == 1
+    waits = [s for m in REGISTRY.collect() if m.name == "k2_operator_reconcile_errors" for s in m.samples
+             if s.labels.get("kind") == "IcebergTable" and s.labels.get("reason") in ("temporary", "TemporaryError")]
+    assert not waits, "waiting for a Secret is not a reconcile error"
     cluster.delete(namespace, "IcebergTable", "later")
+    k2op.wait_for(lambda: REGISTRY.get_sample_value("k2_operator_resource_ready", series) is None,
+                  "the series of a deleted resource to go", 20)
 
 
 def test_from_subject_follows_the_registered_schema(cluster: Any, namespace: str, operator: Any, catalog: Any,

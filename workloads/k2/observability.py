@@ -81,6 +81,9 @@ RECONCILE_ERRORS = Counter("k2_operator_reconcile_errors", "Failed reconciliatio
                            registry=REGISTRY)
 MANAGED_RESOURCES = Gauge("k2_operator_resources", "Custom resources by Ready state", ["kind", "ready"],
                           registry=REGISTRY)
+# `resource_namespace`, not `namespace`: Prometheus gives that label the scraped pod's namespace.
+RESOURCE_READY = Gauge("k2_operator_resource_ready", "1 while the custom resource is Ready, else 0",
+                       ["kind", "resource_namespace", "resource"], registry=REGISTRY)
 
 
 def exported_metric_names() -> set[str]:

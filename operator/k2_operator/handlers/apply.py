@@ -14,14 +14,14 @@ from kubernetes.client.rest import ApiException
 
 from k2_operator import conditions
 from k2_operator.conditions import Condition
-from k2_operator.handlers import backoff, runtime
+from k2_operator.handlers import backoff, metrics, runtime
 from k2_operator.handlers.status import write_status
 from k2_operator.kube import CHILD_KINDS, SECRET, Applied
 from k2_operator.models import KindInfo
 from k2_operator.render.common import MANAGED_BY, RenderContext, referenced_secrets
 
 
-class ApplyFailed(kopf.TemporaryError):
+class ApplyFailed(metrics.CountedRetry):
     """The apiserver refused a child; reported as Ready=False ApplyFailed and retried."""
 
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import kopf
 import structlog
 
 from k2_operator import conditions
 from k2_operator.conditions import Condition
-from k2_operator.handlers import backoff, runtime
+from k2_operator.handlers import backoff, metrics, runtime
 from k2_operator.handlers.events import event
 from k2_operator.handlers.status import write_status
 from k2_operator.models import KindInfo
 
 SKIP_CLEANUP_ANNOTATION = "k2.io/skip-external-cleanup"
+
+
+class CleanupFailed(metrics.CountedRetry):
+    """External cleanup failed this attempt; retried with backoff, then abandoned."""
 
 
 def deletes_external(spec: Mapping[str, Any], **_: Any) -> bool:
@@ -43,4 +46,4 @@ def cleanup_failed(info: KindInfo, body: Mapping[str, Any], retry: int, exc: Exc
                f"annotate {SKIP_CLEANUP_ANNOTATION}=true to release the resource without cleanup")
     write_status(info, body, [], required=(), observed_state={},
                  ready_override=Condition.false(conditions.READY, "CleanupFailed", message))
-    raise kopf.TemporaryError(message, delay=delay)
+    raise CleanupFailed(message, delay=delay)

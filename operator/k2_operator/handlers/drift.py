@@ -21,12 +21,13 @@ from typing import Any
 import kopf
 import structlog
 
-from k2_operator.handlers import pipeline, query, runtime, table
+from k2_operator.handlers import metrics, pipeline, query, runtime, table
 from k2_operator.models import GROUP, KINDS, PIPELINE, QUERY, VERSION, KindInfo
 
 log = structlog.get_logger("k2_operator.drift")
 
 ALL = "all"
+BY_KIND = {info.kind: info for info in KINDS}
 
 
 def index_id(info: KindInfo) -> str:
@@ -76,8 +77,10 @@ async def run(indexes: Mapping[str, kopf.Index], *, interval: float, initial_del
     await asyncio.sleep(initial_delay)
     while True:
         claims = snapshot(indexes[pipeline.CLAIMS_INDEX])
-        for info in KINDS:
-            for namespace, name in snapshot(indexes[index_id(info)]).get(ALL, []):
-                context = contextvars.copy_context()
-                await loop.run_in_executor(None, context.run, repair, info, namespace, name, claims)
+        present = {(info.kind, namespace, name) for info in KINDS
+                   for namespace, name in snapshot(indexes[index_id(info)]).get(ALL, [])}
+        metrics.forget_absent(present)
+        for kind, namespace, name in sorted(present):
+            context = contextvars.copy_context()
+            await loop.run_in_executor(None, context.run, repair, BY_KIND[kind], namespace, name, claims)
         await asyncio.sleep(interval)

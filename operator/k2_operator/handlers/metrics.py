@@ -17,6 +17,11 @@ from k2_operator.models import KINDS, KindInfo
 log = structlog.get_logger("k2_operator")
 
 
+class CountedRetry(kopf.TemporaryError):
+    """A retry that is a failure, not a wait (the apiserver refused a child, cleanup failed):
+    counted in `k2_operator_reconcile_errors_total` under its class name."""
+
+
 @contextlib.contextmanager
 def reconciling(info: KindInfo, body: Mapping[str, Any], trigger: str) -> Iterator[structlog.BoundLogger]:
     """One reconcile of one resource: serialised with every other handler of that resource (the
@@ -35,8 +40,11 @@ def _observed(info: KindInfo, meta: Mapping[str, Any], trigger: str) -> Iterator
     try:
         yield logger
     except kopf.TemporaryError as exc:
+        # Waiting for a dependency (a table not Ready, Kafka restarting) is not an error: only a
+        # refusal by the apiserver counts, so the reconcile-error alert means something is wrong.
         outcome = "retry"
-        observability.RECONCILE_ERRORS.labels(info.kind, "temporary").inc()
+        if isinstance(exc, CountedRetry):
+            observability.RECONCILE_ERRORS.labels(info.kind, type(exc).__name__).inc()
         logger.warning("reconcile.retry", reason=str(exc))
         raise
     except Exception as exc:
@@ -51,14 +59,24 @@ def _observed(info: KindInfo, meta: Mapping[str, Any], trigger: str) -> Iterator
         logger.info("reconcile.done", outcome=outcome, seconds=round(seconds, 3))
 
 
-def track_ready(kind: str, uid: str, ready: bool | None) -> None:
-    """Keep `k2_operator_resources{kind,ready}` equal to what this operator last saw (None: gone)."""
+def track_ready(kind: str, namespace: str, name: str, ready: bool | None) -> None:
+    """Keep `k2_operator_resource_ready{kind,resource_namespace,resource}` and the per-kind counts
+    `k2_operator_resources{kind,ready}` equal to what this operator last saw (None: gone)."""
     states = runtime.get().ready
+    key = (kind, namespace, name)
     if ready is None:
-        states.pop((kind, uid), None)
+        if states.pop(key, None) is not None:
+            observability.RESOURCE_READY.remove(*key)
     else:
-        states[(kind, uid)] = ready
+        states[key] = ready
+        observability.RESOURCE_READY.labels(*key).set(1 if ready else 0)
     for info in KINDS:
-        seen = [v for (k, _), v in states.items() if k == info.kind]
+        seen = [v for (k, _, _), v in states.items() if k == info.kind]
         observability.MANAGED_RESOURCES.labels(info.kind, "true").set(sum(seen))
         observability.MANAGED_RESOURCES.labels(info.kind, "false").set(len(seen) - sum(seen))
+
+
+def forget_absent(present: set[tuple[str, str, str]]) -> None:
+    """Drop the series of resources deleted without a delete handler (Retain, QueryService)."""
+    for key in [k for k in runtime.get().ready if k not in present]:
+        track_ready(*key, None)

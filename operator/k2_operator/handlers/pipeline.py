@@ -298,4 +298,4 @@ def pipeline_deleted(body: kopf.Body, pipeline_topic_claims: kopf.Index, retry: 
             cleanup.cleanup_failed(PIPELINE, body, retry, exc, logger)
             return
         event(body, "CleanedUp", f"deleted topics and subjects of {', '.join(mine) or 'nothing'}")
-        metrics.track_ready(PIPELINE.kind, meta["uid"], None)
+        metrics.track_ready(PIPELINE.kind, meta["namespace"], meta["name"], None)

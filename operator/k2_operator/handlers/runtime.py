@@ -31,7 +31,7 @@ class Runtime:
     _locks: dict[tuple[str, str, str], threading.RLock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     _monitoring: tuple[float, bool] = (0.0, False)
-    ready: dict[tuple[str, str], bool] = field(default_factory=dict)
+    ready: dict[tuple[str, str, str], bool] = field(default_factory=dict)  # (kind, namespace, name)
     applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     def lock(self, kind: str, namespace: str, name: str) -> threading.RLock:

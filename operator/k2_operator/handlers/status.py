@@ -37,7 +37,7 @@ def write_status(info: KindInfo, body: Mapping[str, Any], checks: Sequence[Condi
     merged = conditions.merge(previous, [*checks, ready], generation=meta.get("generation"), remove=remove)
     status = {**observed_state, "conditions": merged, "observedGeneration": meta.get("generation")}
     runtime.get().kube.patch_status(runtime.resource_kind(info), meta["namespace"], meta["name"], status)
-    metrics.track_ready(info.kind, meta.get("uid", ""), ready.ok)
+    metrics.track_ready(info.kind, meta["namespace"], meta["name"], ready.ok)
     if announce:
         _announce(body, previous, ready)
     return ready

@@ -145,4 +145,4 @@ def table_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
             return
         event(body, "CleanedUp", f"dropped and purged {spec.identifier}" if dropped
               else f"{spec.identifier} was already gone")
-        metrics.track_ready(TABLE.kind, meta["uid"], None)
+        metrics.track_ready(TABLE.kind, meta["namespace"], meta["name"], None)
