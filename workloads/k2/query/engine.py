@@ -72,13 +72,7 @@ _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 class _AbsentModule(importlib.abc.MetaPathFinder):
-    """Fails the import of a module known to be absent at once, instead of searching sys.path.
-
-    DuckDB's Python client tries `import pandas` twice for every bound parameter of every query
-    (to recognise pandas values); Python does not cache a failed import, so without pandas each
-    attempt walks sys.path: about 90 µs a parameter, 1-2 ms a query. Installed only when pandas is
-    not importable when this module loads (installing pandas later needs a restart to be seen).
-    """
+    """Fails the import of a module known to be absent at once, instead of searching sys.path."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -89,9 +83,42 @@ class _AbsentModule(importlib.abc.MetaPathFinder):
         return None
 
 
-if importlib.util.find_spec("pandas") is None and not any(
-        isinstance(f, _AbsentModule) for f in sys.meta_path):
-    sys.meta_path.insert(0, _AbsentModule("pandas"))
+class _WithoutPandas:
+    """While DuckDB binds and starts a query, `import pandas` fails at once when pandas is absent.
+
+    DuckDB's Python client tries `import pandas` twice for every bound parameter (to recognise
+    pandas values; docs/duckdb-pandas-probe.md); Python does not cache a failed import, so each
+    attempt walks sys.path: about 90 µs a parameter, 1-2 ms a query. The finder is on sys.meta_path
+    only while some query is being started, never merely because K2 was imported; it answers what
+    a search would (pandas is looked for once, on first use).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._finder: _AbsentModule | None = None
+        self._checked = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if not self._checked:
+                self._checked = True
+                if importlib.util.find_spec("pandas") is None:
+                    self._finder = _AbsentModule("pandas")
+            if self._finder is not None:
+                if not self._active:
+                    sys.meta_path.insert(0, self._finder)
+                self._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._finder is not None:
+                self._active -= 1
+                if not self._active:
+                    sys.meta_path.remove(self._finder)
+
+
+_without_pandas = _WithoutPandas()
 
 
 @dataclass(frozen=True)
@@ -320,8 +347,10 @@ class Engine:
         outcome = "error"
         try:
             with self._cursor() as cur, _storage_errors():
-                text, bound = self._bind(cur, sql, params, scans)
-                result = cur.execute(text, bound).fetch_arrow_table()
+                with _without_pandas:
+                    text, bound = self._bind(cur, sql, params, scans)
+                    executed = cur.execute(text, bound)
+                result = executed.fetch_arrow_table()
             outcome = "ok"
         finally:
             _record(name, outcome, started)
@@ -338,8 +367,10 @@ class Engine:
         cur = self._new_cursor()
         try:
             with _storage_errors():
-                text, bound = self._bind(cur, sql, params, scans)
-                reader = cur.execute(text, bound).fetch_record_batch(batch_rows)
+                with _without_pandas:
+                    text, bound = self._bind(cur, sql, params, scans)
+                    executed = cur.execute(text, bound)
+                reader = executed.fetch_record_batch(batch_rows)
         except BaseException:
             cur.close()
             _record(name, "error", started)
