@@ -104,7 +104,7 @@ def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> It
         result = columnar.decode(framed, writer, skip=5)
         good = where[~result.bad]
         table = result.table.filter(pa.array(~result.bad)) if result.bad.any() else result.table
-        decoded.append((good, conform(table, target)))
+        decoded.append((good, columnar.conform(table, target)))
     rows: list[tuple[int, dict]] = []
     for positions, table in decoded:
         rows.extend(zip(positions.tolist(), to_rows(table), strict=True))
@@ -113,19 +113,6 @@ def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> It
         topic, partition, offset = coordinates(messages[i])
         yield LiveTick(row["symbol"], row["exchange"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
                        (topic, partition), offset, to_json(row).decode())
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Decoded columns as the table's Arrow schema: its order and types, nulls for columns an
-    older writer did not have."""
-    arrays = []
-    for fld in schema:
-        if fld.name in table.column_names:
-            column = table[fld.name]
-            arrays.append(column if column.type == fld.type else column.cast(fld.type))
-        else:
-            arrays.append(pa.nulls(table.num_rows, fld.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 class TickHub:

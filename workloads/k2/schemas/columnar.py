@@ -114,6 +114,19 @@ def decimal_from_unscaled(unscaled: np.ndarray, arrow_type: pa.Decimal128Type,
     return pa.Array.from_buffers(arrow_type, len(unscaled), [_validity(valid), pa.py_buffer(pairs)])
 
 
+def conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Decoded columns as a table's own Arrow schema: its types, its order, and nulls for the
+    columns an older writer schema did not have."""
+    arrays = []
+    for fld in schema:
+        if fld.name in data.column_names:
+            column = data[fld.name]
+            arrays.append(column if column.type == fld.type else column.cast(fld.type))
+        else:
+            arrays.append(pa.nulls(data.num_rows, fld.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def byte_ranges(data: pa.Buffer, start: np.ndarray, end: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     """The byte ranges [start, end) of `data`, in order and not overlapping, as a string or binary
     array copied out at once: the ranges with the gaps between them as extra values are valid

@@ -117,19 +117,6 @@ def _ints(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.to_numpy().astype(np.int64)
 
 
-def _conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
-    """The decoded columns as the table's own Arrow schema: its types, its order, nulls for
-    columns the writer schema did not have."""
-    arrays = []
-    for fld in schema:
-        if fld.name in data.column_names:
-            column = data[fld.name]
-            arrays.append(column if column.type == fld.type else column.cast(fld.type))
-        else:
-            arrays.append(pa.nulls(data.num_rows, fld.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
 class TableWriter:
     """Consumes one topic into one Iceberg table."""
 
@@ -382,7 +369,7 @@ class TableWriter:
             self.detector.observe_many(data["symbol"], days, seqs)
         self._evolve_for(schema_ids)
         arrow_schema = self.table.schema().as_arrow()
-        data = _conform(data, arrow_schema)
+        data = columnar.conform(data, arrow_schema)
         if not self.sequenced:
             data = self._changed_only(data)
         sort_keys = [k for k in ("symbol", "exchange_timestamp", "sequence_number") if k in arrow_schema.names]
