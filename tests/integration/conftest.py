@@ -24,6 +24,7 @@ from k2.api.app import create_app
 from k2.query.engine import Engine
 from k2.query.sample import load_asx
 from k2.settings import DEV_API_KEY, Settings
+from k2_synthetic import generate
 
 SYDNEY = ZoneInfo("Australia/Sydney")
 ASX_ROWS = {"trades": 200_545, "quotes": 169_629}
@@ -58,6 +59,17 @@ def asx_lakehouse(asx_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """The whole ASX sample, one append per table and day; shared and never modified by tests."""
     settings = lakehouse_settings(tmp_path_factory.mktemp("asx-lakehouse"))
     snapshots = load_asx(settings, asx_root)
+    engine = Engine(settings)
+    yield AsxLakehouse(settings, engine, snapshots)
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def synthetic_lakehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsxLakehouse]:
+    """Four symbols over two days of synthetic ticks: for tests that need some data, not the ASX sample's."""
+    root = tmp_path_factory.mktemp("synthetic-lakehouse")
+    settings = lakehouse_settings(root)
+    snapshots = load_asx(settings, generate(root / "ticks", symbols=4, days=2, seed=2014))
     engine = Engine(settings)
     yield AsxLakehouse(settings, engine, snapshots)
     engine.close()

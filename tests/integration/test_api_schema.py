@@ -14,7 +14,7 @@ from k2.api.app import create_app
 from k2.settings import DEV_API_KEY
 
 pytestmark = [
-    pytest.mark.integration, pytest.mark.asx,
+    pytest.mark.integration,
     # hypothesis-jsonschema (schemathesis 3's generator) drives a private hypothesis helper that
     # newer hypothesis releases reshaped; with those nothing can be generated at all.
     pytest.mark.skipif(not hasattr(conjecture_utils.many, "more"),
@@ -25,8 +25,8 @@ schemathesis.experimental.OPEN_API_3_1.enable()  # FastAPI documents OpenAPI 3.1
 
 
 @pytest.fixture(scope="module")
-def k2_openapi(asx_lakehouse):
-    app = create_app(asx_lakehouse.settings, engine=asx_lakehouse.engine)
+def k2_openapi(synthetic_lakehouse):
+    app = create_app(synthetic_lakehouse.settings, engine=synthetic_lakehouse.engine)
     return schemathesis.from_asgi("/openapi.json", app)
 
 
