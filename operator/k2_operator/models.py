@@ -437,7 +437,9 @@ class IcebergTableSpec(_Model):
     catalog_ref: LocalObjectReference = Field(
         LocalObjectReference(name="k2-catalog"),
         description="Secret with the catalog connection; its keys are K2 setting names: catalog_uri "
-                    "(required), warehouse, catalog_name, s3_endpoint, s3_region, s3_access_key, s3_secret_key.")
+                    "(required), warehouse, catalog_name, s3_endpoint, s3_region, s3_access_key, s3_secret_key.",
+        json_schema_extra=_immutable("catalogRef", "the table lives in that catalog; create a new IcebergTable "
+                                     "to move it"))
     namespace: str = _setting("namespace", "Iceberg namespace.", max_length=128,
                               json_schema_extra=_immutable("namespace", "it is the table's identity; "
                                                            "create a new IcebergTable instead"))

@@ -189,3 +189,20 @@ def test_pausing_holds_every_change_until_resumed(cluster: Any, namespace: str, 
     obj = cluster.wait_condition(namespace, "QueryService", "held", timeout=30)
     assert not k2op.find_condition(obj, "ReconciliationPaused")
     cluster.delete(namespace, "QueryService", "held")
+
+
+def test_a_query_service_follows_its_tables_without_being_edited(cluster: Any, namespace: str, served: str,
+                                                                  k2op: Any) -> None:
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "IcebergTable", "metadata": {"name": "brief"},
+                               "spec": {"namespace": f"b_{namespace[-6:]}", "name": "brief",
+                                        "schema": {"fields": FIELDS}}})
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "metadata": {"name": "follower"},
+                               "spec": {"replicas": 1, "tables": [{"name": "brief"}]}})
+    cluster.wait_condition(namespace, "QueryService", "follower", timeout=60)
+
+    cluster.delete(namespace, "IcebergTable", "brief")
+
+    obj = cluster.wait_condition(namespace, "QueryService", "follower", "TablesResolved", "False", "TableNotFound",
+                                 timeout=30)
+    assert "IcebergTable brief does not exist" in k2op.find_condition(obj, "TablesResolved")["message"]
+    cluster.delete(namespace, "QueryService", "follower")

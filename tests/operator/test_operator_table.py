@@ -5,11 +5,13 @@ waited for, and deletionPolicy Retain vs Delete."""
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
@@ -134,3 +136,30 @@ def test_retain_keeps_the_table_and_delete_drops_it(cluster: Any, namespace: str
     assert catalog.table_exists(f"{ns}.kept")
     assert not catalog.table_exists(f"{ns}.dropped")
     assert not __import__("os").path.exists(location.removeprefix("file://"))
+
+
+def test_two_tables_on_one_identifier_the_newer_gets_a_conflict(cluster: Any, namespace: str, operator: Any,
+                                                                 k2op: Any) -> None:
+    ns = f"t_{unique()}"
+    cluster.create(namespace, iceberg_table("owner", ns))
+    cluster.wait_condition(namespace, "IcebergTable", "owner")
+    cluster.create(namespace, iceberg_table("claimant", ns, fields=[*FIELDS, {"name": "extra", "type": "long"}]))
+
+    obj = cluster.wait_condition(namespace, "IcebergTable", "claimant", "Ready", "False", "ResourceConflict")
+
+    assert f"IcebergTable {namespace}/owner" in k2op.find_condition(obj, "Ready")["message"]
+    assert cluster.get(namespace, "IcebergTable", "owner")["status"]["columns"] == 2, "the owner's table is untouched"
+    cluster.delete(namespace, "IcebergTable", "owner")
+    obj = cluster.wait_condition(namespace, "IcebergTable", "claimant", timeout=30)  # the drift loop hands it over
+    assert obj["status"]["columns"] == 3
+    cluster.delete(namespace, "IcebergTable", "claimant")
+
+
+def test_catalog_ref_is_immutable(cluster: Any, namespace: str) -> None:
+    cluster.create(namespace, iceberg_table("pinned", f"t_{unique()}"))
+
+    with pytest.raises(ApiException) as refused:
+        cluster.patch(namespace, "IcebergTable", "pinned", {"spec": {"catalogRef": {"name": "elsewhere"}}})
+
+    assert refused.value.status == 422 and "catalogRef is immutable" in json.loads(refused.value.body)["message"]
+    cluster.delete(namespace, "IcebergTable", "pinned")

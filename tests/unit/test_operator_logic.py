@@ -13,18 +13,19 @@ from k2 import schemas, tables
 from k2.settings import Settings
 from k2_operator import external
 from k2_operator.handlers import apply, children, pipeline, status
+from k2_operator.handlers.claims import Claim
 from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec
 from k2_operator.render import table_definition
 
 pytestmark = pytest.mark.unit
 
 
-def claims_for(*pipelines: tuple[str, str, str]) -> dict[str, list[pipeline.Claim]]:
+def claims_for(*pipelines: tuple[str, str, str]) -> dict[str, list[Claim]]:
     """(created, name, uid) → the index kopf would build."""
-    index: dict[str, list[pipeline.Claim]] = {}
+    index: dict[str, list[Claim]] = {}
     for created, name, uid in pipelines:
         for topic in IngestionPipelineSpec.model_validate({"exchange": "asx"}).topic_names().values():
-            index.setdefault(topic, []).append(pipeline.Claim(created, "ns", name, uid))
+            index.setdefault(topic, []).append(Claim(created, "ns", name, uid))
     return index
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from k2_operator.handlers import apply, drift, pipeline, query, runtime
+from k2_operator.handlers import apply, drift, pipeline, query, runtime, table
 from k2_operator.handlers import status as status_
 from k2_operator.kube import CHILD_KINDS
 from k2_operator.models import API_VERSION, KINDS, PIPELINE, QUERY, IngestionPipelineSpec, KindInfo
@@ -31,7 +31,8 @@ def owner_of(child: Mapping[str, Any]) -> tuple[KindInfo, str] | None:
     return None
 
 
-def child_event(type: str | None, body: kopf.Body, pipeline_topic_claims: kopf.Index, **_: Any) -> None:
+def child_event(type: str | None, body: kopf.Body, pipeline_topic_claims: kopf.Index,
+                table_identifier_claims: kopf.Index, **_: Any) -> None:
     if type not in ("MODIFIED", "DELETED"):
         return
     found = owner_of(body)
@@ -49,7 +50,8 @@ def child_event(type: str | None, body: kopf.Body, pipeline_topic_claims: kopf.I
         drifted = type == "DELETED" or apply.applied_version(body) != apply.fingerprint(body)
         if drifted:
             try:
-                drift.reconcile_owner(info, owner, pipeline_topic_claims, trigger="drift")
+                drift.reconcile_owner(info, owner, {pipeline.CLAIMS_INDEX: pipeline_topic_claims,
+                                                    table.CLAIMS_INDEX: table_identifier_claims}, trigger="drift")
             except kopf.TemporaryError:
                 pass  # the owner's own handlers and timer retry; this was a best-effort repair
         elif body["kind"] == "Deployment":

@@ -43,16 +43,18 @@ for _info in KINDS:
     kopf.index(GROUP, VERSION, _info.plural, id=index_id(_info))(present)
 
 
-def reconcile_owner(info: KindInfo, owner: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: str) -> None:
+def reconcile_owner(info: KindInfo, owner: Mapping[str, Any], claims: Mapping[str, Mapping[str, Any]], *,
+                    trigger: str) -> None:
+    """`claims`: index id → the claims index of the kind (topics of pipelines, identifiers of tables)."""
     if info is PIPELINE:
-        pipeline.reconcile(owner, claims, trigger=trigger)
+        pipeline.reconcile(owner, claims[pipeline.CLAIMS_INDEX], trigger=trigger)
     elif info is QUERY:
         query.reconcile(owner, trigger=trigger)
     else:
-        table.reconcile(owner, trigger=trigger)
+        table.reconcile(owner, claims[table.CLAIMS_INDEX], trigger=trigger)
 
 
-def repair(info: KindInfo, namespace: str, name: str, claims: Mapping[str, Any]) -> None:
+def repair(info: KindInfo, namespace: str, name: str, claims: Mapping[str, Mapping[str, Any]]) -> None:
     """One drift check of one resource, as it is now; a failure is logged and left to the next round."""
     body = runtime.get().kube.get(runtime.resource_kind(info), namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -76,7 +78,7 @@ async def run(indexes: Mapping[str, kopf.Index], *, interval: float, initial_del
     loop = asyncio.get_running_loop()
     await asyncio.sleep(initial_delay)
     while True:
-        claims = snapshot(indexes[pipeline.CLAIMS_INDEX])
+        claims = {index: snapshot(indexes[index]) for index in (pipeline.CLAIMS_INDEX, table.CLAIMS_INDEX)}
         present = {(info.kind, namespace, name) for info in KINDS
                    for namespace, name in snapshot(indexes[index_id(info)]).get(ALL, [])}
         metrics.forget_absent(present)

@@ -20,6 +20,7 @@ from k2_operator import external
 from k2_operator.conditions import Condition
 from k2_operator.handlers import apply, cleanup, metrics, refs, runtime
 from k2_operator.handlers import status as status_
+from k2_operator.handlers.claims import Claim, owned_by_others
 from k2_operator.handlers.events import event
 from k2_operator.kube import CHILD_KINDS
 from k2_operator.models import GROUP, PIPELINE, VERSION, IcebergTableSpec, IngestionPipelineSpec
@@ -35,20 +36,6 @@ PRUNE_KINDS = ("ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "Ser
 CLAIMS_INDEX = "pipeline_topic_claims"
 
 
-@dataclass(frozen=True, order=True)
-class Claim:
-    """Who asked for a topic first: the oldest pipeline wins, ties broken by namespace/name."""
-
-    created: str
-    namespace: str
-    name: str
-    uid: str
-
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
 @kopf.index(GROUP, VERSION, PIPELINE.plural, id=CLAIMS_INDEX)
 def pipeline_topic_claims(namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[str, Any],
                           **_: Any) -> dict[str, Claim]:
@@ -56,19 +43,13 @@ def pipeline_topic_claims(namespace: str, name: str, spec: Mapping[str, Any], me
         model = IngestionPipelineSpec.model_validate(dict(spec))
     except ValidationError:
         return {}
-    claim = Claim(meta.get("creationTimestamp") or "", namespace, name, meta.get("uid") or "")
+    claim = Claim.of(namespace, name, meta)
     return {topic: claim for topic in model.topic_names().values()}
 
 
 def conflicts(spec: IngestionPipelineSpec, uid: str, claims: Mapping[str, Any]) -> dict[str, Claim]:
     """topic → the older pipeline that owns it, for each of this pipeline's topics owned by another."""
-    owners = {}
-    for topic in spec.topic_names().values():
-        store = claims.get(topic) or []
-        owner = min(store, default=None)
-        if owner is not None and owner.uid != uid:
-            owners[topic] = owner
-    return owners
+    return owned_by_others(spec.topic_names().values(), uid, claims)
 
 
 def _tables_binding(namespace: str, spec: IngestionPipelineSpec) -> tuple[TableBinding | None, refs.Tables]:

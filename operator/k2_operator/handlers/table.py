@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 from pyiceberg.schema import Schema
 
 from k2 import tables as k2_tables
@@ -14,12 +15,14 @@ from k2_operator import external
 from k2_operator.conditions import Condition
 from k2_operator.handlers import apply, cleanup, metrics, refs, runtime
 from k2_operator.handlers import status as status_
+from k2_operator.handlers.claims import Claim, owned_by_others
 from k2_operator.handlers.events import event
 from k2_operator.handlers.refs import Waiting
 from k2_operator.models import GROUP, TABLE, VERSION, IcebergTableSpec
 from k2_operator.render.table import render_table, table_definition
 
 TABLE_READY = "TableReady"
+CLAIMS_INDEX = "table_identifier_claims"
 REQUIRED = (TABLE_READY,)
 PRUNE_KINDS = ("ConfigMap", "CronJob")
 
@@ -58,13 +61,36 @@ def observed_state(table: Any) -> dict[str, Any]:
             "snapshots": len(table.metadata.snapshots)}
 
 
-def reconcile(body: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
+def claim_key(namespace: str, spec: IcebergTableSpec) -> str:
+    """Tables are one per identifier and catalog: the catalog is named by the Secret in the namespace."""
+    return f"{namespace}/{spec.catalog_ref.name}/{spec.identifier}"
+
+
+@kopf.index(GROUP, VERSION, TABLE.plural, id=CLAIMS_INDEX)
+def table_identifier_claims(namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[str, Any],
+                            **_: Any) -> dict[str, Claim]:
+    try:
+        model = IcebergTableSpec.model_validate(dict(spec))
+    except ValidationError:
+        return {}
+    return {claim_key(namespace, model): Claim.of(namespace, name, meta)}
+
+
+def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
     namespace = body["metadata"]["namespace"]
     with metrics.reconciling(TABLE, body, trigger) as logger:
         if status_.paused(TABLE, body):
             return
         spec = status_.validated(TABLE, body, IcebergTableSpec)
         if spec is None:
+            return
+        conflict = owned_by_others([claim_key(namespace, spec)], body["metadata"]["uid"], claims)
+        if conflict:
+            message = (f"table {spec.identifier} of catalog {spec.catalog_ref.name} is already managed by "
+                       f"IcebergTable {next(iter(conflict.values())).ref}")
+            status_.write_status(TABLE, body, [Condition.false(TABLE_READY, "ResourceConflict", message)],
+                                 required=REQUIRED, observed_state={},
+                                 ready_override=Condition.false("Ready", "ResourceConflict", message))
             return
         status = body.get("status") or {}
         changes: list[str] = []
@@ -124,8 +150,8 @@ def reconcile(body: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> Non
 @kopf.on.resume(GROUP, VERSION, TABLE.plural)
 @kopf.on.create(GROUP, VERSION, TABLE.plural)
 @kopf.on.update(GROUP, VERSION, TABLE.plural)
-def table_changed(body: kopf.Body, reason: str, retry: int, **_: Any) -> None:
-    reconcile(body, trigger="change" if reason != "resume" else "resume", attempt=retry)
+def table_changed(body: kopf.Body, table_identifier_claims: kopf.Index, reason: str, retry: int, **_: Any) -> None:
+    reconcile(body, table_identifier_claims, trigger="change" if reason != "resume" else "resume", attempt=retry)
 
 
 @kopf.on.delete(GROUP, VERSION, TABLE.plural, when=cleanup.deletes_external)
