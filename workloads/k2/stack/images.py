@@ -26,6 +26,7 @@ else builds it and `docker save`s it there (older tarballs of the image are remo
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -47,10 +48,12 @@ log = structlog.get_logger("k2.stack.images")
 REPO = Path(__file__).resolve().parents[3]
 BUILD_TIMEOUT = 3600.0
 LABEL = "k2.image.key"
-# The host's CA bundle (with any CA of its own: a TLS-inspecting proxy's, a company's) replaces the
-# Python base's, so pip inside `docker build` reaches PyPI as the host does.
+# The host's CA bundle (with any CA of its own: a TLS-inspecting proxy's, a company's) is what pip
+# in the Python base trusts, so pip inside `docker build` reaches PyPI as the host does. (A path
+# of its own: a file appended to the rootfs must not repeat a path the packages wrote.)
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-PIP_CONF = "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n"
+BASE_CA_BUNDLE = "/etc/ssl/k2-host-ca-certificates.crt"
+PIP_CONF = f"[global]\ncert = {BASE_CA_BUNDLE}\n"
 
 
 # --- bases ---------------------------------------------------------------------------------------
@@ -68,7 +71,7 @@ class Base:
     def files(self) -> dict[str, bytes | str]:
         if not self.with_host_cas or not HOST_CA_BUNDLE.exists():
             return {}
-        return {str(HOST_CA_BUNDLE): HOST_CA_BUNDLE.read_bytes(), "/etc/pip.conf": PIP_CONF}
+        return {BASE_CA_BUNDLE: HOST_CA_BUNDLE.read_bytes(), "/etc/pip.conf": PIP_CONF}
 
     def ensure(self) -> str:
         return debian_image(self.tag, self.packages, suite=self.suite, files=self.files(), hooks=self.hooks,
@@ -317,16 +320,16 @@ def module_source(module: str, version: str) -> Path:
         for name in ("go.work", "go.work.sum"):
             (staged / name).unlink(missing_ok=True)
         go = _go_env()
-        replaces = json.loads(run(["go", "mod", "edit", "-json"], cwd=staged, env=go, what="go mod edit").stdout)
-        for rule in replaces.get("Replace") or []:
-            target = rule["New"]["Path"]
-            if target.startswith(".") and not (staged / target).is_dir():
-                old = rule["Old"]["Path"]
-                run(["go", "mod", "edit", f"-dropreplace={old}"], cwd=staged, env=go, what="go mod edit")
-                # go.sum has no lines for a module that was replaced by a folder: add them.
-                required = next(r["Version"] for r in replaces["Require"] if r["Path"] == old)
-                run(["go", "get", f"{old}@{required}"], cwd=staged, env=go, what=f"go get {old}@{required}",
-                    timeout=1800)
+        mod = json.loads(run(["go", "mod", "edit", "-json"], cwd=staged, env=go, what="go mod edit").stdout)
+        missing = [rule["Old"]["Path"] for rule in mod.get("Replace") or []
+                   if rule["New"]["Path"].startswith(".") and not (staged / rule["New"]["Path"]).is_dir()]
+        if missing:
+            run(["go", "mod", "edit", *(f"-dropreplace={path}" for path in missing)], cwd=staged, env=go,
+                what="go mod edit")
+            # go.sum has no lines for modules that were replaced by a folder: add them.
+            versions = {r["Path"]: r["Version"] for r in mod["Require"]}
+            run(["go", "get", *(f"{path}@{versions[path]}" for path in missing)], cwd=staged, env=go,
+                what=f"go get {' '.join(missing)}", timeout=1800)
         staged.rename(copy)
     return copy
 
@@ -414,6 +417,17 @@ def ensure(image: Image) -> str:
     key = image.key()
     if engine_key(image.tag) == key:
         return "present"
+    lock_path = cache_dir() / "images" / f".{image.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    # Two sessions (a test run and `make kind-up`, say) must not build the same image at once.
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if engine_key(image.tag) == key:
+            return "present"
+        return _load_or_build(image, key)
+
+
+def _load_or_build(image: Image, key: str) -> str:
     tarball = image.tarball
     if tarball.exists():
         run(["docker", "load", "--input", str(tarball)], what=f"docker load {tarball.name}", timeout=900)
