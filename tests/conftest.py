@@ -126,6 +126,26 @@ def asx_root() -> Path:
     return ASX_DATA
 
 
+def asx_records(root: Path, kinds: tuple[str, ...] = ("trades", "quotes")) -> dict[tuple, dict]:
+    """What `k2 ingest asx` makes of an ASX-format folder, by (kind, symbol, epoch day, sequence
+    number): the oracle feed and stream tests compare against."""
+    from k2.sources import asx
+
+    records = {}
+    for tick_file in asx.discover(root, kinds=kinds):  # type: ignore[arg-type]
+        builder = asx.RecordBuilder(tick_file, 0)
+        with tick_file.path.open(newline="") as fh:
+            for line in fh:
+                record = builder.build(line)
+                records[tick_file.kind, record["symbol"], record["exchange_date"], record["sequence_number"]] = record
+    return records
+
+
+@pytest.fixture
+def file_records() -> Callable[..., dict[tuple, dict]]:
+    return asx_records
+
+
 def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
     """Every message of `topic` from the beginning up to its current end (real consumer)."""
     from confluent_kafka import Consumer, TopicPartition

@@ -24,7 +24,6 @@ from k2.observability import FEED_RECONNECTS
 from k2.quality import SequenceGapHalt
 from k2.schemas.registry import client
 from k2.schemas.wire import AvroDecoder
-from k2.sources import asx
 from k2.sources.feed import K2FeedAdapter, encode_tick
 from k2.stack.base import free_port
 from k2_synthetic import generate
@@ -63,17 +62,6 @@ def simulators():
             sim.kill()
 
 
-def _file_records(root: Path) -> dict[tuple, dict]:
-    out = {}
-    for tick_file in asx.discover(root, kinds=("trades", "quotes")):
-        builder = asx.RecordBuilder(tick_file, 0)
-        with tick_file.path.open(newline="") as fh:
-            for line in fh:
-                record = builder.build(line)
-                out[tick_file.kind, record["symbol"], record["exchange_date"], record["sequence_number"]] = record
-    return out
-
-
 def _stored(settings, drain) -> list[tuple[tuple, dict]]:
     decoder = AvroDecoder(client(settings.registry_url))
     out = []
@@ -90,12 +78,13 @@ def _same(record: dict, expected: dict) -> bool:
     return {k: v for k, v in record.items() if k not in skip} == {k: v for k, v in expected.items() if k not in skip}
 
 
-def test_feed_ticks_reach_kafka_exactly_as_from_the_files(folder, simulators, embedded_settings, drain, tmp_path):
+def test_feed_ticks_reach_kafka_exactly_as_from_the_files(folder, simulators, embedded_settings, drain, tmp_path,
+                                                           file_records):
     sim = simulators(folder, free_port(), "--speed", "0", "--malformed-every", "97")
     dlq = tmp_path / "dlq.jsonl"
     summary = ingest_feed(sim.url, embedded_settings, until_end=True, dlq_file=dlq)
 
-    expected = _file_records(folder)
+    expected = file_records(folder)
     stored = _stored(embedded_settings, drain)
     assert len(stored) == len(expected) == summary.produced_total
     assert all(_same(record, expected[key]) for key, record in stored)
@@ -107,7 +96,8 @@ def test_feed_ticks_reach_kafka_exactly_as_from_the_files(folder, simulators, em
     assert summary.balanced and summary.rows_read == len(expected) + len(letters)
 
 
-def test_reconnects_and_resubscribes_after_the_feed_dies(folder, simulators, embedded_settings, drain, tmp_path):
+def test_reconnects_and_resubscribes_after_the_feed_dies(folder, simulators, embedded_settings, drain, tmp_path,
+                                                         file_records):
     port = free_port()
     first = simulators(folder, port, "--speed", "3000", "--max-idle", "0.2")
     reconnects = FEED_RECONNECTS._value.get()
@@ -125,7 +115,7 @@ def test_reconnects_and_resubscribes_after_the_feed_dies(folder, simulators, emb
     assert not worker.is_alive() and "summary" in result, "ingest did not finish after the feed came back"
     assert FEED_RECONNECTS._value.get() > reconnects
     assert second.proc.poll() is None
-    expected = {k for k in _file_records(folder) if k[0] == "trades"}
+    expected = {k for k in file_records(folder) if k[0] == "trades"}
     stored = [key for key, _ in _stored(embedded_settings, drain)]
     assert set(stored) == expected, "every trade of the day, after resubscribing"
     assert len(stored) > len(expected), "the replayed day arrived again (the stream drops those copies)"
@@ -146,7 +136,7 @@ def _topic_has(settings, drain, count: int) -> bool:
         consumer.close()
 
 
-def test_sigterm_flushes_what_was_received(folder, simulators, embedded_settings, drain):
+def test_sigterm_flushes_what_was_received(folder, simulators, embedded_settings, drain, file_records):
     sim = simulators(folder, free_port(), "--speed", "2000", "--max-idle", "0.2")
     env = {**os.environ, **embedded_settings.to_env(), "K2_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen([*K2, "ingest", "feed", sim.url], env=env, stdout=subprocess.DEVNULL,
@@ -164,12 +154,12 @@ def test_sigterm_flushes_what_was_received(folder, simulators, embedded_settings
     summary = next(json.loads(line) for line in err.splitlines() if '"ingest.summary"' in line)
     assert summary["interrupted"] and summary["balanced"]
     stored = _stored(embedded_settings, drain)
-    assert 0 < len(stored) == summary["produced"] < len(_file_records(folder)), "stopped mid-day, nothing lost"
+    assert 0 < len(stored) == summary["produced"] < len(file_records(folder)), "stopped mid-day, nothing lost"
 
 
-def test_sequence_gaps_follow_the_policy(folder, embedded_settings):
+def test_sequence_gaps_follow_the_policy(folder, embedded_settings, file_records):
     settings = embedded_settings.model_copy(update={"gap_alert": 3, "gap_halt": 10})
-    records = sorted((r for k, r in _file_records(folder).items() if k[0] == "trades" and k[1] == "BHP"),
+    records = sorted((r for k, r in file_records(folder).items() if k[0] == "trades" and k[1] == "BHP"),
                      key=lambda r: r["sequence_number"])[:40]
     topics.ensure_pipeline_topics(settings, ("trades",))
     feed = FeedIngest("ws://test", settings, channels=["trades"], symbols=["BHP"], adapter=K2FeedAdapter(),

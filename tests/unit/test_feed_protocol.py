@@ -26,20 +26,7 @@ def folder(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("feed"), symbols=2, days=2, seed=7)
 
 
-def _file_records(root):
-    """What `k2 ingest asx` makes of the folder, keyed like the stream de-duplicates."""
-    out = {}
-    for tick_file in asx.discover(root, kinds=("trades", "quotes")):
-        builder = asx.RecordBuilder(tick_file, 0)
-        with tick_file.path.open(newline="") as fh:
-            for line in fh:
-                record = builder.build(line)
-                del record["ingest_timestamp"], record["source_id"]
-                out[tick_file.kind, record["symbol"], record["exchange_date"], record["sequence_number"]] = record
-    return out
-
-
-def test_simulator_ticks_decode_to_the_file_records_in_sequence_order(folder):
+def test_simulator_ticks_decode_to_the_file_records_in_sequence_order(folder, file_records):
     adapter, decoded, first = K2FeedAdapter(), {}, []
     last_seq: dict[tuple, int] = defaultdict(int)
     for kind, record in ticks(folder):
@@ -51,7 +38,9 @@ def test_simulator_ticks_decode_to_the_file_records_in_sequence_order(folder):
         last_seq[key] = tick.record["sequence_number"]
         first.append((kind, tick.record["symbol"]))
         decoded[(*key, tick.record["sequence_number"])] = tick.record
-    assert decoded == _file_records(folder)
+    expected = {key: {k: v for k, v in r.items() if k not in ("ingest_timestamp", "source_id")}
+                for key, r in file_records(folder).items()}
+    assert decoded == expected
     assert len(set(first[:200])) == 4, "files are merged by exchange time, not sent one after another"
 
 
