@@ -401,16 +401,3 @@ def decode(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int = 0)
         table = table.filter(pa.array(~cur.bad))
     errors = {int(i): cur.problems[cur.why[i] - 1] for i in np.flatnonzero(cur.bad)}
     return Decoded(table, cur.bad, errors)
-
-
-def conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
-    """The decoded columns as the table's own Arrow schema: its types, its order, nulls for
-    columns the writer schema did not have."""
-    arrays = []
-    for fld in schema:
-        if fld.name in data.column_names:
-            column = data[fld.name]
-            arrays.append(column if column.type == fld.type else column.cast(fld.type))
-        else:
-            arrays.append(pa.nulls(data.num_rows, fld.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
