@@ -13,7 +13,6 @@ beforehand; `images()` lists them for `kind load`.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -56,9 +55,10 @@ def images() -> list[str]:
 
 class Kubectl:
     def __init__(self, kubeconfig: Path | None, kube_context: str | None) -> None:
-        kubectl = shutil.which("kubectl")
-        if not kubectl:
-            raise StackError("`kubectl` is not on PATH (scripts/bootstrap.sh installs it)")
+        from .kindnode import kube_binaries
+
+        # The kubectl of the kind node's own build (cached), not whatever is on PATH.
+        kubectl = str(kube_binaries() / "kubectl")
         self.base = [kubectl, *([f"--kubeconfig={kubeconfig}"] if kubeconfig else []),
                      *([f"--context={kube_context}"] if kube_context else [])]
 
