@@ -62,6 +62,13 @@ def test_catalog_database_not_there_and_its_password_not_shown(embedded_settings
     assert "s3cret" not in said
 
 
+def test_warehouse_object_storage_not_there(tmp_path, embedded_settings):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    proc = _run(embedded_settings.model_copy(update={"warehouse": "s3://k2-warehouse/probe", "s3_endpoint": endpoint}),
+                "stream", "run", "--until-idle", "1")
+    _assert_explained(proc, "S3 (the Iceberg warehouse) could not be reached", endpoint, "K2_S3_ENDPOINT")
+
+
 def test_query_api_not_there():
     url = f"http://127.0.0.1:{free_port()}"
     proc = _run(Settings(), "symbols", "--url", url, program="k2-query")

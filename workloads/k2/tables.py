@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -131,8 +132,26 @@ class EnsuredTable(NamedTuple):
     evolved: bool
 
 
+@contextmanager
+def _warehouse_reachable(cat: Catalog) -> Iterator[None]:
+    """Object storage that does not answer is named, with its endpoint and the setting to change."""
+    try:
+        yield
+    except OSError as exc:
+        endpoint = cat.properties.get("s3.endpoint")
+        if endpoint and "NETWORK_CONNECTION" in str(exc):
+            raise Unreachable("S3 (the Iceberg warehouse)", endpoint, "K2_S3_ENDPOINT",
+                              str(exc).split("AWS Error ", 1)[-1].splitlines()[0]) from exc
+        raise
+
+
 def ensure(cat: Catalog, definition: TableDefinition) -> EnsuredTable:
     """Create the table if absent; otherwise evolve its schema with compatible additions only."""
+    with _warehouse_reachable(cat):
+        return _ensure(cat, definition)
+
+
+def _ensure(cat: Catalog, definition: TableDefinition) -> EnsuredTable:
     try:
         cat.create_namespace(definition.namespace)
     except (NamespaceAlreadyExistsError, IntegrityError):
@@ -214,7 +233,8 @@ def evolve_schema(table: Table, schema: Schema) -> bool:
 
 def load_table(cat: Catalog, identifier: str) -> Table | None:
     try:
-        return cat.load_table(identifier)
+        with _warehouse_reachable(cat):
+            return cat.load_table(identifier)
     except NoSuchTableError:
         return None
 
