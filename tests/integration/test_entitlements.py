@@ -136,3 +136,14 @@ def test_the_stream_is_scoped_too(scoped):
         received = [json.loads(ws.receive_text()) for _ in range(len(expected))]
     assert _symbols_of(received) == {"RIO"}
     assert [r["sequence_number"] for r in received] == list(range(1, len(expected) + 1))
+
+
+def test_prod_may_run_on_scoped_keys_alone(embedded_settings):
+    from k2.settings import DEV_API_KEY
+
+    entitlements = {"keys": [{"id": "desk-rio", "sha256": digest(RIO_KEY), "symbols": ["RIO"]}]}
+    settings = embedded_settings.model_copy(update={"mode": "prod", "api_keys": "",
+                                                    "api_entitlements": SecretStr(json.dumps(entitlements))})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/symbols", headers={"X-API-Key": DEV_API_KEY}).status_code == 401
+        assert client.get("/v1/symbols", headers={"X-API-Key": RIO_KEY}).status_code == 200

@@ -53,8 +53,10 @@ class ApiKeys:
                 self._read_file(self._file)
             except OSError as exc:
                 raise ApiKeyConfigError(f"K2_API_KEYS_FILE {self._file} is not readable: {exc}") from exc
-        if not self._configured() and self._mode == "prod":
-            raise ApiKeyConfigError("K2_MODE=prod needs API keys: set K2_API_KEYS or K2_API_KEYS_FILE")
+        scoped = settings.api_entitlements is not None or settings.api_entitlements_file is not None
+        if not self._configured() and self._mode == "prod" and not scoped:
+            raise ApiKeyConfigError("K2_MODE=prod needs API keys: set K2_API_KEYS, K2_API_KEYS_FILE or scoped keys "
+                                    "(K2_API_ENTITLEMENTS_FILE)")
         self._digests = self._compute_digests()
 
     def _read_file(self, file: Path) -> None:

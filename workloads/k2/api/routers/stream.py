@@ -228,22 +228,23 @@ async def stream_ticks(ws: WebSocket, kind: str) -> None:
 
 
 async def _live(ws: WebSocket, sub: Subscription, sender: Sender) -> None:
+    """Send queued ticks until the client leaves or its queue overflows. Sending runs as its own
+    task, so a client that stopped reading (its sends blocked on a full socket) is still cut off
+    the moment its queue fills."""
+
+    async def send_forever() -> None:
+        while True:
+            await sender.tick(await sub.queue.get())
+
+    sending = asyncio.create_task(send_forever())
     incoming = asyncio.create_task(_incoming(ws))
     overflow = asyncio.create_task(sub.overflowed.wait())
     try:
-        while True:
-            if sub.overflowed.is_set():
-                raise Refused(TRY_AGAIN_LATER, f"slow_consumer: more than {sub.buffer} ticks queued")
-            while not sub.queue.empty():
-                await sender.tick(sub.queue.get_nowait())
-            waiting = asyncio.create_task(sub.queue.get())
-            done, _ = await asyncio.wait({waiting, incoming, overflow}, return_when=asyncio.FIRST_COMPLETED)
-            if waiting in done:
-                await sender.tick(waiting.result())
-            else:
-                waiting.cancel()
-            if incoming in done:
-                return  # the client left
+        done, _ = await asyncio.wait({sending, incoming, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        if sending in done:
+            sending.result()  # raises what stopped it (the client went away mid-send)
+        if overflow in done:
+            raise Refused(TRY_AGAIN_LATER, f"slow_consumer: more than {sub.buffer} ticks queued")
     finally:
-        incoming.cancel()
-        overflow.cancel()
+        for task in (sending, incoming, overflow):
+            task.cancel()
