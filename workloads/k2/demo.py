@@ -142,7 +142,8 @@ def _live(base: str, home: Path, ticks: int = 12) -> None:
     time.sleep(1.0)  # subscribed before the market opens
     feed = subprocess.Popen([k2, "feed", "serve", str(folder), "--port", "0", "--speed", "3000", "--max-idle", "0.2"],
                             env=env, stdout=subprocess.PIPE, text=True)
-    url = feed.stdout.readline().split(": ", 1)[-1].strip()  # type: ignore[union-attr]
+    assert feed.stdout is not None  # stdout=PIPE
+    url = feed.stdout.readline().split(": ", 1)[-1].strip()
     ingest = subprocess.Popen([k2, "ingest", "feed", url, "--until-end"], env=env, stdout=subprocess.DEVNULL)
     procs: list[subprocess.Popen[Any]] = [tail, ingest, feed]
     try:

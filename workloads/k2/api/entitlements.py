@@ -90,14 +90,14 @@ class Entitlements:
         self._from_file: list[tuple[bytes, Scope]] = []
         if self._file is not None:
             try:
-                self._read()
+                self._read(self._file)
             except OSError as exc:
                 raise EntitlementsError(f"K2_API_ENTITLEMENTS_FILE {self._file} is not readable: {exc}") from exc
 
-    def _read(self) -> None:
-        mtime = os.stat(self._file).st_mtime_ns  # type: ignore[arg-type]
+    def _read(self, file: Path) -> None:
+        mtime = os.stat(file).st_mtime_ns
         if mtime != self._mtime:
-            self._from_file = parse(Path(self._file).read_text())  # type: ignore[arg-type]
+            self._from_file = parse(Path(file).read_text())
             self._mtime = mtime
             log.info("api.entitlements_loaded", path=str(self._file), keys=len(self._from_file))
 
@@ -106,7 +106,7 @@ class Entitlements:
             return
         with self._lock:
             try:
-                self._read()
+                self._read(self._file)
             except (OSError, EntitlementsError) as exc:  # a Secret being swapped or a bad edit: keep the last good
                 log.warning("api.entitlements_unreadable", path=str(self._file), error=str(exc))
 

@@ -29,6 +29,7 @@ from pydantic_core import to_json
 from k2 import schemas
 from k2.kafka import coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
+from k2.query.filters import TICK_KINDS, TickKind
 from k2.query.rows import to_rows
 from k2.query.scope import Scope
 from k2.schemas import columnar
@@ -59,7 +60,7 @@ class SlowConsumer(RuntimeError):
 
 @dataclass(eq=False)
 class Subscription:
-    kind: str
+    kind: TickKind
     symbols: frozenset[str]  # empty: every symbol
     buffer: int
     loop: asyncio.AbstractEventLoop
@@ -87,12 +88,12 @@ class Subscription:
                 return
 
 
-def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> Iterator[LiveTick]:
+def decode_ticks(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> Iterator[LiveTick]:
     """Confluent-Avro messages of one topic → ticks in message order (undecodable ones are skipped:
     the stream dead-letters them, and a live view must not show what the table never will)."""
     payloads = [m.value() for m in messages]
     ids = columnar.confluent_schema_ids(payloads)
-    target = schemas.arrow_schema(kind)  # type: ignore[arg-type]
+    target = schemas.arrow_schema(kind)
     decoded: list[tuple[np.ndarray, pa.Table]] = []
     for schema_id in np.unique(ids[ids >= 0]).tolist():
         where = np.flatnonzero(ids == schema_id)
@@ -116,9 +117,9 @@ def decode_ticks(decoder: AvroDecoder, kind: str, messages: list[Message]) -> It
 
 
 class TickHub:
-    def __init__(self, settings: Settings, kinds: Iterable[str] = ("trades", "quotes")) -> None:
+    def __init__(self, settings: Settings, kinds: Iterable[TickKind] = TICK_KINDS) -> None:
         self.settings = settings
-        self.topics = {settings.topic(k): k for k in kinds}  # type: ignore[arg-type]
+        self.topics = {settings.topic(k): k for k in kinds}
         self.decoder = AvroDecoder(registry_client(settings.registry_url))
         self._lock = threading.Lock()
         self._subscribers: set[Subscription] = set()
@@ -219,7 +220,7 @@ class TickHub:
     # subscribers --------------------------------------------------------------------------
     def subscribe(self, sub: Subscription) -> dict[int, int]:
         """Join; returns the offset per partition of the sub's topic from which it gets ticks."""
-        topic = self.settings.topic(sub.kind)  # type: ignore[arg-type]
+        topic = self.settings.topic(sub.kind)
         with self._lock:
             self._subscribers.add(sub)
             STREAM_SUBSCRIBERS.labels(sub.kind).set(sum(s.kind == sub.kind for s in self._subscribers))

@@ -34,7 +34,7 @@ from k2.exchanges import SYMBOL_PATTERN
 from k2.observability import STREAM_DISCONNECTS
 from k2.query import scope as scopes
 from k2.query.engine import Engine
-from k2.query.filters import EARLIEST, LATEST, MAX_SYMBOLS, TICK_KINDS, TickFilter
+from k2.query.filters import EARLIEST, LATEST, MAX_SYMBOLS, TICK_KINDS, TickFilter, TickKind
 from k2.query.rows import to_rows
 from k2.query.scope import Forbidden, Scope
 from k2.query.ticks import tick_relation
@@ -128,14 +128,14 @@ class Sender:
         await self.row(tick.symbol, tick.exchange_date, tick.sequence_number, tick.json)
 
 
-def _stored(engine: Engine, settings: Settings, kind: str, symbols: frozenset[str],
+def _stored(engine: Engine, settings: Settings, kind: TickKind, symbols: frozenset[str],
             start: dt.datetime) -> tuple[dict[int, int], Iterator[list[tuple[str, int, int, str]]]]:
     """(offsets the snapshot records, batches of its ticks from `start` in sequence order per symbol)."""
-    table = engine.table(kind, fresh=True)  # type: ignore[arg-type]
-    pin = engine.pin(kind)  # type: ignore[arg-type]
+    table = engine.table(kind, fresh=True)
+    pin = engine.pin(kind)
     if table is None or pin.snapshot is None:
         return {}, iter(())
-    offsets = tables.recorded_offsets(pin.table, pin.snapshot).get(settings.topic(kind), {})  # type: ignore[arg-type]
+    offsets = tables.recorded_offsets(pin.existing_table, pin.snapshot).get(settings.topic(kind), {})
     relation = tick_relation(engine, pin, TickFilter(tuple(symbols), None, start))
     result = engine.stream("stream_catchup", f"SELECT * FROM ({relation.sql}) "
                            "ORDER BY symbol, exchange_date, sequence_number", relation.params, relation.scans)
