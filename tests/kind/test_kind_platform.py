@@ -9,7 +9,6 @@ session started it)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,17 +18,12 @@ from typing import Any
 import pytest
 
 from k2.stack import docker, kindcluster, kindnode, kube
+from k2.stack.base import free_port
 
 pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
 
 NAME = "k2-platform-test"
 ASX_IN_NODE = "/data/asx"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

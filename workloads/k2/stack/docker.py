@@ -220,6 +220,8 @@ def engine_unavailable_reason() -> str | None:
 def _rootfs_key(suite: str, packages: Sequence[str], files: Mapping[str, bytes | str],
                 hooks: Sequence[str]) -> str:
     digest = hashlib.sha256(json.dumps([ROOTFS_FORMAT, suite, DEBIAN_MIRROR, sorted(packages), sorted(hooks)]).encode())
+    if files:  # tarballs with files made before they replaced same-named entries held duplicates
+        digest.update(b"files replace entries")
     for name in sorted(files):
         content = files[name]
         digest.update(name.encode() + b"\0" + (content.encode() if isinstance(content, str) else content))
@@ -265,15 +267,21 @@ def debian_rootfs(packages: Sequence[str], *, suite: str = DEBIAN_SUITE,
             cmd += [suite, str(partial), DEBIAN_MIRROR]
             log.info("docker.rootfs", suite=suite, packages=list(packages), key=key)
             run(["nice", *cmd], what=f"mmdebstrap {suite}", timeout=1800)
-            _append_files(partial, files)
-            os.replace(partial, out)
+            _put_files(partial, files, Path(tmp) / "with-files.tar")
+            os.replace(Path(tmp) / "with-files.tar" if files else partial, out)
     return out
 
 
-def _append_files(tarball: Path, files: Mapping[str, bytes | str]) -> None:
-    """Add `files` to the rootfs tarball (root-owned; 0755 for scripts), after everything else so
-    they win over a package's copy of the same path."""
-    with tarfile.open(tarball, "a") as tar:
+def _put_files(tarball: Path, files: Mapping[str, bytes | str], out: Path) -> None:
+    """Write `tarball` with `files` (root-owned; 0755 for scripts) to `out`, replacing a package's
+    entry of the same path: `docker import` refuses a tarball that names a path twice."""
+    if not files:
+        return
+    names = {"./" + name.lstrip("/") for name in files}
+    with tarfile.open(tarball) as source, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member in source:
+            if member.name not in names:
+                tar.addfile(member, source.extractfile(member) if member.isfile() else None)
         for name, content in files.items():
             data = content.encode() if isinstance(content, str) else content
             info = tarfile.TarInfo("./" + name.lstrip("/"))
