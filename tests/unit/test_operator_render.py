@@ -358,6 +358,14 @@ def test_feed_source_is_a_deployment_whose_liveness_is_feed_progress() -> None:
     assert Settings.model_validate({"feed_stale_seconds": config["K2_FEED_STALE_SECONDS"]}).feed_stale_seconds == 20
 
 
+def test_consumers_get_their_commit_interval_and_compaction_settings() -> None:
+    spec = pipeline_spec(consumer={"batchSeconds": 0.2, "compactIntervalSeconds": 120, "compactMinFiles": 8})
+    config = by_kind(render_pipeline(ASX, spec, binding=BINDING, ctx=CTX))["ConfigMap"]["data"]
+    wanted = ("K2_BATCH_SECONDS", "K2_COMPACT_INTERVAL_SECONDS", "K2_COMPACT_MIN_FILES")
+    settings = Settings.model_validate({k[3:].lower(): v for k, v in config.items() if k in wanted})
+    assert (settings.batch_seconds, settings.compact_interval_seconds, settings.compact_min_files) == (0.2, 120, 8)
+
+
 SECRET_CTX = RenderContext(registry_url="https://user:pw@registry.example.com", registry_secret=("registry", "url"))
 
 

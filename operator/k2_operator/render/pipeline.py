@@ -72,6 +72,8 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
         "compatibility": spec.compatibility,
         "batch_rows": spec.consumer.batch_rows, "batch_bytes": spec.consumer.batch_bytes,
         "batch_seconds": spec.consumer.batch_seconds,
+        "compact_interval_seconds": spec.consumer.compact_interval_seconds,
+        "compact_min_files": spec.consumer.compact_min_files,
         "gap_alert": spec.consumer.gap_alert, "gap_halt": spec.consumer.gap_halt,
         "metrics_port": ctx.workload_metrics_port,
     }
