@@ -145,6 +145,35 @@ class Resources(_Model):
                 for section, values in (("requests", self.requests), ("limits", self.limits)) if values}
 
 
+# Kubernetes' own structures (affinity, tolerations, …) pass through verbatim: the apiserver
+# validates them when the operator applies the workload, and a refusal shows as ApplyFailed.
+FreeForm = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+LabelMap = dict[str, Annotated[str, Field(max_length=4096)]]
+
+
+class ObjectMetadata(_Model):
+    """Labels and annotations added to a rendered object; K2's own labels win a clash."""
+
+    labels: LabelMap = Field(default_factory=dict, max_length=64, description="Extra labels.")
+    annotations: LabelMap = Field(default_factory=dict, max_length=64, description="Extra annotations.")
+
+
+class PodOverrides(ObjectMetadata):
+    """Where a workload's pods run and what they carry (core/v1 PodSpec fields, verbatim)."""
+
+    affinity: FreeForm | None = Field(None, description="Pod affinity and anti-affinity (core/v1 Affinity).")
+    topology_spread_constraints: list[FreeForm] = Field(default_factory=list, max_length=16,
+                                                         description="core/v1 TopologySpreadConstraint list.")
+    tolerations: list[FreeForm] = Field(default_factory=list, max_length=32, description="core/v1 Toleration list.")
+    node_selector: LabelMap = Field(default_factory=dict, max_length=32, description="Node labels to match.")
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                            description="PriorityClass of the pods.")
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16,
+                                                           description="Secrets to pull the image with.")
+    service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                             description="ServiceAccount of the pods (no token is mounted).")
+
+
 def _resources(cpu: str, memory: str, memory_limit: str) -> Any:
     return Field(Resources(requests={"cpu": cpu, "memory": memory}, limits={"memory": memory_limit}),
                  description="Container resources.")
@@ -217,6 +246,7 @@ class SourceSpec(_Model):
     synthetic: SyntheticSource | None = Field(None, description="Generator options (type synthetic).")
     feed: FeedSource | None = Field(None, description="Live feed (type feed): a Deployment, not a Job.")
     resources: Resources = _resources("250m", "512Mi", "2Gi")
+    pod: PodOverrides = Field(default_factory=PodOverrides, description="Placement and metadata of ingest pods.")
 
 
 class TopicsSpec(_Model):
@@ -262,6 +292,11 @@ class ConsumerSpec(_Model):
     gap_alert: int = _setting("gap_alert", "Sequence gaps of at least this size raise an alert.")
     gap_halt: int = _setting("gap_halt", "Sequence gaps above this size halt the consumer.")
     resources: Resources = _resources("250m", "512Mi", "2Gi")
+    pod: PodOverrides = Field(default_factory=PodOverrides, description="Placement and metadata of consumer pods.")
+    service: ObjectMetadata = Field(default_factory=ObjectMetadata, description="Metadata of the metrics Service.")
+    service_monitor: ObjectMetadata = Field(
+        default_factory=ObjectMetadata,
+        description="Metadata of the ServiceMonitor (e.g. the release label your Prometheus selects).")
 
 
 class IngestionPipelineSpec(_Model):
@@ -465,6 +500,8 @@ class IcebergTableSpec(_Model):
     compaction_schedule: str | None = Field(
         None, max_length=128, pattern=CRON,
         description="Cron schedule of a `k2 maintain` CronJob (compaction + snapshot expiry); omitted: none.")
+    maintenance_pod: PodOverrides = Field(default_factory=PodOverrides,
+                                          description="Placement and metadata of maintenance pods.")
     compaction_time_zone: str = Field(
         "Etc/UTC", max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$",
         description="IANA time zone of compactionSchedule (e.g. Australia/Sydney: after the local close).")
@@ -496,6 +533,9 @@ class IngressSpec(_Model):
     tls_secret: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
                                    description="TLS Secret for the host; omitted: plain HTTP.")
     path: str = Field("/", max_length=256, pattern=r"^/\S*$", description="Path prefix.")
+    labels: LabelMap = Field(default_factory=dict, max_length=64, description="Extra labels of the Ingress.")
+    annotations: LabelMap = Field(default_factory=dict, max_length=64,
+                                  description="Extra annotations of the Ingress (e.g. for cert-manager).")
 
 
 class QueryServiceSpec(_Model):
@@ -514,6 +554,13 @@ class QueryServiceSpec(_Model):
     resources: Resources = _resources("250m", "512Mi", "1Gi")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
         "ClusterIP", description="Type of the API Service.")
+    pod: PodOverrides = Field(
+        default_factory=PodOverrides,
+        description="Placement and metadata of API pods; without affinity, replicas prefer distinct nodes.")
+    service: ObjectMetadata = Field(default_factory=ObjectMetadata, description="Metadata of the API Service.")
+    service_monitor: ObjectMetadata = Field(
+        default_factory=ObjectMetadata,
+        description="Metadata of the ServiceMonitor (e.g. the release label your Prometheus selects).")
 
 
 # --- status ---------------------------------------------------------------------------------------

@@ -206,3 +206,29 @@ def test_a_query_service_follows_its_tables_without_being_edited(cluster: Any, n
                                  timeout=30)
     assert "IcebergTable brief does not exist" in k2op.find_condition(obj, "TablesResolved")["message"]
     cluster.delete(namespace, "QueryService", "follower")
+
+
+def test_shaped_pods_are_accepted_by_the_apiserver(cluster: Any, namespace: str, served: str, k2op: Any) -> None:
+    """The pass-through fields (affinity, tolerations, …) reach the Deployment as the apiserver validates them."""
+    shape = {"labels": {"team": "desk-a"}, "annotations": {"a/b": "c"},
+             "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                 {"weight": 1, "preference": {"matchExpressions": [
+                     {"key": "pool", "operator": "In", "values": ["market"]}]}}]}},
+             "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                            "whenUnsatisfiable": "ScheduleAnyway",
+                                            "labelSelector": {"matchLabels": {"team": "desk-a"}}}],
+             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "market", "effect": "NoSchedule"}],
+             "nodeSelector": {"pool": "market"}, "priorityClassName": "k2-critical",
+             "imagePullSecrets": [{"name": "regcred"}], "serviceAccountName": "default"}
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "metadata": {"name": "shaped"},
+                               "spec": {"replicas": 1, "tables": [{"name": "fx"}], "pod": shape,
+                                        "service": {"annotations": {"x/y": "z"}}}})
+    cluster.wait_condition(namespace, "QueryService", "shaped", timeout=60)
+
+    pod = cluster.deployment(namespace, "shaped").spec.template
+    assert pod.metadata.labels["team"] == "desk-a" and pod.metadata.annotations["a/b"] == "c"
+    assert pod.spec.node_selector == {"pool": "market"} and pod.spec.priority_class_name == "k2-critical"
+    assert pod.spec.tolerations[0].key == "dedicated" and pod.spec.image_pull_secrets[0].name == "regcred"
+    assert pod.spec.affinity.node_affinity and pod.spec.topology_spread_constraints[0].max_skew == 1
+    assert cluster.core.read_namespaced_service("shaped", namespace).metadata.annotations == {"x/y": "z"}
+    cluster.delete(namespace, "QueryService", "shaped")

@@ -420,3 +420,68 @@ def test_jobs_end_and_go_and_schedules_name_their_time_zone() -> None:
     assert cron["spec"]["timeZone"] == "Australia/Sydney"
     maintenance = cron["spec"]["jobTemplate"]["spec"]
     assert maintenance["activeDeadlineSeconds"] > 0 and maintenance["ttlSecondsAfterFinished"] > 0
+
+
+SHAPE = {"labels": {"team": "desk-a", "app.kubernetes.io/component": "hijack"}, "annotations": {"a/b": "c"},
+         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+             {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["market"]}]}]}}},
+         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                        "whenUnsatisfiable": "ScheduleAnyway"}],
+         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "market", "effect": "NoSchedule"}],
+         "nodeSelector": {"pool": "market"}, "priorityClassName": "k2-critical",
+         "imagePullSecrets": [{"name": "regcred"}], "serviceAccountName": "k2-workloads"}
+
+
+@pytest.mark.parametrize("workload", ["consumer", "ingest", "api", "maintenance"])
+def test_every_workload_takes_the_pod_shaping_fields(workload: str) -> None:
+    if workload in ("consumer", "ingest"):
+        field = "consumer" if workload == "consumer" else "source"
+        spec = pipeline_spec().model_dump(by_alias=True)
+        spec[field]["pod"] = SHAPE
+        objects = by_kind(render_pipeline(ASX, IngestionPipelineSpec.model_validate(spec), binding=BINDING, ctx=CTX))
+        obj = objects["Deployment" if workload == "consumer" else "Job"]
+    elif workload == "api":
+        obj = by_kind(render_query(API, QueryServiceSpec.model_validate({"tables": [{"name": "t"}], "pod": SHAPE}),
+                                   table_namespace="m", catalog_secret="c", ctx=CTX))["Deployment"]
+    else:
+        obj = by_kind(render_table(TRADES, IcebergTableSpec.model_validate(
+            {"name": "trades", "schema": {"fromSubject": "s"}, "compactionSchedule": "@daily",
+             "maintenancePod": SHAPE}), ctx=CTX))["CronJob"]
+    template = obj["spec"]["jobTemplate"]["spec"]["template"] if obj["kind"] == "CronJob" else obj["spec"]["template"]
+    spec = template["spec"]
+
+    for key in ("affinity", "topologySpreadConstraints", "tolerations", "nodeSelector", "priorityClassName",
+                "serviceAccountName"):
+        assert spec[key] == SHAPE[key], key
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert template["metadata"]["labels"]["team"] == "desk-a" and template["metadata"]["annotations"]["a/b"] == "c"
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] != "hijack", "K2's selector labels win"
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+
+
+def test_api_replicas_prefer_distinct_nodes_unless_told_otherwise() -> None:
+    spec = QueryServiceSpec.model_validate({"tables": [{"name": "t"}]})
+    api = pod(by_kind(render_query(API, spec, table_namespace="m", catalog_secret="c", ctx=CTX))["Deployment"])
+
+    term = api["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "query"
+
+
+def test_services_ingresses_and_service_monitors_take_labels_and_annotations() -> None:
+    release = {"labels": {"release": "kube-prometheus-stack"}, "annotations": {"x/y": "z"}}
+    spec = QueryServiceSpec.model_validate({
+        "tables": [{"name": "t"}], "service": release, "serviceMonitor": release,
+        "ingress": {"host": "k2.example.com", "annotations": {"cert-manager.io/cluster-issuer": "le"}}})
+    objects = by_kind(render_query(API, spec, table_namespace="m", catalog_secret="c",
+                                   ctx=RenderContext(service_monitor=True)))
+
+    for kind in ("Service", "ServiceMonitor"):
+        assert objects[kind]["metadata"]["labels"]["release"] == "kube-prometheus-stack", kind
+        assert objects[kind]["metadata"]["annotations"] == {"x/y": "z"}, kind
+    assert objects["Ingress"]["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "le"}
+    consumer = pipeline_spec().model_dump(by_alias=True)
+    consumer["consumer"]["serviceMonitor"] = release
+    monitor = by_kind(render_pipeline(ASX, IngestionPipelineSpec.model_validate(consumer), binding=BINDING,
+                                      ctx=RenderContext(service_monitor=True)))["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"

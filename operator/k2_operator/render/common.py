@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from k2.settings import Settings
 from k2_operator.config import OperatorConfig
-from k2_operator.models import Resources
+from k2_operator.models import ObjectMetadata, PodOverrides, Resources
 
 MANAGED_BY = "k2-operator"
 PART_OF = "k2"
@@ -188,11 +188,14 @@ class Owner:
         return {**self.selector_labels(component), "app.kubernetes.io/part-of": PART_OF,
                 "app.kubernetes.io/managed-by": MANAGED_BY, f"k2.io/{self.kind.lower()}": self.name}
 
-    def metadata(self, *, name: str, component: str,
-                 annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
-        meta: dict[str, Any] = {"name": name, "namespace": self.namespace, "labels": self.labels(component)}
-        if annotations:
-            meta["annotations"] = dict(annotations)
+    def metadata(self, *, name: str, component: str, annotations: Mapping[str, str] | None = None,
+                 extra: ObjectMetadata | None = None) -> dict[str, Any]:
+        """`extra`: the user's labels and annotations; K2's own win a clash (selectors rely on them)."""
+        meta: dict[str, Any] = {"name": name, "namespace": self.namespace,
+                                "labels": {**(extra.labels if extra else {}), **self.labels(component)}}
+        merged = {**(extra.annotations if extra else {}), **(annotations or {})}
+        if merged:
+            meta["annotations"] = merged
         return meta
 
 
@@ -259,16 +262,42 @@ def pod_spec(containers: list[dict[str, Any]], ctx: RenderContext, *, restart_po
     return spec
 
 
+def shaped(spec: dict[str, Any], pod: PodOverrides, *,
+           default_affinity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The user's placement fields on a pod spec (only those set; K2's security settings stay)."""
+    shaped = dict(spec)
+    affinity = pod.affinity if pod.affinity is not None else default_affinity
+    for key, value in (("affinity", affinity), ("topologySpreadConstraints", pod.topology_spread_constraints),
+                       ("tolerations", pod.tolerations), ("nodeSelector", pod.node_selector),
+                       ("priorityClassName", pod.priority_class_name),
+                       ("imagePullSecrets", [{"name": r.name} for r in pod.image_pull_secrets]),
+                       ("serviceAccountName", pod.service_account_name)):
+        if value:
+            shaped[key] = value
+    return shaped
+
+
+def spread_over_nodes(owner: Owner, component: str) -> dict[str, Any]:
+    """Prefer one replica per node, so losing a node does not take every replica."""
+    return {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                           "labelSelector": {"matchLabels": owner.selector_labels(component)}}}]}}
+
+
 def pod_template(*, owner: Owner, component: str, spec: dict[str, Any], workload: WorkloadConfig,
-                 ctx: RenderContext, metrics_port: int | None = None) -> dict[str, Any]:
-    spec = {**spec, "volumes": [*spec["volumes"], *[f.volume_manifest() for f in workload.files]]}
+                 ctx: RenderContext, metrics_port: int | None = None, pod: PodOverrides | None = None,
+                 default_affinity: dict[str, Any] | None = None) -> dict[str, Any]:
+    pod = pod or PodOverrides()
+    spec = shaped({**spec, "volumes": [*spec["volumes"], *[f.volume_manifest() for f in workload.files]]}, pod,
+                  default_affinity=default_affinity)
     annotations = {SETTINGS_HASH_ANNOTATION: workload.digest()}
     env_secrets = sorted({s.secret for s in workload.secrets})
     if env_secrets:
         annotations[SECRETS_HASH_ANNOTATION] = short_hash({n: ctx.secret_versions.get(n) for n in env_secrets}, 16)
     if metrics_port:
         annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port)})
-    return {"metadata": {"labels": owner.labels(component), "annotations": annotations},
+    return {"metadata": {"labels": {**pod.labels, **owner.labels(component)},
+                         "annotations": {**pod.annotations, **annotations}},
             "spec": spec}
 
 
@@ -294,12 +323,13 @@ def deployment(*, owner: Owner, name: str, component: str, replicas: int,
 
 
 def service(*, owner: Owner, name: str, component: str, ports: list[dict[str, Any]],
-            service_type: str = "ClusterIP", headless: bool = False) -> dict[str, Any]:
+            service_type: str = "ClusterIP", headless: bool = False,
+            meta: ObjectMetadata | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"type": service_type, "selector": owner.selector_labels(component), "ports": ports}
     if headless:
         spec["clusterIP"] = "None"
-    return {"apiVersion": "v1", "kind": "Service", "metadata": owner.metadata(name=name, component=component),
-            "spec": spec}
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": owner.metadata(name=name, component=component, extra=meta), "spec": spec}
 
 
 def pod_disruption_budget(*, owner: Owner, name: str, component: str) -> dict[str, Any]:
@@ -309,9 +339,10 @@ def pod_disruption_budget(*, owner: Owner, name: str, component: str) -> dict[st
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": owner.selector_labels(component)}}}
 
 
-def service_monitor(*, owner: Owner, name: str, component: str, port: str, path: str = "/metrics") -> dict[str, Any]:
+def service_monitor(*, owner: Owner, name: str, component: str, port: str, path: str = "/metrics",
+                    meta: ObjectMetadata | None = None) -> dict[str, Any]:
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-            "metadata": owner.metadata(name=name, component=component),
+            "metadata": owner.metadata(name=name, component=component, extra=meta),
             "spec": {"selector": {"matchLabels": owner.selector_labels(component)},
                      "endpoints": [{"port": port, "path": path, "interval": "30s"}]}}
 

@@ -112,7 +112,8 @@ def consumer_deployment(owner: Owner, spec: IngestionPipelineSpec, *, binding: T
                            resources=spec.consumer.resources, ports=[("metrics", ctx.workload_metrics_port)],
                            liveness=probes["liveness"], readiness=probes["readiness"])
     template = common.pod_template(owner=owner, component="consumer", spec=common.pod_spec([box], ctx),
-                                   workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port)
+                                   workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port,
+                                   pod=spec.consumer.pod)
     # SIGTERM makes `k2 stream run` flush and commit its open batches: give it time to.
     template["spec"]["terminationGracePeriodSeconds"] = 60
     return common.deployment(owner=owner, name=n.consumer, component="consumer", replicas=spec.consumer.replicas,
@@ -154,7 +155,7 @@ def ingest_job(owner: Owner, spec: IngestionPipelineSpec, *, workload: WorkloadC
                            readiness=probes["readiness"], extra_mounts=mounts)
     pod = common.pod_spec([box], ctx, restart_policy="Never", extra_volumes=volumes, tmp_size="4Gi")
     template = common.pod_template(owner=owner, component="ingest", spec=pod, workload=workload, ctx=ctx,
-                                   metrics_port=ctx.workload_metrics_port)
+                                   metrics_port=ctx.workload_metrics_port, pod=spec.source.pod)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": owner.metadata(name=ingest_job_name(owner.name, spec), component="ingest",
@@ -178,7 +179,8 @@ def feed_deployment(owner: Owner, spec: IngestionPipelineSpec, *, workload: Work
                            liveness=common.http_probe("/livez", "metrics", period=15, failure=2, initial=10),
                            readiness=common.http_probe("/metrics", "metrics", period=10, initial=5))
     template = common.pod_template(owner=owner, component="feed", spec=common.pod_spec([box], ctx),
-                                   workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port)
+                                   workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port,
+                                   pod=spec.source.pod)
     template["spec"]["terminationGracePeriodSeconds"] = 60  # SIGTERM flushes the producer and the DLQ
     deployment = common.deployment(owner=owner, name=n.feed, component="feed", replicas=1, template=template)
     deployment["spec"]["strategy"] = {"type": "Recreate"}  # never two sessions at once
@@ -195,12 +197,14 @@ def render_pipeline(owner: Owner, spec: IngestionPipelineSpec, *, binding: Table
     if binding is not None and binding.kinds:
         objects += [
             consumer_deployment(owner, spec, binding=binding, workload=workload, ctx=ctx),
-            common.service(owner=owner, name=n.metrics, component="consumer", headless=True, ports=[
+            common.service(owner=owner, name=n.metrics, component="consumer", headless=True,
+                           meta=spec.consumer.service, ports=[
                 {"name": "metrics", "port": ctx.workload_metrics_port, "targetPort": "metrics", "protocol": "TCP"}]),
             common.pod_disruption_budget(owner=owner, name=n.consumer, component="consumer"),
         ]
         if ctx.service_monitor:
-            objects.append(common.service_monitor(owner=owner, name=n.consumer, component="consumer", port="metrics"))
+            objects.append(common.service_monitor(owner=owner, name=n.consumer, component="consumer", port="metrics",
+                                                  meta=spec.consumer.service_monitor))
     if continuous(spec):
         objects.append(feed_deployment(owner, spec, workload=workload, ctx=ctx))
     elif spec.source.type != "none":

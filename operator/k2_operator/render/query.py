@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from k2_operator.models import QueryServiceSpec
+from k2_operator.models import ObjectMetadata, QueryServiceSpec
 from k2_operator.render import common
 from k2_operator.render.common import Owner, RenderContext, SecretFile, WorkloadConfig
 
@@ -61,7 +61,8 @@ def api_deployment(owner: Owner, spec: QueryServiceSpec, *, workload: WorkloadCo
         readiness=common.http_probe("/ready", "http", period=5, failure=2, initial=5),
         startup=common.http_probe("/health", "http", period=2, failure=30, initial=2))
     template = common.pod_template(owner=owner, component="query", spec=common.pod_spec([box], ctx),
-                                   workload=workload, ctx=ctx, metrics_port=ctx.api_port)
+                                   workload=workload, ctx=ctx, metrics_port=ctx.api_port, pod=spec.pod,
+                                   default_affinity=common.spread_over_nodes(owner, "query"))
     template["spec"]["terminationGracePeriodSeconds"] = 30
     return common.deployment(owner=owner, name=n.api, component="query", replicas=spec.replicas, template=template)
 
@@ -78,7 +79,8 @@ def ingress(owner: Owner, spec: QueryServiceSpec) -> dict[str, Any]:
     if spec.ingress.tls_secret:
         body["tls"] = [{"hosts": [spec.ingress.host], "secretName": spec.ingress.tls_secret}]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": owner.metadata(name=api, component="query"), "spec": body}
+            "metadata": owner.metadata(name=api, component="query", extra=ObjectMetadata(
+                labels=spec.ingress.labels, annotations=spec.ingress.annotations)), "spec": body}
 
 
 def render_query(owner: Owner, spec: QueryServiceSpec, *, table_namespace: str, catalog_secret: str,
@@ -88,12 +90,14 @@ def render_query(owner: Owner, spec: QueryServiceSpec, *, table_namespace: str, 
     objects = [
         common.config_map(owner=owner, name=n.settings, component="query", workload=workload),
         api_deployment(owner, spec, workload=workload, ctx=ctx),
-        common.service(owner=owner, name=n.api, component="query", service_type=spec.service_type, ports=[
+        common.service(owner=owner, name=n.api, component="query", service_type=spec.service_type,
+                       meta=spec.service, ports=[
             {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}]),
         common.pod_disruption_budget(owner=owner, name=n.api, component="query"),
     ]
     if spec.ingress:
         objects.append(ingress(owner, spec))
     if ctx.service_monitor:
-        objects.append(common.service_monitor(owner=owner, name=n.api, component="query", port="http"))
+        objects.append(common.service_monitor(owner=owner, name=n.api, component="query", port="http",
+                                              meta=spec.service_monitor))
     return objects

@@ -78,7 +78,7 @@ def maintenance_cron_job(owner: Owner, spec: IcebergTableSpec, *, workload: Work
         readiness=common.http_probe("/metrics", "metrics", period=30, initial=5))
     template = common.pod_template(owner=owner, component="maintenance",
                                    spec=common.pod_spec([box], ctx, restart_policy="OnFailure"), workload=workload,
-                                   ctx=ctx)
+                                   ctx=ctx, pod=spec.maintenance_pod)
     return {
         "apiVersion": "batch/v1", "kind": "CronJob",
         "metadata": owner.metadata(name=n.maintenance, component="maintenance"),
