@@ -25,7 +25,7 @@ def claims_for(*pipelines: tuple[str, str, str]) -> dict[str, list[Claim]]:
     index: dict[str, list[Claim]] = {}
     for created, name, uid in pipelines:
         for topic in IngestionPipelineSpec.model_validate({"exchange": "asx"}).topic_names().values():
-            index.setdefault(topic, []).append(Claim(created, "ns", name, uid))
+            index.setdefault(topic, []).append(Claim(created, False, "ns", name, uid))
     return index
 
 
@@ -161,3 +161,14 @@ def test_an_operator_in_a_cluster_needs_real_endpoints() -> None:
     in_cluster = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
     assert missing_endpoints(in_cluster) == ["K2_KAFKA_BOOTSTRAP", "K2_REGISTRY_URL"]
     assert missing_endpoints({**in_cluster, "K2_KAFKA_BOOTSTRAP": "kafka:9092", "K2_REGISTRY_URL": "http://r"}) == []
+
+
+def test_within_one_second_an_established_owner_keeps_what_it_owns() -> None:
+    from k2_operator.handlers.claims import owned_by_others
+
+    established = Claim("2026-01-01T00:00:00Z", False, "ns", "zeta", "u1")
+    newcomer = Claim("2026-01-01T00:00:00Z", True, "ns", "alpha", "u2")
+    index = {"key": [newcomer, established]}
+
+    assert owned_by_others(["key"], "u1", index) == {}
+    assert owned_by_others(["key"], "u2", index) == {"key": established}

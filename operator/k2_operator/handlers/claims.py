@@ -14,9 +14,11 @@ from typing import Any
 
 @dataclass(frozen=True, order=True)
 class Claim:
-    """One resource's claim: the oldest wins, ties broken by namespace/name."""
+    """One resource's claim: the oldest wins. Creation times have one-second resolution, so within
+    a second a resource already established (its status shows what it owns) wins, then namespace/name."""
 
     created: str
+    unestablished: bool
     namespace: str
     name: str
     uid: str
@@ -26,8 +28,8 @@ class Claim:
         return f"{self.namespace}/{self.name}"
 
     @classmethod
-    def of(cls, namespace: str, name: str, meta: Mapping[str, Any]) -> Claim:
-        return cls(meta.get("creationTimestamp") or "", namespace, name, meta.get("uid") or "")
+    def of(cls, namespace: str, name: str, meta: Mapping[str, Any], *, established: bool) -> Claim:
+        return cls(meta.get("creationTimestamp") or "", not established, namespace, name, meta.get("uid") or "")
 
 
 def owned_by_others(keys: Iterable[str], uid: str, index: Mapping[str, Any]) -> dict[str, Claim]:

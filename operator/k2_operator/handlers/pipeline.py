@@ -38,12 +38,12 @@ CLAIMS_INDEX = "pipeline_topic_claims"
 
 @kopf.index(GROUP, VERSION, PIPELINE.plural, id=CLAIMS_INDEX)
 def pipeline_topic_claims(namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[str, Any],
-                          **_: Any) -> dict[str, Claim]:
+                          status: Mapping[str, Any], **_: Any) -> dict[str, Claim]:
     try:
         model = IngestionPipelineSpec.model_validate(dict(spec))
     except ValidationError:
         return {}
-    claim = Claim.of(namespace, name, meta)
+    claim = Claim.of(namespace, name, meta, established=bool(status.get("topics")))
     return {topic: claim for topic in model.topic_names().values()}
 
 

@@ -68,12 +68,12 @@ def claim_key(namespace: str, spec: IcebergTableSpec) -> str:
 
 @kopf.index(GROUP, VERSION, TABLE.plural, id=CLAIMS_INDEX)
 def table_identifier_claims(namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[str, Any],
-                            **_: Any) -> dict[str, Claim]:
+                            status: Mapping[str, Any], **_: Any) -> dict[str, Claim]:
     try:
         model = IcebergTableSpec.model_validate(dict(spec))
     except ValidationError:
         return {}
-    return {claim_key(namespace, model): Claim.of(namespace, name, meta)}
+    return {claim_key(namespace, model): Claim.of(namespace, name, meta, established=bool(status.get("tableUuid")))}
 
 
 def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
