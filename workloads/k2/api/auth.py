@@ -13,15 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import threading
-from pathlib import Path
 
-import structlog
-
+from k2.api.watched import WatchedFile
 from k2.settings import DEV_API_KEY, Settings
-
-log = structlog.get_logger("k2.api.auth")
 
 
 class ApiKeyConfigError(RuntimeError):
@@ -43,49 +37,29 @@ def _parse(text: str) -> list[str]:
 class ApiKeys:
     def __init__(self, settings: Settings) -> None:
         self._inline = _parse(settings.api_keys)
-        self._file = settings.api_keys_file
         self._mode = settings.mode
-        self._lock = threading.Lock()
-        self._file_mtime: int | None = None
-        self._file_keys: list[str] = []
-        if self._file is not None:
+        self._file: WatchedFile[list[str]] | None = None
+        if settings.api_keys_file is not None:
             try:
-                self._read_file(self._file)
+                self._file = WatchedFile(settings.api_keys_file, _parse, "api keys")
             except OSError as exc:
-                raise ApiKeyConfigError(f"K2_API_KEYS_FILE {self._file} is not readable: {exc}") from exc
+                raise ApiKeyConfigError(f"K2_API_KEYS_FILE {settings.api_keys_file} is not readable: {exc}") from exc
         scoped = settings.api_entitlements is not None or settings.api_entitlements_file is not None
         if not self._configured() and self._mode == "prod" and not scoped:
             raise ApiKeyConfigError("K2_MODE=prod needs API keys: set K2_API_KEYS, K2_API_KEYS_FILE or scoped keys "
                                     "(K2_API_ENTITLEMENTS_FILE)")
         self._digests = self._compute_digests()
 
-    def _read_file(self, file: Path) -> None:
-        path = Path(file)
-        mtime = os.stat(path).st_mtime_ns
-        if mtime != self._file_mtime:
-            self._file_keys = _parse(path.read_text())
-            self._file_mtime = mtime
-
     def _configured(self) -> list[str]:
-        return self._inline + self._file_keys
+        return self._inline + (self._file.value if self._file else [])
 
     def _compute_digests(self) -> list[bytes]:
         keys = self._configured() or ([DEV_API_KEY] if self._mode == "dev" else [])
         return [hashlib.sha256(k.encode()).digest() for k in keys]
 
     def _refresh(self) -> None:
-        if self._file is None:
-            return
-        with self._lock:
-            previous = self._file_mtime
-            try:
-                self._read_file(self._file)
-            except OSError as exc:  # a Secret being swapped: keep the keys we had
-                log.warning("api.keys_file_unreadable", path=str(self._file), error=str(exc))
-                return
-            if self._file_mtime != previous:
-                self._digests = self._compute_digests()
-                log.info("api.keys_reloaded", path=str(self._file), keys=len(self._digests))
+        if self._file is not None and self._file.refresh():
+            self._digests = self._compute_digests()
 
     def identify(self, presented: str | None) -> str | None:
         """The key's id when `presented` is a valid key, else None."""

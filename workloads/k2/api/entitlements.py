@@ -20,20 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import threading
-from pathlib import Path
 from typing import Annotated
 
-import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from k2.api.watched import WatchedFile
 from k2.exchanges import EXCHANGES
 from k2.query.scope import Scope
 from k2.settings import TABLE_KINDS, Settings
 
-log = structlog.get_logger("k2.api.entitlements")
 SymbolPattern = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9.\-]{0,15}\*?$|^\*$")]
 
 
@@ -82,42 +78,25 @@ def parse(text: str) -> list[tuple[bytes, Scope]]:
 
 class Entitlements:
     def __init__(self, settings: Settings) -> None:
-        self._file = settings.api_entitlements_file
-        self._lock = threading.Lock()
-        self._mtime: int | None = None
         inline = settings.api_entitlements.get_secret_value() if settings.api_entitlements else ""
         self._inline = parse(inline) if inline else []
-        self._from_file: list[tuple[bytes, Scope]] = []
-        if self._file is not None:
+        self._file: WatchedFile[list[tuple[bytes, Scope]]] | None = None
+        if settings.api_entitlements_file is not None:
             try:
-                self._read(self._file)
+                self._file = WatchedFile(settings.api_entitlements_file, parse, "entitlements")
             except OSError as exc:
-                raise EntitlementsError(f"K2_API_ENTITLEMENTS_FILE {self._file} is not readable: {exc}") from exc
-
-    def _read(self, file: Path) -> None:
-        mtime = os.stat(file).st_mtime_ns
-        if mtime != self._mtime:
-            self._from_file = parse(Path(file).read_text())
-            self._mtime = mtime
-            log.info("api.entitlements_loaded", path=str(self._file), keys=len(self._from_file))
-
-    def _refresh(self) -> None:
-        if self._file is None:
-            return
-        with self._lock:
-            try:
-                self._read(self._file)
-            except (OSError, EntitlementsError) as exc:  # a Secret being swapped or a bad edit: keep the last good
-                log.warning("api.entitlements_unreadable", path=str(self._file), error=str(exc))
+                raise EntitlementsError(f"K2_API_ENTITLEMENTS_FILE {settings.api_entitlements_file} is not "
+                                        f"readable: {exc}") from exc
 
     def scope(self, presented: str | None) -> Scope | None:
         """The scope of an entitled key, else None (constant time over every entry)."""
         if not presented:
             return None
-        self._refresh()
+        if self._file is not None:
+            self._file.refresh()
         presented_digest = hashlib.sha256(presented.encode()).digest()
         found = None
-        for candidate, scope in [*self._inline, *self._from_file]:
+        for candidate, scope in [*self._inline, *(self._file.value if self._file else [])]:
             if hmac.compare_digest(presented_digest, candidate):
                 found = scope
         return found
