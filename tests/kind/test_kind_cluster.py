@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from k2.stack import helm
+from k2.stack import addons, docker, helm, images, kindcluster, kindnode, kube
 from k2.stack.base import free_port
 
 pytestmark = [
@@ -35,6 +33,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"
 NAMESPACE = "k2"
+NAME = "k2-kind-test"
 HOST = "k2.localtest.me"
 SYNTHETIC_SAMPLE = REPO / "manifests/samples/k2_v1alpha1_ingestionpipeline_synthetic.yaml"
 
@@ -55,40 +54,41 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, kind_binary: Path, k2_image: str) -> Iterator[Any]:
-    """kind-config.yaml with its host ports 80/443 moved to free ones; the image loaded."""
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The cluster of kind-config.yaml (host ports 80/443 moved to free ones) on the node image
+    built here, with every image of the chart and its add-ons loaded."""
     from pytest_kind import KindCluster
 
-    config = yaml.safe_load((REPO / "kind-config.yaml").read_text())
-    ports = {}
-    for mapping in config["nodes"][0]["extraPortMappings"]:
-        ports[mapping["containerPort"]] = mapping["hostPort"] = free_port()
-    config_file = tmp_path_factory.mktemp("kind") / "kind-config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    kubectl = shutil.which("kubectl")
-    kind = KindCluster("k2-kind-test", kind_path=kind_binary, kubectl_path=Path(kubectl) if kubectl else None)
-    kind.create(config_file=config_file)
+    engine_was_running = docker.engine_answers()
+    kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
+    http_port = free_port()
     try:
-        kind.load_docker_image(k2_image)
-        kind.http_port = ports[80]
+        kindcluster.up(NAME, host_ports={80: http_port, 443: free_port()}, kubeconfig=kubeconfig)
+        images.ensure_all()
+        kindcluster.load_images(NAME, [image.tag for image in images.all_images()])
+        kind = KindCluster(NAME, kubeconfig=kubeconfig, kind_path=kindnode.kind_binary(),
+                           kubectl_path=kube.kube_bin_dir() / "kubectl")
+        kind.create()
+        kind.http_port = http_port
         yield kind
     finally:
-        kind.delete()
+        if docker.engine_answers():
+            kindcluster.delete(NAME)
+        if not engine_was_running:
+            docker.stop_engine()
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster: Any, k2_image: str) -> Any:
-    """Add-ons, then the chart (kind values, this image), then the synthetic manifest sample."""
-    helm.install_kind_addons(kubeconfig=cluster.kubeconfig_path)
+def deployed(cluster: Any) -> Any:
+    """Add-ons, then the chart (kind values: the images built here), then the synthetic sample."""
+    addons.install(kubeconfig=cluster.kubeconfig_path)
     # The release namespace enforces the restricted Pod Security Standard from the start.
     cluster.kubectl("create", "namespace", NAMESPACE)
     cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
-    repository, tag = k2_image.rsplit(":", 1)
     proc = helm.run_helm(
         "upgrade", "--install", "k2", str(CHART), "--namespace", NAMESPACE,
         "--kubeconfig", str(cluster.kubeconfig_path), "--values", str(CHART / "ci/kind-values.yaml"),
-        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}", "--wait", "--timeout", "15m",
-        timeout=1200)
+        "--wait", "--timeout", "15m", timeout=1200)
     assert proc.returncode == 0, proc.stderr
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(SYNTHETIC_SAMPLE))
     return cluster
