@@ -260,7 +260,7 @@ class Cluster:
             if exc.status != 404:
                 raise
 
-    def wait_condition(self, namespace: str, kind: str, name: str, type_: str = "Ready", status: str = "True",
+    def wait_condition(self, namespace: str, kind: str, name: str, type_: str = "Synced", status: str = "True",
                        reason: str | None = None, timeout: float = 60.0, generation: bool = True) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             obj = self.get(namespace, kind, name)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 READY = "Ready"
+SYNCED = "Synced"
 Status = Literal["True", "False", "Unknown"]
 
 
@@ -45,18 +46,31 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def summary(conditions: Sequence[Condition], required: Sequence[str],
-            ready_message: str = "reconciled") -> Condition:
-    """`Ready` is True when every required condition is; otherwise it carries the first failure."""
+def summary(conditions: Sequence[Condition], required: Sequence[str], ready_message: str = "reconciled", *,
+            type_: str = SYNCED) -> Condition:
+    """`Synced` (by default) is True when every required condition is; otherwise it carries the
+    first failure."""
     by_type = {c.type: c for c in conditions}
-    for type_ in required:
-        condition = by_type.get(type_)
+    for required_type in required:
+        condition = by_type.get(required_type)
         if condition is None:
-            return Condition.unknown(READY, "Reconciling", f"{type_} not yet determined")
+            return Condition.unknown(type_, "Reconciling", f"{required_type} not yet determined")
         if not condition.ok:
             status: Status = "False" if condition.status == "False" else "Unknown"
-            return Condition(READY, status, condition.reason, f"{type_}: {condition.message}")
-    return Condition.true(READY, "Reconciled", ready_message)
+            return Condition(type_, status, condition.reason, f"{required_type}: {condition.message}")
+    return Condition.true(type_, "Reconciled", ready_message)
+
+
+def readiness(synced: Condition, serving: Sequence[dict[str, Any] | None]) -> Condition:
+    """`Ready`: Synced, and every serving condition (pods available) True. A resource whose spec is
+    applied but whose pods do not run is Synced, not Ready."""
+    if not synced.ok:
+        return Condition(READY, synced.status, synced.reason, synced.message)
+    for condition in serving:
+        if condition is not None and condition.get("status") != "True":
+            return Condition.false(READY, condition.get("reason") or "NotServing",
+                                   f"{condition.get('type')}: {condition.get('message', '')}")
+    return Condition.true(READY, synced.reason, synced.message)
 
 
 def merge(existing: Iterable[dict[str, Any]] | None, updates: Iterable[Condition], *, generation: int | None,

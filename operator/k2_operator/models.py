@@ -651,12 +651,16 @@ class KindInfo:
     status: type[BaseModel]
     description: str
     printer_columns: tuple[dict[str, Any], ...]
+    # Conditions that say the workload serves (pods available): Ready needs them, Synced does not.
+    serving: tuple[str, ...] = ()
 
 
 def _ready_columns() -> tuple[dict[str, Any], ...]:
     return (
-        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        {"name": "Synced", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Synced")].status',
          "description": "Whether the desired state has been applied."},
+        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+         "description": "Whether it is applied and serves (pods available)."},
         {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
          "priority": 1, "description": "Why (not) ready."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -681,6 +685,7 @@ PIPELINE = KindInfo(
          "priority": 1, "description": "Available consumer pods."},
         *_ready_columns(),
     ),
+    serving=("ConsumersAvailable",),
 )
 TABLE = KindInfo(
     kind="IcebergTable", plural="icebergtables", singular="icebergtable", short_names=("ibt",),
@@ -707,5 +712,6 @@ QUERY = KindInfo(
         {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "Where the API answers."},
         *_ready_columns(),
     ),
+    serving=("Available",),
 )
 KINDS: tuple[KindInfo, ...] = (PIPELINE, TABLE, QUERY)

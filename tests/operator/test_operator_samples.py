@@ -36,13 +36,25 @@ def applied(cluster: Any, namespace: str, operator: Any, asset_class: str, k2op:
     return ready
 
 
-def test_every_sample_becomes_ready(applied: dict[tuple[str, str], dict], k2op: Any) -> None:
+def test_every_sample_is_synced(applied: dict[tuple[str, str], dict], k2op: Any) -> None:
     kinds = {kind for kind, _ in applied}
     assert kinds == set(k2op.PLURALS)
     for (kind, name), obj in applied.items():
-        ready = k2op.find_condition(obj, "Ready")
-        assert ready["reason"] == "Reconciled", (kind, name, ready)
+        synced = k2op.find_condition(obj, "Synced")
+        assert synced["reason"] == "Reconciled", (kind, name, synced)
         assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+
+
+def test_synced_is_not_ready_while_no_pod_serves(applied: dict[tuple[str, str], dict], k2op: Any) -> None:
+    """This control plane has no nodes: the consumers and API pods never run, so what is applied
+    (Synced) is not Ready; tables, which serve nothing through pods, are both."""
+    for (kind, name), obj in applied.items():
+        ready = k2op.find_condition(obj, "Ready")
+        if kind == "IcebergTable":
+            assert ready["status"] == "True", (name, ready)
+        else:
+            assert (ready["status"], ready["reason"]) == ("False", "ReplicasUnavailable"), (kind, name, ready)
+            assert "0/" in ready["message"]
 
 
 def test_topics_are_created_as_specified(applied: dict, admin: Any, asset_class: str, k2op: Any) -> None:
@@ -136,8 +148,8 @@ def test_the_controllers_act_on_the_children(applied: dict, cluster: Any, namesp
 
 def test_printer_columns(applied: dict, cluster: Any, namespace: str) -> None:
     out = cluster.kubectl("get", "ipl", "-n", namespace).stdout.splitlines()
-    assert out[0].split() == ["NAME", "EXCHANGE", "SOURCE", "PARTITIONS", "CONSUMERS", "READY", "AGE"]
-    assert out[1].split()[:6] == ["asx", "asx", "asx-csv", "6", "1", "True"]
+    assert out[0].split() == ["NAME", "EXCHANGE", "SOURCE", "PARTITIONS", "CONSUMERS", "SYNCED", "READY", "AGE"]
+    assert out[1].split()[:7] == ["asx", "asx", "asx-csv", "6", "1", "True", "False"]
     tables = cluster.kubectl("get", "k2", "-n", namespace).stdout  # the category lists all three kinds
     assert "icebergtable.k2.io/market-trades" in tables and "queryservice.k2.io/k2-api" in tables
 

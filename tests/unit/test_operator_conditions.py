@@ -66,3 +66,16 @@ def test_conditions_that_no_longer_apply_can_be_removed() -> None:
                               remove=["IngestComplete"])
 
     assert [c["type"] for c in merged] == ["Ready"]
+
+
+def test_ready_needs_synced_and_every_serving_condition() -> None:
+    synced = Condition.true("Synced", "Reconciled", "reconciled")
+    serving = conditions.merge([], [Condition.false("ConsumersAvailable", "ReplicasUnavailable", "0/2")],
+                               generation=1)[0]
+
+    ready = conditions.readiness(synced, [serving])
+    assert (ready.type, ready.status, ready.reason) == ("Ready", "False", "ReplicasUnavailable")
+    assert conditions.readiness(synced, [{**serving, "status": "True"}]).ok
+    assert conditions.readiness(synced, []).ok, "nothing to serve: applied is ready"
+    failed = conditions.readiness(Condition.false("Synced", "ShrinkRefused", "no"), [])
+    assert (failed.type, failed.status, failed.reason) == ("Ready", "False", "ShrinkRefused")

@@ -3,6 +3,7 @@ Event when Ready moves, and how every reconcile ends (`conclude`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -27,14 +28,18 @@ WAITING_REASONS = frozenset({"Reconciling", "TableNotFound", "TableNotReady", "S
 def write_status(info: KindInfo, body: Mapping[str, Any], checks: Sequence[Condition], *, required: Sequence[str],
                  observed_state: Mapping[str, Any], ready_override: Condition | None = None,
                  announce: bool = True, remove: Sequence[str] = ()) -> Condition:
-    """Merge `checks` (+ the derived Ready) into the resource's conditions and write the status.
+    """Merge `checks`, the derived Synced (applied) and Ready (applied and serving) into the
+    resource's conditions and write the status; `ready_override` (a conflict, a refusal) fails both.
 
     An Event is posted when Ready changes status or reason, so `kubectl describe` tells the story.
     """
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("conditions") or []
-    ready = ready_override or conditions.summary(checks, required)
-    merged = conditions.merge(previous, [*checks, ready], generation=meta.get("generation"), remove=remove)
+    synced = (dataclasses.replace(ready_override, type=conditions.SYNCED) if ready_override
+              else conditions.summary(checks, required))
+    merged = conditions.merge(previous, [*checks, synced], generation=meta.get("generation"), remove=remove)
+    ready = conditions.readiness(synced, [conditions.find(merged, t) for t in info.serving])
+    merged = conditions.merge(merged, [ready], generation=meta.get("generation"))
     status = {**observed_state, "conditions": merged, "observedGeneration": meta.get("generation")}
     runtime.get().kube.patch_status(runtime.resource_kind(info), meta["namespace"], meta["name"], status)
     metrics.track_ready(info.kind, meta["namespace"], meta["name"], ready.ok)
@@ -71,10 +76,19 @@ def report_changes(body: Mapping[str, Any], changes: Sequence[str], trigger: str
 
 def patch_conditions(info: KindInfo, body: Mapping[str, Any], checks: Sequence[Condition],
                      observed_state: Mapping[str, Any]) -> None:
-    """Update informational conditions (availability) and observed fields; Ready is left as it is."""
+    """Update conditions that need no reconcile (availability, the ingest Job) and observed fields;
+    Ready follows them, Synced is left as it is."""
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("conditions") or []
-    merged = conditions.merge(previous, checks, generation=(body.get("status") or {}).get("observedGeneration"))
+    generation = (body.get("status") or {}).get("observedGeneration")
+    merged = conditions.merge(previous, checks, generation=generation)
+    synced = conditions.find(merged, conditions.SYNCED)
+    if synced is not None:
+        as_condition = Condition(conditions.SYNCED, synced["status"], synced["reason"], synced.get("message", ""))
+        ready = conditions.readiness(as_condition, [conditions.find(merged, t) for t in info.serving])
+        merged = conditions.merge(merged, [ready], generation=generation)
+        metrics.track_ready(info.kind, meta["namespace"], meta["name"], ready.ok)
+        _announce(body, previous, ready)
     runtime.get().kube.patch_status(runtime.resource_kind(info), meta["namespace"], meta["name"],
                                     {**observed_state, "conditions": merged})
 
