@@ -121,13 +121,17 @@ def cleanup_tests(*, stop_engine: bool) -> None:
         docker.stop_engine()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m k2.stack.kindcluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["up", "down", "load", "cleanup-tests"])
     parser.add_argument("--stop-engine", action="store_true", help="for cleanup-tests: also stop K2's engine")
     parser.add_argument("--name", default="k2")
     parser.add_argument("images", nargs="*", help="for load: images of the engine to put into the nodes")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # `load --name k2 IMAGE…`, as the Makefile calls it
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.action == "up":
         print(up(args.name))
     elif args.action == "cleanup-tests":
