@@ -119,6 +119,16 @@ def embedded_settings(tmp_path: Path, kafka, registry, unique: str) -> Settings:
                     dlq_path=str(tmp_path / "dlq.jsonl"), batch_seconds=0.5)
 
 
+@pytest.fixture
+def production_settings(kafka, registry, postgres, s3, unique: str) -> Settings:
+    """Settings as the chart deploys them: the Postgres catalog and the S3 warehouse, on a
+    namespace, folder and topics of this test's own."""
+    return Settings(kafka_bootstrap=kafka.bootstrap, registry_url=registry.url, asset_class=f"t{unique}",
+                    namespace=f"t{unique}", catalog_uri=postgres.sqlalchemy_url,
+                    warehouse=f"s3://{s3.bucket}/t{unique}", s3_endpoint=s3.endpoint, s3_access_key=s3.access_key,
+                    s3_secret_key=s3.secret_key, s3_region=s3.region, batch_seconds=0.5)
+
+
 @pytest.fixture(scope="session")
 def asx_root() -> Path:
     if not (ASX_DATA / "reference-data" / "company_info.csv").is_file():

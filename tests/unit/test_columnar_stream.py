@@ -28,14 +28,6 @@ class _Registry:
         return {1: V1, 2: V2, 3: V3}[schema_id]
 
 
-class _Letters:
-    def __init__(self) -> None:
-        self.letters = []
-
-    def send(self, letter) -> None:
-        self.letters.append(letter)
-
-
 def _trade(seq: int | None, **extra) -> dict:
     return {"symbol": "BHP", "exchange": "ASX", "exchange_timestamp": 1_394_406_000_000_000 + (seq or 0),
             "exchange_date": 16139, "sequence_number": seq, "price": (36_500_000).to_bytes(4, "big"),
@@ -57,14 +49,14 @@ def test_batch_decoding_routes_poison_and_keeps_arrival_order():
     for offset, payload in enumerate(payloads):
         batch.add(offset % 2, 100 + offset, payload)
     writer = types.SimpleNamespace(decoder=_Registry(), keys=("symbol", "exchange_date", "sequence_number"),
-                                   dlq=_Letters(), topic="t.trades")
+                                   topic="t.trades")
     writer._decode_group = lambda *args: TableWriter._decode_group(writer, *args)
-    data, schema_ids = TableWriter._decode(writer, batch)
+    data, schema_ids, letters = TableWriter._decode(writer, batch)
 
     assert data["sequence_number"].to_pylist() == [1, 2, 3, 4]  # arrival order across schema ids 1 and 2
     assert data["trade_id"].to_pylist() == [None, "T-2", None, None]
     assert schema_ids == {1, 2}
-    reasons = [(x.offset, x.partition, x.reason) for x in writer.dlq.letters]
+    reasons = [(x.offset, x.partition, x.reason) for x in letters]
     assert reasons == [(101, 1, "not_confluent_avro"), (103, 1, "not_confluent_avro"), (104, 0, "unknown_schema_id"),
                        (105, 1, "undecodable"), (106, 0, "missing_key"), (109, 1, "undecodable")]
-    assert writer.dlq.letters[3].payload_b64 and "sequence_number" in writer.dlq.letters[4].detail
+    assert letters[3].payload_b64 and "sequence_number" in letters[4].detail

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from k2.kafka import PRODUCER_DEFAULTS
+from k2.faults import Transient
 from k2.observability import ROWS_REJECTED
 from k2.settings import Settings
 
@@ -45,8 +48,25 @@ class DeadLetter:
 
 
 class DeadLetterSink(Protocol):
-    def send(self, letter: DeadLetter) -> None: ...
-    def flush(self) -> None: ...
+    def send(self, letter: DeadLetter) -> None:
+        """Hand a letter over; it is durable only once `flush` has returned."""
+
+    def flush(self) -> None:
+        """Return once every letter handed over is durable, or raise (`Transient` if retrying helps)."""
+
+    def recorded(self, source: str, since_ms: int) -> set[tuple[int, int]]:
+        """(partition, offset) of the stream's letters for `source` written since `since_ms`."""
+        ...
+
+
+def _stream_letter_position(raw: bytes, source: str, since_ms: int = 0) -> tuple[int, int] | None:
+    try:
+        letter = json.loads(raw)
+    except ValueError:  # a line cut short by a crash
+        return None
+    if letter.get("stage") != "stream" or letter.get("source") != source or letter["rejected_at_ms"] < since_ms:
+        return None
+    return letter.get("partition"), letter.get("offset")
 
 
 class FileDeadLetters:
@@ -65,25 +85,76 @@ class FileDeadLetters:
 
     def flush(self) -> None:
         self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def recorded(self, source: str, since_ms: int) -> set[tuple[int, int]]:
+        with self.path.open("rb") as fh:
+            return {position for line in fh if (position := _stream_letter_position(line, source, since_ms))}
 
 
 class KafkaDeadLetters:
-    """The DLQ topic, produced with the same idempotent producer settings as the data."""
+    """The DLQ topic, produced with the same idempotent producer settings as the data. A letter
+    Kafka refuses (its delivery timed out while the broker was away) is sent again at `flush`."""
 
-    def __init__(self, producer: Producer, topic: str) -> None:
+    def __init__(self, producer: Producer, topic: str, bootstrap: str) -> None:
         self.producer = producer
         self.topic = topic
+        self.bootstrap = bootstrap
         self.count = 0
+        self._refused: list[DeadLetter] = []
 
     def send(self, letter: DeadLetter) -> None:
-        self.producer.produce(self.topic, key=letter.reason.encode(), value=letter.to_json())
+        self._produce(letter)
         self.count += 1
         ROWS_REJECTED.labels(letter.stage, letter.reason).inc()
 
+    def _produce(self, letter: DeadLetter) -> None:
+        def delivered(err: KafkaError | None, _msg: object) -> None:
+            if err is not None:
+                self._refused.append(letter)
+
+        while True:
+            try:
+                self.producer.produce(self.topic, key=letter.reason.encode(), value=letter.to_json(),
+                                      on_delivery=delivered)
+                return
+            except BufferError:  # the local queue is full while the broker is away: let it drain
+                self.producer.poll(0.1)
+
     def flush(self) -> None:
+        refused, self._refused = self._refused, []
+        for letter in refused:
+            self._produce(letter)
         remaining = self.producer.flush(30)
-        if remaining:
-            raise RuntimeError(f"{remaining} dead letters not acknowledged by Kafka within 30s")
+        if remaining or self._refused:
+            raise Transient("kafka", f"{remaining + len(self._refused)} dead letters not acknowledged yet")
+
+    def recorded(self, source: str, since_ms: int) -> set[tuple[int, int]]:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"k2-dlq-reader-{uuid.uuid4().hex}",
+                             "enable.auto.commit": False})
+        try:
+            partitions = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+            starts = consumer.offsets_for_times([TopicPartition(self.topic, p, since_ms) for p in partitions],
+                                                timeout=10)
+            ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in starts}
+            todo = [tp for tp in starts if 0 <= tp.offset < ends[tp.partition]]
+            consumer.assign(todo)
+            found, left = set(), {tp.partition for tp in todo}
+            deadline = time.monotonic() + 60
+            while left:
+                if time.monotonic() > deadline:
+                    raise Transient("kafka", f"could not read {self.topic} to its end within 60s")
+                for msg in consumer.consume(10_000, timeout=1.0):
+                    if msg.error():
+                        continue
+                    position = _stream_letter_position(msg.value(), source)
+                    if position:
+                        found.add(position)
+                    if msg.offset() + 1 >= ends[msg.partition()]:
+                        left.discard(msg.partition())
+            return found
+        finally:
+            consumer.close()
 
 
 def open_sink(settings: Settings, dlq_file: Path | None, producer: Producer | None = None) -> DeadLetterSink:
@@ -93,4 +164,4 @@ def open_sink(settings: Settings, dlq_file: Path | None, producer: Producer | No
         return FileDeadLetters(dlq_file)
     if producer is None:
         producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
-    return KafkaDeadLetters(producer, settings.dlq_topic)
+    return KafkaDeadLetters(producer, settings.dlq_topic, settings.kafka_bootstrap)

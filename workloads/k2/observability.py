@@ -56,6 +56,12 @@ CONSUMER_LAG = Gauge("k2_consumer_lag", "Messages behind the log end", ["table",
                      registry=REGISTRY)
 SNAPSHOTS = Gauge("k2_table_snapshots", "Snapshots retained per table", ["table"], registry=REGISTRY)
 
+# dependencies (registry, catalog, storage, Kafka): transient failures are retried, never dead-lettered
+DEPENDENCY_ERRORS = Counter("k2_dependency_errors", "Transient dependency failures, each followed by a retry",
+                            ["dependency"], registry=REGISTRY)
+DEPENDENCY_RETRY_SECONDS = Counter("k2_dependency_retry_seconds", "Time spent backing off before retrying a "
+                                   "dependency", ["dependency"], registry=REGISTRY)
+
 # query + API
 HTTP_REQUESTS = Counter("k2_http_requests", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
 HTTP_DURATION = Histogram("k2_http_request_duration_seconds", "HTTP request duration", ["method", "route"],

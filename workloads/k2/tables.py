@@ -255,6 +255,26 @@ def recorded_offsets(table: Table, snapshot: Snapshot | None = None) -> dict[str
     return {}
 
 
+def offsets_held_since_ms(table: Table, topic: str, partitions: set[int]) -> int:
+    """Since when (ms) the table has recorded its current offsets for these partitions: the
+    time of the oldest snapshot in the main lineage that already had them, 0 when that lineage
+    runs out first (snapshots expired, or no commit yet). Whatever was done with messages past
+    those offsets was done after it."""
+    current = recorded_offsets(table).get(topic, {})
+    wanted = {p: current.get(p) for p in partitions}
+    since = 0
+    snapshot: Snapshot | None = table.current_snapshot()
+    while snapshot is not None:
+        raw = snapshot.summary.additional_properties.get(OFFSETS_PROPERTY) if snapshot.summary else None
+        if raw:
+            offsets = {int(p): int(o) for p, o in json.loads(raw).get(topic, {}).items()}
+            if {p: offsets.get(p) for p in partitions} != wanted:
+                return since
+        since = snapshot.timestamp_ms
+        snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
+    return 0
+
+
 def encode_offsets(offsets: dict[str, dict[int, int]]) -> str:
     return json.dumps({t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(offsets.items())},
                       separators=(",", ":"))

@@ -15,7 +15,9 @@ from typing import Any, cast
 
 import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+from k2.faults import Transient
 from k2.schemas import strip_logical_types
 
 MAGIC = 0
@@ -61,14 +63,27 @@ class AvroDecoder:
         """The writer schema as registered (with logical types), fetched once per id."""
         schema = self._json.get(schema_id)
         if schema is None:
+            registered = self._fetch(schema_id)
             try:
-                registered: Schema = self.registry.get_schema(schema_id)
                 schema = json.loads(registered.schema_str or "")
-            except Exception as exc:
-                raise PoisonMessage("unknown_schema_id", f"schema id {schema_id}: {exc}") from exc
+                physical = cast(dict[str, Any], fastavro.parse_schema(strip_logical_types(schema)))
+            except Exception as exc:  # noqa: BLE001 - fastavro raises many types on a bad schema
+                raise PoisonMessage("unknown_schema_id", f"schema id {schema_id} is not Avro: {exc}") from exc
             self._json[schema_id] = schema
-            self._physical[schema_id] = cast(dict[str, Any], fastavro.parse_schema(strip_logical_types(schema)))
+            self._physical[schema_id] = physical
         return schema
+
+    def _fetch(self, schema_id: int) -> Schema:
+        """Only the registry saying the id does not exist makes its messages poison; an outage,
+        a timeout or a server error passes, so it is `Transient` and the caller waits it out."""
+        try:
+            return self.registry.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                raise PoisonMessage("unknown_schema_id", f"schema id {schema_id}: {exc}") from exc
+            raise Transient("registry", f"schema id {schema_id}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the client's transport errors: refused, reset, timed out
+            raise Transient("registry", f"schema id {schema_id}: {type(exc).__name__}: {exc}") from exc
 
     def physical_writer_schema(self, schema_id: int) -> dict[str, Any]:
         if schema_id not in self._physical:

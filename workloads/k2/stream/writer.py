@@ -33,7 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pyiceberg.expressions import AlwaysFalse, AlwaysTrue, And, BooleanExpression, EqualTo, Or
 from pyiceberg.table import Table
 
-from k2 import schemas, tables
+from k2 import faults, schemas, tables
 from k2.dlq import DeadLetter, DeadLetterSink
 from k2.observability import (
     BATCH_ROWS,
@@ -51,6 +51,7 @@ from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.stream")
+DLQ_CLOCK_SKEW_MS = 300_000  # dead letters are stamped by one host's clock, snapshots maybe by another's
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Batch:
     end: dict[int, int] = field(default_factory=dict)  # partition → next offset after the batch
     nbytes: int = 0
     opened: float = field(default_factory=time.monotonic)
+    letters_handed: bool = False  # its dead letters went to the sink (a retried flush must not resend them)
 
     def add_offset(self, partition: int, offset: int) -> None:
         self.start.setdefault(partition, offset)
@@ -148,6 +150,7 @@ class TableWriter:
         self.unrecorded: set[int] = set()
         self.batch = Batch()
         self.watermarks: dict[tuple[str, int], int] = {}
+        self.dead_lettered: set[tuple[int, int]] = set()  # (partition, offset) already in the DLQ
         self.known_columns = {f.name for f in table.schema().fields}
         self.last_message_at = time.monotonic()
         self.rows_committed = 0
@@ -158,6 +161,14 @@ class TableWriter:
                                 on_lost=self._on_revoke)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        faults.retry(lambda: self._resume(partitions), what=f"assign {self.table_name}")
+        log.info("stream.assigned", table=self.table_name, topic=self.topic,
+                 offsets={tp.partition: tp.offset for tp in partitions})
+        consumer.assign(partitions)
+
+    def _resume(self, partitions: list[TopicPartition]) -> None:
+        """Where the table says each partition continues, what it stores, and which messages past
+        those offsets an earlier run already dead-lettered (it crashed before it could commit)."""
         self.table = self.table.refresh()
         recorded = tables.recorded_offsets(self.table).get(self.topic, {})
         for tp in partitions:
@@ -166,9 +177,8 @@ class TableWriter:
         self.unrecorded = {tp.partition for tp in partitions if tp.partition not in recorded}
         self.batch = Batch()
         self._load_watermarks()
-        log.info("stream.assigned", table=self.table_name, topic=self.topic,
-                 offsets={tp.partition: tp.offset for tp in partitions})
-        consumer.assign(partitions)
+        since = tables.offsets_held_since_ms(self.table, self.topic, self.assigned)
+        self.dead_lettered = self.dlq.recorded(self.topic, max(0, since - DLQ_CLOCK_SKEW_MS) if since else 0)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Work in flight for revoked partitions is dropped; whoever gets them next resumes from
@@ -233,9 +243,9 @@ class TableWriter:
                 or time.monotonic() - b.opened >= self.settings.batch_seconds)
 
     # decoding ---------------------------------------------------------------------------
-    def _decode(self, batch: Batch) -> tuple[pa.Table, set[int]]:
-        """The batch's good records as one table in arrival order, and their writer schema ids;
-        every other message goes to the DLQ with its partition, offset and reason."""
+    def _decode(self, batch: Batch) -> tuple[pa.Table, set[int], list[DeadLetter]]:
+        """The batch's good records as one table in arrival order, their writer schema ids, and a
+        dead letter (partition, offset, reason) for every other message."""
         payloads = batch.payloads
         ids = columnar.confluent_schema_ids(payloads)
         letters: list[tuple[int, str, str]] = []  # (message index, reason, detail)
@@ -271,16 +281,15 @@ class TableWriter:
                 parts.append(table)
                 positions.append(good)
                 schema_ids.add(schema_id)
-        for i, reason, detail in sorted(letters):
-            self.dlq.send(DeadLetter.for_payload(stage="stream", reason=reason, detail=detail, topic=self.topic,
-                                                 partition=batch.partitions[i], offset=batch.offsets[i],
-                                                 payload=payloads[i]))
+        dead = [DeadLetter.for_payload(stage="stream", reason=reason, detail=detail, topic=self.topic,
+                                       partition=batch.partitions[i], offset=batch.offsets[i], payload=payloads[i])
+                for i, reason, detail in sorted(letters)]
         if not parts:
-            return pa.table({}), schema_ids
+            return pa.table({}), schema_ids, dead
         if len(parts) == 1:
-            return parts[0], schema_ids
+            return parts[0], schema_ids, dead
         data = pa.concat_tables(parts, promote_options="permissive")  # newer schemas may add columns
-        return data.take(pa.array(np.argsort(np.concatenate(positions), kind="stable"))), schema_ids
+        return data.take(pa.array(np.argsort(np.concatenate(positions), kind="stable"))), schema_ids, dead
 
     def _decode_group(self, schema_id: int, writer: dict[str, Any], payloads: list[bytes],
                       letters: list[tuple[int, str, str]], where: np.ndarray) -> tuple[pa.Table, np.ndarray]:
@@ -354,12 +363,16 @@ class TableWriter:
             self.known_columns = {f.name for f in self.table.schema().fields}
 
     def flush(self) -> int:
-        """Commit the batch (data + offsets) atomically; returns rows written."""
+        """Commit the batch (data + offsets) atomically; returns rows written. Its dead letters
+        are acknowledged by the DLQ first: the commit moves the offsets past them. A dependency
+        that fails transiently (registry, catalog, storage, Kafka) is waited for, step by step."""
         batch = self.batch
         if batch.empty:
             return 0
         self.batch = Batch()
-        decoded, schema_ids = self._decode(batch)
+        what = f"flush {self.table_name}"
+        decoded, schema_ids, letters = faults.retry(lambda: self._decode(batch), what=what)
+        faults.retry(lambda: self._dead_letter(batch, letters), what=what)
         data = self._dedupe(decoded)
         dropped = decoded.num_rows - data.num_rows
         if dropped:
@@ -367,15 +380,16 @@ class TableWriter:
         if self.sequenced and data.num_rows:
             groups, keys, days, seqs = self._sequence_groups(data)
             self.detector.observe_many(data["symbol"], days, seqs)
-        self._evolve_for(schema_ids)
+        faults.retry(lambda: self._evolve_for(schema_ids), what=what)
         arrow_schema = self.table.schema().as_arrow()
         data = columnar.conform(data, arrow_schema)
         if not self.sequenced:
-            data = self._changed_only(data)
+            conformed = data
+            data = faults.retry(lambda: self._changed_only(conformed), what=what)
         sort_keys = [k for k in ("symbol", "exchange_timestamp", "sequence_number") if k in arrow_schema.names]
         if sort_keys and data.num_rows:
             data = data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in sort_keys]))
-        written = self._commit(data, batch)
+        written = faults.retry(lambda: self._commit(data, batch), what=what)
         BATCH_ROWS.labels(self.table_name).observe(decoded.num_rows)
         self._commit_group_offsets(batch)
         if self.sequenced and data.num_rows:
@@ -385,6 +399,17 @@ class TableWriter:
                 if seq > self.watermarks.get(key, 0):
                     self.watermarks[key] = seq
         return written
+
+    def _dead_letter(self, batch: Batch, letters: list[DeadLetter]) -> None:
+        """Hand the batch's letters to the DLQ once (skipping those an earlier run already wrote)
+        and wait until all of them are acknowledged."""
+        if not batch.letters_handed:
+            for letter in letters:
+                if (letter.partition, letter.offset) not in self.dead_lettered:
+                    self.dlq.send(letter)
+            batch.letters_handed = True
+        if letters:
+            self.dlq.flush()
 
     def _commit(self, data: pa.Table, batch: Batch) -> int:
         fenced: dict[int, tuple[int | None, int]] = {}
