@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from k2 import tables
-from k2.ingest.asx import discover
 from k2.ingest.pipeline import ingest_files
 from k2.settings import Settings
+from k2.sources.asx import discover
 
 pytestmark = [pytest.mark.integration, pytest.mark.asx]
 K2 = str(Path(sys.executable).with_name("k2"))

@@ -138,7 +138,7 @@ def test_two_writers_in_one_group_store_each_row_once(tmp_path, embedded_setting
     _keys_unique(table)
 
 
-def test_kafka_broker_restart_while_writing(tmp_path, embedded_settings, kafka):
+def test_kafka_broker_restart_while_writing(tmp_path, embedded_settings, kafka, drain):
     n_trades, n_quotes = _synthetic(tmp_path, embedded_settings, days=3)
     slow = embedded_settings.model_copy(update={"batch_rows": 2000})
     proc = _stream_cli(slow, "--tables", "trades,quotes", "--until-idle", "5")
@@ -149,6 +149,9 @@ def test_kafka_broker_restart_while_writing(tmp_path, embedded_settings, kafka):
     assert proc.wait(timeout=240) == 0
     assert _table(embedded_settings, "trades").scan().count() == n_trades
     assert _table(embedded_settings, "quotes").scan().count() == n_quotes
+    _keys_unique(_table(embedded_settings, "trades"))
+    letters = [json.loads(m.value()) for m in drain(embedded_settings.kafka_bootstrap, embedded_settings.dlq_topic)]
+    assert not [x for x in letters if x["stage"] == "stream"], "a broker restart is not poison"
 
 
 def test_poison_messages_go_to_the_dlq_and_never_block(tmp_path, embedded_settings, drain):

@@ -17,8 +17,8 @@ from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from k2.kafka import PRODUCER_DEFAULTS
 from k2.faults import Transient
+from k2.kafka import PRODUCER_DEFAULTS
 from k2.observability import ROWS_REJECTED
 from k2.settings import Settings
 
@@ -145,13 +145,14 @@ class KafkaDeadLetters:
                 if time.monotonic() > deadline:
                     raise Transient("kafka", f"could not read {self.topic} to its end within 60s")
                 for msg in consumer.consume(10_000, timeout=1.0):
-                    if msg.error():
+                    partition, offset, value = msg.partition(), msg.offset(), msg.value()
+                    if msg.error() or partition is None or offset is None:
                         continue
-                    position = _stream_letter_position(msg.value(), source)
+                    position = _stream_letter_position(value, source) if value else None
                     if position:
                         found.add(position)
-                    if msg.offset() + 1 >= ends[msg.partition()]:
-                        left.discard(msg.partition())
+                    if offset + 1 >= ends[partition]:
+                        left.discard(partition)
             return found
         finally:
             consumer.close()

@@ -67,7 +67,7 @@ class AvroDecoder:
             try:
                 schema = json.loads(registered.schema_str or "")
                 physical = cast(dict[str, Any], fastavro.parse_schema(strip_logical_types(schema)))
-            except Exception as exc:  # noqa: BLE001 - fastavro raises many types on a bad schema
+            except Exception as exc:  # fastavro raises many types on a bad schema
                 raise PoisonMessage("unknown_schema_id", f"schema id {schema_id} is not Avro: {exc}") from exc
             self._json[schema_id] = schema
             self._physical[schema_id] = physical
@@ -82,7 +82,7 @@ class AvroDecoder:
             if exc.http_status_code == 404:
                 raise PoisonMessage("unknown_schema_id", f"schema id {schema_id}: {exc}") from exc
             raise Transient("registry", f"schema id {schema_id}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - the client's transport errors: refused, reset, timed out
+        except Exception as exc:  # the client's transport errors: refused, reset, timed out
             raise Transient("registry", f"schema id {schema_id}: {type(exc).__name__}: {exc}") from exc
 
     def physical_writer_schema(self, schema_id: int) -> dict[str, Any]:
