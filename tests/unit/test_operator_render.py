@@ -128,6 +128,7 @@ def test_consumer_deployment_runs_k2_stream_for_the_bound_tables() -> None:
     assert box["args"] == ["stream", "run", "--tables", "trades,quotes", "--group-id", "k2-stream-k2-asx"]
     assert box["envFrom"] == [{"configMapRef": {"name": "asx-settings"}}]
     assert box["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert box["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}, "liveness is poll-loop progress"
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert objects["PodDisruptionBudget"]["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     compact_interval_seconds: float = Field(600.0, ge=0, description="the stream compacts partitions with at least "
                                             "compact_min_files files this often; 0: never (k2 maintain only)")
     compact_min_files: int = Field(32, ge=2)
+    stream_stall_seconds: float = Field(300.0, gt=0, le=86400, description="the stream's poll loop not turning "
+                                        "for this long (a hung commit or client) fails its liveness probe")
 
     # data quality: sequence gaps below `gap_alert` warn, up to `gap_halt` alert, above halt
     gap_alert: int = Field(10, ge=1)

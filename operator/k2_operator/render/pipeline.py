@@ -108,9 +108,11 @@ def consumer_deployment(owner: Owner, spec: IngestionPipelineSpec, *, binding: T
     args = ["stream", "run", "--tables", ",".join(binding.kinds),
             "--group-id", consumer_group(owner.name, owner.namespace)]
     probes = _metrics_probes(ctx)
+    # Liveness is the poll loop's progress (`/livez`, K2_STREAM_STALL_SECONDS), not /metrics.
     box = common.container(name="stream", ctx=ctx, args=args, config_map=n.settings, workload=workload,
                            resources=spec.consumer.resources, ports=[("metrics", ctx.workload_metrics_port)],
-                           liveness=probes["liveness"], readiness=probes["readiness"])
+                           liveness=common.http_probe("/livez", "metrics", period=20, failure=3, initial=10),
+                           readiness=probes["readiness"])
     template = common.pod_template(owner=owner, component="consumer", spec=common.pod_spec([box], ctx),
                                    workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port,
                                    pod=spec.consumer.pod)

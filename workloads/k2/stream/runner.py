@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from k2 import tables, topics
+from k2 import observability, tables, topics
 from k2.dlq import DeadLetterSink, open_sink
 from k2.settings import Settings, TableKind
 from k2.stopping import StopFlag
@@ -56,9 +56,10 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
     dlq = open_sink(settings, dlq_file)
     writers = build_writers(settings, kinds, dlq, group_id)
     started = time.monotonic()
-    with StopFlag("stream.stopping") as flag:
+    progress = Progress(settings.stream_stall_seconds)
+    with StopFlag("stream.stopping") as flag, observability.liveness(progress.check):
         try:
-            _consume(writers, flag, until_idle)
+            _consume(writers, flag, until_idle, progress)
             dlq.flush()
         finally:
             for writer in writers:
@@ -92,13 +93,34 @@ class Compactor:
         self.last = time.monotonic()
 
 
-def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | None) -> None:
+class Progress:
+    """The poll loop's heartbeat. `/livez` fails once the loop has not turned for `stall_seconds`
+    (a hung commit, a wedged client): `/metrics` cannot tell, prometheus-client serves it from its
+    own thread whatever the loop does."""
+
+    def __init__(self, stall_seconds: float) -> None:
+        self.stall_seconds = stall_seconds
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def check(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self.last
+        return idle < self.stall_seconds, (f"stream poll loop has not turned for {idle:.0f}s "
+                                           f"(K2_STREAM_STALL_SECONDS={self.stall_seconds:g})")
+
+
+def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | None,
+             progress: Progress | None = None) -> None:
     """Poll every writer in turn until stopped (or idle and caught up), then flush the open batches."""
     for writer in writers:
         writer.start()
     last_lag_check = 0.0
     compactor = Compactor(writers)
     while not flag.stop:
+        if progress is not None:
+            progress.beat()
         seen = sum(w.poll(timeout=0.1) for w in writers)
         compactor.maybe_run()
         if until_idle is None or seen:
