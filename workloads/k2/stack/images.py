@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -279,7 +280,8 @@ class GoProgram:
 
     @property
     def bin_dir(self) -> Path:
-        return cache_dir() / f"{self.module.rsplit('/', 1)[-1]}-{self.version.removeprefix('v')}" / "bin"
+        name = re.sub(r"/v\d+$", "", self.module).rsplit("/", 1)[-1]  # …/traefik/v3 → traefik
+        return cache_dir() / f"{name}-{self.version.removeprefix('v')}" / "bin"
 
     def install(self) -> Path:
         from .kube import go_build
