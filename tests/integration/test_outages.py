@@ -1,5 +1,5 @@
-"""Outages are not poison: the schema registry, the catalog database, the S3 server or the Kafka
-broker goes away for 20 s while `k2 stream run` works, and comes back. The writer waits and
+"""Outages are not poison: the schema registry, the catalog database or the S3 server goes away
+for 20 s while `k2 stream run` works, and comes back (a broker restart: test_stream_iceberg.py). The writer waits and
 retries; afterwards the DLQ is empty and every symbol-day of the ASX subset is stored exactly
 once. The services are the stack's own, stopped and started by their `Service` objects."""
 

@@ -127,13 +127,18 @@ def test_group_offsets_lost_after_iceberg_commit_changes_nothing(tmp_path, embed
     assert table.current_snapshot().snapshot_id == before  # nothing re-read, nothing committed
 
 
-def test_two_writers_in_one_group_store_each_row_once(tmp_path, embedded_settings):
-    n_trades, _ = _synthetic(tmp_path, embedded_settings, days=3)
-    small = embedded_settings.model_copy(update={"batch_rows": 3000})
-    writers = [_stream_cli(small, "--tables", "trades", "--until-idle", "3") for _ in range(2)]
+@pytest.mark.parametrize(("configuration", "n_writers"), [("embedded_settings", 2), ("production_settings", 3)],
+                         ids=["sqlite-local-2", "postgres-s3-3"])
+def test_writers_in_one_group_store_each_row_once(configuration, n_writers, request, tmp_path):
+    """Concurrent commits are where catalogs differ: also three writers on the Postgres catalog
+    with the S3 warehouse, as the chart deploys them."""
+    settings = request.getfixturevalue(configuration)
+    n_trades, _ = _synthetic(tmp_path, settings, days=3)
+    small = settings.model_copy(update={"batch_rows": 3000})
+    writers = [_stream_cli(small, "--tables", "trades", "--until-idle", "3") for _ in range(n_writers)]
     for w in writers:
         assert w.wait(timeout=180) == 0
-    table = _table(embedded_settings, "trades")
+    table = _table(settings, "trades")
     assert table.scan().count() == n_trades
     _keys_unique(table)
 
