@@ -11,5 +11,6 @@ trap 'k2 stack down' EXIT
 eval "$(k2 stack env --kube)"
 python benchmarks/bench_pipeline.py --data "$DATA"
 python benchmarks/bench_query.py --data "$DATA" --rate 200 --seconds 30
+python benchmarks/bench_peers.py --data "$DATA"  # starts and stops QuestDB (K2_QUESTDB_* ports)
 python benchmarks/bench_operator.py
 python benchmarks/bench_live.py --rate 20000 --seconds 60

@@ -79,7 +79,7 @@ def stack_down() -> None:
     """Stop every service this checkout started (by recorded PID)."""
     stack = _stack()
     configure_logging()
-    for service in reversed(stack.services(kube=True, embedded=False)):
+    for service in [*stack.peers(), *reversed(stack.services(kube=True, embedded=False))]:
         service.stop()
     console.print("stack stopped")
 
@@ -88,7 +88,7 @@ def stack_down() -> None:
 def stack_status() -> None:
     stack = _stack()
     table = RichTable("service", "port", "status", "log")
-    for service in stack.services(kube=True, embedded=False):
+    for service in [*stack.services(kube=True, embedded=False), *stack.peers()]:
         table.add_row(service.name, str(service.port), service.status(), str(service.log_path))
     Console().print(table)
 

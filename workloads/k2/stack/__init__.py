@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from k2.stack.base import Service, StackError, cache_dir, state_dir
 
-__all__ = ["Service", "StackError", "cache_dir", "connection_summary", "services", "settings_env", "state_dir"]
+__all__ = ["Service", "StackError", "cache_dir", "connection_summary", "peers", "services", "settings_env",
+           "state_dir"]
 
 
 def services(*, kube: bool = False, embedded: bool = False) -> list[Service]:
@@ -27,6 +28,13 @@ def services(*, kube: bool = False, embedded: bool = False) -> list[Service]:
 
         chosen += kube_services()
     return chosen
+
+
+def peers() -> list[Service]:
+    """Systems the benchmarks compare K2 with: never started by `k2 stack up`, stopped by `down`."""
+    from k2.stack.questdb import QuestDB
+
+    return [QuestDB()]
 
 
 def settings_env(*, kube: bool = False, embedded: bool = False) -> dict[str, str]:
