@@ -78,3 +78,21 @@ def test_hostile_lines_in_the_real_bhp_files_are_dead_lettered_and_nothing_else_
             selected_fields=("symbol", "exchange_date")).to_arrow()
         assert pc.all(pc.equal(stored["symbol"], "BHP")).as_py()
         assert Counter(stored["exchange_date"].to_pylist()) == per_day, f"{kind}: a symbol-day is not exact"
+
+
+def test_a_line_larger_than_a_kafka_message_is_dead_lettered_cut_short(tmp_path, embedded_settings, drain):
+    """A dead letter keeps the line, but no more of it than fits a Kafka message (1 MB)."""
+    root = tmp_path / "big"
+    for folder in ("trades", "quotes", "reference-data"):
+        (root / folder).mkdir(parents=True)
+    (root / "reference-data" / "company_info.csv").write_text(
+        "company_id,symbol,company_name,ISIN,start_date,end_date\n1,ABC,ABC LTD,,,\n")
+    huge = b"x" * 3_000_000
+    (root / "trades" / "1.csv").write_bytes(b"03/10/2014,10:00:00.001,1.5,1,0,,\r\n" + huge +
+                                            b"\r\n03/10/2014,10:00:00.002,1.5,1,0,,\r\n")
+    summary = ingest_files(root, embedded_settings, with_reference=False)
+    assert summary.balanced and summary.rejected == {"column_count": 1}
+    assert summary.produced[embedded_settings.topic("trades")] == 2
+    (letter,) = [json.loads(m.value()) for m in drain(embedded_settings.kafka_bootstrap, embedded_settings.dlq_topic)]
+    assert letter["line_number"] == 2 and letter["line_bytes"] == len(huge)
+    assert 0 < len(letter["line"]) < len(huge) and huge.decode().startswith(letter["line"])

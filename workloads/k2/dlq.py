@@ -23,6 +23,10 @@ from k2.observability import ROWS_REJECTED
 from k2.settings import Settings
 
 
+# JSON escapes a character in up to 12 bytes, so 64 Ki characters stay below Kafka's 1 MB message limit.
+KEEP_CHARS = 65_536
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     stage: str
@@ -44,7 +48,18 @@ class DeadLetter:
                    payload_b64=encoded)
 
     def to_json(self) -> bytes:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}).encode()
+        """The letter as JSON, with at most `KEEP_CHARS` of its line and payload (their full
+        sizes then in `line_bytes` / `payload_bytes`): a letter must fit one Kafka message."""
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        line = fields.get("line")
+        if line is not None and len(line) > KEEP_CHARS:
+            fields["line_bytes"] = len(line.encode(errors="surrogateescape"))
+            fields["line"] = line[:KEEP_CHARS]
+        payload = fields.get("payload_b64")
+        if payload is not None and len(payload) > KEEP_CHARS:
+            fields["payload_bytes"] = len(base64.b64decode(payload))
+            fields["payload_b64"] = payload[:KEEP_CHARS]  # a multiple of 4: still base64, of the first bytes
+        return json.dumps(fields).encode()
 
 
 class DeadLetterSink(Protocol):
