@@ -22,6 +22,9 @@ from k2.kafka import PRODUCER_DEFAULTS
 from k2.observability import ROWS_REJECTED
 from k2.settings import Settings
 
+# JSON escapes a character in up to 12 bytes, so 64 Ki characters stay below Kafka's 1 MB message limit.
+KEEP_CHARS = 65_536
+
 
 # JSON escapes a character in up to 12 bytes, so 64 Ki characters stay below Kafka's 1 MB message limit.
 KEEP_CHARS = 65_536
