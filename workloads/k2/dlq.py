@@ -26,10 +26,6 @@ from k2.settings import Settings
 KEEP_CHARS = 65_536
 
 
-# JSON escapes a character in up to 12 bytes, so 64 Ki characters stay below Kafka's 1 MB message limit.
-KEEP_CHARS = 65_536
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     stage: str
