@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from k2.stack import addons, docker, helm, images, kindcluster, kindnode, kube
+from k2.stack import addons, helm, images
 from k2.stack.base import free_port
 
 pytestmark = [
@@ -54,28 +54,15 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The cluster of kind-config.yaml (host ports 80/443 moved to free ones) on the node image
-    built here, with every image of the chart and its add-ons loaded."""
-    from pytest_kind import KindCluster
-
-    engine_was_running = docker.engine_answers()
-    kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
+def cluster(tmp_path_factory: pytest.TempPathFactory, kind_cluster: Any) -> Iterator[Any]:
+    """The cluster of kind-config.yaml on the node image built here, with every image of the
+    chart and its add-ons loaded."""
     http_port = free_port()
-    try:
-        kindcluster.up(NAME, host_ports={80: http_port, 443: free_port()}, kubeconfig=kubeconfig)
-        images.ensure_all()
-        kindcluster.load_images(NAME, [image.tag for image in images.all_images()])
-        kind = KindCluster(NAME, kubeconfig=kubeconfig, kind_path=kindnode.kind_binary(),
-                           kubectl_path=kube.kube_bin_dir() / "kubectl")
-        kind.create()
+    everything = [image.name for image in images.all_images()]
+    with kind_cluster(NAME, tmp_path_factory.mktemp("kind") / "kubeconfig", load=everything,
+                      http_port=http_port) as kind:
         kind.http_port = http_port
         yield kind
-    finally:
-        if docker.engine_answers():
-            kindcluster.delete(NAME)
-        if not engine_was_running:
-            docker.stop_engine()
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from k2.stack import docker, kindcluster, kindnode, kube
-from k2.stack.base import free_port
+from k2.stack import kindnode, kube
 
 pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
 
@@ -27,22 +26,9 @@ ASX_IN_NODE = "/data/asx"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from pytest_kind import KindCluster
-
-    engine_was_running = docker.engine_answers()
-    kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
-    try:
-        kindcluster.up(NAME, host_ports={80: free_port(), 443: free_port()}, kubeconfig=kubeconfig)
-        kind = KindCluster(NAME, kubeconfig=kubeconfig, kind_path=kindnode.kind_binary(),
-                           kubectl_path=kube.kube_bin_dir() / "kubectl")
-        kind.create()
+def cluster(tmp_path_factory: pytest.TempPathFactory, kind_cluster: Any) -> Iterator[Any]:
+    with kind_cluster(NAME, tmp_path_factory.mktemp("kind") / "kubeconfig") as kind:
         yield kind
-    finally:
-        if docker.engine_answers():
-            kindcluster.delete(NAME)
-        if not engine_was_running:
-            docker.stop_engine()
 
 
 def wait_json(cluster: Any, what: str, check: Any, *args: str, timeout: float = 300) -> Any:
