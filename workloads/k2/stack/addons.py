@@ -73,9 +73,9 @@ def install(*, kubeconfig: Path | None = None, kube_context: str | None = None, 
     kubectl = Kubectl(kubeconfig, kube_context)
     crds = operator_crds()
     # Server-side: the Prometheus CRD is larger than client-side apply's annotation limit.
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds))
-    names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in sorted(crds.glob("*.yaml"))]
-    kubectl("wait", "--for=condition=Established", "--timeout=120s", *(f"crd/{n}" for n in names), timeout=180)
+    # (-o name: the CRD files hold YAML that PyYAML's safe loader refuses, a `=` value tag.)
+    names = kubectl("apply", "--server-side", "--force-conflicts", "-o", "name", "-f", str(crds)).split()
+    kubectl("wait", "--for=condition=Established", "--timeout=120s", *names, timeout=180)
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(MANIFESTS))
     deadline = time.monotonic() + timeout
     for namespace, workload in ROLLOUTS:
