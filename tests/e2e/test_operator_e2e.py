@@ -39,13 +39,33 @@ def _container_env(cluster, namespace: str, container: Any) -> dict[str, str]:
     return env
 
 
+def _mount_secrets(cluster, namespace: str, pod_spec: Any, env: dict[str, str], root: Path) -> dict[str, str]:
+    """Secret volumes written under `root` as the kubelet would write them under their mountPath;
+    settings that point into a mountPath are pointed at the copy."""
+    secrets = {v.name: v.secret for v in pod_spec.volumes or [] if v.secret}
+    (container,) = pod_spec.containers
+    for mount in container.volume_mounts or []:
+        source = secrets.get(mount.name)
+        if source is None:
+            continue
+        folder = root / mount.name
+        folder.mkdir(parents=True, exist_ok=True)
+        data = cluster.core.read_namespaced_secret(source.secret_name, namespace).data or {}
+        for item in source.items or [type("Item", (), {"key": k, "path": k})() for k in data]:
+            (folder / item.path).write_bytes(base64.b64decode(data[item.key]))
+        env = {k: v.replace(mount.mount_path, str(folder), 1) if v.startswith(mount.mount_path) else v
+               for k, v in env.items()}
+    return env
+
+
 def _start(cluster, namespace: str, pod_spec: Any, log: Path) -> subprocess.Popen:
     (container,) = pod_spec.containers
     argv = [*(container.command or ["k2"]), *(container.args or [])]
     base = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
-    return subprocess.Popen(argv, env={**base, **_container_env(cluster, namespace, container)},
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    env = _mount_secrets(cluster, namespace, pod_spec, _container_env(cluster, namespace, container),
+                         log.parent / f"{log.stem}-secrets")
+    return subprocess.Popen(argv, env={**base, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def _expected_summary(asx_root: Path, company_id: str, day: dt.date) -> dict[str, Decimal | int]:
@@ -103,7 +123,10 @@ def test_samples_reconciled_then_run_as_processes_serve_exact_figures(
     server = _start(cluster, namespace, api.spec.template.spec, tmp_path / "api.log")
     try:
         port = api.spec.template.spec.containers[0].ports[0].container_port
-        keys = _container_env(cluster, namespace, api.spec.template.spec.containers[0])["K2_API_KEYS"]
+        keys_file = _container_env(cluster, namespace, api.spec.template.spec.containers[0])["K2_API_KEYS_FILE"]
+        keys = _mount_secrets(cluster, namespace, api.spec.template.spec, {"keys": keys_file},
+                              tmp_path / "api-secrets")["keys"]
+        key = Path(keys).read_text().replace("\n", ",").split(",")[0].strip()
         base = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
@@ -113,7 +136,7 @@ def test_samples_reconciled_then_run_as_processes_serve_exact_figures(
                 return False
 
         k2op.wait_for(healthy, "API up", timeout=60)
-        answer = httpx.get(f"{base}/v1/summary/BHP/2014-03-10", headers={"X-API-Key": keys.split(",")[0]},
+        answer = httpx.get(f"{base}/v1/summary/BHP/2014-03-10", headers={"X-API-Key": key},
                            timeout=30).raise_for_status().json()
         expected = _expected_summary(asx_root, "7078", dt.date(2014, 3, 10))
         for field, value in expected.items():
