@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -154,6 +155,23 @@ def asx_records(root: Path, kinds: tuple[str, ...] = ("trades", "quotes")) -> di
 @pytest.fixture
 def file_records() -> Callable[..., dict[tuple, dict]]:
     return asx_records
+
+
+def copy_asx_companies(src: Path, dst: Path, company_ids: tuple[str, ...]) -> Path:
+    """An ASX-format folder at `dst` holding only these companies' trades and quotes (and the
+    reference data), for tests that change or split the sample."""
+    (dst / "reference-data").mkdir(parents=True)
+    shutil.copy(src / "reference-data" / "company_info.csv", dst / "reference-data")
+    for kind in ("trades", "quotes"):
+        (dst / kind).mkdir()
+        for cid in company_ids:
+            shutil.copy(src / kind / f"{cid}.csv", dst / kind)
+    return dst
+
+
+@pytest.fixture
+def asx_companies() -> Callable[[Path, Path, tuple[str, ...]], Path]:
+    return copy_asx_companies
 
 
 def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list:

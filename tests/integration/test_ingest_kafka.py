@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,16 +23,6 @@ from k2.sources.asx import discover
 
 pytestmark = pytest.mark.integration
 CSV_ROWS = {"trades": 200_545, "quotes": 169_629}
-
-
-def _copy_sample(src: Path, dst: Path, company_ids: tuple[str, ...]) -> Path:
-    (dst / "reference-data").mkdir(parents=True)
-    shutil.copy(src / "reference-data" / "company_info.csv", dst / "reference-data")
-    for kind in ("trades", "quotes"):
-        (dst / kind).mkdir()
-        for cid in company_ids:
-            shutil.copy(src / kind / f"{cid}.csv", dst / kind)
-    return dst
 
 
 @pytest.mark.asx
@@ -88,8 +77,9 @@ def test_prices_survive_the_wire_exactly(tmp_path, embedded_settings, drain):
 
 
 @pytest.mark.asx
-def test_injected_bad_rows_go_to_the_dlq_and_nothing_else_is_lost(asx_root, tmp_path, embedded_settings, drain):
-    root = _copy_sample(asx_root, tmp_path / "bad", ("7181", "3153"))
+def test_injected_bad_rows_go_to_the_dlq_and_nothing_else_is_lost(asx_root, asx_companies, tmp_path, embedded_settings,
+                                                                  drain):
+    root = asx_companies(asx_root, tmp_path / "bad", ("7181", "3153"))
     bad_rows = ["03/11/2014,10:00:01.000,0.665,100,0,\r\n",  # column count
                 "03/11/2014,10:00:01.000,zero,100,0,,\r\n",  # unparsable price
                 "02/30/2014,10:00:01.000,0.665,100,0,,\r\n",  # impossible date
@@ -146,8 +136,9 @@ def test_incompatible_schema_fails_before_anything_is_produced(tmp_path, embedde
 
 
 @pytest.mark.asx
-def test_a_killed_producer_rerun_yields_identical_sequence_numbers(asx_root, tmp_path, embedded_settings, drain):
-    root = _copy_sample(asx_root, tmp_path / "kill", ("7078",))
+def test_a_killed_producer_rerun_yields_identical_sequence_numbers(asx_root, asx_companies, tmp_path,
+                                                                   embedded_settings, drain):
+    root = asx_companies(asx_root, tmp_path / "kill", ("7078",))
     env = {**os.environ, **embedded_settings.to_env(), "K2_LOG_LEVEL": "WARNING"}
     k2 = str(Path(sys.executable).with_name("k2"))
     first = subprocess.Popen([k2, "ingest", "asx", str(root), "--topics", "trades", "--no-progress"], env=env)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,16 +26,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.asx]
 K2 = str(Path(sys.executable).with_name("k2"))
 OUTAGE_SECONDS = 20
 FIRST, SECOND = ("7181", "3153"), ("7078",)  # DVN + MWR before the outage, BHP during or after it
-
-
-def _copy(asx_root: Path, dst: Path, company_ids: tuple[str, ...]) -> Path:
-    (dst / "reference-data").mkdir(parents=True)
-    shutil.copy(asx_root / "reference-data" / "company_info.csv", dst / "reference-data")
-    for kind in ("trades", "quotes"):
-        (dst / kind).mkdir()
-        for cid in company_ids:
-            shutil.copy(asx_root / kind / f"{cid}.csv", dst / kind)
-    return dst
 
 
 def symbol_days(root: Path) -> dict[str, Counter]:
@@ -101,8 +90,8 @@ def _committed(settings: Settings) -> bool:
     return stored_symbol_days(settings, "trades").total() > 0
 
 
-def test_registry_outage_while_the_stream_starts(asx_root, tmp_path, embedded_settings, registry, drain):
-    root = _copy(asx_root, tmp_path / "asx", FIRST + SECOND)
+def test_registry_outage_while_the_stream_starts(asx_root, asx_companies, tmp_path, embedded_settings, registry, drain):
+    root = asx_companies(asx_root, tmp_path / "asx", FIRST + SECOND)
     ingest_files(root, embedded_settings, with_reference=False)
     registry.stop()
     try:
@@ -116,13 +105,14 @@ def test_registry_outage_while_the_stream_starts(asx_root, tmp_path, embedded_se
 
 
 @pytest.mark.parametrize("outage", ["postgres", "s3"])
-def test_dependency_outage_while_the_stream_writes(outage, request, asx_root, tmp_path, production_settings, drain):
+def test_dependency_outage_while_the_stream_writes(outage, request, asx_root, asx_companies, tmp_path,
+                                                   production_settings, drain):
     """The catalog database and the S3 server of the production configuration, each away for 20 s
     while new ticks arrive. (A broker restart: test_stream_iceberg.py.)"""
     settings = production_settings
     service = request.getfixturevalue(outage)
-    first = _copy(asx_root, tmp_path / "first", FIRST)
-    second = _copy(asx_root, tmp_path / "second", SECOND)
+    first = asx_companies(asx_root, tmp_path / "first", FIRST)
+    second = asx_companies(asx_root, tmp_path / "second", SECOND)
     ingest_files(first, settings, with_reference=False)
     proc = _stream(settings)
     _wait(lambda: _committed(settings), "a first commit", 120, proc)
