@@ -76,6 +76,15 @@ def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None =
     return proc
 
 
+def apt_install(package: str, *, timeout: float = 1200) -> None:
+    """Install one Debian package (root on a Debian machine: what the stack and its images need)."""
+    log.info("stack.apt_install", package=package)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update"], env=env, what="apt-get update", timeout=600)
+    run(["apt-get", "install", "-y", "--no-install-recommends", package], env=env,
+        what=f"apt-get install {package}", timeout=timeout)
+
+
 def run_logged(cmd: list[str], *, cwd: Path | str, env: dict[str, str], log_path: Path, what: str,
                timeout: float) -> None:
     """Run a long build step with its whole output in `log_path`; on failure or timeout raise

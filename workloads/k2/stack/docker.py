@@ -48,7 +48,7 @@ from pathlib import Path
 
 import structlog
 
-from .base import Service, StackError, cache_dir, run
+from .base import Service, StackError, apt_install, cache_dir, run
 
 log = structlog.get_logger("k2.stack.docker")
 
@@ -147,11 +147,7 @@ class DockerEngine(Service):
                              "(or run as root and K2 installs Debian's docker.io and starts dockerd)")
         if shutil.which("dockerd"):
             return
-        log.info("docker.install", how="apt-get install docker.io")
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        run(["apt-get", "update"], env=env, what="apt-get update", timeout=600)
-        run(["apt-get", "install", "-y", "--no-install-recommends", "docker.io"], env=env,
-            what="apt-get install docker.io", timeout=1200)
+        apt_install("docker.io")
         if not shutil.which("dockerd"):
             raise StackError("apt-get installed docker.io but no `dockerd` is on PATH")
 
@@ -243,10 +239,7 @@ def debian_rootfs(packages: Sequence[str], *, suite: str = DEBIAN_SUITE,
     if os.geteuid() != 0:
         raise StackError("building a Debian root filesystem needs root (mmdebstrap in root mode)")
     if not shutil.which("mmdebstrap"):
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        run(["apt-get", "update"], env=env, what="apt-get update", timeout=600)
-        run(["apt-get", "install", "-y", "--no-install-recommends", "mmdebstrap"], env=env,
-            what="apt-get install mmdebstrap", timeout=600)
+        apt_install("mmdebstrap", timeout=600)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -23,7 +23,7 @@ import psycopg2
 import structlog
 from psycopg2 import sql
 
-from .base import Service, StackError, run, state_dir
+from .base import Service, StackError, apt_install, run, state_dir
 
 log = structlog.get_logger("k2.stack.postgres")
 
@@ -100,11 +100,7 @@ class Postgres(Service):
     def install(self) -> None:
         if _installed_bin_dirs():
             return
-        log.info("postgres.install", how="apt-get install postgresql")
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        run(["apt-get", "update"], env=env, what="apt-get update", timeout=600)
-        run(["apt-get", "install", "-y", "--no-install-recommends", "postgresql"], env=env,
-            what="apt-get install postgresql", timeout=1200)
+        apt_install("postgresql")
         if not _installed_bin_dirs():
             raise StackError("apt-get installed postgresql but no /usr/lib/postgresql/*/bin/initdb appeared")
         _stop_packaged_clusters()
