@@ -22,6 +22,13 @@ from k2.stream.writer import TableWriter
 
 log = structlog.get_logger("k2.stream")
 
+# Behind the log end yet nothing fetched for this long: the partitions are sought again from the
+# offsets the table records. librdkafka can leave a partition's fetcher waiting after its leader
+# comes back (a broker restart; librdkafka issues 4492, 3396); a restarted consumer recovers, and
+# seeking again is that restart for the partitions alone. Nothing is lost or doubled: the table's
+# offsets are where every writer resumes anyway.
+FETCH_STALL_SECONDS = 20.0
+
 
 @dataclass
 class StreamResult:
@@ -111,6 +118,29 @@ class Progress:
                                            f"(K2_STREAM_STALL_SECONDS={self.stall_seconds:g})")
 
 
+class FetchStallWatch:
+    """Seeks a writer's partitions again when it has fetched nothing for FETCH_STALL_SECONDS
+    while the log end is ahead of what its table holds (see FETCH_STALL_SECONDS)."""
+
+    def __init__(self, stall_seconds: float = FETCH_STALL_SECONDS) -> None:
+        self.stall_seconds = stall_seconds
+        self.last_action: dict[int, float] = {}
+
+    def check(self, writers: list[TableWriter]) -> None:
+        now = time.monotonic()
+        for writer in writers:
+            quiet_since = max(writer.last_message_at, self.last_action.get(id(writer), 0.0))
+            if now - quiet_since < self.stall_seconds or not writer.assigned:
+                continue
+            self.last_action[id(writer)] = now
+            writer.flush()  # an open batch is not a stall: commit it before measuring
+            behind = writer.lag()
+            if behind > 0:
+                log.warning("stream.fetch_stalled", table=writer.table_name, behind=behind,
+                            quiet_seconds=round(now - writer.last_message_at))
+                writer.reseek()
+
+
 def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | None,
              progress: Progress | None = None) -> None:
     """Poll every writer in turn until stopped (or idle and caught up), then flush the open batches."""
@@ -118,12 +148,16 @@ def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | Non
         writer.start()
     last_lag_check = 0.0
     compactor = Compactor(writers)
+    stalls = FetchStallWatch()
     while not flag.stop:
         if progress is not None:
             progress.beat()
         seen = sum(w.poll(timeout=0.1) for w in writers)
         compactor.maybe_run()
-        if until_idle is None or seen:
+        if seen:
+            continue
+        stalls.check(writers)
+        if until_idle is None:
             continue
         now = time.monotonic()
         if now - max(w.last_message_at for w in writers) < until_idle or now - last_lag_check < 0.5:

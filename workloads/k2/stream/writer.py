@@ -448,7 +448,7 @@ class TableWriter:
         if fenced:
             COMMITS.labels(self.table_name, "fenced").inc()
             log.warning("stream.batch_fenced", table=self.table_name, partitions=fenced)
-            self._reseek()
+            self.reseek()
             return 0
         snapshot = self.table.current_snapshot()  # the transaction updated self.table in place
         COMMIT_DURATION.labels(self.table_name).observe(elapsed)
@@ -464,7 +464,8 @@ class TableWriter:
                  seconds=round(elapsed, 3))
         return data.num_rows
 
-    def _reseek(self) -> None:
+    def reseek(self) -> None:
+        """Every assigned partition sought again from the offsets the table records."""
         self._on_assign(self.consumer, [TopicPartition(self.topic, p) for p in sorted(self.assigned)])
 
     def _commit_group_offsets(self, batch: Batch) -> None:
