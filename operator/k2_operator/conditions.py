@@ -9,7 +9,7 @@ Pure functions: the clock is a parameter, so the tests need no time travel.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ def summary(conditions: Sequence[Condition], required: Sequence[str], ready_mess
     return Condition.true(type_, "Reconciled", ready_message)
 
 
-def readiness(synced: Condition, serving: Sequence[dict[str, Any] | None]) -> Condition:
+def readiness(synced: Condition, serving: Sequence[Mapping[str, Any] | None]) -> Condition:
     """`Ready`: Synced, and every serving condition (pods available) True. A resource whose spec is
     applied but whose pods do not run is Synced, not Ready."""
     if not synced.ok:
@@ -101,7 +101,7 @@ def merge(existing: Iterable[dict[str, Any]] | None, updates: Iterable[Condition
     return [current[t] for t in order]
 
 
-def find(conditions: Iterable[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
+def find(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
     return next((c for c in conditions or [] if c.get("type") == type_), None)
 
 

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -77,7 +77,7 @@ def apply_children(info: KindInfo, body: Mapping[str, Any], objects: list[dict[s
     except ApiException as exc:
         detail = exc.reason or ""
         with contextlib.suppress(ValueError, TypeError):
-            detail = json.loads(exc.body).get("message", detail)
+            detail = json.loads(exc.body or "").get("message", detail)
         message = f"applying children failed ({exc.status}): {detail}"
         write_status(info, body, [], required=(), observed_state={},
                      ready_override=Condition.false(conditions.READY, "ApplyFailed", message))
@@ -87,7 +87,7 @@ def apply_children(info: KindInfo, body: Mapping[str, Any], objects: list[dict[s
 def _apply_children(info: KindInfo, body: Mapping[str, Any], objects: list[dict[str, Any]],
                     prune_kinds: Sequence[str], keep: Sequence[str]) -> tuple[list[Applied], list[str]]:
     rt = runtime.get()
-    kopf.adopt(objects, owner=body)  # ownerReferences (garbage collection), namespace, owner labels
+    kopf.adopt(objects, owner=cast(kopf.Body, body))  # ownerReferences (garbage collection), namespace, owner labels
     applied = [rt.kube.apply(obj) for obj in objects]
     for result in applied:
         remember(result.body)

@@ -94,4 +94,4 @@ for _kind in WATCHED:
     _child = CHILD_KINDS[_kind]
     _group, _, _version = _child.api_version.rpartition("/")
     kopf.on.event(group=_group, version=_version, plural=_child.plural, id=f"child_{_child.plural}",
-                  labels={"app.kubernetes.io/managed-by": MANAGED_BY})(child_event)  # and server-side, see startup
+                  labels={"app.kubernetes.io/managed-by": MANAGED_BY})(child_event)  # type: ignore[arg-type]  # kopf cannot type injected index kwargs; selector also server-side (startup)

@@ -40,7 +40,7 @@ def present(namespace: str, name: str, **_: Any) -> dict[str, tuple[str, str]]:
 
 
 for _info in KINDS:
-    kopf.index(GROUP, VERSION, _info.plural, id=index_id(_info))(present)
+    kopf.index(GROUP, VERSION, _info.plural, id=index_id(_info))(present)  # type: ignore[arg-type]  # kopf's protocol cannot name the index kwargs it injects
 
 
 def reconcile_owner(info: KindInfo, owner: Mapping[str, Any], claims: Mapping[str, Mapping[str, Any]], *,

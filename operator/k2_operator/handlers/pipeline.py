@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from k2 import topics as k2_topics
 from k2.schemas.registry import SchemaIncompatible, value_subject
 from k2_operator import external
-from k2_operator.conditions import Condition
+from k2_operator.conditions import Condition, Status
 from k2_operator.handlers import apply, cleanup, metrics, refs, runtime
 from k2_operator.handlers import status as status_
 from k2_operator.handlers.claims import Claim, owned_by_others
@@ -36,7 +36,7 @@ PRUNE_KINDS = ("ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "Ser
 CLAIMS_INDEX = "pipeline_topic_claims"
 
 
-@kopf.index(GROUP, VERSION, PIPELINE.plural, id=CLAIMS_INDEX)
+@kopf.index(GROUP, VERSION, PIPELINE.plural, id=CLAIMS_INDEX)  # type: ignore[arg-type]  # kopf's protocol cannot name the index kwargs it injects
 def pipeline_topic_claims(namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[str, Any],
                           status: Mapping[str, Any], **_: Any) -> dict[str, Claim]:
     try:
@@ -233,7 +233,7 @@ def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: st
 
 
 def ingest_condition(job_name: str, phase: str) -> Condition:
-    status = "True" if phase == "Succeeded" else "False" if phase == "Failed" else "Unknown"
+    status: Status = "True" if phase == "Succeeded" else "False" if phase == "Failed" else "Unknown"
     return Condition(INGEST_COMPLETE, status, f"Ingest{phase}", f"Job {job_name} {phase.lower()}")
 
 
@@ -252,12 +252,12 @@ def job_phase(job: Mapping[str, Any] | None, recorded_phase: str | None = None) 
 # --- handlers -----------------------------------------------------------------------------------------
 @kopf.on.resume(GROUP, VERSION, PIPELINE.plural)
 @kopf.on.create(GROUP, VERSION, PIPELINE.plural)
-@kopf.on.update(GROUP, VERSION, PIPELINE.plural)
+@kopf.on.update(GROUP, VERSION, PIPELINE.plural)  # type: ignore[arg-type]  # kopf's protocol cannot name the index kwargs it injects
 def pipeline_changed(body: kopf.Body, pipeline_topic_claims: kopf.Index, reason: str, retry: int, **_: Any) -> None:
     reconcile(body, pipeline_topic_claims, trigger="change" if reason != "resume" else "resume", attempt=retry)
 
 
-@kopf.on.delete(GROUP, VERSION, PIPELINE.plural, when=cleanup.deletes_external)
+@kopf.on.delete(GROUP, VERSION, PIPELINE.plural, when=cleanup.deletes_external)  # type: ignore[arg-type]  # kopf's protocol cannot name the index kwargs it injects
 def pipeline_deleted(body: kopf.Body, pipeline_topic_claims: kopf.Index, retry: int, **_: Any) -> None:
     """deletionPolicy Delete: remove this pipeline's topics and subjects (never the shared DLQ,
     never a topic another pipeline owns); give up after `cleanup_attempts` or on the annotation."""

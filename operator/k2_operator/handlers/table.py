@@ -66,7 +66,7 @@ def claim_key(namespace: str, spec: IcebergTableSpec) -> str:
     return f"{namespace}/{spec.catalog_ref.name}/{spec.identifier}"
 
 
-@kopf.index(GROUP, VERSION, TABLE.plural, id=CLAIMS_INDEX)
+@kopf.index(GROUP, VERSION, TABLE.plural, id=CLAIMS_INDEX)  # type: ignore[arg-type]  # kopf's protocol cannot name the index kwargs it injects
 def table_identifier_claims(namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[str, Any],
                             status: Mapping[str, Any], **_: Any) -> dict[str, Claim]:
     try:
@@ -149,7 +149,7 @@ def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: st
 
 @kopf.on.resume(GROUP, VERSION, TABLE.plural)
 @kopf.on.create(GROUP, VERSION, TABLE.plural)
-@kopf.on.update(GROUP, VERSION, TABLE.plural)
+@kopf.on.update(GROUP, VERSION, TABLE.plural)  # type: ignore[arg-type]  # kopf's protocol cannot name the index kwargs it injects
 def table_changed(body: kopf.Body, table_identifier_claims: kopf.Index, reason: str, retry: int, **_: Any) -> None:
     reconcile(body, table_identifier_claims, trigger="change" if reason != "resume" else "resume", attempt=retry)
 
