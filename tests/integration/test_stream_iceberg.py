@@ -151,7 +151,12 @@ def test_kafka_broker_restart_while_writing(tmp_path, embedded_settings, kafka, 
     kafka.stop()
     time.sleep(2)
     kafka.start()
-    assert proc.wait(timeout=240) == 0
+    try:
+        assert proc.wait(timeout=240) == 0
+    finally:  # a hung writer must not outlive the test (it would keep running after make test)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert _table(embedded_settings, "trades").scan().count() == n_trades
     assert _table(embedded_settings, "quotes").scan().count() == n_quotes
     _keys_unique(_table(embedded_settings, "trades"))
