@@ -33,13 +33,21 @@ SYDNEY = asx.EXCHANGE_TZ
 
 
 class Processes:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env, self.running = env, []
+    """The k2 processes of one test; each one's log is kept in a file so a failure can show it."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.running = env, logs, []
+        logs.mkdir()
 
     def start(self, *args: str, stdout=subprocess.DEVNULL) -> subprocess.Popen:
-        proc = subprocess.Popen([K2, *args], env=self.env, stdout=stdout, stderr=subprocess.DEVNULL, text=True)
+        log = (self.logs / f"{len(self.running)}-{args[0]}.log").open("w")
+        proc = subprocess.Popen([K2, *args], env=self.env, stdout=stdout, stderr=log, text=True)
         self.running.append(proc)
         return proc
+
+    def report(self) -> str:
+        """The end of every process's log, for an assertion message."""
+        return "\n".join(f"--- {path.name}\n{path.read_text()[-1500:]}" for path in sorted(self.logs.iterdir()))
 
     def stop(self) -> None:
         for proc in reversed(self.running):
@@ -56,8 +64,8 @@ class Processes:
 def live(tmp_path, embedded_settings):
     """The whole live path on one synthetic day: returns (processes, folder, api url, settings)."""
     settings = embedded_settings
-    env = {**os.environ, **settings.to_env(), "K2_LOG_LEVEL": "WARNING"}
-    procs = Processes(env)
+    env = {**os.environ, **settings.to_env(), "K2_LOG_LEVEL": "INFO"}
+    procs = Processes(env, tmp_path / "logs")
     folder = generate(tmp_path / "ticks", symbols=2, days=1, seed=5)
     yield procs, folder, settings
     procs.stop()
@@ -112,7 +120,7 @@ def test_a_client_joining_mid_day_gets_every_tick_once_in_sequence_order(live):
     deadline = time.monotonic() + 120
     while (stored := _stored_rows(settings)) == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert 0 < stored < total, "the client must join mid-day: part stored, part still to come"
+    assert 0 < stored < total, f"the client must join mid-day: part stored, part still to come\n{procs.report()}"
 
     start = dt.datetime(2014, 3, 10, tzinfo=SYDNEY).isoformat()
     received: dict[str, list[int]] = defaultdict(list)

@@ -122,7 +122,7 @@ def test_reconnects_and_resubscribes_after_the_feed_dies(folder, simulators, emb
 
 
 def _topic_has(settings, drain, count: int) -> bool:
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "probe"})
     try:
@@ -132,6 +132,8 @@ def _topic_has(settings, drain, count: int) -> bool:
             return False
         return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
                    for p in meta.partitions) >= count
+    except KafkaException:  # a topic just created may have no leader yet: not there yet, ask again
+        return False
     finally:
         consumer.close()
 

@@ -23,7 +23,7 @@ from typing import cast
 import numpy as np
 import pyarrow as pa
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic_core import to_json
 
 from k2 import schemas
@@ -124,6 +124,7 @@ class TickHub:
         self._lock = threading.Lock()
         self._subscribers: set[Subscription] = set()
         self._positions: dict[Partition, int] = {}  # next offset the hub delivers, per partition
+        self._unopened = set(self.topics)  # topics whose partitions at start are still to be read from their end
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None
@@ -151,12 +152,12 @@ class TickHub:
     def _run(self) -> None:
         consumer = Consumer(self.consumer_config())
         self._consumer = consumer
-        first, refreshed = True, 0.0
+        refreshed = 0.0
         try:
             while not self._stop.is_set():
                 if time.monotonic() - refreshed > _REFRESH_SECONDS:
-                    self._assign_new(consumer, at_end=first)
-                    first, refreshed = False, time.monotonic()
+                    self._assign_new(consumer)
+                    refreshed = time.monotonic()
                     self._started.set()
                 messages = consumer.consume(2000, timeout=0.1)
                 if messages:
@@ -167,27 +168,21 @@ class TickHub:
         finally:
             consumer.close()
 
-    def _assign_new(self, consumer: Consumer, *, at_end: bool) -> None:
-        """Partitions not yet read: at their end when the hub starts, from the beginning later
-        (a partition created while we run holds only new ticks)."""
+    def _assign_new(self, consumer: Consumer) -> None:
+        """Partitions not yet read: those there when the hub started at their end, those created
+        later from their beginning (they hold only new ticks). A topic whose metadata or
+        watermarks the cluster cannot give now (no leader during an election, broker away) is
+        tried again at the next refresh, still as one that was there at the start."""
         added = []
         for topic in self.topics:
             try:
-                meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+                found = self._new_partitions(consumer, topic)
             except KafkaException as exc:
                 log.warning("hub.metadata_unavailable", topic=topic, error=str(exc))
                 continue
-            if meta is None or meta.error is not None:
-                continue
-            for p in meta.partitions:
-                if (topic, p) in self._positions:
-                    continue
-                if at_end:
-                    _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
-                    offset = high
-                else:
-                    offset = OFFSET_BEGINNING
-                added.append(TopicPartition(topic, p, offset))
+            if found is not None:
+                self._unopened.discard(topic)
+                added.extend(found)
         if not added:
             return
         with self._lock:
@@ -196,6 +191,21 @@ class TickHub:
                 self._positions[(tp.topic, tp.partition)] = max(tp.offset, 0)
         consumer.incremental_assign(added)
         log.info("hub.assigned", partitions={f"{tp.topic}/{tp.partition}": tp.offset for tp in added})
+
+    def _new_partitions(self, consumer: Consumer, topic: str) -> list[TopicPartition] | None:
+        """The topic's partitions the hub does not read yet, at their start offsets; None while
+        the topic's metadata is in error."""
+        meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+        absent = meta is None or (meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART)
+        if absent:
+            return []
+        if meta.error is not None:
+            return None
+        new = [p for p in meta.partitions if (topic, p) not in self._positions]
+        if topic not in self._unopened:
+            return [TopicPartition(topic, p, OFFSET_BEGINNING) for p in new]
+        return [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1])
+                for p in new]
 
     def _dispatch(self, messages: list[Message]) -> None:
         by_topic: dict[str, list[Message]] = {}
