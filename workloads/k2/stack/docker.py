@@ -30,7 +30,6 @@ it as `tag`, with ENV/ENTRYPOINT/… given as `docker import --change` instructi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import hashlib
 import io
@@ -41,7 +40,6 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,18 +168,11 @@ class DockerEngine(Service):
     def ready(self) -> bool:
         return engine_answers()
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM dockerd alone first, so it stops its containers and its containerd in order;
-        the process-group kill of Service.stop only sweeps up what is left after that."""
-        pid = self.pid()
-        if pid is not None:
-            log.info("docker.stop", pid=pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.pid() is not None:
-                time.sleep(0.3)
-        super().stop(timeout=10)
+    def request_stop(self, pid: int) -> None:
+        """SIGTERM dockerd alone, so it stops its containers and its containerd in order; the
+        process-group kill of Service.stop only sweeps up what is left after the timeout."""
+        log.info("docker.stop", pid=pid)
+        os.kill(pid, signal.SIGTERM)
 
     def start(self) -> None:
         if self.pid() is None and engine_answers():

@@ -13,8 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from contextlib import closing, suppress
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -154,18 +153,11 @@ class Postgres(Service):
                     cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
                     log.info("postgres.database_created", database=self.database)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def request_stop(self, pid: int) -> None:
         # SIGINT is PostgreSQL's fast shutdown: it ends sessions instead of waiting for clients
         # to leave (SIGTERM, what the base class sends, is the smart mode that waits).
-        pid = self.pid()
-        if pid is not None:
-            log.info("postgres.fast_shutdown", pid=pid)
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGINT)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.pid() is not None:
-                time.sleep(0.2)
-        super().stop(timeout)
+        log.info("postgres.fast_shutdown", pid=pid)
+        os.kill(pid, signal.SIGINT)
 
     # helpers -----------------------------------------------------------------------------
     def _as_postgres(self, cmd: list[str], *, what: str, stdin: str | None = None) -> None:
