@@ -290,7 +290,8 @@ def main() -> None:
         # A private embedded lakehouse, whatever K2_* variables are set.
         settings = Settings(catalog_uri=f"sqlite:///{tmp}/catalog.db", warehouse=f"{tmp}/warehouse",
                             namespace="market", s3_endpoint=None, mode="dev", api_keys="", api_keys_file=None,
-                            rate_limit="1000000/minute", log_level="WARNING")
+                            rate_limit="1000000/minute", key_concurrency=1024,
+                            log_level="WARNING")  # the load's many clients share one key
         loaded = time.perf_counter()
         load_asx(settings, args.data)
         print(f"Loaded {args.data} in {time.perf_counter() - loaded:.1f} s; {os.cpu_count()} CPUs, "

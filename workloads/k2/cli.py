@@ -286,8 +286,10 @@ def api_cmd(host: str = "127.0.0.1", port: Annotated[int, typer.Option(envvar="K
     import uvicorn
 
     settings = _settings()
+    # The protocol adds the request and write deadlines (K2_REQUEST_TIMEOUT_SECONDS, K2_WRITE_TIMEOUT_SECONDS).
     uvicorn.run("k2.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_config=None, access_log=False, log_level=settings.log_level.lower())
+                http="k2.api.protocol:GuardedHttpProtocol", log_config=None, access_log=False,
+                log_level=settings.log_level.lower())
 
 
 @app.command("api-key")

@@ -66,6 +66,9 @@ DEPENDENCY_RETRY_SECONDS = Counter("k2_dependency_retry_seconds", "Time spent ba
 HTTP_REQUESTS = Counter("k2_http_requests", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
 HTTP_DURATION = Histogram("k2_http_request_duration_seconds", "HTTP request duration", ["method", "route"],
                           buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+HTTP_CONNECTIONS_CUT = Counter("k2_http_connections_cut", "Connections the API cut: request not received in time "
+                               "(request_timeout) or response not taken (write_timeout)", ["reason"],
+                               registry=REGISTRY)
 QUERY_EXECUTIONS = Counter("k2_query_executions", "Engine queries", ["query", "outcome"], registry=REGISTRY)
 QUERY_DURATION = Histogram("k2_query_duration_seconds", "Engine query duration", ["query"],
                            buckets=_LATENCY_BUCKETS, registry=REGISTRY)

@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     api_entitlements_file: Path | None = None
     rate_limit: str = "100/minute"
     max_rows: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1024**3, description="larger request bodies are refused "
+                                "(413) before they are read")
+    request_timeout_seconds: float = Field(30.0, gt=0, le=3600, description="a request's headers and body must "
+                                           "arrive within this; else 408 and the connection is closed (slowloris)")
+    write_timeout_seconds: float = Field(60.0, gt=0, le=3600, description="a client that takes no bytes of its "
+                                         "response for this long is disconnected")
+    key_concurrency: int = Field(8, ge=1, le=1024, description="requests in progress per API key; more at once "
+                                 "are refused (429), so one key cannot occupy every worker thread")
     query_cache_mb: int = Field(64, ge=0, le=65_536,
                                 description="results cached per API process, by table snapshot; 0 disables")
     query_threads: int = Field(0, ge=0, le=256, description="DuckDB threads per process; 0: one per core. Serving "

@@ -15,10 +15,11 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 
 from k2.api.auth import ApiKeys
+from k2.api.bodylimit import BodyLimitMiddleware
 from k2.api.entitlements import Entitlements
 from k2.api.errors import install_error_handlers
 from k2.api.middleware import ObservabilityMiddleware
-from k2.api.ratelimit import RateLimiter
+from k2.api.ratelimit import ConcurrencyLimiter, RateLimiter
 from k2.api.routers import include_routers
 from k2.observability import configure_logging
 from k2.query.engine import Engine
@@ -31,7 +32,10 @@ _CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DESCRIPTION = """
 Market data from K2's Iceberg tables, queried with DuckDB.
 
-* Every `/v1` route needs an `X-API-Key` header and is rate limited per key (429 + `Retry-After`).
+* Every `/v1` route needs an `X-API-Key` header and is rate limited per key (429 + `Retry-After`), in
+  requests per window and in requests in progress at once.
+* Request bodies over the size limit are refused (413); lists are paged (`limit` at most K2_MAX_ROWS, then
+  `next_cursor`); exports stream in batches.
 * Prices are exact decimals serialised as JSON **strings** (`"36.667000"`); instants are ISO-8601 UTC.
 * `X-Correlation-ID` is accepted (or generated) and echoed; every error has the same JSON shape.
 """
@@ -64,8 +68,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.api_keys = api_keys
     app.state.entitlements = entitlements
     app.state.rate_limiter = rate_limiter
+    app.state.concurrency = ConcurrencyLimiter(settings.key_concurrency)
     install_error_handlers(app)
-    # Added last = outermost: the correlation id exists before anything else runs.
+    # Added last = outermost: the correlation id exists before anything else runs, and refused
+    # bodies are counted and logged like any other request.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware)
     app.add_middleware(CorrelationIdMiddleware, header_name=CORRELATION_HEADER,
                        validator=lambda value: bool(_CORRELATION_ID.match(value)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import structlog
@@ -47,8 +48,12 @@ async def authenticate(request: Request, key: Annotated[str | None, Security(api
     return identity
 
 
-async def rate_limit(request: Request, identity: Annotated[str, Depends(authenticate)]) -> None:
+async def rate_limit(request: Request, identity: Annotated[str, Depends(authenticate)]) -> AsyncIterator[None]:
+    """The key's budgets: one request more in its window, and a slot held until the response
+    (a streamed export included) has been sent or the client is gone."""
     request.app.state.rate_limiter.hit(identity)
+    with request.app.state.concurrency.slot(identity):
+        yield
 
 
 def check_limit(limit: int, settings: Settings) -> int:

@@ -28,12 +28,13 @@ _QUERY_ERRORS: dict[type[QueryError], tuple[int, str]] = {
 _LOCATIONS = {"query", "path", "body", "header", "cookie"}
 
 
-class ApiError(Exception):
-    """An HTTP-level refusal (authentication, rate limit) raised from dependencies."""
+class ApiError(StarletteHTTPException):
+    """An HTTP-level refusal (authentication, rate limit, body too large) raised from dependencies or
+    from a request's `receive`: an HTTPException, so FastAPI lets it through the body parsing."""
 
     def __init__(self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, dict(headers or {})
+        super().__init__(status, message, headers=dict(headers or {}))
+        self.status, self.code, self.message = status, code, message
 
 
 def error_response(status: int, code: str, message: str, *, details: Sequence[ErrorDetail] = (),
@@ -90,8 +91,9 @@ V1_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Not found"},
     409: {"model": ErrorResponse, "description": "The table's history does not allow this request"},
     422: {"model": ErrorResponse, "description": "Invalid input; `details` names the offending fields"},
-    429: {"model": ErrorResponse, "description": "Rate limit exceeded",
+    429: {"model": ErrorResponse, "description": "Rate limit, or requests in progress per key, exceeded",
           "headers": {"Retry-After": {"description": "seconds until a request will be accepted again",
                                       "schema": {"type": "integer"}, "required": True}}},
+    413: {"model": ErrorResponse, "description": "Request body larger than K2_MAX_BODY_BYTES"},
     503: {"model": ErrorResponse, "description": "Catalog or storage unavailable"},
 }

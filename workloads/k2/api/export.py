@@ -1,9 +1,11 @@
 """Streamed exports of tick queries as JSON, CSV or Parquet.
 
-Rows go from DuckDB's Arrow batches to the socket one batch at a time, so an export's memory
-does not grow with its size. JSON values are encoded exactly as the models encode them (decimals
-as strings, instants as ISO-8601 UTC; column at a time by `k2.api.jsonrows`), CSV by Arrow
-(decimals at their stored scale), and Parquet keeps the stored types, decimal(18,6) included.
+Rows go from DuckDB's Arrow batches to the socket a slice at a time, so an export's memory
+does not grow with its size: the server holds a chunk being encoded and at most one waiting for the
+client (uvicorn writes no more while its send buffer is full). JSON values are encoded exactly as
+the models encode them (decimals as strings, instants as ISO-8601 UTC; column at a time by
+`k2.api.jsonrows`), CSV by Arrow (decimals at their stored scale), and Parquet keeps the stored
+types, decimal(18,6) included.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fastapi.responses import StreamingResponse
@@ -26,6 +29,7 @@ from k2.query.filters import TickFilter, select_fields
 MEDIA_TYPES: dict[str, str] = {"json": "application/json", "csv": "text/csv; charset=utf-8",
                                "parquet": "application/vnd.apache.parquet"}
 SNAPSHOT_HEADER = "X-K2-Snapshot-Id"
+CHUNK_ROWS = 8192  # rows per JSON or CSV chunk written to the client (about 2 MiB of JSON)
 
 # For the OpenAPI document of export routes.
 EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -46,7 +50,7 @@ def _json(result: ResultStream, snapshot_id: int | None) -> Iterator[bytes]:
     # Each chunk costs the server a thread hop: the envelope travels with the first and last rows.
     pending = b'{"snapshot_id":' + to_json(snapshot_id) + b',"data":['
     separator = b""
-    for batch in result.batches:
+    for batch in _slices(result.batches):
         if batch.num_rows:
             rows = separator + rows_json(batch)[1:-1]
             if pending:
@@ -56,10 +60,18 @@ def _json(result: ResultStream, snapshot_id: int | None) -> Iterator[bytes]:
     yield pending + b"]}"
 
 
+def _slices(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Batches of at most CHUNK_ROWS rows (zero-copy): a chunk is encoded whole and may wait whole in
+    the server's send buffer, so its size, not the export's, is what the server holds per client."""
+    for batch in batches:
+        for offset in range(0, batch.num_rows, CHUNK_ROWS):
+            yield batch.slice(offset, CHUNK_ROWS)
+
+
 def _csv(result: ResultStream, _snapshot_id: int | None) -> Iterator[bytes]:
     buffer = io.BytesIO()
     with pacsv.CSVWriter(buffer, result.schema) as writer:  # writes the header even for no rows
-        for batch in result.batches:
+        for batch in _slices(result.batches):
             writer.write_batch(batch)
             yield _take(buffer)
     yield _take(buffer)
