@@ -4,7 +4,12 @@ Every PromQL expression (dashboard panels and variables, alert rules) is parsed;
 selects must be a sample name of `k2.observability.REGISTRY` (`exported_metric_names()`), each
 label it matches or aggregates by must be a label of those metrics (or one Prometheus adds to
 every target), and the label values the rules depend on must be values the code emits. The other
-way round, every metric family K2 declares has a panel.
+way round, every metric family K2 declares has a panel. The process, platform and GC collectors'
+series (`process_*`, `python_*`) count as K2's: every K2 process serves them.
+
+promtool (built from the Prometheus release the kind add-ons run) checks that the rendered rules
+load, and its rule unit tests feed series to the newer alerts and require each to stay quiet, then
+fire with exactly the expected labels and summary.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import ast
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from k2 import observability
@@ -42,9 +49,20 @@ def declared_metrics() -> dict[str, MetricWrapperBase]:
     return {m._name: m for m in vars(observability).values() if isinstance(m, MetricWrapperBase)}
 
 
+def collected_labels() -> dict[str, set[str]]:
+    """Sample name → label names of the process, platform and GC collectors' series (they
+    have samples from the start, unlike a labelled `k2_*` family nobody has used yet)."""
+    out: dict[str, set[str]] = {}
+    for family in observability.REGISTRY.collect():
+        if not family.name.startswith("k2_"):
+            for sample in family.samples:
+                out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
 def sample_labels() -> dict[str, set[str]]:
     """Sample name → its label names, for every sample a scrape of K2 can show."""
-    out: dict[str, set[str]] = {}
+    out: dict[str, set[str]] = collected_labels()
     for name, metric in declared_metrics().items():
         labels = set(metric._labelnames)
         if metric._type == "counter":
@@ -167,10 +185,11 @@ def test_dashboard_has_at_least_15_panels_and_is_valid_grafana_json() -> None:
 
 
 def test_every_metric_name_in_panels_and_alerts_is_exported(queries: list[tuple[str, str]]) -> None:
-    """Plain-text check (no parser needed): any k2_* token must be a sample K2 exports."""
+    """Plain-text check (no parser needed): any k2_*, process_* or python_* token must be a sample
+    K2 exports."""
     exported = observability.exported_metric_names()
     for where, expr in queries:
-        for name in re.findall(r"\bk2_[a-z0-9_]+\b", expr):
+        for name in re.findall(r"\b(?:k2|process|python)_[a-z0-9_]+\b", expr):
             assert name in exported, f"{where}: {name} is not exported by k2.observability"
 
 
@@ -230,6 +249,10 @@ REQUIRED_ALERTS = {
     "API 5xx ratio": ("k2_http_requests_total", 'status=~"5.."'),
     "API p99 latency": ("k2_http_request_duration_seconds_bucket", "histogram_quantile(0.99"),
     "reconcile errors": ("k2_operator_reconcile_errors_total", None),
+    "dependency retries": ("k2_dependency_retry_seconds_total", None),
+    "data freshness": ("k2_table_newest_tick_timestamp_seconds", "time() -"),
+    "process restarts": ("process_start_time_seconds", "changes("),
+    "file descriptors": ("process_open_fds", "process_max_fds"),
 }
 
 
@@ -306,3 +329,76 @@ def test_monitors_select_the_pods_and_ports_the_operator_renders() -> None:
                        and p["podSelector"]), None)
         assert policy, f"no NetworkPolicy selects {labels['app.kubernetes.io/component']} pods"
         assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} <= set(ports.values())
+
+
+# --- promtool: the rules load in Prometheus, and the alerts fire when they should ------------------
+@pytest.fixture(scope="module")
+def promtool() -> Path:
+    from k2.stack.images import PROMTOOL
+
+    return PROMTOOL.install() / "promtool"  # built from the Prometheus release the kind add-ons run
+
+
+@pytest.fixture(scope="module")
+def rule_file(alert_rules: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    objects = helm.template(CHART, set_values={"monitoring.prometheusRule.enabled": "true",
+                                               "monitoring.serviceMonitor.enabled": "true"})
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    path = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return path
+
+
+def test_promtool_accepts_every_rule(promtool: Path, rule_file: Path, alert_rules: list[dict[str, Any]]) -> None:
+    proc = subprocess.run([promtool, "check", "rules", rule_file], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(alert_rules)} rules found" in proc.stdout
+
+
+K2_POD = 'k2_feed_lag_seconds{namespace="k2",pod="%s"}'  # any k2_* series marks a pod as K2's
+# alert → (input series, a time it must stay quiet, a time it must fire, the firing alert's labels and summary)
+ALERT_CASES: dict[str, tuple[dict[str, str], str, str, dict[str, str], str]] = {
+    "K2TableStale": (
+        {'k2_table_newest_tick_timestamp_seconds{namespace="k2",pod="w-1",table="market.trades"}':
+         "0+60x30 1800x60"},  # ticks as fresh as the clock for 30 minutes, then none newer
+        "40m", "60m", {"namespace": "k2", "table": "market.trades"},
+        "The newest tick in k2/market.trades is 30m 0s old"),
+    "K2DeadLetterQueueGrowing": (
+        {'k2_rows_rejected_total{namespace="k2",pod="w-1",stage="stream",reason="undecodable"}': "0+120x40",
+         'k2_rows_rejected_total{namespace="k2",pod="w-1",stage="stream",reason="out_of_range"}': "0+30x40"},
+        "5m", "30m", {"namespace": "k2", "stage": "stream", "reason": "undecodable"},
+        "2 rows/s go to the DLQ in k2 (stream: undecodable)"),
+    "K2ProcessRestarting": (
+        {'process_start_time_seconds{namespace="k2",pod="api-1"}': "100 100 400 400 700 700 1000x30",
+         K2_POD % "api-1": "0x36",
+         'process_start_time_seconds{namespace="k2",pod="not-k2"}': "100 200 300 400 500 600 700x30"},
+        "5m", "10m", {"namespace": "k2", "pod": "api-1"},
+        "K2 process in k2/api-1 restarted 3 times in 30 minutes"),
+    "K2ProcessFileDescriptorsExhausted": (
+        {'process_open_fds{namespace="k2",pod="w-1"}': "950x30", 'process_max_fds{namespace="k2",pod="w-1"}': "1000x30",
+         K2_POD % "w-1": "0x30",
+         'process_open_fds{namespace="k2",pod="not-k2"}': "999x30",
+         'process_max_fds{namespace="k2",pod="not-k2"}': "1000x30"},
+        "5m", "15m", {"namespace": "k2", "pod": "w-1"},
+        "k2/w-1 uses 95% of its file descriptors"),
+}
+
+
+@pytest.mark.parametrize("alert", ALERT_CASES)
+def test_alert_fires_when_it_should_and_only_then(promtool: Path, rule_file: Path, alert: str,
+                                                  alert_rules: list[dict[str, Any]]) -> None:
+    """promtool's rule unit tests: a firing alert carries exactly these labels and its summary."""
+    series, quiet_at, fire_at, labels, summary = ALERT_CASES[alert]
+    rule = next(r for r in alert_rules if r["alert"] == alert)
+    expected = {"exp_labels": {**labels, **rule["labels"]},
+                "exp_annotations": {**rule["annotations"], "summary": summary}}
+    tests = {"rule_files": [str(rule_file)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series.items()],
+        "alert_rule_test": [{"eval_time": quiet_at, "alertname": alert, "exp_alerts": []},
+                            {"eval_time": fire_at, "alertname": alert, "exp_alerts": [expected]}],
+    }]}
+    path = rule_file.with_name(f"{alert}.test.yaml")
+    path.write_text(yaml.safe_dump(tests))
+    proc = subprocess.run([promtool, "test", "rules", path], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

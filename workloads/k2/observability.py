@@ -14,10 +14,24 @@ from contextlib import contextmanager
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Every K2 process (API, stream, ingest, operator) serves this registry: its CPU, memory, file
+# descriptors and start time (process_*), the interpreter (python_info) and its GC (python_gc_*).
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -55,6 +69,11 @@ BATCH_ROWS = Histogram("k2_batch_rows", "Rows per micro-batch", ["table"],
 CONSUMER_LAG = Gauge("k2_consumer_lag", "Messages behind the log end", ["table", "topic", "partition"],
                      registry=REGISTRY)
 SNAPSHOTS = Gauge("k2_table_snapshots", "Snapshots retained per table", ["table"], registry=REGISTRY)
+# Freshness is `time() - k2_table_newest_tick_timestamp_seconds`: it keeps growing when commits stop.
+NEWEST_TICK = Gauge("k2_table_newest_tick_timestamp_seconds", "Exchange time of the newest tick this writer "
+                    "committed to the table (Unix time)", ["table"], registry=REGISTRY)
+LAST_COMMIT = Gauge("k2_table_last_commit_timestamp_seconds", "When this writer last committed to the table "
+                    "(Unix time), empty batches included", ["table"], registry=REGISTRY)
 
 # dependencies (registry, catalog, storage, Kafka): transient failures are retried, never dead-lettered
 DEPENDENCY_ERRORS = Counter("k2_dependency_errors", "Transient dependency failures, each followed by a retry",
@@ -96,7 +115,8 @@ RESOURCE_READY = Gauge("k2_operator_resource_ready", "1 while the custom resourc
 
 
 def exported_metric_names() -> set[str]:
-    """Every sample name a scrape can show (counters gain `_total`, histograms `_bucket`…)."""
+    """Every sample name a scrape can show (counters gain `_total`, histograms `_bucket`…),
+    the process and platform collectors' included."""
     names: set[str] = set()
     for metric in REGISTRY.collect():
         names.add(metric.name)

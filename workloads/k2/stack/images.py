@@ -345,6 +345,8 @@ PROMETHEUS = GoProgram("github.com/prometheus/prometheus", "v0.316.0", ("./cmd/p
     f"-X github.com/prometheus/common/version.{var}={value}"
     for var, value in (("Version", PROMETHEUS_VERSION.removeprefix("v")), ("Branch", "HEAD"),
                        ("Revision", "v0.316.0"), ("BuildUser", "k2"))))
+# promtool of that release: it checks and unit-tests the chart's alert rules (tests/unit/test_chart_monitoring.py).
+PROMTOOL = GoProgram(PROMETHEUS.module, PROMETHEUS.version, ("./cmd/promtool",))
 PROMETHEUS_OPERATOR = GoProgram("github.com/prometheus-operator/prometheus-operator", "v0.85.0",
                                 ("./cmd/operator", "./cmd/prometheus-config-reloader"), (
     "-X github.com/prometheus/common/version.Version=0.85.0",))

@@ -42,6 +42,8 @@ from k2.observability import (
     CONSUMER_LAG,
     DUPLICATES_DROPPED,
     FILES_WRITTEN,
+    LAST_COMMIT,
+    NEWEST_TICK,
     ROWS_WRITTEN,
     SNAPSHOTS,
 )
@@ -51,6 +53,7 @@ from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.stream")
+TICK_TIME = "exchange_timestamp"  # event time of trades and quotes (reference tables have none)
 DLQ_CLOCK_SKEW_MS = 300_000  # dead letters are stamped by one host's clock, snapshots maybe by another's
 
 
@@ -154,6 +157,7 @@ class TableWriter:
         self.known_columns = {f.name for f in table.schema().fields}
         self.last_message_at = time.monotonic()
         self.rows_committed = 0
+        self.newest_tick = 0.0  # Unix seconds of the newest committed tick (k2_table_newest_tick_timestamp_seconds)
 
     # assignment ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -458,11 +462,23 @@ class TableWriter:
         added_files = int(summary.get("added-data-files", 0))
         FILES_WRITTEN.labels(self.table_name).inc(added_files)
         SNAPSHOTS.labels(self.table_name).set(len(self.table.snapshots()))
+        self._record_freshness(data)
         self.rows_committed += data.num_rows
         log.info("stream.committed", table=self.table_name, rows=data.num_rows, files=added_files,
                  snapshot_id=snapshot.snapshot_id if snapshot else None, offsets=batch.end,
                  seconds=round(elapsed, 3))
         return data.num_rows
+
+    def _record_freshness(self, committed: pa.Table) -> None:
+        """The freshness gauges after a commit: its wall time, and the exchange time of the newest
+        tick committed so far (a batch of older, late ticks does not move it back)."""
+        LAST_COMMIT.labels(self.table_name).set_to_current_time()
+        if not committed.num_rows or TICK_TIME not in committed.column_names:
+            return
+        newest = pc.max(committed[TICK_TIME].cast(pa.timestamp("us", tz="UTC"))).value
+        if newest is not None and newest / 1e6 > self.newest_tick:
+            self.newest_tick = newest / 1e6
+            NEWEST_TICK.labels(self.table_name).set(self.newest_tick)
 
     def reseek(self) -> None:
         """Every assigned partition sought again from the offsets the table records."""

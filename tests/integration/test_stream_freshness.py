@@ -1,0 +1,105 @@
+"""A running `k2 stream` says how fresh each table is, and how the process itself is doing.
+
+The stream runs as its own process on the real Kafka + registry, with a metrics port; its
+`/metrics` is scraped as Prometheus would. After each commit the newest-tick gauge equals the
+newest `exchange_timestamp` the table really holds (read back from Iceberg), and the commit-time
+gauge lies between the ingest and the scrape. The same scrape carries the process and platform
+collectors' series, which the dashboard's and alerts' process panels rely on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pyarrow.compute as pc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from k2 import tables
+from k2.ingest.pipeline import ingest_files
+from k2.settings import Settings
+from k2.stack.base import free_port
+from k2_synthetic import generate
+
+pytestmark = pytest.mark.integration
+K2 = str(Path(sys.executable).with_name("k2"))
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def newest_in_file(records: dict[tuple, dict]) -> float:
+    return max(r["exchange_timestamp"] for r in records.values()) / 1e6
+
+
+def newest_stored_tick(settings: Settings) -> float:
+    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
+    stamps = table.scan(selected_fields=("exchange_timestamp",)).to_arrow()["exchange_timestamp"]
+    return pc.max(stamps).as_py().timestamp()
+
+
+def wait_for_gauge(port: int, name: str, labels: tuple, expected: float, proc: subprocess.Popen,
+                   timeout: float = 180) -> dict[tuple[str, tuple], float]:
+    """The scrape in which the gauge first reads `expected`."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"k2 stream exited with {proc.returncode}"
+        try:
+            metrics = scrape(port)
+        except OSError:  # the metrics server is not up yet
+            time.sleep(0.5)
+            continue
+        value = metrics.get((name, labels))
+        if value is not None and value == pytest.approx(expected, abs=1e-6):
+            return metrics
+        time.sleep(0.5)
+    raise AssertionError(f"{name}{dict(labels)} is {value}, never {expected}")
+
+
+def test_stream_sets_freshness_gauges_on_each_commit_and_serves_process_metrics(embedded_settings: Settings,
+                                                                                 file_records, tmp_path: Path):
+    port = free_port()
+    labels = (("table", embedded_settings.table_identifier("trades")),)
+    env = {**os.environ, **embedded_settings.to_env(), "K2_METRICS_PORT": str(port), "K2_LOG_LEVEL": "WARNING"}
+    day1 = generate(tmp_path / "day1", symbols=2, days=1, seed=12)
+    day2 = generate(tmp_path / "day2", symbols=2, days=1, seed=12, start=dt.date(2014, 3, 11))
+    before = time.time()
+    ingest_files(day1, embedded_settings, kinds=("trades",))
+    proc = subprocess.Popen([K2, "stream", "run", "--tables", "trades"], env=env)
+    try:
+        first = newest_in_file(file_records(day1, ("trades",)))
+        metrics = wait_for_gauge(port, "k2_table_newest_tick_timestamp_seconds", labels, first, proc)
+        assert newest_stored_tick(embedded_settings) == pytest.approx(first, abs=1e-6)
+        committed_at = metrics[("k2_table_last_commit_timestamp_seconds", labels)]
+        assert before <= committed_at <= time.time()
+
+        # the writer's own process, as the process and platform collectors report it
+        assert metrics[("process_start_time_seconds", ())] == pytest.approx(psutil.Process(proc.pid).create_time(),
+                                                                            abs=2)
+        assert metrics[("process_resident_memory_bytes", ())] > 10_000_000
+        assert 0 < metrics[("process_open_fds", ())] < metrics[("process_max_fds", ())]
+        assert metrics[("process_cpu_seconds_total", ())] > 0
+        assert any(name == "python_info" for name, _ in metrics)
+
+        # the next day's ticks: their commits move both gauges on
+        ingest_files(day2, embedded_settings, kinds=("trades",))
+        second = newest_in_file(file_records(day2, ("trades",)))
+        metrics = wait_for_gauge(port, "k2_table_newest_tick_timestamp_seconds", labels, second, proc)
+        assert second - first > 3600
+        assert newest_stored_tick(embedded_settings) == pytest.approx(second, abs=1e-6)
+        assert metrics[("k2_table_last_commit_timestamp_seconds", labels)] > committed_at
+    finally:
+        proc.terminate()
+        proc.wait(30)
