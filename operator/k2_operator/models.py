@@ -550,6 +550,12 @@ class QueryServiceSpec(_Model):
     max_rows: int = _setting("max_rows", "Hard cap on rows per response.", le=10_000_000)
     query_cache_mb: int = _setting("query_cache_mb", "Result cache per API process, in MiB (0: none).")
     query_threads: int = _setting("query_threads", "DuckDB threads per API process (0: one per core).")
+    max_body_bytes: int = _setting("max_body_bytes", "Larger request bodies are refused (413).")
+    request_timeout_seconds: float = _setting("request_timeout_seconds",
+                                              "A request's headers and body must arrive within this (else 408).")
+    write_timeout_seconds: float = _setting("write_timeout_seconds",
+                                            "A client taking no response bytes for this long is disconnected.")
+    key_concurrency: int = _setting("key_concurrency", "Requests in progress per API key per pod (more: 429).")
     ingress: IngressSpec | None = Field(None, description="Ingress; omitted: none.")
     resources: Resources = _resources("250m", "512Mi", "1Gi")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(

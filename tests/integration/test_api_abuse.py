@@ -187,8 +187,8 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit(api: Api) -> None:
     assert_error(body, 413, "body_too_large")
 
 
-def test_a_body_within_the_limit_is_served(api: Api, synthetic_lakehouse) -> None:
-    response = httpx.post(f"{api.url}{TRADES_QUERY}", headers={"X-API-Key": KEY_A},
+def test_a_body_within_the_limit_is_served(api: Api) -> None:
+    response = httpx.post(f"{api.url}{TRADES_QUERY}", headers={"X-API-Key": KEY_B},
                           json={"symbols": ["BHP"], "limit": 5}, timeout=PATIENCE)
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 5
@@ -252,9 +252,10 @@ def test_a_client_that_stops_reading_is_disconnected_and_frees_its_slots(api: Ap
     finally:
         for sock in stalled:
             sock.close()
-    response = httpx.post(f"{api.url}{TRADES_QUERY}", headers={"X-API-Key": KEY_A},
-                          json={"symbols": symbols[:1], "limit": 1}, timeout=PATIENCE)
-    assert response.status_code == 200, response.text
+    # The server frees a slot once it sees the client gone: soon after the cut, not at once.
+    wait_for(lambda: httpx.post(f"{api.url}{TRADES_QUERY}", headers={"X-API-Key": KEY_A},
+                                json={"symbols": symbols[:1], "limit": 1}, timeout=PATIENCE).status_code == 200,
+             "key A to be served again")
 
 
 # one key's flood ----------------------------------------------------------------------------------
