@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from k2.query import metadata
 from k2.settings import Settings
@@ -256,6 +258,18 @@ def test_a_client_that_stops_reading_is_disconnected_and_frees_its_slots(api: Ap
     wait_for(lambda: httpx.post(f"{api.url}{TRADES_QUERY}", headers={"X-API-Key": KEY_A},
                                 json={"symbols": symbols[:1], "limit": 1}, timeout=PATIENCE).status_code == 200,
              "key A to be served again")
+
+
+def test_a_websocket_outlives_the_request_deadline(api: Api) -> None:
+    # Quiet for twice the deadline while the server waits for the key as the first message: a
+    # WebSocket is past its request, so only its own protocol may end it (here: the wrong key, 1008).
+    with ws_connect(api.url.replace("http", "ws") + "/v1/stream/trades", open_timeout=PATIENCE) as ws:
+        time.sleep(3)
+        ws.send(json.dumps({"api_key": "not-a-key"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=PATIENCE)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008, closed.value
+    assert "unauthorized" in closed.value.rcvd.reason
 
 
 # one key's flood ----------------------------------------------------------------------------------

@@ -62,14 +62,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._arm_request_deadline()
 
     def on_message_complete(self) -> None:
+        # Also before a WebSocket upgrade, whose protocol then owns the transport (and pings it).
         if self._request_deadline is not None:
             self._request_deadline.cancel()
             self._request_deadline = None
         super().on_message_complete()
-
-    def handle_websocket_upgrade(self) -> None:
-        self._cancel_deadlines()  # the WebSocket protocol takes the transport over, with its own pings
-        super().handle_websocket_upgrade()
 
     def pause_writing(self) -> None:
         super().pause_writing()
