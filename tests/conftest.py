@@ -8,15 +8,22 @@ selected tests need and stops what it started at the end.
 from __future__ import annotations
 
 import base64
+import csv
+import datetime as dt
 import json
 import os
 import shutil
 import subprocess
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -27,6 +34,7 @@ from k2.settings import Settings
 from k2.stack.base import Service
 
 REPO = Path(__file__).resolve().parents[1]
+SYDNEY = ZoneInfo("Australia/Sydney")
 ASX_DATA = Path(os.environ.get("K2_ASX_DATA", REPO.parent / "shared" / "data" / "asx-2014-03"))
 
 
@@ -472,3 +480,124 @@ class Helpers:
 @pytest.fixture(scope="session")
 def k2op() -> type[Helpers]:
     return Helpers
+
+
+# the oracle ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OracleTrade:
+    symbol: str
+    local: dt.datetime  # aware, Australia/Sydney
+    sequence_number: int
+    price: Decimal
+    volume: int
+
+    @property
+    def ts_us(self) -> int:
+        return _micros(self.local)
+
+
+@dataclass(frozen=True)
+class OracleQuote:
+    symbol: str
+    local: dt.datetime
+    sequence_number: int
+    bid: Decimal
+    ask: Decimal
+    bid_size: int
+    ask_size: int
+
+
+def exact(numerator: Fraction | Decimal | int, denominator: int) -> str:
+    """numerator / denominator rounded half-to-even to 6 places, as the API prints it."""
+    micro = round(Fraction(numerator) * 1_000_000 / denominator)  # round() on a Fraction is half-even
+    return f"{Decimal(micro).scaleb(-6):.6f}"
+
+
+class AsxOracle:
+    """Expected figures straight from the CSV files, by a route independent of K2's code."""
+
+    def __init__(self, root: Path) -> None:
+        with (root / "reference-data" / "company_info.csv").open(newline="") as fh:
+            symbols = {row["company_id"]: row["symbol"] for row in csv.DictReader(fh)}
+        self.trades: dict[tuple[str, dt.date], list[OracleTrade]] = defaultdict(list)
+        self.quotes: dict[str, list[OracleQuote]] = defaultdict(list)
+        for path in sorted((root / "trades").glob("*.csv")):
+            symbol = symbols[path.stem]
+            for local, seq, row in self._rows(path):
+                self.trades[symbol, local.date()].append(
+                    OracleTrade(symbol, local, seq, Decimal(row[2]), int(Decimal(row[3]))))
+        for path in sorted((root / "quotes").glob("*.csv")):
+            symbol = symbols[path.stem]
+            for local, seq, row in self._rows(path):
+                self.quotes[symbol].append(OracleQuote(symbol, local, seq, Decimal(row[2]), Decimal(row[3]),
+                                                       int(Decimal(row[4])), int(Decimal(row[5]))))
+        for trades in self.trades.values():
+            trades.sort(key=lambda t: (t.local, t.sequence_number))
+        for quotes in self.quotes.values():
+            quotes.sort(key=lambda q: (q.local, q.sequence_number))
+
+    @staticmethod
+    def _rows(path: Path) -> Iterator[tuple[dt.datetime, int, list[str]]]:
+        sequence: dict[dt.date, int] = defaultdict(int)
+        with path.open(newline="") as fh:
+            for row in csv.reader(fh):
+                local = dt.datetime.strptime(f"{row[0]} {row[1]}", "%m/%d/%Y %H:%M:%S.%f").replace(tzinfo=SYDNEY)
+                sequence[local.date()] += 1
+                yield local, sequence[local.date()], row
+
+    def symbol_days(self) -> list[tuple[str, dt.date]]:
+        return sorted(self.trades)
+
+    def summary(self, symbol: str, day: dt.date) -> dict[str, object]:
+        trades = self.trades[symbol, day]
+        volume = sum(t.volume for t in trades)
+        return {"symbol": symbol, "exchange": "ASX", "date": day.isoformat(),
+                "open": f"{trades[0].price:.6f}", "high": f"{max(t.price for t in trades):.6f}",
+                "low": f"{min(t.price for t in trades):.6f}", "close": f"{trades[-1].price:.6f}",
+                "volume": volume, "trade_count": len(trades),
+                "vwap": exact(sum(t.price * t.volume for t in trades), volume)}
+
+    def bars(self, symbol: str, day: dt.date, minutes: int) -> list[dict[str, object]]:
+        """Bars of `minutes` over one local day: OHLCV, VWAP and TWAP (see k2.query.bars)."""
+        buckets: dict[dt.datetime, list[OracleTrade]] = defaultdict(list)
+        for t in self.trades[symbol, day]:
+            start = t.local.replace(minute=t.local.minute - t.local.minute % minutes, second=0, microsecond=0)
+            buckets[start].append(t)
+        bars = []
+        for start, trades in sorted(buckets.items()):
+            end = start + dt.timedelta(minutes=minutes)
+            end_us = _micros(end)
+            held = [(nxt.ts_us if nxt else end_us) - t.ts_us
+                    for t, nxt in zip(trades, [*trades[1:], None], strict=True)]
+            volume = sum(t.volume for t in trades)
+            bars.append({
+                "symbol": symbol, "bucket_start": _utc(start), "bucket_end": _utc(end),
+                "open": f"{trades[0].price:.6f}", "high": f"{max(t.price for t in trades):.6f}",
+                "low": f"{min(t.price for t in trades):.6f}", "close": f"{trades[-1].price:.6f}",
+                "volume": volume, "trade_count": len(trades),
+                "vwap": exact(sum(t.price * t.volume for t in trades), volume),
+                "twap": exact(sum(t.price * h for t, h in zip(trades, held, strict=True)), sum(held)),
+            })
+        return bars
+
+    def prevailing_quote(self, symbol: str, at: dt.datetime) -> OracleQuote | None:
+        """The last quote at or before `at` (the highest sequence number among equal times)."""
+        found = None
+        for quote in self.quotes[symbol]:
+            if quote.local > at:
+                break
+            found = quote
+        return found
+
+
+def _micros(instant: dt.datetime) -> int:
+    return (instant - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+
+
+def _utc(local: dt.datetime) -> str:
+    return local.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture(scope="session")
+def asx_oracle(asx_root: Path) -> AsxOracle:
+    return AsxOracle(asx_root)

@@ -610,7 +610,8 @@ class ReplicasStatus(_Model):
 
 
 class IngestStatus(_Model):
-    job: str = Field(description="Name of the ingest Job for the current source.")
+    job: str | None = Field(None, description="Name of the ingest Job for the current source, once created "
+                            "(it waits until the topics and schemas are in place).")
     phase: Literal["Pending", "Running", "Succeeded", "Failed"] = Field(description="Job phase.")
 
 

@@ -62,7 +62,7 @@ def test_scaling_and_partition_growth_are_applied(cluster: Any, namespace: str, 
     assert k2op.topic_partitions(admin, topic(asset_class, ex, "quotes")) == 9
     assert {t["partitions"] for t in obj["status"]["topics"]} == {9}
     assert obj["status"]["consumers"]["replicas"] == 3
-    assert cluster.events(namespace, name, "Reconciled")
+    assert k2op.wait_for(lambda: cluster.events(namespace, name, "Reconciled"), "a Reconciled event", 15)
 
 
 def test_consumers_scale_through_the_scale_subresource_up_to_the_partitions(
@@ -147,7 +147,9 @@ def test_two_pipelines_on_one_topic_the_newer_gets_a_conflict(cluster: Any, name
 
     assert f"IngestionPipeline {namespace}/first-{ex}" in k2op.find_condition(obj, "Ready")["message"]
     assert k2op.find_condition(cluster.get(namespace, "IngestionPipeline", f"first-{ex}"), "Ready")["status"] == "True"
-    assert cluster.events(namespace, f"second-{ex}", "ResourceConflict")
+    # kopf posts events in the background: the status can be seen before its event
+    assert k2op.wait_for(lambda: cluster.events(namespace, f"second-{ex}", "ResourceConflict"),
+                         "a ResourceConflict event", 15)
 
     # Once the owner is gone, the other pipeline takes the topics over (drift timer).
     cluster.delete(namespace, "IngestionPipeline", f"first-{ex}")
@@ -219,7 +221,7 @@ def test_delete_removes_topics_and_subjects(cluster: Any, namespace: str, operat
     k2op.wait_for(lambda: k2op.topic_partitions(admin, topic(asset_class, ex)) is None, "topics deleted", 20)
     assert not [s for s in schema_registry.get_subjects() if s.startswith(topic(asset_class, ex))]
     assert k2op.topic_partitions(admin, f"market.{asset_class}.dlq") == 1  # shared: never deleted
-    assert cluster.events(namespace, name, "CleanedUp")
+    assert k2op.wait_for(lambda: cluster.events(namespace, name, "CleanedUp"), "a CleanedUp event", 15)
 
 
 def _deleted_while_the_registry_is_gone(cluster: Any, namespace: str, asset_class: str) -> str:
@@ -252,3 +254,27 @@ def test_deletion_gives_up_after_the_configured_attempts(cluster: Any, namespace
 
     cluster.wait_gone(namespace, "IngestionPipeline", name, 45)  # 3 attempts, 1 s + 2 s backoff
     assert cluster.events(namespace, name, "CleanupAbandoned")
+
+
+def test_the_ingest_job_waits_for_topics_and_schemas(cluster: Any, namespace: str, operator: Any,
+                                                      asset_class: str) -> None:
+    """A Job started before its schemas exist fails its pods on them (seen on kind while the
+    in-cluster registry was still starting) and can exhaust its backoff limit: it is created once
+    the topics and schemas are in place."""
+    ex = exchange()
+    name = f"p-{ex}"
+    source = {"type": "synthetic", "synthetic": {"symbols": 1, "days": 1}}
+    body = pipeline(name, ex, asset_class, source=source,
+                    schemaRegistry={"url": "http://127.0.0.1:9/apis/ccompat/v7"})
+    body["spec"]["topics"]["kinds"] = ["trades", "quotes", "reference"]
+    cluster.create(namespace, body)
+    cluster.wait_condition(namespace, "IngestionPipeline", name, "SchemasRegistered", "False", "RegistryUnavailable")
+
+    jobs = cluster.kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()
+    assert not [j for j in jobs if name in j], "a Job was created before its schemas were registered"
+    assert cluster.get(namespace, "IngestionPipeline", name)["status"]["ingest"]["phase"] == "Pending"
+
+    cluster.patch(namespace, "IngestionPipeline", name, {"spec": {"schemaRegistry": None}})
+    cluster.wait_condition(namespace, "IngestionPipeline", name, "SchemasRegistered", timeout=90)
+    jobs = cluster.kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()
+    assert [j for j in jobs if name in j], "no Job once the schemas were registered"

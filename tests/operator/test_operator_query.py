@@ -116,7 +116,8 @@ def test_removing_the_ingress_prunes_it(cluster: Any, namespace: str, served: st
     k2op.wait_for(lambda: cluster.kubectl("get", "ingress", served, "-n", namespace).returncode != 0,
                   "the Ingress deleted", 20)
     assert obj["status"]["url"] == f"http://{served}.{namespace}.svc:80"
-    assert "deleted Ingress/api" in json.dumps([e.message for e in cluster.events(namespace, served)])
+    k2op.wait_for(lambda: "deleted Ingress/api" in json.dumps([e.message for e in cluster.events(namespace, served)]),
+                  "an event saying the Ingress was deleted", 15)
 
 
 def test_service_monitor_only_when_its_crd_exists(cluster: Any, namespace: str, served: str, k2op: Any) -> None:

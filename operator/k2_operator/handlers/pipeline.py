@@ -160,7 +160,8 @@ def register_schemas(namespace: str, spec: IngestionPipelineSpec, status: Mappin
 
 def apply_workloads(body: Mapping[str, Any], spec: IngestionPipelineSpec, binding: TableBinding | None,
                     out: Outcome) -> None:
-    """Children. The ingest Job runs once per source: once recorded, it is not recreated. While the
+    """Children. The ingest Job runs once per source, created once its topics and schemas are in
+    place; once recorded, it is not recreated. While the
     tables are unresolved (a catalog outage, a table being recreated), running consumers and their
     settings are left alone rather than torn down or rewritten half-configured."""
     rt = runtime.get()
@@ -170,11 +171,16 @@ def apply_workloads(body: Mapping[str, Any], spec: IngestionPipelineSpec, bindin
     job_name = ingest_job_name(owner.name, spec) if spec.source.type != "none" and not continuous(spec) else None
     recorded = (status.get("ingest") or {}).get("job")
     keep = []
-    if job_name and recorded == job_name:
-        objects = [o for o in objects if o["kind"] != "Job"]
-        keep.append(f"Job/{job_name}")
-    holding = binding is None and bool(spec.tables)
     n = Names.of(owner.name)
+    job_held = False
+    if job_name and (recorded == job_name or not _prerequisites_met(out)):
+        # Once recorded, never re-run. Before the topics and schemas exist, not created yet: its
+        # pods would fail on them and could use up the Job's backoff limit before Kafka is up.
+        objects = [o for o in objects if o["kind"] != "Job"]
+        job_held = recorded != job_name and rt.kube.get(CHILD_KINDS["Job"], owner.namespace, job_name) is None
+        if not job_held:
+            keep.append(f"Job/{job_name}")
+    holding = binding is None and bool(spec.tables)
     if holding:
         keep += [f"Deployment/{n.consumer}", f"Service/{n.metrics}", f"PodDisruptionBudget/{n.consumer}",
                  f"ServiceMonitor/{n.consumer}", f"ConfigMap/{n.settings}"]
@@ -193,13 +199,22 @@ def apply_workloads(body: Mapping[str, Any], spec: IngestionPipelineSpec, bindin
                                  "selector": owner.selector("consumer")}
     out.checks.append(status_.availability(CONSUMERS_AVAILABLE, desired, available) if deployment else
                       Condition.true(CONSUMERS_AVAILABLE, "NoConsumers", "no tables bound: no consumers"))
-    if job_name:
+    if job_held:
+        out.observed["ingest"] = {"job": None, "phase": "Pending"}  # the Job is recorded once it exists
+        out.checks.append(Condition(INGEST_COMPLETE, "Unknown", "WaitingForTopicsAndSchemas",
+                                    "the ingest Job is created once the topics and schemas are in place"))
+    elif job_name:
         job = rt.kube.get(CHILD_KINDS["Job"], owner.namespace, job_name)
         phase = job_phase(job, recorded_phase=(status.get("ingest") or {}).get("phase"))
         out.observed["ingest"] = {"job": job_name, "phase": phase}
         out.checks.append(ingest_condition(job_name, phase))
     else:
         out.observed["ingest"] = None  # merge patch: remove what a former source left
+
+
+def _prerequisites_met(out: Outcome) -> bool:
+    """Whether this reconcile found the topics and schemas in place (what the ingest writes to)."""
+    return all(c.status == "True" for c in out.checks if c.type in (TOPICS_READY, SCHEMAS_REGISTERED))
 
 
 def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> None:
