@@ -550,6 +550,8 @@ class QueryServiceSpec(_Model):
     max_rows: int = _setting("max_rows", "Hard cap on rows per response.", le=10_000_000)
     query_cache_mb: int = _setting("query_cache_mb", "Result cache per API process, in MiB (0: none).")
     query_threads: int = _setting("query_threads", "DuckDB threads per API process (0: one per core).")
+    query_memory_mb: int = _setting("query_memory_mb", "DuckDB memory per API process, in MiB; past it sorts "
+                                    "spill to disk (0: 80% of the container's memory limit).")
     max_body_bytes: int = _setting("max_body_bytes", "Larger request bodies are refused (413).")
     request_timeout_seconds: float = _setting("request_timeout_seconds",
                                               "A request's headers and body must arrive within this (else 408).")

@@ -242,7 +242,8 @@ def test_query_service_mounts_its_entitlements_secret() -> None:
 def test_query_service_children() -> None:
     spec = QueryServiceSpec.model_validate({
         "replicas": 3, "tables": [{"name": "market-trades"}], "rateLimit": "50/second", "serviceType": "NodePort",
-        "keyConcurrency": 3, "maxBodyBytes": 65536, "requestTimeoutSeconds": 10, "writeTimeoutSeconds": 20,
+        "keyConcurrency": 3, "maxBodyBytes": 65536, "queryMemoryMb": 256, "requestTimeoutSeconds": 10,
+        "writeTimeoutSeconds": 20,
         "auth": {"apiKeysSecret": {"name": "keys", "key": "k"}},
         "ingress": {"host": "k2.example.com", "className": "nginx", "tlsSecret": "k2-tls"}})
     objects = by_kind(render_query(API, spec, table_namespace="market", catalog_secret="cat",
@@ -258,10 +259,11 @@ def test_query_service_children() -> None:
         objects["Deployment"])["volumes"]
     assert objects["ConfigMap"]["data"]["K2_API_KEYS_FILE"] == "/var/run/k2/api-keys-file/k"
     assert objects["ConfigMap"]["data"]["K2_RATE_LIMIT"] == "50/second"
-    assert {k: objects["ConfigMap"]["data"][k] for k in ("K2_KEY_CONCURRENCY", "K2_MAX_BODY_BYTES",
-                                                          "K2_REQUEST_TIMEOUT_SECONDS", "K2_WRITE_TIMEOUT_SECONDS")} \
-        == {"K2_KEY_CONCURRENCY": "3", "K2_MAX_BODY_BYTES": "65536", "K2_REQUEST_TIMEOUT_SECONDS": "10.0",
-            "K2_WRITE_TIMEOUT_SECONDS": "20.0"}
+    limits = ("K2_KEY_CONCURRENCY", "K2_MAX_BODY_BYTES", "K2_QUERY_MEMORY_MB", "K2_REQUEST_TIMEOUT_SECONDS",
+              "K2_WRITE_TIMEOUT_SECONDS")
+    assert {k: objects["ConfigMap"]["data"][k] for k in limits} == {
+        "K2_KEY_CONCURRENCY": "3", "K2_MAX_BODY_BYTES": "65536", "K2_QUERY_MEMORY_MB": "256",
+        "K2_REQUEST_TIMEOUT_SECONDS": "10.0", "K2_WRITE_TIMEOUT_SECONDS": "20.0"}
     assert "K2_API_KEYS" not in objects["ConfigMap"]["data"]
     assert objects["Service"]["spec"]["type"] == "NodePort"
     assert objects["Service"]["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http",

@@ -39,7 +39,8 @@ def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: s
         paths["api_entitlements_file"] = files[-1].path
     settings = common.workload_settings(ctx, namespace=namespace, rate_limit=spec.rate_limit,
                                         max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb,
-                                        query_threads=spec.query_threads, max_body_bytes=spec.max_body_bytes,
+                                        query_threads=spec.query_threads, query_memory_mb=spec.query_memory_mb,
+                                        max_body_bytes=spec.max_body_bytes,
                                         request_timeout_seconds=spec.request_timeout_seconds,
                                         write_timeout_seconds=spec.write_timeout_seconds,
                                         key_concurrency=spec.key_concurrency, **paths)

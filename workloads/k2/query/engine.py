@@ -200,6 +200,8 @@ class Engine:
         self._db.execute("SET GLOBAL TimeZone = 'UTC'")  # results come back as UTC instants
         if settings.query_threads:
             self._db.execute(f"SET GLOBAL threads = {int(settings.query_threads)}")
+        if settings.query_memory_mb:
+            self._db.execute(f"SET GLOBAL memory_limit = '{int(settings.query_memory_mb)}MiB'")
         self._db.execute(EXACT_RATIO_MACRO)
         self._db_lock = threading.Lock()
 
