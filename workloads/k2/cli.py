@@ -234,13 +234,15 @@ def maintain_cmd(
     tables: Annotated[str | None, typer.Option("--table", help="comma-separated table kinds")] = None,
     retention_hours: Annotated[float, typer.Option(help="expire snapshots older than this")] = 24 * 7,
     min_files: Annotated[int, typer.Option(help="compact partitions with at least this many files")] = 4,
+    orphan_age_hours: Annotated[float, typer.Option(min=0, help="remove unreferenced files only once they are this "
+                                                    "old (a live writer's uncommitted files must be younger)")] = 72,
 ) -> None:
-    """Compact small files per partition and expire old snapshots."""
+    """Compact small files per partition, expire old snapshots, remove orphan files."""
     from k2.stream.maintenance import maintain
 
     settings = _settings()
     for report in maintain(settings, _kinds(tables, TABLE_KINDS), retention_hours=retention_hours,
-                           min_files=min_files):
+                           min_files=min_files, orphan_age_hours=orphan_age_hours):
         console.print(report.describe())
 
 

@@ -156,14 +156,18 @@ def _ensure(cat: Catalog, definition: TableDefinition) -> EnsuredTable:
         cat.create_namespace(definition.namespace)
     except (NamespaceAlreadyExistsError, IntegrityError):
         pass  # IntegrityError: another process created it between the SQL catalog's check and insert
-    try:
-        table = cat.create_table(definition.identifier, schema=definition.schema,
-                                 partition_spec=definition.partition_spec(), sort_order=definition.sort_order(),
-                                 properties={**definition.properties, **REQUIRED_PROPERTIES})
-        log.info("table.created", table=definition.identifier)
-        return EnsuredTable(table, created=True, evolved=False)
-    except TableAlreadyExistsError:
-        table = cat.load_table(definition.identifier)
+    # Looked up first: the SQL catalog writes a table's first metadata file before it finds the
+    # name taken, so creating an existing table would leave an orphan file at every start.
+    table = load_table(cat, definition.identifier)
+    if table is None:
+        try:
+            table = cat.create_table(definition.identifier, schema=definition.schema,
+                                     partition_spec=definition.partition_spec(), sort_order=definition.sort_order(),
+                                     properties={**definition.properties, **REQUIRED_PROPERTIES})
+            log.info("table.created", table=definition.identifier)
+            return EnsuredTable(table, created=True, evolved=False)
+        except TableAlreadyExistsError:  # created by another process meanwhile
+            table = cat.load_table(definition.identifier)
     missing = {k: v for k, v in REQUIRED_PROPERTIES.items() if table.properties.get(k) != v}
     if missing:
         table = set_properties(table, missing)

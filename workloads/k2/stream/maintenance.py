@@ -1,19 +1,27 @@
-"""`k2 maintain`: compact small files per partition, expire old snapshots.
+"""`k2 maintain`: compact small files per partition, expire old snapshots, remove orphan files.
 
 Compaction rewrites one partition at a time as a single overwrite snapshot (delete that
 partition's files, add the sorted rewrite) that carries the table's recorded Kafka offsets
 forward. Writers may commit meanwhile: the overwrite (or the expiry) then fails Iceberg's optimistic
 check and is redone from a fresh read, so no row a writer added is ever dropped.
+
+Orphans are files under the table's location that no kept snapshot and no logged metadata file
+references: what a writer killed between writing its files and the catalog commit leaves, and the
+files of expired snapshots. Queries never read them (a scan only follows the metadata). Only files
+older than a safety age are removed, so a live writer's files, written but not yet committed, stay.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
 import structlog
+from pyarrow.fs import FileSelector, FileType
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
+from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table import Table
 
 from k2 import tables
@@ -37,12 +45,13 @@ class MaintenanceReport:
     after: FileStats
     partitions_compacted: int
     snapshots_expired: int
+    orphans_removed: int
 
     def describe(self) -> str:
         return (f"{self.table}: files {self.before.files} → {self.after.files}, "
                 f"bytes {self.before.bytes:,} → {self.after.bytes:,}, rows {self.before.rows:,} → "
                 f"{self.after.rows:,}; {self.partitions_compacted} partitions compacted, "
-                f"{self.snapshots_expired} snapshots expired")
+                f"{self.snapshots_expired} snapshots expired, {self.orphans_removed} orphan files removed")
 
 
 def file_stats(table: Table) -> FileStats:
@@ -108,8 +117,52 @@ def expire(table: Table, retention: dt.timedelta) -> tuple[Table, int]:
     return table, len(before - {snapshot.snapshot_id for snapshot in table.snapshots()})
 
 
+def _storage_path(table: Table, location: str) -> str:
+    """A file's location as its file system names it ("/abs/path", "bucket/key")."""
+    return PyArrowFileIO.parse_location(location, table.io.properties)[2]
+
+
+def referenced_files(table: Table) -> set[str]:
+    """Every file the table's metadata reaches: the current and logged metadata files, statistics,
+    and per kept snapshot its manifest list, manifests and live data and delete files."""
+    metadata = table.metadata
+    found = {table.metadata_location, *(entry.metadata_file for entry in metadata.metadata_log)}
+    found |= {s.statistics_path for s in metadata.statistics}
+    found |= {s.statistics_path for s in metadata.partition_statistics}
+    manifests = {}
+    for snapshot in table.snapshots():
+        found.add(snapshot.manifest_list)
+        manifests.update({m.manifest_path: m for m in snapshot.manifests(table.io)})
+    found |= manifests.keys()
+    for manifest in manifests.values():
+        found |= {entry.data_file.file_path for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)}
+    return {_storage_path(table, location) for location in found}
+
+
+def remove_orphans(table: Table, min_age: dt.timedelta) -> tuple[Table, int]:
+    """Delete the files under the table's location that nothing references and that are older than
+    `min_age`. Listed before the metadata is read again: a file committed meanwhile is referenced."""
+    if not isinstance(table.io, PyArrowFileIO):
+        raise TypeError(f"orphan removal lists files through pyarrow; the table uses {type(table.io).__name__}")
+    scheme, netloc, root = PyArrowFileIO.parse_location(table.location(), table.io.properties)
+    fs = table.io.fs_by_scheme(scheme, netloc)
+    listed = [info for info in fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+              if info.type == FileType.File]
+    table = table.refresh()
+    referenced = referenced_files(table)
+    cutoff_ns = time.time_ns() - int(min_age.total_seconds() * 1e9)
+    orphans = [info.path for info in listed
+               if info.path not in referenced and info.mtime_ns is not None and info.mtime_ns < cutoff_ns]
+    for path in orphans:
+        fs.delete_file(path)
+    if orphans:
+        log.info("maintain.orphans_removed", table=".".join(table.name()), files=len(orphans),
+                 min_age_hours=min_age.total_seconds() / 3600)
+    return table, len(orphans)
+
+
 def maintain(settings: Settings, kinds: tuple[TableKind, ...], *, retention_hours: float,
-             min_files: int) -> list[MaintenanceReport]:
+             min_files: int, orphan_age_hours: float = 72) -> list[MaintenanceReport]:
     cat = tables.catalog(settings)
     reports = []
     for kind in kinds:
@@ -119,7 +172,8 @@ def maintain(settings: Settings, kinds: tuple[TableKind, ...], *, retention_hour
         before = file_stats(table)
         table, compacted = compact(table, min_files)
         table, expired = expire(table, dt.timedelta(hours=retention_hours))
+        table, orphans = remove_orphans(table, dt.timedelta(hours=orphan_age_hours))
         reports.append(MaintenanceReport(settings.table_identifier(kind), before, file_stats(table), compacted,
-                                         expired))
+                                         expired, orphans))
         log.info("maintain.done", **{k: str(v) for k, v in vars(reports[-1]).items()})
     return reports

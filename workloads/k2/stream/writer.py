@@ -51,6 +51,7 @@ from k2.quality import GapDetector, prior_max, sequence_keys
 from k2.schemas import columnar
 from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
+from k2.stream.crash_points import CrashPoints
 
 log = structlog.get_logger("k2.stream")
 TICK_TIME = "exchange_timestamp"  # event time of trades and quotes (reference tables have none)
@@ -158,6 +159,7 @@ class TableWriter:
         self.last_message_at = time.monotonic()
         self.rows_committed = 0
         self.newest_tick = 0.0  # Unix seconds of the newest committed tick (k2_table_newest_tick_timestamp_seconds)
+        self.crash = CrashPoints(settings)  # test-only; inert unless K2_TEST_CRASH_AT is set
 
     # assignment ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -393,8 +395,10 @@ class TableWriter:
         sort_keys = [k for k in ("symbol", "exchange_timestamp", "sequence_number") if k in arrow_schema.names]
         if sort_keys and data.num_rows:
             data = data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in sort_keys]))
+        self.crash.reach("before_files")
         written = faults.retry(lambda: self._commit(data, batch), what=what)
         BATCH_ROWS.labels(self.table_name).observe(decoded.num_rows)
+        self.crash.reach("after_commit")
         self._commit_group_offsets(batch)
         if self.sequenced and data.num_rows:
             highest = np.zeros(len(keys), np.int64)
@@ -443,6 +447,7 @@ class TableWriter:
                 else:  # nothing new (all duplicates/poison), but the offsets still advance
                     with tx.update_snapshot(snapshot_properties=properties).fast_append():
                         pass
+                self.crash.reach("after_files")  # the files are written; the catalog commit is on leaving
             elapsed = time.perf_counter() - started
 
         # each attempt re-reads the table and re-checks the fence; conflicts come from peers and compaction
