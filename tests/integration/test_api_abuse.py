@@ -13,6 +13,7 @@ import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -68,13 +69,16 @@ def serve(settings: Settings, **overrides: object) -> Iterator[Api]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")},
            **settings.model_copy(update={"api_keys": f"{KEY_A},{KEY_B}", "log_level": "WARNING",
                                          **overrides}).to_env()}
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody drains would block the server
     process = subprocess.Popen([str(BIN / "k2"), "api", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
     api = Api(process, port)
     try:
         deadline = time.monotonic() + PATIENCE
         while True:
-            assert process.poll() is None, f"k2 api exited: {process.stderr.read() if process.stderr else ''}"
+            if process.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"k2 api exited: {log.read()[-4000:]}")
             try:
                 if httpx.get(f"{api.url}/health", timeout=5).status_code == 200:
                     break
@@ -90,6 +94,9 @@ def serve(settings: Settings, **overrides: object) -> Iterator[Api]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.seek(0)
+        print(log.read()[-4000:])  # shown by pytest when a test fails
+        log.close()
 
 
 def wait_for(condition: Callable[[], object], what: str) -> None:
