@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -69,34 +70,36 @@ def serve(settings: Settings, **overrides: object) -> Iterator[Api]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")},
            **settings.model_copy(update={"api_keys": f"{KEY_A},{KEY_B}", "log_level": "WARNING",
                                          **overrides}).to_env()}
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody drains would block the server
-    process = subprocess.Popen([str(BIN / "k2"), "api", "--port", str(port)], env=env,
-                               stdout=log, stderr=subprocess.STDOUT, text=True)
-    api = Api(process, port)
-    try:
-        deadline = time.monotonic() + PATIENCE
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"k2 api exited: {log.read()[-4000:]}")
-            try:
-                if httpx.get(f"{api.url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "k2 api did not become healthy"
-            time.sleep(0.2)
-        yield api
-    finally:
-        process.terminate()
+    # The log goes to a file, not a pipe: a pipe nobody drains would block the server.
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen([str(BIN / "k2"), "api", "--port", str(port)], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.seek(0)
-        print(log.read()[-4000:])  # shown by pytest when a test fails
-        log.close()
+            yield _healthy(Api(process, port), log)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.seek(0)
+            print(log.read()[-4000:])  # shown by pytest when a test fails
+
+
+def _healthy(api: Api, log: IO[str]) -> Api:
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        if api.process.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"k2 api exited: {log.read()[-4000:]}")
+        try:
+            if httpx.get(f"{api.url}/health", timeout=5).status_code == 200:
+                return api
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "k2 api did not become healthy"
+        time.sleep(0.2)
 
 
 def wait_for(condition: Callable[[], object], what: str) -> None:
