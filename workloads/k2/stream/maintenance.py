@@ -23,6 +23,7 @@ from pyarrow.fs import FileSelector, FileType
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table import Table
+from pyiceberg.utils.concurrent import ExecutorFactory
 
 from k2 import tables
 from k2.observability import SNAPSHOTS
@@ -129,13 +130,15 @@ def referenced_files(table: Table) -> set[str]:
     found = {table.metadata_location, *(entry.metadata_file for entry in metadata.metadata_log)}
     found |= {s.statistics_path for s in metadata.statistics}
     found |= {s.statistics_path for s in metadata.partition_statistics}
-    manifests = {}
-    for snapshot in table.snapshots():
-        found.add(snapshot.manifest_list)
-        manifests.update({m.manifest_path: m for m in snapshot.manifests(table.io)})
+    snapshots = table.snapshots()
+    found |= {snapshot.manifest_list for snapshot in snapshots}
+    # one manifest list per snapshot (a commit every few seconds): read them, and the manifests, in parallel
+    executor = ExecutorFactory.get_or_create()
+    manifests = {m.manifest_path: m for listed in executor.map(lambda s: s.manifests(table.io), snapshots)
+                 for m in listed}
     found |= manifests.keys()
-    for manifest in manifests.values():
-        found |= {entry.data_file.file_path for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)}
+    for entries in executor.map(lambda m: m.fetch_manifest_entry(table.io, discard_deleted=True), manifests.values()):
+        found |= {entry.data_file.file_path for entry in entries}
     return {_storage_path(table, location) for location in found}
 
 
