@@ -2,8 +2,8 @@
 
 The kill -9 tests (in `tests/integration/test_stream_iceberg.py`) must stop `k2 stream run` exactly
 between two steps of one commit, which no signal sent from outside can time. With
-`K2_TEST_CRASH_AT=<point>` (or `<point>@<n>`: the n-th arrival there, default the first) the
-process sends itself SIGKILL when it reaches that point:
+`K2_TEST_CRASH_AT=<point>` (or `<point>@<n>`: a table writer's n-th arrival there, default the
+first) the process sends itself SIGKILL when it reaches that point:
 
 - `before_files`: the batch is decoded and its dead letters acknowledged; no data file written yet;
 - `after_files`: the batch's data files (and manifests) are written; the catalog commit is not made;
