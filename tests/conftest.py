@@ -138,6 +138,13 @@ def production_settings(kafka, registry, postgres, s3, unique: str) -> Settings:
                     s3_secret_key=s3.secret_key, s3_region=s3.region, batch_seconds=0.5)
 
 
+@pytest.fixture(params=["embedded_settings", "production_settings"], ids=["sqlite-local", "postgres-s3"])
+def catalog_settings(request: pytest.FixtureRequest) -> Settings:
+    """A test using this runs on both catalog configurations: the embedded one (SQLite + local
+    files) and the one the chart deploys (Postgres + S3)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="session")
 def asx_root() -> Path:
     if not (ASX_DATA / "reference-data" / "company_info.csv").is_file():

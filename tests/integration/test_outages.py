@@ -1,7 +1,8 @@
-"""Outages are not poison: the schema registry, the catalog database or the S3 server goes away
-for 20 s while `k2 stream run` works, and comes back (a broker restart: test_stream_iceberg.py). The writer waits and
-retries; afterwards the DLQ is empty and every symbol-day of the ASX subset is stored exactly
-once. The services are the stack's own, stopped and started by their `Service` objects."""
+"""Outages are not poison: the schema registry, the catalog database, the S3 server or the Kafka
+broker goes away for 20 s while `k2 stream run` works, and comes back (a broker restarted at once:
+test_stream_iceberg.py). The writer waits and retries; afterwards the DLQ is empty and every
+symbol-day of the ASX subset is stored exactly once. The services are the stack's own, stopped
+and started by their `Service` objects."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def test_registry_outage_while_the_stream_starts(asx_root, asx_companies, tmp_pa
     ingest_files(root, embedded_settings, with_reference=False)
     registry.stop()
     try:
-        proc = _stream(embedded_settings, tmp_path / "stream.log")  # every schema id is new to it: the first decode needs the registry
+        # every schema id is new to it: the first decode needs the registry
+        proc = _stream(embedded_settings, tmp_path / "stream.log")
         time.sleep(OUTAGE_SECONDS)
         assert proc.poll() is None and stored_symbol_days(embedded_settings, "trades").total() == 0
     finally:

@@ -209,9 +209,9 @@ def test_compatible_schema_evolution_adds_a_column_without_restart(tmp_path, emb
     assert ids["ZZZ"] == "T-1" and ids["BHP"] is None
 
 
-def test_time_travel_and_maintenance(tmp_path, embedded_settings):
+def test_time_travel_and_maintenance(tmp_path, catalog_settings):
     root = generate(tmp_path / "ticks", symbols=2, days=1, seed=5)
-    small = embedded_settings.model_copy(update={"batch_rows": 500})
+    small = catalog_settings.model_copy(update={"batch_rows": 500})
     ingest_files(root, small, kinds=("trades",), with_reference=False)
     stream_run(small, ("trades",), until_idle=1.0)
     table = _table(small, "trades")
@@ -303,10 +303,6 @@ def test_workloads_deployed_by_the_operator_only_check_for_topics_and_tables(tmp
 
 
 # kill -9 at each step of a commit ------------------------------------------------------------
-CONFIGURATIONS = pytest.mark.parametrize("configuration", ["embedded_settings", "production_settings"],
-                                         ids=["sqlite-local", "postgres-s3"])
-
-
 def _killed_at(settings: Settings, point: str) -> None:
     """`k2 stream run` made to SIGKILL itself at its second arrival at `point` (the first commit
     is whole, so the table holds some rows), see k2.stream.crash_points."""
@@ -348,13 +344,12 @@ def _group_offsets(settings: Settings) -> dict[int, int]:
     return {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
 
 
-@CONFIGURATIONS
 @pytest.mark.parametrize("point", ["before_files", "after_commit"])
-def test_writer_killed_at_a_step_of_a_commit_restarts_to_exact_counts(point, configuration, request, tmp_path):
+def test_writer_killed_at_a_step_of_a_commit_restarts_to_exact_counts(point, catalog_settings, tmp_path):
     """SIGKILL before the batch's files are written, or after the catalog commit but before the
     consumer-group offsets: the restarted writer ends with every row once. (Killed between the
     files and the catalog commit: the orphan test below.)"""
-    settings = request.getfixturevalue(configuration)
+    settings = catalog_settings
     n_trades, _ = _synthetic(tmp_path, settings)
     _killed_at(settings, point)
     table = _table(settings, "trades")
@@ -389,13 +384,11 @@ def _referenced_by_pyiceberg(table) -> set[str]:
     return {PyArrowFileIO.parse_location(x, table.io.properties)[2] for x in locations}
 
 
-@CONFIGURATIONS
-def test_orphans_of_a_killed_commit_are_never_read_and_k2_maintain_removes_exactly_them(
-        configuration, request, tmp_path):
+def test_orphans_of_a_killed_commit_are_never_read_and_k2_maintain_removes_exactly_them(catalog_settings, tmp_path):
     """SIGKILL after the batch's files are written, before the catalog commit: they are orphans,
     never read; the restarted writer stores their rows once; `k2 maintain` removes exactly them
     once they are older than the safety age, and the table reads exact."""
-    settings = request.getfixturevalue(configuration)
+    settings = catalog_settings
     n_trades, _ = _synthetic(tmp_path, settings)
     _killed_at(settings, "after_files")
     table = _table(settings, "trades")

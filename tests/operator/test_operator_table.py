@@ -1,6 +1,8 @@
 """IcebergTable on the real apiserver and an embedded SQLite catalog: created and evolved through
 `k2.tables`, properties kept in place, incompatible tables reported untouched, missing Secrets
-waited for, and deletionPolicy Retain vs Delete."""
+waited for, and deletionPolicy Retain vs Delete. Creation, evolution and both deletion policies
+also run with a catalog Secret naming the stack's PostgreSQL catalog and S3 warehouse (the chart's
+configuration)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from kubernetes.client.rest import ApiException
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
-from k2 import schemas
+from k2 import schemas, tables
 from k2.observability import REGISTRY
+from k2.settings import Settings
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
@@ -32,9 +35,27 @@ def unique() -> str:
     return uuid.uuid4().hex[:6]
 
 
-def test_columns_are_added_compatibly(cluster: Any, namespace: str, operator: Any, catalog: Any, k2op: Any) -> None:
+@pytest.fixture(scope="module", params=["sqlite-local", "postgres-s3"])
+def table_catalog(request: pytest.FixtureRequest, cluster: Any, namespace: str, catalog: Any) -> tuple[str, Any]:
+    """The catalog Secret an IcebergTable names, and the test's own connection to that catalog:
+    the module's embedded one, or the stack's PostgreSQL catalog with a folder of the S3 bucket."""
+    if request.param == "sqlite-local":
+        return "k2-catalog", catalog
+    s3, postgres = request.getfixturevalue("s3"), request.getfixturevalue("postgres")
+    data = {"catalog_uri": postgres.sqlalchemy_url, "warehouse": f"s3://{s3.bucket}/op-{unique()}",
+            "s3_endpoint": s3.endpoint, "s3_region": s3.region, "s3_access_key": s3.access_key,
+            "s3_secret_key": s3.secret_key}
+    cluster.core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="k2-catalog-postgres-s3"),
+        data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()}))
+    return "k2-catalog-postgres-s3", tables.catalog(Settings(**data))
+
+
+def test_columns_are_added_compatibly(cluster: Any, namespace: str, operator: Any, table_catalog: tuple[str, Any],
+                                      k2op: Any) -> None:
+    secret, catalog = table_catalog
     ns = f"t_{unique()}"
-    cluster.create(namespace, iceberg_table("fx", ns))
+    cluster.create(namespace, iceberg_table("fx", ns, catalogRef={"name": secret}))
     obj = cluster.wait_condition(namespace, "IcebergTable", "fx")
     assert obj["status"]["columns"] == 2 and obj["status"]["identifier"] == f"{ns}.fx"
 
@@ -120,13 +141,17 @@ def test_from_subject_follows_the_registered_schema(cluster: Any, namespace: str
 
 
 def test_retain_keeps_the_table_and_delete_drops_it(cluster: Any, namespace: str, operator: Any,
-                                                    catalog: Any) -> None:
+                                                    table_catalog: tuple[str, Any]) -> None:
+    secret, catalog = table_catalog
     ns = f"t_{unique()}"
-    cluster.create(namespace, iceberg_table("kept", ns, table="kept"))
-    cluster.create(namespace, iceberg_table("dropped", ns, table="dropped", deletionPolicy="Delete"))
+    cluster.create(namespace, iceberg_table("kept", ns, table="kept", catalogRef={"name": secret}))
+    cluster.create(namespace, iceberg_table("dropped", ns, table="dropped", deletionPolicy="Delete",
+                                            catalogRef={"name": secret}))
     cluster.wait_condition(namespace, "IcebergTable", "kept")
     cluster.wait_condition(namespace, "IcebergTable", "dropped")
-    location = catalog.load_table(f"{ns}.dropped").metadata_location
+    dropped = catalog.load_table(f"{ns}.dropped")
+    metadata = dropped.io.new_input(dropped.metadata_location)
+    assert metadata.exists()
 
     cluster.delete(namespace, "IcebergTable", "kept")
     cluster.delete(namespace, "IcebergTable", "dropped")
@@ -135,7 +160,7 @@ def test_retain_keeps_the_table_and_delete_drops_it(cluster: Any, namespace: str
 
     assert catalog.table_exists(f"{ns}.kept")
     assert not catalog.table_exists(f"{ns}.dropped")
-    assert not __import__("os").path.exists(location.removeprefix("file://"))
+    assert not metadata.exists()
 
 
 def test_two_tables_on_one_identifier_the_newer_gets_a_conflict(cluster: Any, namespace: str, operator: Any,
