@@ -59,12 +59,12 @@ def _stream_cli(settings: Settings, *args: str, env_extra: dict[str, str] | None
 
 
 @pytest.mark.asx
-def test_asx_sample_end_to_end_exact_and_idempotent(asx_root, embedded_settings):
-    ingest_files(asx_root, embedded_settings)
-    result = stream_run(embedded_settings, until_idle=1.0)
-    trades, quotes = _table(embedded_settings, "trades"), _table(embedded_settings, "quotes")
+def test_asx_sample_end_to_end_exact_and_idempotent(asx_root, catalog_settings):
+    ingest_files(asx_root, catalog_settings)
+    result = stream_run(catalog_settings, until_idle=1.0)
+    trades, quotes = _table(catalog_settings, "trades"), _table(catalog_settings, "quotes")
     assert trades.scan().count() == 200_545 and quotes.scan().count() == 169_629
-    assert result.rows_written[embedded_settings.table_identifier("trades")] == 200_545
+    assert result.rows_written[catalog_settings.table_identifier("trades")] == 200_545
     _keys_unique(trades)
     _keys_unique(quotes)
 
@@ -80,10 +80,10 @@ def test_asx_sample_end_to_end_exact_and_idempotent(asx_root, embedded_settings)
     assert str(data["price"].type) == "decimal128(18, 6)"
 
     snapshot = trades.current_snapshot().snapshot_id
-    ingest_files(asx_root, embedded_settings)  # the same files again
-    stream_run(embedded_settings, until_idle=1.0)
-    trades = _table(embedded_settings, "trades")
-    assert trades.scan().count() == 200_545 and _table(embedded_settings, "quotes").scan().count() == 169_629
+    ingest_files(asx_root, catalog_settings)  # the same files again
+    stream_run(catalog_settings, until_idle=1.0)
+    trades = _table(catalog_settings, "trades")
+    assert trades.scan().count() == 200_545 and _table(catalog_settings, "quotes").scan().count() == 169_629
     assert trades.current_snapshot().snapshot_id != snapshot  # offsets advanced, rows did not
 
 
