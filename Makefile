@@ -71,10 +71,13 @@ kind-up: $(STAMP)
 	$(BIN)/python -m k2.stack.addons --kube-context $(KCTX)
 	$$($(KUBECTL)) --context $(KCTX) create namespace k2 --dry-run=client -o yaml | $$($(KUBECTL)) --context $(KCTX) apply -f -
 	$$($(KUBECTL)) --context $(KCTX) label namespace k2 pod-security.kubernetes.io/enforce=restricted --overwrite
+	# With the ASX sample beside the checkout the samples read it (the nodes mount it); else synthetic ticks.
+	$(if $(ASX),$$($(KUBECTL)) --context $(KCTX) apply -f manifests/kind-data/asx-sample.yaml)
 	$$($(BIN)/python -m k2.stack.helm) upgrade --install k2 charts/k2 --kube-context $(KCTX) -n k2 \
-		-f charts/k2/ci/kind-values.yaml --wait --timeout 15m
-	$$($(KUBECTL)) --context $(KCTX) -n k2 wait --for=condition=Ready ingestionpipeline/asx icebergtable --all queryservice/k2-api --timeout=20m
-	@echo "API: http://k2.localtest.me/docs  Prometheus: kubectl --context $(KCTX) -n monitoring port-forward svc/prometheus-operated 9091:9090"
+		-f charts/k2/ci/kind-values.yaml $(if $(ASX),-f charts/k2/ci/kind-asx-values.yaml) --wait --timeout 15m
+	$$($(KUBECTL)) --context $(KCTX) apply -f manifests/kind-data/live-feed.yaml
+	$$($(KUBECTL)) --context $(KCTX) -n k2 wait --for=condition=Ready --all ingestionpipelines,icebergtables,queryservices --timeout=20m
+	@echo "API: http://k2.localtest.me/docs (or curl -H 'Host: k2.localtest.me' http://127.0.0.1/health)  Prometheus: kubectl --context $(KCTX) -n monitoring port-forward svc/prometheus-operated 9091:9090"
 
 # Deletes the kind cluster, and stops the Docker engine if K2 started it and no kind cluster is left
 # (its images stay cached under ~/.cache/k2/docker).

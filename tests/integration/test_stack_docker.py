@@ -80,7 +80,7 @@ def test_engine_started_on_demand_stops_by_its_pid_leaving_nothing() -> None:
     docker.ensure_engine()
     pid = engine.pid()
     assert pid is not None and docker.engine_answers()
-    container = run("docker", "run", "-d", busybox_image(), "sleep", "600")
+    container = run("docker", "run", "--rm", "-d", busybox_image(), "sleep", "600")
     assert container.returncode == 0, container.stderr
 
     docker.stop_engine()
@@ -89,3 +89,32 @@ def test_engine_started_on_demand_stops_by_its_pid_leaving_nothing() -> None:
     assert not Path(f"/proc/{pid}").exists()
     assert not docker.engine_answers()
     assert engine_processes() == []
+
+
+def _rebuild(tag: str, label: str, content: str, tmp_path: Path) -> str:
+    """Build `tag` from the busybox image with one file, and a label; returns the image ID."""
+    (tmp_path / "built").write_text(content)
+    (tmp_path / "Dockerfile").write_text(f"FROM {busybox_image()}\nLABEL {label}\nCOPY built /built\n")
+    built = subprocess.run(["docker", "build", "--quiet", "--tag", tag, str(tmp_path)], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    assert built.returncode == 0, built.stderr
+    return built.stdout.strip()
+
+
+def test_a_rebuild_leaves_no_superseded_k2_image_and_keeps_others(tmp_path: Path) -> None:
+    """The K2 image is rebuilt whenever the checkout changes; the untagged copies it left (1 GB
+    each) once filled the disk of a kind run. K2 prunes its own; an image of others stays."""
+    from k2.stack import images
+
+    docker.ensure_engine()
+    old_k2 = _rebuild("k2-test/prune:k2", f"{images.LABEL}=old", "one", tmp_path)
+    _rebuild("k2-test/prune:k2", f"{images.LABEL}=new", "two", tmp_path)
+    old_other = _rebuild("k2-test/prune:other", "someone.else=1", "one", tmp_path)
+    _rebuild("k2-test/prune:other", "someone.else=1", "two", tmp_path)
+    try:
+        images._prune_superseded()
+
+        assert run("docker", "image", "inspect", old_k2).returncode != 0, "a superseded K2 image is kept"
+        assert run("docker", "image", "inspect", old_other).returncode == 0, "another's image was removed"
+    finally:
+        run("docker", "rmi", "--force", "k2-test/prune:k2", "k2-test/prune:other", old_other)

@@ -1,5 +1,5 @@
-"""What the kind tests need besides a Docker engine: `kind` and the node image (both built here by
-k2.stack.kindnode, the engine started by k2.stack.docker when none answers), and the K2 image.
+"""The kind suite's cluster: `kind` and the node image built here by k2.stack.kindnode, the images
+of k2.stack.images loaded, the engine started by k2.stack.docker when none answers.
 
 Where no engine answers and K2 cannot start one (not root), or with K2_KIND_TESTS=0, the root
 conftest skips every `kind` test at collection, with the reason, before any of this runs."""
@@ -7,9 +7,7 @@ conftest skips every `kind` test at collection, with the reason, before any of t
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +16,21 @@ import pytest
 from k2.stack import docker, images, kindcluster, kindnode, kube
 from k2.stack.base import free_port
 
-
-@pytest.fixture(scope="session")
-def kind_binary() -> Path:
-    return kindnode.kind_binary()
+CLUSTER = "k2-test"
 
 
 @pytest.fixture(scope="session")
-def k2_image() -> str:
-    """The image under test: K2_KIND_IMAGE if given (already built), else built here."""
-    image = os.environ.get("K2_KIND_IMAGE")
-    if image:
-        return image
-    image = "k2:kind-test"
-    repo = Path(__file__).resolve().parents[2]
-    subprocess.run(["docker", "build", "--target", "runtime", "-t", image, str(repo)], check=True, timeout=1800)
-    return image
-
-
-@pytest.fixture(scope="session")
-def kind_cluster() -> Callable[..., contextlib.AbstractContextManager[Any]]:
-    """`with kind_cluster(name, kubeconfig, load=[image names], http_port=…) as cluster:`."""
-    return _kind_cluster
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The one cluster of the kind suite (creating one takes minutes): kind-config.yaml on the node
+    image built here, named k2-test with free host ports (a `make kind-up` cluster can stay up
+    alongside), every image of k2.stack.images loaded; `.http_port` is the host port of the
+    Ingress controller's port 80. Deleted at the end of the session."""
+    http_port = free_port()
+    everything = [image.name for image in images.all_images()]
+    with _kind_cluster(CLUSTER, tmp_path_factory.mktemp("kind") / "kubeconfig", load=everything,
+                       http_port=http_port) as kind:
+        kind.http_port = http_port
+        yield kind
 
 
 @contextlib.contextmanager

@@ -2,16 +2,14 @@
 CoreDNS answering, pods on different nodes reaching each other through the default CNI, a PVC
 bound and written by the default StorageClass, and the ASX sample mounted read-only in the nodes.
 
-The cluster is created from kind-config.yaml under its own name with free host ports, so a
-`make kind-up` cluster can stay up alongside, and deleted at the end (the engine too, when this
-session started it)."""
+The cluster is the kind suite's own (tests/kind/conftest.py), deleted at the end of the session
+(the engine too, when the session started it)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +19,7 @@ from k2.stack import kindnode, kube
 
 pytestmark = [pytest.mark.kind, pytest.mark.timeout(3600)]
 
-NAME = "k2-platform-test"
 ASX_IN_NODE = "/data/asx"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, kind_cluster: Any) -> Iterator[Any]:
-    with kind_cluster(NAME, tmp_path_factory.mktemp("kind") / "kubeconfig") as kind:
-        yield kind
-
 
 def wait_json(cluster: Any, what: str, check: Any, *args: str, timeout: float = 300) -> Any:
     deadline = time.monotonic() + timeout
@@ -67,7 +57,8 @@ def test_both_nodes_are_ready_with_the_built_node_image(cluster: Any) -> None:
 def test_coredns_resolves_cluster_names(cluster: Any) -> None:
     wait_json(cluster, "CoreDNS available", lambda d: d["status"].get("availableReplicas", 0) >= 1,
               "-n", "kube-system", "get", "deployment", "coredns")
-    run_pod(cluster, "dns-probe", f"{NAME}-worker", ["busybox", "nslookup", "kubernetes.default.svc.cluster.local"])
+    run_pod(cluster, "dns-probe", f"{cluster.name}-worker",
+            ["busybox", "nslookup", "kubernetes.default.svc.cluster.local"])
 
     pod = wait_json(cluster, "the DNS probe to finish", lambda p: p["status"]["phase"] in ("Succeeded", "Failed"),
                     "get", "pod", "dns-probe")
@@ -77,7 +68,7 @@ def test_coredns_resolves_cluster_names(cluster: Any) -> None:
 
 
 def test_pods_on_different_nodes_reach_each_other(cluster: Any) -> None:
-    run_pod(cluster, "web", f"{NAME}-control-plane",
+    run_pod(cluster, "web", f"{cluster.name}-control-plane",
             ["sh", "-c", "mkdir -p /www && echo k2-cross-node > /www/index.html && busybox httpd -f -p 8080 -h /www"])
     server = wait_json(cluster, "the web pod's IP", lambda p: p["status"].get("podIP") and
                        p["status"]["phase"] == "Running", "get", "pod", "web")
@@ -87,7 +78,7 @@ def test_pods_on_different_nodes_reach_each_other(cluster: Any) -> None:
     fetch = ('for i in $(seq 30); do exec 3<>/dev/tcp/{0}/{1} && break; sleep 1; done; '
              'printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3; tail -n 1 <&3; echo')
     script = f"{fetch.format(ip, 8080)}; {fetch.format('web.default', 80)}"
-    run_pod(cluster, "client", f"{NAME}-worker", ["bash", "-c", script])
+    run_pod(cluster, "client", f"{cluster.name}-worker", ["bash", "-c", script])
 
     pod = wait_json(cluster, "the client to finish", lambda p: p["status"]["phase"] in ("Succeeded", "Failed"),
                     "get", "pod", "client")
@@ -118,7 +109,7 @@ def test_default_storage_class_binds_and_mounts_a_pvc(cluster: Any) -> None:
 
 def test_asx_sample_is_mounted_read_only_in_the_nodes(cluster: Any, asx_root: Path) -> None:
     expected = sorted(p.name for p in asx_root.iterdir())
-    for node in (f"{NAME}-control-plane", f"{NAME}-worker"):
+    for node in (f"{cluster.name}-control-plane", f"{cluster.name}-worker"):
         listed = docker_exec(node, "ls", ASX_IN_NODE).split()
         refused = docker_exec(node, "sh", "-c", f"touch {ASX_IN_NODE}/k2-probe 2>&1 || echo refused")
 

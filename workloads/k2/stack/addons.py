@@ -62,8 +62,8 @@ class Kubectl:
         self.base = [kubectl, *([f"--kubeconfig={kubeconfig}"] if kubeconfig else []),
                      *([f"--context={kube_context}"] if kube_context else [])]
 
-    def __call__(self, *args: str, timeout: float = 300) -> str:
-        proc = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=timeout)
+    def __call__(self, *args: str, timeout: float = 300, input: str | None = None) -> str:
+        proc = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=timeout, input=input)
         if proc.returncode != 0:
             raise StackError(f"kubectl {' '.join(args)} failed:\n{proc.stderr.strip()}")
         return proc.stdout
@@ -76,7 +76,10 @@ def install(*, kubeconfig: Path | None = None, kube_context: str | None = None, 
     # (-o name: the CRD files hold YAML that PyYAML's safe loader refuses, a `=` value tag.)
     names = kubectl("apply", "--server-side", "--force-conflicts", "-o", "name", "-f", str(crds)).split()
     kubectl("wait", "--for=condition=Established", "--timeout=120s", *names, timeout=180)
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(MANIFESTS))
+    documents = manifests()
+    aggregated = [doc for doc in documents if doc["kind"] == "APIService"]
+    served = [doc for doc in documents if doc["kind"] != "APIService"]
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(served))
     deadline = time.monotonic() + timeout
     for namespace, workload in ROLLOUTS:
         while True:  # the operator creates Prometheus' StatefulSet a moment after the CR appears
@@ -90,6 +93,21 @@ def install(*, kubeconfig: Path | None = None, kube_context: str | None = None, 
         left = max(10, int(deadline - time.monotonic()))
         kubectl("-n", namespace, "rollout", "status", workload, f"--timeout={left}s", timeout=left + 30)
         log.info("addons.ready", namespace=namespace, workload=workload)
+    _register_aggregated(kubectl, aggregated, deadline)
+
+
+def _register_aggregated(kubectl: Kubectl, services: list[dict], deadline: float) -> None:
+    """The metrics API is registered only once metrics-server serves behind its Service. Registered
+    earlier, the apiserver's first connection to the Service IP can precede kube-proxy's rules for
+    it: un-NATed, it leaves through the node's default route, and the apiserver keeps reusing that
+    connection (seen on kind here: the host's egress answered 404, so the metrics API never came up)."""
+    if not services:
+        return
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(services))
+    names = [f"apiservice/{doc['metadata']['name']}" for doc in services]
+    left = max(10, int(deadline - time.monotonic()))
+    kubectl("wait", "--for=condition=Available", f"--timeout={left}s", *names, timeout=left + 30)
+    log.info("addons.ready", apiservices=names)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

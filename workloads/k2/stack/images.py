@@ -440,6 +440,7 @@ def _load_or_build(image: Image, key: str) -> str:
         log.warning("images.stale_tarball", tarball=str(tarball))
     log.info("images.build", image=image.tag, key=key)
     image.build()
+    _prune_superseded()
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_suffix(".partial")
     run(["docker", "save", "--output", str(partial), image.tag], what=f"docker save {image.tag}", timeout=900)
@@ -448,6 +449,15 @@ def _load_or_build(image: Image, key: str) -> str:
         if old != tarball:
             old.unlink()
     return "built"
+
+
+def _prune_superseded() -> None:
+    """Drop the images a rebuild left untagged (the K2 image is rebuilt whenever the checkout
+    changes: about 1 GB each, which filled the disk of a kind run here). Only untagged images
+    carrying a label K2's builds set are removed; whatever else the engine holds is left alone."""
+    for label in (LABEL, "org.opencontainers.image.title=k2"):
+        run(["docker", "image", "prune", "--force", "--filter", f"label={label}"],
+            what="docker image prune", timeout=300)
 
 
 def ensure_all(names: Sequence[str] = ()) -> list[dict[str, object]]:
