@@ -118,9 +118,8 @@ def api_key(cluster: Any) -> str:
 def live(deployed: Any) -> Iterator[httpx.Client]:
     """The live feed of manifests/kind-data/live-feed.yaml flowing (its first ticks committed);
     yields a client of its QueryService (through a port-forward: it has no Ingress)."""
-    # The tables first: a pipeline reconciled before its tables resolve gets its feed Deployment
-    # re-rendered once they do (settings and secrets change), and a live feed loses the ticks
-    # sent while that pod is replaced (found here; docs/operations.md, IngestionPipeline).
+    # The tables first, so the feed pod starts at once (the operator holds it until they resolve:
+    # tests/operator/test_operator_feed.py).
     documents = list(yaml.safe_load_all(LIVE_FEED.read_text()))
     tables = [d for d in documents if d["kind"] == "IcebergTable"]
     deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(tables))

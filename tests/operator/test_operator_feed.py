@@ -56,3 +56,27 @@ def test_the_apiserver_refuses_a_feed_source_it_cannot_run(cluster: Any, namespa
     with pytest.raises(ApiException) as refused:
         cluster.create(namespace, _pipeline(f"f-{ex}", ex, "equities", source, kinds))
     assert refused.value.status == 422 and message in refused.value.body
+
+
+def test_the_feed_pod_starts_once_its_tables_resolve(cluster: Any, namespace: str, operator: Any,
+                                                      asset_class: str) -> None:
+    """Started before its tables resolve, the feed pod was replaced when they did (its settings
+    change), and a live venue's ticks sent meanwhile were lost (seen on kind)."""
+    ex = f"x{uuid.uuid4().hex[:6]}"
+    name = f"f-{ex}"
+    feed = {"url": "ws://feed.market.svc:8765", "channels": ["trades"]}
+    body = _pipeline(name, ex, asset_class, {"type": "feed", "feed": feed}, kinds=("trades",))
+    body["spec"]["tables"] = [{"name": f"t-{ex}"}]
+    cluster.create(namespace, body)
+    cluster.wait_condition(namespace, "IngestionPipeline", name, "TablesResolved", "False", timeout=90)
+
+    assert cluster.deployment(namespace, f"{name}-feed") is None, "a feed pod before its tables resolved"
+
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "IcebergTable", "metadata": {"name": f"t-{ex}"},
+                               "spec": {"namespace": f"ns_{ex}", "name": "trades",
+                                        "schema": {"fromSubject": f"market.{asset_class}.trades.{ex}-value"}}})
+    cluster.wait_condition(namespace, "IngestionPipeline", name, "TablesResolved", timeout=120)
+    deployment = cluster.deployment(namespace, f"{name}-feed")
+    assert deployment is not None
+    assert "k2.io/secrets-hash" in (deployment.spec.template.metadata.annotations or {}), \
+        "the feed pod's first template lacks the tables' catalog Secret"
