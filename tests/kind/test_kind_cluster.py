@@ -25,7 +25,6 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-import yaml
 from websockets.sync.client import connect
 
 from k2.stack import addons, helm, kube
@@ -118,16 +117,12 @@ def api_key(cluster: Any) -> str:
 def live(deployed: Any) -> Iterator[httpx.Client]:
     """The live feed of manifests/kind-data/live-feed.yaml flowing (its first ticks committed);
     yields a client of its QueryService (through a port-forward: it has no Ingress)."""
-    # The tables first, so the feed pod starts at once (the operator holds it until they resolve:
-    # tests/operator/test_operator_feed.py).
-    documents = list(yaml.safe_load_all(LIVE_FEED.read_text()))
-    tables = [d for d in documents if d["kind"] == "IcebergTable"]
-    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(tables))
-    deployed.kubectl("wait", "-n", NAMESPACE, "--for=condition=Ready",
-                     *[f"icebergtable/{d['metadata']['name']}" for d in tables], "--timeout=10m", timeout=700)
-    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([d for d in documents if d not in tables]))
+    # All at once: the tables wait for the subjects the pipeline registers, and the operator holds
+    # the feed pod until they resolve, so it starts once, with its final settings.
+    deployed.kubectl("apply", "-f", str(LIVE_FEED))
     deployed.kubectl("wait", "-n", NAMESPACE, "--for=condition=Ready", "ingestionpipeline/live",
-                     "queryservice/live-api", "--timeout=10m", timeout=700)
+                     "icebergtable/live-trades", "icebergtable/live-quotes", "queryservice/live-api",
+                     "--timeout=10m", timeout=700)
     with port_forward(deployed, "svc/live-api", 80, NAMESPACE) as url, httpx.Client(
             base_url=url, timeout=60, headers={"X-API-Key": api_key(deployed)}) as client:
         wait_for(lambda: _stored(client).get("live.trades", 0) > 0, "the first live trades committed", 300)
@@ -218,6 +213,9 @@ def test_faults_while_the_live_feed_flows_end_with_the_day_stored_exactly(
                       "the simulator's whole day stored", 900)
     time.sleep(10)  # nothing more may arrive: a late duplicate would show here
     assert {t: _stored(live)[t] for t in expected} == expected == {t: stored[t] for t in expected}
+    feed_sets = [r for r in kubectl_json(deployed, "get", "replicasets")["items"]
+                 if r["metadata"]["name"].startswith("live-feed-")]
+    assert len(feed_sets) == 1, "the feed pod was replaced: the venue's ticks meanwhile are lost"
 
 
 def test_an_hpa_scales_the_query_service_on_its_pods_cpu(deployed: Any, live: httpx.Client) -> None:
