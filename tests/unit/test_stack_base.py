@@ -188,3 +188,32 @@ class _SlowSleeper(_Sleeper):
     def ready(self) -> bool:
         pid = self.pid()
         return pid is not None and time.time() - psutil.Process(pid).create_time() > 1
+
+
+def test_a_leader_exiting_while_the_stop_looks_is_reaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The stop polls "reap, then list the group": a leader that exits between the two is a
+    zombie the listing skips, so the stop ended with the zombie still in /proc (seen in CI with
+    dockerd). The listing here waits for the leader to exit first, making that order certain."""
+    import k2.stack.base as base
+
+    monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("K2_TEST_SLEEPER_PORT", str(free.getsockname()[1]))
+    service = _Sleeper()
+    service.start()
+    pid = service.pid()
+    assert pid is not None
+    real_group_members = base.group_members
+
+    def members_after_the_leader_exits(pgid: int) -> list[int]:
+        if pgid == pid and os.path.exists(f"/proc/{pid}"):
+            os.killpg(pgid, signal.SIGKILL)
+            while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.01)
+        return real_group_members(pgid)
+
+    monkeypatch.setattr(base, "group_members", members_after_the_leader_exits)
+    service.stop()
+    assert service.pid() is None
+    assert not os.path.exists(f"/proc/{pid}"), "the stopped leader was left a zombie"

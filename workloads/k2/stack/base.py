@@ -195,9 +195,12 @@ class Service:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        with suppress(ChildProcessError):  # reap it if it is our own exited child
+        alive = group_members(pid)
+        # Reaped after the listing, which skips zombies: a leader that exits between the two is
+        # then gone from /proc too, not left a zombie of ours.
+        with suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        return pid if group_members(pid) else None
+        return pid if alive else None
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
