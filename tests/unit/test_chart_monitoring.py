@@ -296,7 +296,7 @@ def test_dashboard_configmap_is_labelled_for_the_grafana_sidecar() -> None:
 
 def test_monitors_select_the_pods_and_ports_the_operator_renders() -> None:
     """The chart's PodMonitor and NetworkPolicies must match the labels and port names of the
-    workloads rendered by k2_operator.render (consumers, ingest Jobs, API pods)."""
+    workloads rendered by k2_operator.render (consumers, ingest Jobs, feed pods, API pods)."""
     from k2_operator.models import IngestionPipelineSpec, QueryServiceSpec
     from k2_operator.render import Owner, RenderContext, TableBinding, render_pipeline, render_query
 
@@ -304,6 +304,10 @@ def test_monitors_select_the_pods_and_ports_the_operator_renders() -> None:
     pipeline = IngestionPipelineSpec.model_validate({"exchange": "asx", "source": {"type": "synthetic"}})
     children = render_pipeline(Owner(kind="IngestionPipeline", name="asx", namespace="k2"), pipeline,
                                binding=TableBinding(("trades",), "market", "k2-catalog"), ctx=ctx)
+    feed = IngestionPipelineSpec.model_validate(
+        {"exchange": "asx", "source": {"type": "feed", "feed": {"url": "ws://venue:8765"}}})
+    children += render_pipeline(Owner(kind="IngestionPipeline", name="live", namespace="k2"), feed,
+                                binding=None, ctx=ctx)
     children += render_query(Owner(kind="QueryService", name="api", namespace="k2"),
                              QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
                              table_namespace="market", catalog_secret="k2-catalog", ctx=ctx)
@@ -318,7 +322,7 @@ def test_monitors_select_the_pods_and_ports_the_operator_renders() -> None:
     policies = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"]
 
     components = {labels["app.kubernetes.io/component"] for labels, _ in pods}
-    assert components == {"consumer", "ingest", "query"}
+    assert components == {"consumer", "ingest", "feed", "query"}
     for labels, ports in pods:
         expressions = monitor["spec"]["selector"]["matchExpressions"]
         assert all(labels.get(e["key"]) in e["values"] for e in expressions), labels
