@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -335,6 +336,69 @@ class Cluster:
             raise
 
 
+# the kubelet this control plane lacks -------------------------------------------------------------
+# No node runs pods here, so tests play the kubelet: a container's command is run as a local
+# process with the container's environment, both read from the objects in the apiserver (ConfigMap
+# via envFrom, Secrets via secretKeyRef or mounted), never re-typed.
+def container_env(cluster: Cluster, namespace: str, container: Any) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for source in container.env_from or []:
+        if source.config_map_ref:
+            env.update(cluster.core.read_namespaced_config_map(source.config_map_ref.name, namespace).data or {})
+    for var in container.env or []:
+        if var.value is not None:
+            env[var.name] = var.value
+        elif var.value_from and var.value_from.secret_key_ref:
+            ref = var.value_from.secret_key_ref
+            data = cluster.core.read_namespaced_secret(ref.name, namespace).data or {}
+            if ref.key in data:
+                env[var.name] = base64.b64decode(data[ref.key]).decode()
+    return env
+
+
+def mount_secrets(cluster: Cluster, namespace: str, pod_spec: Any, env: dict[str, str], root: Path) -> dict[str, str]:
+    """Secret volumes written under `root` as the kubelet would write them under their mountPath;
+    settings that point into a mountPath are pointed at the copy."""
+    secrets = {v.name: v.secret for v in pod_spec.volumes or [] if v.secret}
+    (container,) = pod_spec.containers
+    for mount in container.volume_mounts or []:
+        source = secrets.get(mount.name)
+        if source is None:
+            continue
+        folder = root / mount.name
+        folder.mkdir(parents=True, exist_ok=True)
+        data = cluster.core.read_namespaced_secret(source.secret_name, namespace).data or {}
+        for item in source.items or [type("Item", (), {"key": k, "path": k})() for k in data]:
+            (folder / item.path).write_bytes(base64.b64decode(data[item.key]))
+        env = {k: v.replace(mount.mount_path, str(folder), 1) if v.startswith(mount.mount_path) else v
+               for k, v in env.items()}
+    return env
+
+
+def start_container(cluster: Cluster, namespace: str, pod_spec: Any, log: Path) -> subprocess.Popen:
+    """The pod's one container as a local process. Pods have a network each, these processes share
+    the host's: the workloads' metrics server (a fixed port) is left off."""
+    (container,) = pod_spec.containers
+    argv = [*(container.command or ["k2"]), *(container.args or [])]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
+    env = mount_secrets(cluster, namespace, pod_spec, container_env(cluster, namespace, container),
+                        log.parent / f"{log.stem}-secrets")
+    return subprocess.Popen(argv, env={**base, **env, "K2_METRICS_PORT": "0"}, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def mark_pods_ready(cluster: Cluster, namespace: str, selector: str) -> int:
+    """What the kubelet reports once a pod's readiness probe passes: its Ready condition (the
+    ReplicaSet and Deployment controllers then count it available). Returns the pods marked."""
+    pods = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for pod in pods:
+        cluster.core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {"conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": now}]}})
+    return len(pods)
+
+
 @pytest.fixture(scope="session")
 def operator_env(kube: Path, kafka: Any, registry: Any) -> Iterator[dict[str, str]]:
     """The operator's environment: the local cluster, Kafka and registry, fast loops. The
@@ -482,6 +546,10 @@ class Helpers:
     topic_partitions = staticmethod(topic_partitions)
     catalog_secret_data = staticmethod(catalog_secret_data)
     operator_args = staticmethod(operator_args)
+    container_env = staticmethod(container_env)
+    mount_secrets = staticmethod(mount_secrets)
+    start_container = staticmethod(start_container)
+    mark_pods_ready = staticmethod(mark_pods_ready)
 
 
 @pytest.fixture(scope="session")

@@ -62,14 +62,16 @@ def summary(conditions: Sequence[Condition], required: Sequence[str], ready_mess
 
 
 def readiness(synced: Condition, serving: Sequence[Mapping[str, Any] | None]) -> Condition:
-    """`Ready`: Synced, and every serving condition (pods available) True. A resource whose spec is
-    applied but whose pods do not run is Synced, not Ready."""
+    """`Ready`: Synced, and every serving condition (pods available, consumers caught up) True. A
+    resource whose spec is applied but whose pods do not run, or run far behind, is Synced, not
+    Ready; one whose serving state cannot be told (Kafka not answering) is Unknown."""
     if not synced.ok:
         return Condition(READY, synced.status, synced.reason, synced.message)
     for condition in serving:
         if condition is not None and condition.get("status") != "True":
-            return Condition.false(READY, condition.get("reason") or "NotServing",
-                                   f"{condition.get('type')}: {condition.get('message', '')}")
+            status: Status = "Unknown" if condition.get("status") == "Unknown" else "False"
+            return Condition(READY, status, condition.get("reason") or "NotServing",
+                             f"{condition.get('type')}: {condition.get('message', '')}")
     return Condition.true(READY, synced.reason, synced.message)
 
 

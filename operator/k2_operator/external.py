@@ -18,8 +18,8 @@ from functools import cache
 from typing import Any
 
 import structlog
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from pyiceberg.catalog import Catalog
@@ -101,6 +101,40 @@ def topic_partitions(bootstrap: str, names: list[str]) -> dict[str, int]:
         return topics.describe_partitions(admin(bootstrap), names, timeout=5.0)
     except KafkaException as exc:
         raise Unavailable("Kafka", str(exc)) from exc
+
+
+def partition_lag(committed: int, low: int, high: int) -> int:
+    """Messages of one partition a group has still to read. A group that never committed
+    (a negative offset) or whose offset retention already deleted past starts at the log start."""
+    return max(high - max(committed, low), 0)
+
+
+def group_lag(bootstrap: str, group: str, topic: str, timeout: float = 5.0) -> int:
+    """Messages `group` is behind the end of `topic`, summed over its partitions."""
+    client = admin(bootstrap)
+    try:
+        count = topics.describe_partitions(client, [topic], timeout=timeout).get(topic, 0)
+        partitions = [TopicPartition(topic, p) for p in range(count)]
+        if not partitions:
+            return 0
+        request = [ConsumerGroupTopicPartitions(group, partitions)]
+        (future,) = client.list_consumer_group_offsets(request, request_timeout=timeout).values()
+        committed = {}
+        for tp in future.result().topic_partitions:
+            if tp.error is not None:
+                raise KafkaException(tp.error)
+            committed[tp.partition] = tp.offset
+        low = _log_offsets(client, partitions, OffsetSpec.earliest(), timeout)
+        high = _log_offsets(client, partitions, OffsetSpec.latest(), timeout)
+    except KafkaException as exc:
+        raise Unavailable("Kafka", str(exc)) from exc
+    return sum(partition_lag(committed.get(p, -1), low[p], high[p]) for p in range(count))
+
+
+def _log_offsets(client: AdminClient, partitions: list[TopicPartition], spec: OffsetSpec,
+                 timeout: float) -> dict[int, int]:
+    futures = client.list_offsets({tp: spec for tp in partitions}, request_timeout=timeout)
+    return {tp.partition: future.result().offset for tp, future in futures.items()}
 
 
 def delete_topics(bootstrap: str, names: list[str]) -> None:

@@ -291,6 +291,12 @@ class ConsumerSpec(_Model):
                                       le=100_000)
     gap_alert: int = _setting("gap_alert", "Sequence gaps of at least this size raise an alert.")
     gap_halt: int = _setting("gap_halt", "Sequence gaps above this size halt the consumer.")
+    ready_max_lag: int = Field(
+        100_000, ge=0, le=10**15,
+        description="Ready requires every table's consumer lag at or below this many messages: the messages "
+                    "between the table's consumer group offsets (committed after each Iceberg commit) and the "
+                    "end of its topic, summed over partitions. The default matches the chart's K2ConsumerLagHigh "
+                    "alert threshold. 0: lag does not gate Ready.")
     resources: Resources = _resources("250m", "512Mi", "2Gi")
     pod: PodOverrides = Field(default_factory=PodOverrides, description="Placement and metadata of consumer pods.")
     service: ObjectMetadata = Field(default_factory=ObjectMetadata, description="Metadata of the metrics Service.")
@@ -660,7 +666,8 @@ class KindInfo:
     status: type[BaseModel]
     description: str
     printer_columns: tuple[dict[str, Any], ...]
-    # Conditions that say the workload serves (pods available): Ready needs them, Synced does not.
+    # Conditions that say the workload serves (pods available, consumers caught up): Ready needs
+    # them, Synced does not.
     serving: tuple[str, ...] = ()
 
 
@@ -669,7 +676,7 @@ def _ready_columns() -> tuple[dict[str, Any], ...]:
         {"name": "Synced", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Synced")].status',
          "description": "Whether the desired state has been applied."},
         {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-         "description": "Whether it is applied and serves (pods available)."},
+         "description": "Whether it is applied and serves (pods available; a pipeline's consumer lag bounded)."},
         {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
          "priority": 1, "description": "Why (not) ready."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -694,7 +701,7 @@ PIPELINE = KindInfo(
          "priority": 1, "description": "Available consumer pods."},
         *_ready_columns(),
     ),
-    serving=("ConsumersAvailable",),
+    serving=("ConsumersAvailable", "ConsumersCaughtUp"),
 )
 TABLE = KindInfo(
     kind="IcebergTable", plural="icebergtables", singular="icebergtable", short_names=("ibt",),

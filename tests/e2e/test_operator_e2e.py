@@ -1,71 +1,21 @@
 """Custom resources → operator → the workloads it renders, run as local processes → API answers.
 
-No kubelet runs here, so the test plays it: for each Job/Deployment the operator created it
-starts the container's command with the container's environment, both read from the objects
-in the apiserver (ConfigMap via envFrom, Secrets via secretKeyRef), never re-typed.
+No kubelet runs here, so the test plays it (the `k2op` helpers `start_container` and friends):
+for each Job/Deployment the operator created it starts the container's command with the
+container's environment, both read from the objects in the apiserver, never re-typed.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import os
 import signal
-import subprocess
-import sys
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asx]
-
-
-def _container_env(cluster, namespace: str, container: Any) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for source in container.env_from or []:
-        if source.config_map_ref:
-            env.update(cluster.core.read_namespaced_config_map(source.config_map_ref.name, namespace).data or {})
-    for var in container.env or []:
-        if var.value is not None:
-            env[var.name] = var.value
-        elif var.value_from and var.value_from.secret_key_ref:
-            ref = var.value_from.secret_key_ref
-            data = cluster.core.read_namespaced_secret(ref.name, namespace).data or {}
-            if ref.key in data:
-                env[var.name] = base64.b64decode(data[ref.key]).decode()
-    return env
-
-
-def _mount_secrets(cluster, namespace: str, pod_spec: Any, env: dict[str, str], root: Path) -> dict[str, str]:
-    """Secret volumes written under `root` as the kubelet would write them under their mountPath;
-    settings that point into a mountPath are pointed at the copy."""
-    secrets = {v.name: v.secret for v in pod_spec.volumes or [] if v.secret}
-    (container,) = pod_spec.containers
-    for mount in container.volume_mounts or []:
-        source = secrets.get(mount.name)
-        if source is None:
-            continue
-        folder = root / mount.name
-        folder.mkdir(parents=True, exist_ok=True)
-        data = cluster.core.read_namespaced_secret(source.secret_name, namespace).data or {}
-        for item in source.items or [type("Item", (), {"key": k, "path": k})() for k in data]:
-            (folder / item.path).write_bytes(base64.b64decode(data[item.key]))
-        env = {k: v.replace(mount.mount_path, str(folder), 1) if v.startswith(mount.mount_path) else v
-               for k, v in env.items()}
-    return env
-
-
-def _start(cluster, namespace: str, pod_spec: Any, log: Path) -> subprocess.Popen:
-    (container,) = pod_spec.containers
-    argv = [*(container.command or ["k2"]), *(container.args or [])]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
-    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
-    env = _mount_secrets(cluster, namespace, pod_spec, _container_env(cluster, namespace, container),
-                         log.parent / f"{log.stem}-secrets")
-    return subprocess.Popen(argv, env={**base, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def _expected_summary(asx_root: Path, company_id: str, day: dt.date) -> dict[str, Decimal | int]:
@@ -99,7 +49,7 @@ def test_samples_reconciled_then_run_as_processes_serve_exact_figures(
     stream = next(d for n, d in deployments.items() if "stream" in n or "consumer" in n)
     api = next(d for n, d in deployments.items() if "api" in n)
 
-    ingest = _start(cluster, namespace, ingest_job.spec.template.spec, tmp_path / "ingest.log")
+    ingest = k2op.start_container(cluster, namespace, ingest_job.spec.template.spec, tmp_path / "ingest.log")
     assert ingest.wait(timeout=300) == 0, (tmp_path / "ingest.log").read_text()[-3000:]
 
     table_doc = next(d for d in k2op.load_samples(asset_class) if d["kind"] == "IcebergTable")
@@ -113,18 +63,18 @@ def test_samples_reconciled_then_run_as_processes_serve_exact_figures(
             return False
         return counts == [200_545, 169_629]
 
-    consumer = _start(cluster, namespace, stream.spec.template.spec, tmp_path / "stream.log")
+    consumer = k2op.start_container(cluster, namespace, stream.spec.template.spec, tmp_path / "stream.log")
     try:
         k2op.wait_for(all_rows_stored, "all ASX rows in Iceberg", timeout=240)
     finally:
         consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(timeout=60) == 0, (tmp_path / "stream.log").read_text()[-3000:]
 
-    server = _start(cluster, namespace, api.spec.template.spec, tmp_path / "api.log")
+    server = k2op.start_container(cluster, namespace, api.spec.template.spec, tmp_path / "api.log")
     try:
         port = api.spec.template.spec.containers[0].ports[0].container_port
-        keys_file = _container_env(cluster, namespace, api.spec.template.spec.containers[0])["K2_API_KEYS_FILE"]
-        keys = _mount_secrets(cluster, namespace, api.spec.template.spec, {"keys": keys_file},
+        keys_file = k2op.container_env(cluster, namespace, api.spec.template.spec.containers[0])["K2_API_KEYS_FILE"]
+        keys = k2op.mount_secrets(cluster, namespace, api.spec.template.spec, {"keys": keys_file},
                               tmp_path / "api-secrets")["keys"]
         key = Path(keys).read_text().replace("\n", ",").split(",")[0].strip()
         base = f"http://127.0.0.1:{port}"

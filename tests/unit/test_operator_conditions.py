@@ -79,3 +79,15 @@ def test_ready_needs_synced_and_every_serving_condition() -> None:
     assert conditions.readiness(synced, []).ok, "nothing to serve: applied is ready"
     failed = conditions.readiness(Condition.false("Synced", "ShrinkRefused", "no"), [])
     assert (failed.type, failed.status, failed.reason) == ("Ready", "False", "ShrinkRefused")
+
+
+def test_ready_is_unknown_while_a_serving_condition_cannot_be_told() -> None:
+    """Kafka not answering says nothing about the consumers: Ready is Unknown, not False."""
+    synced = Condition.true("Synced", "Reconciled", "reconciled")
+    available = {"type": "ConsumersAvailable", "status": "True", "reason": "MinimumReplicasAvailable"}
+    unknown = {"type": "ConsumersCaughtUp", "status": "Unknown", "reason": "KafkaUnavailable", "message": "gone"}
+
+    ready = conditions.readiness(synced, [available, unknown])
+
+    assert (ready.status, ready.reason, ready.message) == ("Unknown", "KafkaUnavailable", "ConsumersCaughtUp: gone")
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
@@ -172,3 +173,35 @@ def test_within_one_second_an_established_owner_keeps_what_it_owns() -> None:
 
     assert owned_by_others(["key"], "u1", index) == {}
     assert owned_by_others(["key"], "u2", index) == {"key": established}
+
+
+@pytest.mark.parametrize(("committed", "low", "high", "lag"), [
+    (-1001, 0, 50, 50),  # the group never committed: everything from the log start
+    (-1001, 30, 50, 20),  # … which retention may have moved
+    (40, 0, 50, 10),
+    (50, 0, 50, 0),  # caught up
+    (10, 30, 50, 20),  # committed before what retention deleted: only what is left counts
+])
+def test_partition_lag(committed: int, low: int, high: int, lag: int) -> None:
+    assert external.partition_lag(committed, low, high) == lag
+
+
+def test_lag_condition_names_the_tables_behind() -> None:
+    bounded = pipeline.lag_condition({"trades": 100, "quotes": 0}, 100, replicas=2)
+    lagging = pipeline.lag_condition({"trades": 101, "quotes": 7}, 100, replicas=2)
+    idle = pipeline.lag_condition({"trades": 101}, 100, replicas=0)
+
+    assert (bounded.status, bounded.reason) == ("True", "LagBounded")
+    assert "trades 100, quotes 0" in bounded.message
+    assert (lagging.status, lagging.reason) == ("False", "ConsumerLagging")
+    assert lagging.message.startswith("trades more than readyMaxLag 100") and "quotes 7" in lagging.message
+    assert "consumer.replicas is 0" in idle.message and "replicas is 0" not in lagging.message
+
+
+def test_ready_max_lag_defaults_to_the_lag_alert_threshold() -> None:
+    """The chart alerts on lag above monitoring.prometheusRule.thresholds.consumerLag; a pipeline
+    past that is not Ready either, unless the resource says otherwise."""
+    values = yaml.safe_load((Path(__file__).parents[2] / "charts/k2/values.yaml").read_text())
+    spec = IngestionPipelineSpec.model_validate({"exchange": "asx"})
+    assert spec.consumer.ready_max_lag == values["monitoring"]["prometheusRule"]["thresholds"]["consumerLag"]
+

@@ -1,4 +1,5 @@
-"""Kafka client settings shared by every K2 process that produces (ingest, the stream's DLQ, feeds)."""
+"""Kafka client settings shared by every K2 process that produces (ingest, the stream's DLQ, feeds),
+and the consumer group names the stream and the operator agree on."""
 
 from __future__ import annotations
 
@@ -25,3 +26,9 @@ def coordinates(msg: Message) -> tuple[str, int, int]:
     if topic is None or partition is None or offset is None:
         raise ValueError(f"an error event, not a message: {msg.error()}")
     return topic, partition, offset
+
+
+def table_group(prefix: str, table: str) -> str:
+    """The consumer group of one table's writer under `k2 stream run --group-id <prefix>`: the
+    operator reads its committed offsets to tell how far the table lags."""
+    return f"{prefix}-{table}"

@@ -15,6 +15,7 @@ import kopf
 from pydantic import ValidationError
 
 from k2 import topics as k2_topics
+from k2.kafka import table_group
 from k2.schemas.registry import SchemaIncompatible, value_subject
 from k2_operator import external
 from k2_operator.conditions import Condition, Status
@@ -24,12 +25,20 @@ from k2_operator.handlers.claims import Claim, owned_by_others
 from k2_operator.handlers.events import event
 from k2_operator.kube import CHILD_KINDS
 from k2_operator.models import GROUP, PIPELINE, VERSION, IcebergTableSpec, IngestionPipelineSpec
-from k2_operator.render.pipeline import Names, TableBinding, continuous, ingest_job_name, render_pipeline
+from k2_operator.render.pipeline import (
+    Names,
+    TableBinding,
+    consumer_group,
+    continuous,
+    ingest_job_name,
+    render_pipeline,
+)
 
 TOPICS_READY = "TopicsReady"
 SCHEMAS_REGISTERED = "SchemasRegistered"
 TABLES_RESOLVED = refs.TABLES_RESOLVED
 CONSUMERS_AVAILABLE = "ConsumersAvailable"
+CONSUMERS_CAUGHT_UP = "ConsumersCaughtUp"
 INGEST_COMPLETE = "IngestComplete"
 REQUIRED = (TOPICS_READY, SCHEMAS_REGISTERED, TABLES_RESOLVED)
 PRUNE_KINDS = ("ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "Job")
@@ -217,6 +226,50 @@ def apply_workloads(body: Mapping[str, Any], spec: IngestionPipelineSpec, bindin
         out.observed["ingest"] = None  # merge patch: remove what a former source left
 
 
+def check_lag(namespace: str, name: str, spec: IngestionPipelineSpec, binding: TableBinding | None,
+              out: Outcome) -> None:
+    """Each bound table's consumer group against the end of its topic. `k2 stream` commits the
+    group's offsets right after each Iceberg commit, so this is an upper bound of what the table
+    lacks. Measured on every reconcile, the drift loop's included: Ready follows the consumers as
+    they catch up or fall behind, with no edit to the resource."""
+    if binding is None:
+        if not spec.tables:
+            out.checks.append(Condition.true(CONSUMERS_CAUGHT_UP, "NoConsumers", "no tables bound: no consumers"))
+        return  # tables unresolved: the running consumers are kept, and so is their last measured lag
+    if spec.consumer.ready_max_lag == 0:
+        out.checks.append(Condition.true(CONSUMERS_CAUGHT_UP, "LagNotGated",
+                                         "consumer.readyMaxLag is 0: lag does not gate Ready"))
+        return
+    # Unknown, not False, and retried: an outage says nothing about the consumers.
+    unreachable = next((c for c in out.checks if c.reason == "KafkaUnavailable"), None)
+    if unreachable is not None:  # found by the topics step already: not waited for twice
+        out.checks.append(Condition.unknown(CONSUMERS_CAUGHT_UP, "KafkaUnavailable", unreachable.message))
+        return
+    bootstrap = runtime.get().settings.kafka_bootstrap
+    group, topic_by_kind = consumer_group(name, namespace), spec.topic_names()
+    try:
+        lags: dict[str, int] = {kind: external.group_lag(bootstrap, table_group(group, kind), topic_by_kind[kind])
+                                for kind in binding.kinds}
+    except external.Unavailable as exc:
+        out.checks.append(Condition.unknown(CONSUMERS_CAUGHT_UP, "KafkaUnavailable", str(exc)))
+        out.retry = True
+        return
+    out.checks.append(lag_condition(lags, spec.consumer.ready_max_lag, spec.consumer.replicas))
+
+
+def lag_condition(lags: Mapping[str, int], max_lag: int, replicas: int) -> Condition:
+    """ConsumersCaughtUp from the messages each table's consumers are behind."""
+    behind = ", ".join(f"{table} {lag}" for table, lag in lags.items())
+    lagging = sorted(table for table, lag in lags.items() if lag > max_lag)
+    if not lagging:
+        return Condition.true(CONSUMERS_CAUGHT_UP, "LagBounded",
+                              f"messages behind the topics' end: {behind} (readyMaxLag {max_lag})")
+    idle = "; consumer.replicas is 0: nothing consumes them" if replicas == 0 else ""
+    return Condition.false(CONSUMERS_CAUGHT_UP, "ConsumerLagging",
+                           f"{', '.join(lagging)} more than readyMaxLag {max_lag} messages behind the topics' end "
+                           f"(messages behind: {behind}){idle}")
+
+
 def _prerequisites_met(out: Outcome) -> bool:
     """Whether this reconcile found the topics and schemas in place (what the ingest writes to)."""
     return all(c.status == "True" for c in out.checks if c.type in (TOPICS_READY, SCHEMAS_REGISTERED))
@@ -246,6 +299,7 @@ def reconcile(body: Mapping[str, Any], claims: Mapping[str, Any], *, trigger: st
         binding, tables = _tables_binding(meta["namespace"], spec)
         out.checks.append(tables.condition)
         apply_workloads(body, spec, binding, out)
+        check_lag(meta["namespace"], meta["name"], spec, binding, out)
         status_.conclude(PIPELINE, body, out.checks, required=REQUIRED, observed_state=out.observed,
                          changes=out.changes, trigger=trigger, logger=logger, retry=out.retry or tables.waiting,
                          attempt=attempt,

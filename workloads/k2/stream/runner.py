@@ -15,6 +15,7 @@ import structlog
 
 from k2 import observability, tables, topics
 from k2.dlq import DeadLetterSink, open_sink
+from k2.kafka import table_group
 from k2.settings import Settings, TableKind
 from k2.stopping import StopFlag
 from k2.stream import maintenance
@@ -52,7 +53,7 @@ def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLet
                     "must come from its IcebergTable (is it Ready?)")
             table = loaded
         writers.append(TableWriter(kind, settings, table, dlq,
-                                   group_id=f"{group_id}-{kind}" if group_id else None))
+                                   group_id=table_group(group_id, kind) if group_id else None))
     return writers
 
 
