@@ -83,6 +83,14 @@ class Batch:
         if payload is not None:
             self.nbytes += len(payload)
 
+    def without(self, partitions: set[int]) -> Batch:
+        """The same batch minus the messages of `partitions` (revoked from this writer)."""
+        kept = Batch(opened=self.opened, letters_handed=self.letters_handed)
+        for partition, offset, payload in zip(self.partitions, self.offsets, self.payloads, strict=True):
+            if partition not in partitions:
+                kept.add(partition, offset, payload)
+        return kept
+
     @property
     def messages(self) -> int:
         return len(self.payloads)
@@ -138,16 +146,19 @@ class TableWriter:
         self.keys = tables.KEY_COLUMNS[kind]
         self.sequenced = "sequence_number" in self.keys
         self.detector = GapDetector("stream", settings.gap_alert, settings.gap_halt)
+        self.consumer_group = group_id or f"k2-stream-{self.table_name}"
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": group_id or f"k2-stream-{self.table_name}",
+            "group.id": self.consumer_group,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            "partition.assignment.strategy": "range",
+            # A joining or leaving writer (a rolling update) moves only the partitions it must:
+            # the others keep consuming and keep the batches they are building.
+            "partition.assignment.strategy": "cooperative-sticky",
             **(consumer_config or {}),
         })
         self.assigned: set[int] = set()
@@ -167,33 +178,38 @@ class TableWriter:
                                 on_lost=self._on_revoke)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions added to those the writer keeps (cooperative assignment is incremental)."""
         faults.retry(lambda: self._resume(partitions), what=f"assign {self.table_name}")
         log.info("stream.assigned", table=self.table_name, topic=self.topic,
                  offsets={tp.partition: tp.offset for tp in partitions})
-        consumer.assign(partitions)
+        consumer.incremental_assign(partitions)
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
-        """Where the table says each partition continues, what it stores, and which messages past
-        those offsets an earlier run already dead-lettered (it crashed before it could commit)."""
+        """Where the table says each added partition continues, what the table stores, and which
+        messages past the offsets an earlier run already dead-lettered (it crashed before it could
+        commit). The batch for partitions already held stays: the table has not moved for them."""
         self.table = self.table.refresh()
         recorded = tables.recorded_offsets(self.table).get(self.topic, {})
         for tp in partitions:
             tp.offset = recorded.get(tp.partition, OFFSET_BEGINNING)
-        self.assigned = {tp.partition for tp in partitions}
-        self.unrecorded = {tp.partition for tp in partitions if tp.partition not in recorded}
-        self.batch = Batch()
+        added = {tp.partition for tp in partitions}
+        self.assigned |= added
+        self.unrecorded = (self.unrecorded - added) | {p for p in added if p not in recorded}
         self._load_watermarks()
         since = tables.offsets_held_since_ms(self.table, self.topic, self.assigned)
         self.dead_lettered = self.dlq.recorded(self.topic, max(0, since - DLQ_CLOCK_SKEW_MS) if since else 0)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Work in flight for revoked partitions is dropped; whoever gets them next resumes from
-        # the offsets recorded in the table, so nothing is lost or doubled.
-        log.info("stream.revoked", table=self.table_name, partitions=[tp.partition for tp in partitions],
-                 dropped_rows=self.batch.messages)
-        self.batch = Batch()
-        self.assigned -= {tp.partition for tp in partitions}
-        consumer.unassign()
+        # Work in flight for the revoked partitions only is dropped; whoever gets them next resumes
+        # from the offsets recorded in the table, so nothing is lost or doubled.
+        revoked = {tp.partition for tp in partitions}
+        kept = self.batch.without(revoked)
+        log.info("stream.revoked", table=self.table_name, partitions=sorted(revoked),
+                 dropped_rows=self.batch.messages - kept.messages)
+        self.batch = kept
+        self.assigned -= revoked
+        self.unrecorded -= revoked
+        consumer.incremental_unassign(partitions)
 
     def _load_watermarks(self) -> None:
         """Highest stored sequence number per (symbol, exchange_date), read from the table."""
@@ -486,8 +502,13 @@ class TableWriter:
             NEWEST_TICK.labels(self.table_name).set(self.newest_tick)
 
     def reseek(self) -> None:
-        """Every assigned partition sought again from the offsets the table records."""
-        self._on_assign(self.consumer, [TopicPartition(self.topic, p) for p in sorted(self.assigned)])
+        """Every assigned partition sought again from the offsets the table records, its batch
+        dropped (the table moved on, or the fetch stalled)."""
+        held = [TopicPartition(self.topic, p) for p in sorted(self.assigned)]
+        self.consumer.incremental_unassign(held)
+        self.batch = Batch()
+        self.assigned.clear()
+        self._on_assign(self.consumer, held)
 
     def _commit_group_offsets(self, batch: Batch) -> None:
         try:

@@ -1,0 +1,127 @@
+"""A rolling update of the stream Deployment adds a writer to the group before it removes one. With
+eager assignment every join revoked every partition of every writer, which dropped the batches
+they were building and stopped them all, twice per replaced pod. With cooperative-sticky
+assignment a writer keeps the partitions it is not asked to give up, and its batch for them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from k2 import tables, topics
+from k2.dlq import open_sink
+from k2.ingest.pipeline import ingest_files
+from k2.settings import Settings
+from k2.stream.runner import build_writers
+from k2.stream.writer import TableWriter
+from k2_synthetic import generate
+
+pytestmark = pytest.mark.integration
+
+
+def _poll_until(writers: list[TableWriter], condition: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for writer in writers:
+            writer.poll(0.05)
+        if condition():
+            return
+    raise AssertionError(f"timed out waiting for {what}: {[sorted(w.assigned) for w in writers]}")
+
+
+def _recording_revocations(writer: TableWriter) -> list[int]:
+    revoked: list[int] = []
+    handler = writer._on_revoke
+
+    def recording(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked.extend(tp.partition for tp in partitions)
+        handler(consumer, partitions)
+
+    writer._on_revoke = recording  # type: ignore[method-assign]  # start() subscribes with it
+    return revoked
+
+
+def test_a_joining_writer_takes_partitions_without_stopping_the_others(tmp_path: Path,
+                                                                       embedded_settings: Settings) -> None:
+    summary = ingest_files(generate(tmp_path / "ticks", symbols=12, days=2, seed=3), embedded_settings,
+                           kinds=("trades",), with_reference=False)
+    n_trades = summary.produced[embedded_settings.topic("trades")]
+    # Batches only close when the test flushes them, so what a revocation drops is visible.
+    settings = embedded_settings.model_copy(update={"batch_rows": 10**9, "batch_seconds": 3600.0})
+    topics.ensure_pipeline_topics(settings, ("trades",))
+    dlq = open_sink(settings, tmp_path / "dlq.jsonl")
+    every = set(range(settings.topic_partitions))
+
+    first, = build_writers(settings, ("trades",), dlq)
+    revoked_from_first = _recording_revocations(first)
+    first.start()
+    _poll_until([first], lambda: first.assigned == every and first.batch.messages == n_trades,
+                "the first writer to own every partition and buffer every trade")
+    buffered = set(first.batch.start)
+
+    second, = build_writers(settings, ("trades",), dlq)
+    second.start()
+    writers = [first, second]
+    _poll_until(writers, lambda: bool(second.assigned) and first.assigned | second.assigned == every
+                and not first.assigned & second.assigned, "the partitions to be shared")
+
+    kept = first.assigned
+    assert kept and not set(revoked_from_first) & kept, \
+        f"partitions {sorted(set(revoked_from_first) & kept)} were revoked from the writer that kept them"
+    assert kept & buffered and set(first.batch.start) == kept & buffered, \
+        "the batch for the partitions it kept was dropped"
+    assert set(revoked_from_first) == every - kept
+
+    deadline = time.monotonic() + 120
+    while not all(w.batch.empty and w.lag() == 0 for w in writers):
+        assert time.monotonic() < deadline, "the writers did not catch up"
+        for writer in writers:
+            writer.poll(0.05)
+            writer.flush()
+    for writer in writers:
+        writer.close()
+    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
+    keys = table.scan(selected_fields=("symbol", "exchange_date", "sequence_number")).to_arrow()
+    assert keys.num_rows == n_trades
+    assert keys.group_by(["symbol", "exchange_date", "sequence_number"]).aggregate([]).num_rows == n_trades
+
+
+def test_writers_rolled_in_over_an_eager_group_take_over_once_its_members_leave(
+        tmp_path: Path, embedded_settings: Settings) -> None:
+    """Kafka does not mix eager and cooperative assignment in one group: a pod of this release
+    rolled in beside one of an earlier release (eager `range`) waits, then takes every partition."""
+    summary = ingest_files(generate(tmp_path / "ticks", symbols=4, days=1, seed=5), embedded_settings,
+                           kinds=("trades",), with_reference=False)
+    n_trades = summary.produced[embedded_settings.topic("trades")]
+    dlq = open_sink(embedded_settings, tmp_path / "dlq.jsonl")
+    new, = build_writers(embedded_settings, ("trades",), dlq)
+    old = Consumer({"bootstrap.servers": embedded_settings.kafka_bootstrap, "group.id": new.consumer_group,
+                    "partition.assignment.strategy": "range", "enable.auto.commit": False})
+    old.subscribe([new.topic])
+    deadline = time.monotonic() + 60
+    while not old.assignment():
+        assert time.monotonic() < deadline, "the earlier release's consumer got no partitions"
+        old.poll(0.2)
+
+    new.start()
+    waited = time.monotonic() + 10
+    while time.monotonic() < waited:
+        new.poll(0.2)
+        old.poll(0.05)
+    assert not new.assigned, "a cooperative member was let into an eager group"
+
+    old.close()
+    every = set(range(embedded_settings.topic_partitions))
+    _poll_until([new], lambda: new.assigned == every, "the new writer to take every partition")
+    deadline = time.monotonic() + 120
+    while not (new.batch.empty and new.lag() == 0):
+        assert time.monotonic() < deadline, "the writer did not catch up"
+        new.poll(0.05)
+        new.flush()
+    new.close()
+    table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
+    assert table.scan().count() == n_trades
