@@ -493,3 +493,23 @@ def test_services_ingresses_and_service_monitors_take_labels_and_annotations() -
     monitor = by_kind(render_pipeline(ASX, IngestionPipelineSpec.model_validate(consumer), binding=BINDING,
                                       ctx=RenderContext(service_monitor=True)))["ServiceMonitor"]
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_a_feed_pod_restarts_only_for_what_the_feed_uses() -> None:
+    """A restarted feed pod misses what the venue sends meanwhile: its template must not change
+    with what only the consumers read (the catalog Secret, batching), and it gets no catalog env."""
+    def deployments(spec: IngestionPipelineSpec, versions: dict[str, str]) -> dict[str, dict[str, Any]]:
+        objects = render_pipeline(LIVE, spec, binding=BINDING, ctx=RenderContext(secret_versions=versions))
+        return {o["metadata"]["name"]: o["spec"]["template"] for o in objects if o["kind"] == "Deployment"}
+
+    feed = {"type": "feed", "feed": {"url": "ws://venue:8765"}}
+    before = deployments(pipeline_spec(source=feed), {"k2-catalog": "100"})
+    rotated = deployments(pipeline_spec(source=feed), {"k2-catalog": "101"})
+    rebatched = deployments(pipeline_spec(source=feed, consumer={"replicas": 3, "batchRows": 1000, "gapAlert": 5,
+                                                                 "batchSeconds": 0.2}),
+                            {"k2-catalog": "100"})
+
+    assert rotated["live-consumer"] != before["live-consumer"] != rebatched["live-consumer"]
+    assert rotated["live-feed"] == before["live-feed"] == rebatched["live-feed"]
+    feed_env = before["live-feed"]["spec"]["containers"][0].get("env", [])
+    assert not [e["name"] for e in feed_env if e["name"].startswith(("K2_CATALOG", "K2_S3", "K2_WAREHOUSE"))]

@@ -190,10 +190,10 @@ def apply_workloads(body: Mapping[str, Any], spec: IngestionPipelineSpec, bindin
         if not job_held:
             keep.append(f"Job/{job_name}")
     holding = binding is None and bool(spec.tables)
-    if continuous(spec) and (holding or not _prerequisites_met(out)) \
+    if continuous(spec) and not _prerequisites_met(out) \
             and rt.kube.get(CHILD_KINDS["Deployment"], owner.namespace, n.feed) is None:
-        # A feed pod started now would be replaced once the tables resolve (its settings change),
-        # and a live venue's ticks sent meanwhile would be lost: it starts with its final settings.
+        # The feed only checks for its topics and schemas, so it starts once they exist. It need not
+        # wait for the tables (its settings do not depend on them): its ticks wait in Kafka.
         objects = [o for o in objects if not (o["kind"] == "Deployment" and o["metadata"]["name"] == n.feed)]
     if holding:
         keep += [f"Deployment/{n.consumer}", f"Service/{n.metrics}", f"PodDisruptionBudget/{n.consumer}",

@@ -4,7 +4,7 @@ completion (csv, synthetic), a Deployment for continuous ones (feed)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from k2.sources import SOURCES
@@ -15,6 +15,9 @@ from k2_operator.render.common import Owner, RenderContext, SecretEnv, WorkloadC
 REGISTRY_SECRET_KEY_SETTING = "registry_url"
 INGEST_DEADLINE_SECONDS = 12 * 3600  # a stuck ingest fails instead of holding its pod forever
 FINISHED_JOB_TTL_SECONDS = 24 * 3600
+# What only `k2 stream run` reads (batching, compaction, the tables' namespace and file size).
+STREAM_ONLY_SETTINGS = frozenset({"batch_rows", "batch_bytes", "batch_seconds", "compact_interval_seconds",
+                                  "compact_min_files", "namespace", "target_file_size_bytes"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
             values["target_file_size_bytes"] = binding.target_file_size_bytes
         secrets.extend(common.catalog_secret_env(binding.catalog_secret))
     return WorkloadConfig(common.workload_settings(ctx, **values), tuple(secrets))
+
+
+def feed_workload(spec: IngestionPipelineSpec, ctx: RenderContext) -> WorkloadConfig:
+    """The feed's part of the pipeline's configuration: no catalog (it only writes to Kafka) and
+    nothing only the consumers read, so changing those never restarts it: a restarted feed misses
+    what the venue sends meanwhile."""
+    return replace(workload_config(spec, None, ctx), unused=STREAM_ONLY_SETTINGS)
 
 
 def _metrics_probes(ctx: RenderContext) -> dict[str, Any]:
@@ -208,7 +218,7 @@ def render_pipeline(owner: Owner, spec: IngestionPipelineSpec, *, binding: Table
             objects.append(common.service_monitor(owner=owner, name=n.consumer, component="consumer", port="metrics",
                                                   meta=spec.consumer.service_monitor))
     if continuous(spec):
-        objects.append(feed_deployment(owner, spec, workload=workload, ctx=ctx))
+        objects.append(feed_deployment(owner, spec, workload=feed_workload(spec, ctx), ctx=ctx))
     elif spec.source.type != "none":
         objects.append(ingest_job(owner, spec, workload=workload, ctx=ctx))
     return objects
