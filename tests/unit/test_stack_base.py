@@ -197,9 +197,7 @@ def test_a_leader_exiting_while_the_stop_looks_is_reaped(tmp_path: Path, monkeyp
     import k2.stack.base as base
 
     monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("K2_TEST_SLEEPER_PORT", str(free.getsockname()[1]))
+    monkeypatch.setenv("K2_TEST_SLEEPER_PORT", str(free_port()))
     service = _Sleeper()
     service.start()
     pid = service.pid()
