@@ -110,3 +110,4 @@ def test_scaled_to_zero_with_a_backlog_is_not_ready_unless_lag_is_not_gated(
     cluster.patch(namespace, PIPELINE, name, {"spec": {"consumer": {"readyMaxLag": 0}}})
     obj = cluster.wait_condition(namespace, PIPELINE, name, "Ready", "True", timeout=60)
     assert k2op.find_condition(obj, "ConsumersCaughtUp")["reason"] == "LagNotGated"
+

@@ -3,6 +3,7 @@ and which table changes are compatible (on a throwaway SQLite catalog)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from pyiceberg.types import LongType, NestedField, StringType
 from k2 import schemas, tables
 from k2.settings import Settings
 from k2_operator import external
+from k2_operator.conditions import Condition
 from k2_operator.handlers import apply, children, pipeline, status
 from k2_operator.handlers.claims import Claim
 from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec
 from k2_operator.render import table_definition
+from k2_operator.render.pipeline import TableBinding
 
 pytestmark = pytest.mark.unit
 
@@ -204,4 +207,42 @@ def test_ready_max_lag_defaults_to_the_lag_alert_threshold() -> None:
     values = yaml.safe_load((Path(__file__).parents[2] / "charts/k2/values.yaml").read_text())
     spec = IngestionPipelineSpec.model_validate({"exchange": "asx"})
     assert spec.consumer.ready_max_lag == values["monitoring"]["prometheusRule"]["thresholds"]["consumerLag"]
+
+
+def _lag_checked(monkeypatch: pytest.MonkeyPatch, bootstrap: str, *earlier: Condition) -> pipeline.Outcome:
+    """check_lag of a pipeline writing `trades`, after the steps that found `earlier`."""
+    from k2_operator.config import OperatorConfig
+    from k2_operator.handlers import runtime
+
+    monkeypatch.setattr(runtime, "_runtime", runtime.Runtime(kube=None, settings=Settings(kafka_bootstrap=bootstrap),  # type: ignore[arg-type]
+                                                             config=OperatorConfig()))
+    spec = IngestionPipelineSpec.model_validate({"exchange": "asx", "topics": {"kinds": ["trades"]},
+                                                 "tables": [{"name": "t"}]})
+    out = pipeline.Outcome(checks=list(earlier))
+    pipeline.check_lag("ns", "p", spec, TableBinding(kinds=("trades",), namespace="market", catalog_secret="c"), out)
+    return out
+
+
+def test_lag_that_cannot_be_measured_is_unknown_and_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kafka not answering says nothing about the consumers: Unknown (Ready Unknown), and retried."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again below: nothing listens there
+
+    try:
+        out = _lag_checked(monkeypatch, f"127.0.0.1:{port}")
+    finally:
+        external.admin.cache_clear()  # the client would retry that port for the rest of the session
+
+    assert [(c.type, c.status, c.reason) for c in out.checks] == [
+        ("ConsumersCaughtUp", "Unknown", "KafkaUnavailable")]
+    assert out.retry
+
+
+def test_lag_is_not_asked_of_a_kafka_the_topics_step_found_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    away = Condition.false("TopicsReady", "KafkaUnavailable", "Kafka unavailable: transport failure")
+
+    out = _lag_checked(monkeypatch, "127.0.0.1:1", away)
+
+    assert out.checks[-1] == Condition.unknown("ConsumersCaughtUp", "KafkaUnavailable", away.message)
 
