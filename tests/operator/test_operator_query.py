@@ -233,3 +233,26 @@ def test_shaped_pods_are_accepted_by_the_apiserver(cluster: Any, namespace: str,
     assert pod.spec.affinity.node_affinity and pod.spec.topology_spread_constraints[0].max_skew == 1
     assert cluster.core.read_namespaced_service("shaped", namespace).metadata.annotations == {"x/y": "z"}
     cluster.delete(namespace, "QueryService", "shaped")
+
+
+def test_the_api_streams_the_topics_of_the_pipeline_writing_its_tables(cluster: Any, namespace: str,
+                                                                       operator: Any, k2op: Any) -> None:
+    """The live stream reads the topics the tables are written from: a QueryService over a
+    pipeline's tables of another asset class streamed the default topics, and pushed nothing (kind)."""
+    ex = uuid.uuid4().hex[:6]
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "IcebergTable", "metadata": {"name": f"t-{ex}"},
+                               "spec": {"namespace": f"live_{ex}", "name": "trades", "schema": {"fields": FIELDS}}})
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline",
+                               "metadata": {"name": f"p-{ex}"}, "spec": {
+                                   "exchange": f"x{ex}", "assetClass": "crypto", "source": {"type": "none"},
+                                   "topics": {"kinds": ["trades"]}, "tables": [{"name": f"t-{ex}"}]}})
+    cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "metadata": {"name": f"q-{ex}"},
+                               "spec": {"tables": [{"name": f"t-{ex}"}]}})
+
+    def settings() -> dict[str, str] | None:
+        try:
+            return cluster.core.read_namespaced_config_map(f"q-{ex}-settings", namespace).data
+        except Exception:  # noqa: BLE001 - not rendered yet
+            return None
+    data = k2op.wait_for(settings, "the QueryService's settings", 60)
+    assert (data["K2_ASSET_CLASS"], data["K2_EXCHANGE"]) == ("crypto", f"x{ex}")

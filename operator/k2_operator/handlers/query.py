@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from k2_operator.handlers import apply, metrics, refs, runtime
 from k2_operator.handlers import status as status_
-from k2_operator.models import GROUP, QUERY, VERSION, QueryServiceSpec
-from k2_operator.render.query import render_query, url
+from k2_operator.models import GROUP, PIPELINE, QUERY, VERSION, IngestionPipelineSpec, QueryServiceSpec
+from k2_operator.render.query import StreamTopics, render_query, url
 
 TABLES_RESOLVED = refs.TABLES_RESOLVED
 AVAILABLE = "Available"
@@ -39,8 +40,10 @@ def reconcile(body: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> Non
         changes: list[str] = []
         if tables.specs:
             table = tables.specs[0]
+            topics = stream_topics(owner.namespace, {t.name for t in spec.tables})
             objects = apply.render_children(owner.namespace, lambda ctx: render_query(
-                owner, spec, table_namespace=table.namespace, catalog_secret=table.catalog_ref.name, ctx=ctx))
+                owner, spec, table_namespace=table.namespace, catalog_secret=table.catalog_ref.name, ctx=ctx,
+                topics=topics))
             applied, pruned = apply.apply_children(QUERY, body, objects, PRUNE_KINDS)
             changes = apply.describe_changes(applied, pruned)
             deployment = next(a.body for a in applied if a.body["kind"] == "Deployment")
@@ -49,6 +52,20 @@ def reconcile(body: Mapping[str, Any], *, trigger: str, attempt: int = 0) -> Non
             checks.append(status_.availability(AVAILABLE, spec.replicas, observed["availableReplicas"]))
         status_.conclude(QUERY, body, checks, required=REQUIRED, observed_state=observed, changes=changes,
                          trigger=trigger, logger=logger, retry=not tables.specs, attempt=attempt)
+
+
+def stream_topics(namespace: str, tables: set[str]) -> StreamTopics | None:
+    """The topics of the pipeline writing the served tables (the first by name if several do):
+    what the API's live stream reads. None: no pipeline writes them (the defaults apply)."""
+    pipelines = runtime.get().kube.list(runtime.resource_kind(PIPELINE), namespace)
+    for body in sorted(pipelines, key=lambda b: b["metadata"]["name"]):
+        try:
+            spec = IngestionPipelineSpec.model_validate(body.get("spec") or {})
+        except ValidationError:
+            continue  # its own reconcile reports it
+        if tables & {t.name for t in spec.tables}:
+            return StreamTopics(asset_class=spec.asset_class, exchange=spec.exchange)
+    return None
 
 
 @kopf.on.resume(GROUP, VERSION, QUERY.plural)

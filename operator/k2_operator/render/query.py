@@ -25,8 +25,16 @@ class Names:
         return cls(settings=f"{name}-settings", api=name)
 
 
+@dataclass(frozen=True)
+class StreamTopics:
+    """Where the served tables' ticks are produced: the live stream reads those topics."""
+
+    asset_class: str
+    exchange: str
+
+
 def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: str,
-                    ctx: RenderContext) -> WorkloadConfig:
+                    ctx: RenderContext, topics: StreamTopics | None = None) -> WorkloadConfig:
     keys = spec.auth.api_keys_secret
     # Keys as a mounted file: `k2 api` re-reads it when the kubelet updates it, so a rotation
     # needs no restart. The API never talks to the registry.
@@ -37,7 +45,8 @@ def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: s
         ref = spec.auth.entitlements_secret
         files.append(SecretFile("api_entitlements_file", ref.name, ref.key))
         paths["api_entitlements_file"] = files[-1].path
-    settings = common.workload_settings(ctx, namespace=namespace, rate_limit=spec.rate_limit,
+    streamed = {"asset_class": topics.asset_class, "exchange": topics.exchange} if topics else {}
+    settings = common.workload_settings(ctx, namespace=namespace, **streamed, rate_limit=spec.rate_limit,
                                         max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb,
                                         query_threads=spec.query_threads, query_memory_mb=spec.query_memory_mb,
                                         max_body_bytes=spec.max_body_bytes,
@@ -88,9 +97,10 @@ def ingress(owner: Owner, spec: QueryServiceSpec) -> dict[str, Any]:
 
 
 def render_query(owner: Owner, spec: QueryServiceSpec, *, table_namespace: str, catalog_secret: str,
-                 ctx: RenderContext) -> list[dict[str, Any]]:
+                 ctx: RenderContext, topics: StreamTopics | None = None) -> list[dict[str, Any]]:
     n = Names.of(owner.name)
-    workload = workload_config(spec, namespace=table_namespace, catalog_secret=catalog_secret, ctx=ctx)
+    workload = workload_config(spec, namespace=table_namespace, catalog_secret=catalog_secret, ctx=ctx,
+                               topics=topics)
     objects = [
         common.config_map(owner=owner, name=n.settings, component="query", workload=workload),
         api_deployment(owner, spec, workload=workload, ctx=ctx),
