@@ -7,8 +7,10 @@ in-cluster S3 with the Postgres catalog, and through the Ingress every daily sum
 bar equals the oracle's plain-Python figures from the CSVs. A live feed (manifests/kind-data/
 live-feed.yaml) flows while a stream pod is force-deleted, the stream Deployment restarted, the
 operator pod deleted in the middle of a reconcile and the QueryService scaled through its scale
-subresource and an HPA: the day ends stored exactly. Prometheus has every K2 target up (the feed
-pod's too), K2's alert rules loaded, and every dashboard panel query answers with a series."""
+subresource and an HPA: the day ends stored exactly. A rotated catalog Secret rolls the pods that
+read it and not the feed; a frozen stream container is restarted by its liveness probe. Prometheus
+has every K2 target up (the feed pod's too), K2's alert rules loaded, and every dashboard panel
+query answers with a series."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import datetime as dt
 import json
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,9 +126,17 @@ def live(deployed: Any) -> Iterator[httpx.Client]:
     deployed.kubectl("wait", "-n", NAMESPACE, "--for=condition=Ready", "ingestionpipeline/live",
                      "icebergtable/live-trades", "icebergtable/live-quotes", "queryservice/live-api",
                      "--timeout=10m", timeout=700)
-    with port_forward(deployed, "svc/live-api", 80, NAMESPACE) as url, httpx.Client(
-            base_url=url, timeout=60, headers={"X-API-Key": api_key(deployed)}) as client:
+    with live_api(deployed) as client:
         wait_for(lambda: _stored(client).get("live.trades", 0) > 0, "the first live trades committed", 300)
+        yield client
+
+
+@contextlib.contextmanager
+def live_api(cluster: Any) -> Iterator[httpx.Client]:
+    """A client of the live QueryService through a port-forward of its own: a port-forward stays
+    on the pod it picked, so tests that replace the API pods open a new one."""
+    with port_forward(cluster, "svc/live-api", 80, NAMESPACE) as url, httpx.Client(
+            base_url=url, timeout=60, headers={"X-API-Key": api_key(cluster)}) as client:
         yield client
 
 
@@ -231,11 +242,69 @@ def test_an_hpa_scales_the_query_service_on_its_pods_cpu(deployed: Any, live: ht
     def conditions() -> dict[str, str]:
         status = kubectl_json(deployed, "get", "hpa", "live-api")["status"]
         return {c["type"]: c["status"] for c in status.get("conditions", [])}
-    with contextlib.suppress(AssertionError):
-        wait_for(lambda: conditions().get("ScalingActive") == "True", "the HPA to read the pods' CPU", 600)
-    found = conditions()
-    assert found.get("AbleToScale") == "True" and found.get("ScalingActive") == "True", \
-        kubectl_json(deployed, "get", "hpa", "live-api")["status"]
+    try:
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: conditions().get("ScalingActive") == "True", "the HPA to read the pods' CPU", 600)
+        found = conditions()
+        assert found.get("AbleToScale") == "True" and found.get("ScalingActive") == "True", \
+            kubectl_json(deployed, "get", "hpa", "live-api")["status"]
+    finally:  # left in place it would scale the API down under the next tests' port-forwards
+        deployed.kubectl("delete", "hpa", "live-api", "-n", NAMESPACE)
+
+
+def _template_annotation(cluster: Any, deployment: str, key: str) -> str | None:
+    template = kubectl_json(cluster, "get", "deployment", deployment)["spec"]["template"]
+    return (template["metadata"].get("annotations") or {}).get(key)
+
+
+def test_a_rotated_catalog_secret_rolls_its_readers_and_never_the_feed(deployed: Any, live: httpx.Client) -> None:
+    """The consumers and the API read the catalog Secret through env, so a rotation rolls them;
+    the feed does not read it, and a replaced feed pod would lose the venue's ticks."""
+    readers = ("live-consumer", "live-api")
+    hashes = {d: _template_annotation(deployed, d, "k2.io/secrets-hash") for d in readers}
+    pods = {d: set(_pods(deployed, f"{d}-")) for d in readers}
+    feed = _pods(deployed, "live-feed-")
+    deployed.kubectl("patch", "secret", "k2-catalog", "-n", NAMESPACE, "--type=merge",
+                     "-p", json.dumps({"stringData": {"rotated": uuid.uuid4().hex}}))
+
+    for deployment in readers:
+        wait_for(lambda d=deployment: _template_annotation(deployed, d, "k2.io/secrets-hash") != hashes[d],
+                 f"{deployment}'s pod template to follow the Secret", 300)
+        deployed.kubectl("rollout", "status", f"deployment/{deployment}", "-n", NAMESPACE, "--timeout=5m",
+                         timeout=400)
+        assert not set(_pods(deployed, f"{deployment}-")) & pods[deployment], f"{deployment} was not rolled"
+    assert _pods(deployed, "live-feed-") == feed, "the feed pod was replaced"
+    with live_api(deployed) as rolled:
+        assert wait_for(lambda: rolled.get("/v1/stats").status_code == 200, "the rolled API to answer", 120)
+
+
+# Freezes `k2 stream run` in its container (every thread, the metrics server's too).
+FREEZE_STREAM = """
+import os, signal
+for pid in [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        if b"stream" in cmdline.read():
+            os.kill(pid, signal.SIGSTOP)
+"""
+
+
+def test_a_stream_pod_that_makes_no_progress_is_restarted_by_its_liveness_probe(deployed: Any,
+                                                                               live: httpx.Client) -> None:
+    """Liveness is `/livez` (the poll loop's progress; tests/unit/test_stream_liveness.py shows it
+    fails while the metrics thread still serves): the kubelet restarts a stuck stream container."""
+    pod = _pods(deployed, "live-consumer-")[0]
+
+    def restarts() -> int:
+        status = kubectl_json(deployed, "get", "pod", pod)["status"]
+        return sum(c["restartCount"] for c in status.get("containerStatuses", []))
+
+    before = restarts()
+    deployed.kubectl("exec", pod, "-n", NAMESPACE, "-c", "stream", "--", "python", "-c", FREEZE_STREAM)
+    wait_for(lambda: restarts() > before, "the kubelet to restart the stuck stream container", 300)
+    deployed.kubectl("wait", "-n", NAMESPACE, "--for=condition=Ready", f"pod/{pod}", "--timeout=5m", timeout=400)
+    events = kubectl_json(deployed, "get", "events", "--field-selector", f"involvedObject.name={pod}")["items"]
+    assert [e for e in events if e["reason"] == "Unhealthy" and "Liveness probe failed" in e["message"]], \
+        "restarted, but not by its liveness probe"
 
 
 def _prometheus(url: str, path: str, **params: str) -> Any:
@@ -264,11 +333,12 @@ def test_prometheus_scrapes_every_k2_target_loads_the_rules_and_answers_every_pa
     deployed.kubectl("rollout", "restart", "deployment/feed-simulator", "-n", NAMESPACE)
     deployed.kubectl("rollout", "status", "deployment/feed-simulator", "-n", NAMESPACE, "--timeout=5m", timeout=400)
     # No `from`: the first message is a tick the API's hub read from Kafka, not a stored one.
-    with connect(str(live.base_url).replace("http", "ws") + "/v1/stream/trades",
-                 additional_headers={"X-API-Key": live.headers["X-API-Key"]}) as subscriber:
+    with live_api(deployed) as client, connect(
+            str(client.base_url).replace("http", "ws") + "/v1/stream/trades",
+            additional_headers={"X-API-Key": client.headers["X-API-Key"]}) as subscriber:
         assert json.loads(subscriber.recv(timeout=300))["symbol"], "a live tick pushed"
-    live.get("/v1/stats")
-    live.get("/v1/stats")  # the same question twice: a result-cache hit
+        client.get("/v1/stats")
+        client.get("/v1/stats")  # the same question twice: a result-cache hit
     with port_forward(deployed, "svc/prometheus-operated", 9090, "monitoring") as url:
         def k2_targets() -> list[dict]:
             active = _prometheus(url, "targets", state="active")["activeTargets"]
