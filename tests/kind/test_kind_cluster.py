@@ -332,13 +332,15 @@ def test_prometheus_scrapes_every_k2_target_loads_the_rules_and_answers_every_pa
     # fed and pushed while the panels are read, whatever ran before.
     deployed.kubectl("rollout", "restart", "deployment/feed-simulator", "-n", NAMESPACE)
     deployed.kubectl("rollout", "status", "deployment/feed-simulator", "-n", NAMESPACE, "--timeout=5m", timeout=400)
-    # No `from`: the first message is a tick the API's hub read from Kafka, not a stored one.
+    # No `from`: the first message is a tick the API's hub read from Kafka, not a stored one. Quotes:
+    # the replayed day opens with three exchange hours (three minutes here) of quotes only.
     with live_api(deployed) as client, connect(
-            str(client.base_url).replace("http", "ws") + "/v1/stream/trades",
+            str(client.base_url).replace("http", "ws") + "/v1/stream/quotes",
             additional_headers={"X-API-Key": client.headers["X-API-Key"]}) as subscriber:
         assert json.loads(subscriber.recv(timeout=300))["symbol"], "a live tick pushed"
         client.get("/v1/stats")
-        client.get("/v1/stats")  # the same question twice: a result-cache hit
+    api.get("/v1/stats")
+    api.get("/v1/stats")  # the same question twice on tables that do not change: a result-cache hit
     with port_forward(deployed, "svc/prometheus-operated", 9090, "monitoring") as url:
         def k2_targets() -> list[dict]:
             active = _prometheus(url, "targets", state="active")["activeTargets"]
