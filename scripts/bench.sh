@@ -14,3 +14,10 @@ python benchmarks/bench_query.py --data "$DATA" --rate 200 --seconds 30
 python benchmarks/bench_peers.py --data "$DATA"  # starts and stops QuestDB (K2_QUESTDB_* ports)
 python benchmarks/bench_operator.py
 python benchmarks/bench_live.py --rate 20000 --seconds 60
+# On the cluster of `make kind-up` only (building and creating one takes long): a rolling update
+# of the stream consumers while the live feed flows.
+if python -c "import sys; from k2.stack import docker, kindcluster; sys.exit(not (docker.engine_answers() and 'k2' in kindcluster.clusters()))"; then
+  python benchmarks/bench_rollout.py --context kind-k2
+else
+  echo "bench_rollout: skipped, no kind cluster k2 is running (make kind-up first)"
+fi
