@@ -22,12 +22,10 @@ import itertools
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
 
 import httpx
 
 from k2.stack import kube
-from k2.stack.base import free_port
 
 NAMESPACE = "k2"
 TABLES = ("trades", "quotes")
@@ -45,18 +43,8 @@ class Cluster:
         encoded = self.kubectl("get", "secret", "k2-api-keys", "-o", "jsonpath={.data.api_keys}")
         return base64.b64decode(encoded).decode().split(",")[0]
 
-    @contextlib.contextmanager
-    def port_forward(self, target: str, remote_port: int) -> Iterator[str]:
-        port = free_port()
-        proc = subprocess.Popen([str(kube.kube_bin_dir() / "kubectl"), "--context", self.context, "-n", NAMESPACE,
-                                 "port-forward", target, f"{port}:{remote_port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(2)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    def port_forward(self, target: str, remote_port: int) -> contextlib.AbstractContextManager[str]:
+        return kube.port_forward(target, remote_port, namespace=NAMESPACE, kubectl_args=["--context", self.context])
 
 
 def commit_times(client: httpx.Client, table: str) -> list[float]:

@@ -21,6 +21,7 @@ K2_KUBE_CONTROLLER_MANAGER_PORT (10257), all on 127.0.0.1.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import fcntl
 import ipaddress
@@ -30,11 +31,14 @@ import re
 import secrets
 import shutil
 import ssl
+import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import structlog
 import yaml
@@ -43,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .base import Service, StackError, cache_dir, port_from_env, run_logged, state_dir
+from .base import Service, StackError, cache_dir, free_port, port_from_env, port_in_use, run_logged, state_dir
 
 log = structlog.get_logger("k2.stack.kube")
 
@@ -79,6 +83,39 @@ def module_version(module_dir: Path, module: str) -> str:
 def kube_bin_dir() -> Path:
     version = kubernetes_version()
     return cache_dir() / f"kube-{version.removeprefix('v')}" / "bin"
+
+
+@contextlib.contextmanager
+def port_forward(target: str, remote_port: int, *, namespace: str, kubectl_args: Sequence[str] = (),
+                 timeout: float = 60) -> Iterator[str]:
+    """`kubectl port-forward` of `target` (e.g. `svc/live-api`) on a free loopback port; yields
+    its base URL once kubectl listens there. kubectl binds a moment after it starts, and a client
+    that connects first is refused. `kubectl_args` picks the cluster (`--context`, `--kubeconfig`)."""
+    port = free_port()
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen([str(kube_bin_dir() / "kubectl"), *kubectl_args, "-n", namespace,
+                                 "port-forward", target, f"{port}:{remote_port}"],
+                                stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            wait_listening(proc, port, errors, f"port-forward of {namespace}/{target}", timeout)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def wait_listening(proc: subprocess.Popen, port: int, errors: IO[bytes], what: str, timeout: float) -> None:
+    """Until `proc` listens on the loopback `port`; a StackError with its stderr (the open file
+    `errors`) if it exits first or does not listen within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not port_in_use(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            errors.seek(0)
+            why = errors.read().decode(errors="replace").strip()[-2000:]
+            exited = proc.returncode is not None
+            state = f"exited {proc.returncode}" if exited else f"not listening after {timeout:.0f}s"
+            raise StackError(f"{what} {state} (port {port}): {why or 'no output'}")
+        time.sleep(0.1)
 
 
 def etcd_bin_dir() -> Path:
