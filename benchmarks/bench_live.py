@@ -33,7 +33,7 @@ from websockets.sync.client import connect
 
 from k2 import topics
 from k2.ingest.pipeline import register_schemas
-from k2.kafka import PRODUCER_DEFAULTS
+from k2.kafka import PRODUCER_DEFAULTS, consume_available
 from k2.settings import DEV_API_KEY, Settings
 from k2.sources.asx import unscaled_bytes
 
@@ -137,7 +137,7 @@ def main() -> None:
             consumer.assign([TopicPartition(topic, p, consumer.get_watermark_offsets(
                 TopicPartition(topic, p), timeout=10)[1]) for p in meta.partitions])
             while not stop.is_set():
-                for msg in consumer.consume(1000, timeout=0.2):
+                for msg in consume_available(consumer, 1000, timeout=0.2):
                     if msg.key() == PROBE.encode():
                         bare.setdefault(int.from_bytes(msg.headers()[0][1], "big"), time.time())
             consumer.close()

@@ -11,9 +11,11 @@ import threading
 import time
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from k2.api.hub import Subscription, TickHub
 from k2.ingest.pipeline import ingest_files
+from k2.kafka import consume_available
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.integration
@@ -69,3 +71,41 @@ def test_a_hub_started_while_the_broker_is_away_pushes_only_new_ticks(tmp_path, 
     finally:
         hub.close()
         kafka.start()  # no-op when it is back already
+
+
+def _all_messages(settings, topic: str) -> list:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"read-{topic}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    messages: list = []
+    try:
+        while sum(ends.values()) > len(messages):
+            messages += [m for m in consume_available(consumer, 10_000, timeout=10) if m.error() is None]
+    finally:
+        consumer.close()
+    return messages
+
+
+def test_the_hub_decodes_only_what_its_subscribers_may_want(tmp_path, embedded_settings, event_loop_thread):
+    """The key (the symbol) picks the messages to decode: a subscriber of one symbol costs the hub
+    that symbol's decoding, not the whole feed's, and still gets every tick of it."""
+    ingest_files(generate(tmp_path / "ticks", symbols=3, days=1, seed=5), embedded_settings)
+    messages = _all_messages(embedded_settings, embedded_settings.topic("trades"))
+    symbols = sorted({m.key().decode() for m in messages})
+    assert len(symbols) == 3
+    one = Subscription("trades", frozenset({symbols[0]}), buffer=1_000_000, loop=event_loop_thread)
+    every = Subscription("trades", frozenset(), buffer=1_000_000, loop=event_loop_thread)
+    hub = TickHub(embedded_settings, kinds=["trades"])
+    assert hub._decode_wanted("trades", messages) == [], "decoded with no subscriber"
+    hub.subscribe(one)
+    decoded = hub._decode_wanted("trades", messages)
+    assert {t.symbol for t in decoded} == {symbols[0]}
+    assert len(decoded) == sum(m.key().decode() == symbols[0] for m in messages)
+    hub.subscribe(every)
+    assert len(hub._decode_wanted("trades", messages)) == len(messages)
+
+    hub._dispatch(messages)
+    received = _received(one, event_loop_thread)
+    assert [t.offset for t in received] == [t.offset for t in decoded], "every tick of the symbol, in order"

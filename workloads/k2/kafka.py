@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Message
+from confluent_kafka import Consumer, Message
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,  # implies acks=all, bounded in-flight, ordered retries per partition
@@ -26,6 +26,18 @@ def coordinates(msg: Message) -> tuple[str, int, int]:
     if topic is None or partition is None or offset is None:
         raise ValueError(f"an error event, not a message: {msg.error()}")
     return topic, partition, offset
+
+
+def consume_available(consumer: Consumer, max_messages: int, timeout: float) -> list[Message]:
+    """What the consumer holds now, up to `max_messages`; only when it holds nothing, wait up to
+    `timeout` for a first message. `consume(n, timeout)` alone waits until it has n messages or
+    the timeout passed, which at a low rate delays every message by the whole timeout."""
+    messages = consumer.consume(num_messages=max_messages, timeout=0)
+    if not messages:
+        messages = consumer.consume(num_messages=1, timeout=timeout)
+        if messages and max_messages > 1:
+            messages += consumer.consume(num_messages=max_messages - 1, timeout=0)
+    return messages
 
 
 def table_group(prefix: str, table: str) -> str:

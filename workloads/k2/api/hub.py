@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pydantic_core import to_json
 
 from k2 import schemas
-from k2.kafka import coordinates
+from k2.kafka import consume_available, coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.query.filters import TICK_KINDS, TickKind
 from k2.query.rows import to_rows
@@ -159,7 +159,7 @@ class TickHub:
                     self._assign_new(consumer)
                     refreshed = time.monotonic()
                     self._started.set()
-                messages = consumer.consume(2000, timeout=0.1)
+                messages = consume_available(consumer, 2000, timeout=0.1)
                 if messages:
                     self._dispatch(messages)
         except Exception:
@@ -214,9 +214,11 @@ class TickHub:
                 by_topic.setdefault(coordinates(msg)[0], []).append(msg)
         for topic, batch in by_topic.items():
             kind = self.topics[topic]
-            ticks = list(decode_ticks(self.decoder, kind, batch))
-            STREAM_TICKS.labels(kind).inc(len(ticks))
-            with self._lock:  # positions move and subscribers get the ticks as one step
+            STREAM_TICKS.labels(kind).inc(len(batch))
+            # Under the lock, so that positions move and subscribers (as they are now) get their
+            # ticks as one step: a subscriber joining later starts after this batch.
+            with self._lock:
+                ticks = self._decode_wanted(kind, batch)
                 for msg in batch:
                     _, partition, offset = coordinates(msg)
                     self._positions[(topic, partition)] = offset + 1
@@ -226,6 +228,18 @@ class TickHub:
                     mine = [t for t in ticks if sub.wants(t)]
                     if mine:
                         sub.loop.call_soon_threadsafe(sub.push, mine)
+
+    def _decode_wanted(self, kind: TickKind, batch: list[Message]) -> list[LiveTick]:
+        """The batch's ticks some subscriber may want. K2's producers key each tick by its symbol,
+        so the key picks them before the costly decode (unkeyed messages are decoded); with no
+        subscriber nothing is decoded, with one of every symbol everything is."""
+        subscribers = [s for s in self._subscribers if s.kind == kind and not s.overflowed.is_set()]
+        if any(not s.symbols for s in subscribers):
+            wanted = batch
+        else:
+            keys = {symbol.encode() for s in subscribers for symbol in s.symbols}
+            wanted = [m for m in batch if m.key() is None or m.key() in keys]
+        return list(decode_ticks(self.decoder, kind, wanted)) if wanted else []
 
     # subscribers --------------------------------------------------------------------------
     def subscribe(self, sub: Subscription) -> dict[int, int]:
@@ -255,7 +269,7 @@ def read_range(settings: Settings, topic: str, ranges: dict[int, tuple[int, int]
         consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in pending])
         deadline = time.monotonic() + timeout
         while pending:
-            messages = consumer.consume(2000, timeout=0.5)
+            messages = consume_available(consumer, 2000, timeout=0.5)
             batch = []
             for msg in messages:
                 if msg.error() is not None:

@@ -35,6 +35,7 @@ from pyiceberg.table import Table
 
 from k2 import faults, schemas, tables
 from k2.dlq import DeadLetter, DeadLetterSink
+from k2.kafka import consume_available
 from k2.observability import (
     BATCH_ROWS,
     COMMIT_DURATION,
@@ -229,13 +230,7 @@ class TableWriter:
     # consuming ----------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> int:
         """Consume what is available (bounded), flush the batch when due; returns messages seen."""
-        # consume(n, timeout) waits until it has n messages or the timeout passed: take what is
-        # queued now, and wait (up to `timeout`) only for a first message when nothing is.
-        messages = self.consumer.consume(num_messages=10_000, timeout=0)
-        if not messages:
-            messages = self.consumer.consume(num_messages=1, timeout=timeout)
-            if messages:
-                messages += self.consumer.consume(num_messages=9_999, timeout=0)
+        messages = consume_available(self.consumer, 10_000, timeout)
         for msg in messages:
             self._accept(msg)
             if self.batch.messages >= self.settings.batch_rows or self.batch.nbytes >= self.settings.batch_bytes:
