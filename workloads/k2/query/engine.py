@@ -55,6 +55,7 @@ from k2.observability import (
     QUERY_EXECUTIONS,
     ROWS_RETURNED,
 )
+from k2.query import planning
 from k2.query.errors import Conflict, NotFound, Unavailable
 from k2.query.filters import TICK_KINDS, TickFilter, micros
 from k2.query.scope import Scope
@@ -191,6 +192,7 @@ class Engine:
         self._reloading: set[TableKind] = set()
         self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-metadata")
         self._plans: _LockedLRU[tuple[BooleanExpression, tuple[DataFile, ...], bool]] = _LockedLRU(PLAN_CACHE_SIZE)
+        self.manifests = planning.ManifestCache()
         cache_bytes = settings.query_cache_mb * 2**20
         self._results: _LockedLRU[pa.Table] | None = (
             _LockedLRU(cache_bytes, getsizeof=_result_size) if cache_bytes else None)
@@ -323,9 +325,10 @@ class Engine:
 
     def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> tuple[tuple[DataFile, ...], bool]:
         if pin.since is not None:
-            return _appended_files(pin.kind, pin.existing_table, pin.since, pin.existing_snapshot), False
+            return _appended_files(pin.kind, pin.existing_table, pin.since, pin.existing_snapshot,
+                                   self.manifests), False
         try:
-            tasks = list(pin.existing_table.scan(row_filter=row_filter, snapshot_id=pin.snapshot_id).plan_files())
+            tasks = planning.plan_files(pin.existing_table, pin.existing_snapshot, row_filter, self.manifests)
         except OSError as exc:
             raise Unavailable(f"cannot read {pin.kind} metadata: {exc}") from exc
         return tuple(t.file for t in tasks), any(t.delete_files for t in tasks)
@@ -544,7 +547,8 @@ def _record(name: str, outcome: str, started: float) -> None:
     QUERY_DURATION.labels(name).observe(time.perf_counter() - started)
 
 
-def _appended_files(kind: TableKind, table: Table, since: Snapshot, until: Snapshot) -> tuple[DataFile, ...]:
+def _appended_files(kind: TableKind, table: Table, since: Snapshot, until: Snapshot,
+                    manifests: planning.ManifestCache) -> tuple[DataFile, ...]:
     """Data files added by the append snapshots after `since` up to `until`: Iceberg's
     incremental append scan. Compactions (`replace`) add no rows and are skipped; an overwrite or
     delete in between means earlier reads were not final, so catching up is refused."""
@@ -567,7 +571,7 @@ def _appended_files(kind: TableKind, table: Table, since: Snapshot, until: Snaps
         for manifest in snap.manifests(table.io):
             if manifest.added_snapshot_id != snap.snapshot_id:
                 continue
-            files.extend(entry.data_file for entry in manifest.fetch_manifest_entry(table.io)
+            files.extend(entry.data_file for entry in manifests.entries(table.io, manifest)
                          if entry.status == ManifestEntryStatus.ADDED
                          and entry.data_file.content == DataFileContent.DATA)
     return tuple(files)
