@@ -90,5 +90,7 @@ def test_the_cache_is_bounded_by_entries(table):
     cache = planning.ManifestCache(max_entries=4)
     for _ in range(2):
         planning.plan_files(table, table.current_snapshot(), AlwaysTrue(), cache)
+        assert cache.held <= 4
     manifests = len(table.current_snapshot().manifests(table.io))
-    assert cache.reads == 2 * manifests, "with room for two manifests, each plan reads every one again"
+    # room for two one-entry manifests: the second plan reads all again but the (at most two) kept
+    assert cache.reads >= 2 * manifests - 2

@@ -24,8 +24,11 @@ from pyiceberg.exceptions import (
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.table import Transaction as IcebergTransaction
+from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrder
+from pyiceberg.table.update import update_table_metadata
 from pyiceberg.transforms import BucketTransform, IdentityTransform, Transform
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -202,9 +205,33 @@ def commit_retrying_conflicts(table: Table, action: str, commit: Callable[[Table
     raise RuntimeError(f"{action} of {'.'.join(table.name())} kept conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
 
 
+class Transaction(IcebergTransaction):
+    """pyiceberg's transaction, with its view of the metadata computed once per change.
+
+    pyiceberg recomputes that view (a deep copy of the whole table metadata) on every read of
+    `table_metadata`, about twenty per append, and the metadata holds every snapshot kept: a
+    streaming commit's cost grew with each commit before it. The view only changes when the base
+    metadata or the staged updates do, and its models are frozen, so it is shared until then."""
+
+    _view: tuple[TableMetadata, tuple, TableMetadata] | None = None
+
+    @property
+    def table_metadata(self) -> TableMetadata:
+        base, updates = self._table.metadata, self._updates
+        view = self._view
+        if view is None or view[0] is not base or view[1] is not updates:
+            view = self._view = (base, updates, update_table_metadata(base, updates))
+        return view[2]
+
+
+def transaction(table: Table) -> Transaction:
+    """A transaction on `table` (use it as a context manager: it commits on leaving)."""
+    return Transaction(table)
+
+
 def set_properties(table: Table, properties: dict[str, str]) -> Table:
     def commit(current: Table) -> None:
-        with current.transaction() as tx:
+        with transaction(current) as tx:
             tx.set_properties(properties)
 
     return commit_retrying_conflicts(table, "setting properties", commit)

@@ -35,6 +35,11 @@ class ManifestCache:
         self._lock = threading.Lock()
         self.reads = 0  # manifests read from storage
 
+    @property
+    def held(self) -> int:
+        """Entries held (plus one per manifest)."""
+        return int(self._entries.currsize)
+
     def entries(self, io: FileIO, manifest: ManifestFile) -> list[ManifestEntry]:
         # The entries inherit the manifest's sequence number and snapshot id, fixed at its commit.
         key = (manifest.manifest_path, manifest.sequence_number, manifest.added_snapshot_id)

@@ -448,7 +448,7 @@ class TableWriter:
             properties = {tables.OFFSETS_PROPERTY: tables.encode_offsets({**all_recorded,
                                                                           self.topic: {**recorded, **batch.end}})}
             started = time.perf_counter()
-            with table.transaction() as tx:
+            with tables.transaction(table) as tx:
                 if data.num_rows and not self.sequenced:
                     with warnings.catch_warnings():  # a brand-new key replaces nothing: not news
                         warnings.filterwarnings("ignore", "Delete operation did not match any records")
