@@ -5,18 +5,31 @@ Same layout and traps as the real sample (`trades/ID.csv`, `quotes/ID.csv`,
 quotes with a zero ask and crossed books, auction trades outside 10:00-16:00, bursts of fills
 with identical timestamp, price and volume. Prices follow a random walk on the ASX tick grid,
 spreads are one to a few ticks, sizes are log-normal round lots. Same seed, same bytes.
+
+Beyond the 12 fixed LISTINGS, `symbols` may ask for more: further listings are derived from their
+index alone (3-letter codes, ids from 20000, log-uniform prices, log-normal activity), so the
+first N listings are the same whatever else is asked. `intraday="u"` gives continuous trading the
+U shape of real sessions (busiest after the open and before the close, quietest at lunch);
+the default "flat" keeps the bytes earlier versions wrote. `plan_scale(rows)` picks symbols × days
+for about that many rows, for the scale benchmark.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import random
+import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["LISTINGS", "Listing", "generate"]
+__all__ = ["LISTINGS", "MAX_SYMBOLS", "Listing", "expected_rows", "generate", "listings", "plan_scale"]
+
+Intraday = Literal["flat", "u"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,39 @@ LISTINGS = (
     Listing(7181, "DVN", "DEVINE LTD", 0.665, 0.05),
     Listing(3153, "MWR", "MGM WIRELESS LTD", 0.120, 0.01),
 )
+_CODES = [code for code in ("".join(c) for c in itertools.product(string.ascii_uppercase, repeat=3))
+          if code not in {x.symbol for x in LISTINGS}]
+MAX_SYMBOLS = len(LISTINGS) + len(_CODES)
+SESSION = (10 * 3600, 16 * 3600)  # continuous trading, local seconds since midnight
+
+
+def _derived_listing(index: int) -> Listing:
+    """Listing number `index` (from len(LISTINGS)): a function of the index only, never of the seed."""
+    rng = random.Random(f"listing:{index}")
+    code = _CODES[index - len(LISTINGS)]
+    price = round(math.exp(rng.uniform(math.log(0.05), math.log(100.0))), 3)
+    activity = round(min(1.0, max(0.01, math.exp(rng.gauss(-1.2, 0.8)))), 3)
+    return Listing(20000 + index, code, f"{code} SYNTHETIC LTD", price, activity)
+
+
+def listings(symbols: int) -> tuple[Listing, ...]:
+    """The first `symbols` listings: the fixed ones, then derived ones."""
+    if not 1 <= symbols <= MAX_SYMBOLS:
+        raise ValueError(f"symbols must be between 1 and {MAX_SYMBOLS}")
+    return LISTINGS[:symbols] + tuple(_derived_listing(i) for i in range(len(LISTINGS), symbols))
+
+
+def _flat(_seconds: float) -> float:
+    return 1.0
+
+
+def _u_shape(seconds: float) -> float:
+    """Relative trading intensity: about 2.1 at the open and close, 0.4 at midday, mean 1."""
+    x = (2 * seconds - SESSION[0] - SESSION[1]) / (SESSION[1] - SESSION[0])
+    return (0.4 + 1.6 * min(x * x, 1.0)) / (0.4 + 1.6 / 3)
+
+
+_SHAPES: dict[str, Callable[[float], float]] = {"flat": _flat, "u": _u_shape}
 
 
 def tick_size(price: float) -> Decimal:
@@ -85,7 +131,7 @@ def _clock(date: dt.date, seconds: float) -> tuple[str, str]:
 
 
 def _session(rng: random.Random, listing: Listing, date: dt.date, price: float,
-             quotes: list[str], trades: list[str]) -> float:
+             quotes: list[str], trades: list[str], shape: Callable[[float], float] = _flat) -> float:
     """One trading day; returns the closing price."""
     # Pre-open (07:00-10:00): indicative books, some one-sided (zero ask), some crossed.
     t = 7 * 3600 + rng.uniform(0, 600)
@@ -110,7 +156,7 @@ def _session(rng: random.Random, listing: Listing, date: dt.date, price: float,
     mean_gap = 6.0 / max(listing.activity, 0.005)
     sigma = 0.0004
     while t < 16 * 3600:
-        t += rng.expovariate(1 / mean_gap)
+        t += rng.expovariate(1 / mean_gap) / shape(t)  # flat: / 1.0, the exact bytes of before
         price = max(float(tick_size(price)), price * math.exp(rng.gauss(0, sigma)))
         mid = _on_grid(price)
         step = tick_size(price)
@@ -133,16 +179,37 @@ def _session(rng: random.Random, listing: Listing, date: dt.date, price: float,
     return float(close_px)
 
 
+def expected_rows(symbols: int, days: int) -> float:
+    """About how many rows `generate` writes: pre-open quotes and auctions (~50 a day), then per
+    continuous event a quote and, 80% of the time, 1.2 fills on average."""
+    per_day = sum(50 + (SESSION[1] - SESSION[0]) / (6.0 / max(x.activity, 0.005)) * (1 + 0.8 * 1.2)
+                  for x in listings(symbols))
+    return per_day * days
+
+
+def plan_scale(rows: float, *, base_days: int = 5, base_rows: float = 370_000) -> tuple[int, int]:
+    """(symbols, days) for about `rows` rows: a week at the ASX sample's size, and both the
+    trading days and the symbols growing as the square root of the scale."""
+    days = max(1, round(base_days * math.sqrt(rows / base_rows)))
+    low, high = 1, MAX_SYMBOLS
+    while low < high:  # the fewest symbols that reach `rows`; expected_rows grows with symbols
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if expected_rows(mid, days) < rows else (low, mid)
+    if low > 1 and rows - expected_rows(low - 1, days) < expected_rows(low, days) - rows:
+        low -= 1  # one symbol fewer comes closer
+    return low, days
+
+
 def generate(out: Path, *, symbols: int = 4, days: int = 2, seed: int = 42,
-             start: dt.date = dt.date(2014, 3, 10)) -> Path:
+             start: dt.date = dt.date(2014, 3, 10), intraday: Intraday = "flat") -> Path:
     """Write an ASX-format folder under `out`; returns `out`. Deterministic in all arguments."""
-    if not 1 <= symbols <= len(LISTINGS):
-        raise ValueError(f"symbols must be between 1 and {len(LISTINGS)}")
+    chosen = listings(symbols)
     if days < 1:
         raise ValueError("days must be at least 1")
+    if intraday not in _SHAPES:
+        raise ValueError(f"intraday must be one of {', '.join(_SHAPES)}")
     for folder in ("trades", "quotes", "reference-data"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    chosen = LISTINGS[:symbols]
     dates = _weekdays(start, days)
     for listing in chosen:
         rng = random.Random(f"{seed}:{listing.symbol}")
@@ -150,7 +217,7 @@ def generate(out: Path, *, symbols: int = 4, days: int = 2, seed: int = 42,
         trades: list[str] = []
         price = listing.price
         for date in dates:
-            price = _session(rng, listing, date, price, quotes, trades)
+            price = _session(rng, listing, date, price, quotes, trades, _SHAPES[intraday])
         for folder, rows in (("trades", trades), ("quotes", quotes)):
             (out / folder / f"{listing.company_id}.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
     first, last = dates[0] - dt.timedelta(days=3650), dates[-1] + dt.timedelta(days=30)
