@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 KUBE ?=
 ASX ?= $(firstword $(wildcard ../shared/data/asx-2014-03))
 
-.PHONY: help install demo test test-fast dev-up dev-down bench lint operator kind-up kind-down tilt clean
+.PHONY: help install demo test test-fast dev-up dev-down bench bench-scale lint operator kind-up kind-down tilt clean
 
 help:
 	@echo "make demo      - the guided tour on embedded defaults (Kafka + registry + SQLite/local Iceberg)"
@@ -19,6 +19,7 @@ help:
 	@echo "make dev-up    - start the local stack (KUBE=1 adds etcd + kube-apiserver + controller-manager)"
 	@echo "make dev-down  - stop it"
 	@echo "make bench     - benchmarks on the ASX sample (results in docs/benchmarks.md)"
+	@echo "make bench-scale - the whole path at 1x, 10x, 100x the sample's rows (synthetic; about an hour)"
 	@echo "make lint      - ruff and mypy (types)"
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
@@ -49,6 +50,9 @@ dev-down: $(STAMP)
 
 bench: $(STAMP)
 	bash scripts/bench.sh
+
+bench-scale: $(STAMP)
+	bash scripts/bench_scale.sh
 
 # ruff (style, bugs) then mypy (types; config in pyproject.toml, incremental: a few seconds warm)
 lint: $(STAMP)

@@ -30,13 +30,20 @@ from k2.stream.runner import run as stream_run
 from k2.stream.writer import rows_to_arrow
 
 
-def _settings(tmp: Path, tag: str) -> Settings:
+def bench_settings(tmp: Path, tag: str) -> Settings:
+    """A private embedded lakehouse under `tmp` and topics of their own (asset class bench<tag>)."""
     return Settings(asset_class=f"bench{tag}", catalog_uri=f"sqlite:///{tmp}/catalog.db",
                     warehouse=str(tmp / "warehouse"), log_level="WARNING")
 
 
+def process_env(settings: Settings) -> dict[str, str]:
+    """The environment of a K2 process with exactly these settings: none of the K2_* variables a
+    stack run may have exported."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")}, **settings.to_env()}
+
+
 def bench_ingest(data: Path, tmp: Path) -> dict[str, float]:
-    settings = _settings(tmp, uuid.uuid4().hex[:6])
+    settings = bench_settings(tmp, uuid.uuid4().hex[:6])
     summary = ingest_files(data, settings, with_reference=False)
     k2_rate = summary.produced_total / summary.seconds
 
@@ -69,7 +76,7 @@ def bench_ingest(data: Path, tmp: Path) -> dict[str, float]:
 
 
 def bench_stream(data: Path, tmp: Path) -> dict[str, float]:
-    settings = _settings(tmp, uuid.uuid4().hex[:6])
+    settings = bench_settings(tmp, uuid.uuid4().hex[:6])
     started = time.perf_counter()
     summary = ingest_files(data, settings, with_reference=False)
     produced = time.perf_counter()

@@ -42,6 +42,7 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 import httpx
+from bench_pipeline import process_env
 from pyiceberg.io.pyarrow import PyArrowFileIO
 
 from k2.api.app import create_app
@@ -182,8 +183,7 @@ def bench_steady_load(settings: Settings, rate: float, seconds: float, warmup: f
     and latency counts from the scheduled time, so a slow server cannot hide its queueing. A
     warm-up at the same rate comes first and is not counted."""
     port = free_port()
-    # Exactly the benchmark's settings: none of the K2_* variables a stack run may have exported.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")}, **settings.to_env()}
+    env = process_env(settings)
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "k2.api.app:create_app", "--factory",
                                "--host", "127.0.0.1", "--port", str(port), "--workers", str(api_workers),
                                "--no-access-log", "--log-level", "warning"], env=env)

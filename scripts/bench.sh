@@ -10,6 +10,7 @@ k2 stack up --kube
 trap 'k2 stack down' EXIT
 eval "$(k2 stack env --kube)"
 python benchmarks/bench_pipeline.py --data "$DATA"
+python benchmarks/bench_scale.py --scales 1,10  # synthetic data; `make bench-scale` adds 100x
 python benchmarks/bench_query.py --data "$DATA" --rate 200 --seconds 30
 python benchmarks/bench_peers.py --data "$DATA"  # starts and stops QuestDB (K2_QUESTDB_* ports)
 python benchmarks/bench_operator.py
