@@ -57,6 +57,28 @@ from k2.stream.crash_points import CrashPoints
 log = structlog.get_logger("k2.stream")
 TICK_TIME = "exchange_timestamp"  # event time of trades and quotes (reference tables have none)
 DLQ_CLOCK_SKEW_MS = 300_000  # dead letters are stamped by one host's clock, snapshots maybe by another's
+# How much librdkafka fetches ahead. It keeps each fetched buffer while any of its messages is
+# queued, so a consumer catching up on a backlog holds its buffers full: with 64 MiB fetches
+# (16 MiB per partition) a `k2 stream run` behind by 3.7M messages peaked at 1.6 GB RSS, with
+# these 0.6 GB, at the same rows/s (benchmarks/bench_scale.py, docs/benchmarks.md).
+PREFETCH = {"fetch.max.bytes": 8 * 1024 * 1024, "max.partition.fetch.bytes": 1024 * 1024}
+
+
+def stream_consumer_config(settings: Settings, group_id: str, overrides: dict[str, Any] | None = None
+                           ) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        **PREFETCH,
+        # A joining or leaving writer (a rolling update) moves only the partitions it must:
+        # the others keep consuming and keep the batches they are building.
+        "partition.assignment.strategy": "cooperative-sticky",
+        **(overrides or {}),
+    }
 
 
 @dataclass
@@ -148,20 +170,7 @@ class TableWriter:
         self.sequenced = "sequence_number" in self.keys
         self.detector = GapDetector("stream", settings.gap_alert, settings.gap_halt)
         self.consumer_group = group_id or f"k2-stream-{self.table_name}"
-        self.consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": self.consumer_group,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            # A joining or leaving writer (a rolling update) moves only the partitions it must:
-            # the others keep consuming and keep the batches they are building.
-            "partition.assignment.strategy": "cooperative-sticky",
-            **(consumer_config or {}),
-        })
+        self.consumer = Consumer(stream_consumer_config(settings, self.consumer_group, consumer_config))
         self.assigned: set[int] = set()
         self.unrecorded: set[int] = set()
         self.batch = Batch()
