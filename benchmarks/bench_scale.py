@@ -299,6 +299,7 @@ def main() -> None:
     for scale in scales:
         started = time.perf_counter()
         results.append(bench_scale(scale, args.iterations))
+        print(json.dumps({"scale": scale, **results[-1]}), flush=True)  # usable if a later scale is cut short
         progress(scale, f"done in {time.perf_counter() - started:.0f} s; {load_average()}")
     print(f"\n### Cost as data grows ({', '.join(f'{s:g}×' for s in scales)} the ASX sample's rows)\n")
     print(table(scales, results))
