@@ -15,6 +15,7 @@ from pyiceberg.table import Table
 from pyiceberg.types import DateType, LongType, NestedField
 
 from k2 import tables
+from k2.settings import Settings
 
 pytestmark = pytest.mark.unit
 DAY = dt.date(2014, 3, 10)
@@ -71,3 +72,21 @@ def test_the_view_follows_staged_updates_and_a_new_base(table):
     tx.commit_transaction()
     table.append(_rows(0))  # the base moves: a new transaction sees the new snapshot
     assert tables.transaction(table).table_metadata.current_snapshot_id == table.current_snapshot().snapshot_id
+
+
+def test_old_metadata_files_are_deleted_after_commits(tmp_path):
+    cat = SqlCatalog("k2", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/warehouse")
+    properties = {**tables.default_properties(Settings()), "write.metadata.previous-versions-max": "3"}
+    definition = tables.TableDefinition(
+        "market", "ticks",
+        Schema(NestedField(1, "exchange_date", DateType(), required=True),
+               NestedField(2, "sequence_number", LongType(), required=True)),
+        partition_by=(("exchange_date", "identity"),), sort_by=("sequence_number",), properties=properties)
+    table = tables.ensure_table(cat, definition)
+    for start in range(0, 100, 10):
+        with tables.transaction(table) as tx:
+            tx.append(_rows(start))
+    kept = list((tmp_path / "warehouse").rglob("*.metadata.json"))
+    assert len(kept) <= 4, f"{len(kept)} metadata files kept for 11 versions with previous-versions-max 3"
+    assert table.scan().to_arrow().num_rows == 100
+    assert tables.default_properties(Settings())["write.metadata.delete-after-commit.enabled"] == "true"

@@ -98,6 +98,10 @@ def default_properties(settings: Settings) -> dict[str, str]:
         "write.parquet.compression-codec": "zstd",
         "write.target-file-size-bytes": str(settings.target_file_size_bytes),
         "format-version": "2",
+        # Each commit writes a metadata file listing every snapshot kept; without this they all stay,
+        # and a streaming table's metadata grew with the square of its commits (bench_scale).
+        "write.metadata.delete-after-commit.enabled": "true",
+        "write.metadata.previous-versions-max": "100",
     }
 
 
