@@ -11,11 +11,13 @@ import threading
 import time
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from k2 import topics
 from k2.api.hub import Subscription, TickHub
-from k2.ingest.pipeline import ingest_files
+from k2.ingest.pipeline import ingest_files, register_schemas
 from k2.kafka import consume_available
+from k2.sources.asx import unscaled_bytes
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.integration
@@ -109,3 +111,43 @@ def test_the_hub_decodes_only_what_its_subscribers_may_want(tmp_path, embedded_s
     hub._dispatch(messages)
     received = _received(one, event_loop_thread)
     assert [t.offset for t in received] == [t.offset for t in decoded], "every tick of the symbol, in order"
+
+
+def test_a_registry_outage_is_waited_out_and_every_tick_then_pushed_once(embedded_settings, registry,
+                                                                        event_loop_thread):
+    """The hub fetches a writer schema the first time it sees its id: with the registry away it
+    keeps the messages and decodes them once it is back (it used to stop for good)."""
+    topics.ensure_pipeline_topics(embedded_settings, ("trades",))
+    encoder = register_schemas(embedded_settings, ("trades",))["trades"]
+    topic = embedded_settings.topic("trades")
+    hub = TickHub(embedded_settings, kinds=["trades"])
+    sub = Subscription("trades", frozenset(), buffer=1_000_000, loop=event_loop_thread)
+    try:
+        hub.start()
+        assert hub.wait_started(60)
+        deadline = time.monotonic() + 60
+        while not hub.subscribe(sub) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        registry.stop()
+        producer = Producer({"bootstrap.servers": embedded_settings.kafka_bootstrap})
+        for seq in range(1, 51):
+            record = {"symbol": "BHP", "exchange": "ASX", "exchange_timestamp": 1_394_400_000_000_000 + seq,
+                      "exchange_date": 16139, "sequence_number": seq, "price": unscaled_bytes(36_700_000),
+                      "volume": 100, "qualifiers": None, "venue": None, "buyer_id": None,
+                      "ingest_timestamp": 1_394_400_000_000_000, "source_id": "test"}
+            producer.produce(topic, encoder.encode(record), b"BHP")
+        producer.flush(30)
+        time.sleep(5)  # the hub meets the outage
+        assert _received(sub, event_loop_thread) == []
+        registry.start()
+        ticks: list = []
+        deadline = time.monotonic() + 120
+        while len(ticks) < 50 and time.monotonic() < deadline:
+            ticks += _received(sub, event_loop_thread)
+            time.sleep(0.5)
+        time.sleep(2)  # nothing more may follow: no tick twice
+        ticks += _received(sub, event_loop_thread)
+        assert [t.sequence_number for t in ticks] == list(range(1, 51))
+    finally:
+        hub.close()
+        registry.start()

@@ -82,11 +82,13 @@ def test_a_rotated_secret_rolls_the_api_pods(cluster: Any, namespace: str, serve
     k2op.wait_for(lambda: secrets_hash() not in (None, before), "the pod template to follow the Secret", 30)
 
 
-def test_the_api_config_map_holds_no_registry_url_and_no_keys(cluster: Any, namespace: str, served: str) -> None:
+def test_the_api_config_map_holds_the_registry_url_and_no_keys(cluster: Any, namespace: str, served: str,
+                                                                operator_env: dict[str, str]) -> None:
+    """The registry: its live stream decodes the ticks' Avro (the operator's default, a plain URL here)."""
     data = cluster.core.read_namespaced_config_map(f"{served}-settings", namespace).data
     pod = cluster.deployment(namespace, served).spec.template.spec
 
-    assert "K2_REGISTRY_URL" not in data and "K2_API_KEYS" not in data
+    assert data["K2_REGISTRY_URL"] == operator_env["K2_REGISTRY_URL"] and "K2_API_KEYS" not in data
     assert data["K2_API_KEYS_FILE"] == "/var/run/k2/api-keys-file/api_keys"
     assert any(v.secret and v.secret.secret_name == "k2-api-keys" for v in pod.volumes)
 

@@ -9,7 +9,7 @@ import pytest
 
 from k2 import schemas, tables
 from k2.settings import Settings
-from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec, QueryServiceSpec
+from k2_operator.models import IcebergTableSpec, IngestionPipelineSpec, QueryServiceSpec, SchemaRegistryRef
 from k2_operator.render import (
     Owner,
     RenderContext,
@@ -23,6 +23,7 @@ from k2_operator.render import (
 from k2_operator.render import pipeline as pipeline_render
 from k2_operator.render import query as query_render
 from k2_operator.render.common import CATALOG_SECRET_FIELDS
+from k2_operator.render.query import StreamTopics
 
 pytestmark = pytest.mark.unit
 
@@ -393,14 +394,38 @@ def test_a_secret_default_registry_is_read_by_secret_key_ref_and_never_lands_in_
     assert env["K2_REGISTRY_URL"] == {"name": "registry", "key": "url"}
 
 
-def test_workloads_that_never_use_the_registry_get_no_registry_url() -> None:
-    query = by_kind(render_query(API, QueryServiceSpec.model_validate({"tables": [{"name": "t"}]}),
-                                 table_namespace="m", catalog_secret="c", ctx=CTX))
+def test_maintenance_never_gets_a_registry_url() -> None:
     table = by_kind(render_table(TRADES, IcebergTableSpec.model_validate(
         {"name": "trades", "schema": {"fromSubject": "s"}, "compactionSchedule": "@daily"}), ctx=CTX))
 
-    assert "K2_REGISTRY_URL" not in query["ConfigMap"]["data"]
     assert "K2_REGISTRY_URL" not in table["ConfigMap"]["data"]
+
+
+def test_the_api_reads_the_registry_of_the_pipeline_writing_its_tables() -> None:
+    """Its live stream decodes the pipeline's Avro with writer schemas from that registry (without
+    one the hub read no tick on a cluster)."""
+    spec = QueryServiceSpec.model_validate({"tables": [{"name": "t"}]})
+
+    def api(topics: StreamTopics | None, ctx: RenderContext) -> tuple[dict[str, str], dict[str, Any]]:
+        objects = by_kind(render_query(API, spec, table_namespace="m", catalog_secret="c", ctx=ctx, topics=topics))
+        box = containers(objects["Deployment"])[0]
+        env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in box["env"]}
+        return objects["ConfigMap"]["data"], env
+
+    own_url = StreamTopics("live", "asx", SchemaRegistryRef.model_validate({"url": "http://registry.live:8080"}))
+    data, env = api(own_url, SECRET_CTX)
+    assert data["K2_REGISTRY_URL"] == "http://registry.live:8080" and "K2_REGISTRY_URL" not in env
+    assert (data["K2_ASSET_CLASS"], data["K2_EXCHANGE"]) == ("live", "asx")
+
+    own_secret = StreamTopics("live", "asx", SchemaRegistryRef.model_validate(
+        {"secretRef": {"name": "live-registry", "key": "url"}}))
+    data, env = api(own_secret, CTX)
+    assert "K2_REGISTRY_URL" not in data and env["K2_REGISTRY_URL"] == {"name": "live-registry", "key": "url"}
+
+    data, env = api(StreamTopics("live", "asx"), CTX)  # the pipeline names none: the operator's default
+    assert data["K2_REGISTRY_URL"] == CTX.registry_url
+    data, env = api(None, SECRET_CTX)
+    assert "K2_REGISTRY_URL" not in data and env["K2_REGISTRY_URL"] == {"name": "registry", "key": "url"}
 
 
 def test_a_rotated_secret_changes_the_pod_template() -> None:

@@ -64,7 +64,8 @@ def stream_topics(namespace: str, tables: set[str]) -> StreamTopics | None:
         except ValidationError:
             continue  # its own reconcile reports it
         if tables & {t.name for t in spec.tables}:
-            return StreamTopics(asset_class=spec.asset_class, exchange=spec.exchange)
+            return StreamTopics(asset_class=spec.asset_class, exchange=spec.exchange,
+                                registry=spec.schema_registry)
     return None
 
 

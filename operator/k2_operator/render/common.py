@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from k2.settings import Settings
 from k2_operator.config import OperatorConfig
-from k2_operator.models import ObjectMetadata, PodOverrides, Resources
+from k2_operator.models import ObjectMetadata, PodOverrides, Resources, SchemaRegistryRef
 
 MANAGED_BY = "k2-operator"
 PART_OF = "k2"
@@ -155,6 +155,19 @@ class WorkloadConfig:
         """Changes whenever the pods must restart to see new configuration."""
         payload = json.dumps([self.config_map_data(), self.env()], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def registry_settings(ref: SchemaRegistryRef | None, ctx: RenderContext) -> tuple[dict[str, Any], list[SecretEnv]]:
+    """Where a workload finds the Schema Registry: the resource's own (a URL, or a Secret key,
+    which wins), else the operator's default (its Secret key when it has one, else its URL,
+    which `workload_settings` fills in). Returns settings for the ConfigMap and Secret envs."""
+    if ref is not None:
+        if ref.secret_ref is not None:
+            return {}, [SecretEnv("registry_url", ref.secret_ref.name, ref.secret_ref.key)]
+        return {"registry_url": ref.url}, []
+    if ctx.registry_secret:
+        return {}, [SecretEnv("registry_url", *ctx.registry_secret)]
+    return {}, []
 
 
 def workload_settings(ctx: RenderContext, **values: Any) -> Settings:

@@ -10,9 +10,8 @@ from typing import Any
 from k2.sources import SOURCES
 from k2_operator.models import IngestionPipelineSpec, SyntheticSource, TableKind
 from k2_operator.render import common
-from k2_operator.render.common import Owner, RenderContext, SecretEnv, WorkloadConfig
+from k2_operator.render.common import Owner, RenderContext, WorkloadConfig
 
-REGISTRY_SECRET_KEY_SETTING = "registry_url"
 INGEST_DEADLINE_SECONDS = 12 * 3600  # a stuck ingest fails instead of holding its pod forever
 FINISHED_JOB_TTL_SECONDS = 24 * 3600
 # What only `k2 stream run` reads (batching, compaction, the tables' namespace and file size).
@@ -82,14 +81,8 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
     }
     if spec.source.feed is not None:
         values["feed_stale_seconds"] = spec.source.feed.stale_seconds
-    if spec.schema_registry and spec.schema_registry.url:
-        values["registry_url"] = spec.schema_registry.url
-    secrets: list[SecretEnv] = []
-    if spec.schema_registry and spec.schema_registry.secret_ref:
-        ref = spec.schema_registry.secret_ref
-        secrets.append(SecretEnv(REGISTRY_SECRET_KEY_SETTING, ref.name, ref.key))
-    elif not spec.schema_registry and ctx.registry_secret:
-        secrets.append(SecretEnv(REGISTRY_SECRET_KEY_SETTING, *ctx.registry_secret))
+    registry, secrets = common.registry_settings(spec.schema_registry, ctx)
+    values.update(registry)
     if binding is not None:
         values["namespace"] = binding.namespace
         if binding.target_file_size_bytes:

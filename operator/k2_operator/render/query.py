@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from k2_operator.models import ObjectMetadata, QueryServiceSpec
+from k2_operator.models import ObjectMetadata, QueryServiceSpec, SchemaRegistryRef
 from k2_operator.render import common
 from k2_operator.render.common import Owner, RenderContext, SecretFile, WorkloadConfig
 
@@ -31,13 +31,14 @@ class StreamTopics:
 
     asset_class: str
     exchange: str
+    registry: SchemaRegistryRef | None = None  # the pipeline's; None: the operator's default
 
 
 def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: str,
                     ctx: RenderContext, topics: StreamTopics | None = None) -> WorkloadConfig:
     keys = spec.auth.api_keys_secret
     # Keys as a mounted file: `k2 api` re-reads it when the kubelet updates it, so a rotation
-    # needs no restart. The API never talks to the registry.
+    # needs no restart.
     api_keys = SecretFile("api_keys_file", keys.name, keys.key)
     files = [api_keys]
     paths = {"api_keys_file": api_keys.path}
@@ -46,15 +47,17 @@ def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: s
         files.append(SecretFile("api_entitlements_file", ref.name, ref.key))
         paths["api_entitlements_file"] = files[-1].path
     streamed = {"asset_class": topics.asset_class, "exchange": topics.exchange} if topics else {}
-    settings = common.workload_settings(ctx, namespace=namespace, **streamed, rate_limit=spec.rate_limit,
+    # The live stream's hub decodes the pipeline's Avro: it reads writer schemas from its registry.
+    registry, registry_secrets = common.registry_settings(topics.registry if topics else None, ctx)
+    settings = common.workload_settings(ctx, namespace=namespace, **streamed, **registry, rate_limit=spec.rate_limit,
                                         max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb,
                                         query_threads=spec.query_threads, query_memory_mb=spec.query_memory_mb,
                                         max_body_bytes=spec.max_body_bytes,
                                         request_timeout_seconds=spec.request_timeout_seconds,
                                         write_timeout_seconds=spec.write_timeout_seconds,
                                         key_concurrency=spec.key_concurrency, **paths)
-    return WorkloadConfig(settings, tuple(common.catalog_secret_env(catalog_secret)), files=tuple(files),
-                          unused=frozenset({"registry_url", "api_keys", "api_entitlements"}))
+    return WorkloadConfig(settings, (*registry_secrets, *common.catalog_secret_env(catalog_secret)),
+                          files=tuple(files), unused=frozenset({"api_keys", "api_entitlements"}))
 
 
 def url(owner: Owner, spec: QueryServiceSpec) -> str:

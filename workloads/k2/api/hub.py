@@ -27,6 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pydantic_core import to_json
 
 from k2 import schemas
+from k2.faults import Transient
 from k2.kafka import consume_available, coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.query.filters import TICK_KINDS, TickKind
@@ -161,7 +162,7 @@ class TickHub:
                     self._started.set()
                 messages = consume_available(consumer, 2000, timeout=0.1)
                 if messages:
-                    self._dispatch(messages)
+                    self._dispatch_when_possible(messages)
         except Exception:
             log.exception("hub.failed")
             raise
@@ -206,6 +207,23 @@ class TickHub:
             return [TopicPartition(topic, p, OFFSET_BEGINNING) for p in new]
         return [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1])
                 for p in new]
+
+    def _dispatch_when_possible(self, messages: list[Message]) -> None:
+        """A registry outage is waited out, not taken for poison: the messages are kept and
+        decoded again, less those already delivered (their topic's batch went out before)."""
+        delay = 0.5
+        while True:
+            try:
+                self._dispatch(messages)
+                return
+            except Transient as exc:
+                log.warning("hub.dependency_unavailable", error=str(exc), retry_in_seconds=delay)
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, 10.0)
+                with self._lock:
+                    messages = [m for m in messages if m.error() is None
+                                and coordinates(m)[2] >= self._positions.get(coordinates(m)[:2], 0)]
 
     def _dispatch(self, messages: list[Message]) -> None:
         by_topic: dict[str, list[Message]] = {}
