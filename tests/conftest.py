@@ -122,6 +122,29 @@ def unique() -> str:
 
 
 @pytest.fixture
+def ticks_table(tmp_path: Path) -> Callable[..., Any]:
+    """Makes `market.ticks` (exchange_date, sequence_number; partitioned by day) in a private
+    SQLite catalog, with `properties` on top of the defaults."""
+    from pyiceberg.catalog.sql import SqlCatalog
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import DateType, LongType, NestedField
+
+    from k2 import tables
+
+    def make(properties: dict[str, str] | None = None) -> Any:
+        cat = SqlCatalog("k2", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/warehouse")
+        definition = tables.TableDefinition(
+            "market", "ticks",
+            Schema(NestedField(1, "exchange_date", DateType(), required=True),
+                   NestedField(2, "sequence_number", LongType(), required=True)),
+            partition_by=(("exchange_date", "identity"),), sort_by=("sequence_number",),
+            properties=properties or {})
+        return tables.ensure_table(cat, definition)
+
+    return make
+
+
+@pytest.fixture
 def embedded_settings(tmp_path: Path, kafka, registry, unique: str) -> Settings:
     """Settings on the real Kafka + registry with a private embedded catalog and private topics."""
     return Settings(kafka_bootstrap=kafka.bootstrap, registry_url=registry.url, asset_class=f"t{unique}",

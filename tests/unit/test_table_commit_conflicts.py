@@ -14,7 +14,7 @@ import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
-from pyiceberg.types import DateType, LongType, NestedField, StringType
+from pyiceberg.types import NestedField, StringType
 
 from k2 import tables
 from k2.stream import maintenance
@@ -32,14 +32,8 @@ def _rows(start: int, count: int) -> pa.Table:
 
 
 @pytest.fixture
-def table(tmp_path) -> Table:
-    cat = SqlCatalog("k2", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/warehouse")
-    definition = tables.TableDefinition(
-        "market", "ticks",
-        Schema(NestedField(1, "exchange_date", DateType(), required=True),
-               NestedField(2, "sequence_number", LongType(), required=True)),
-        partition_by=(("exchange_date", "identity"),), sort_by=("sequence_number",))
-    created = tables.ensure_table(cat, definition)
+def table(ticks_table) -> Table:
+    created = ticks_table()
     for start in (0, 10, 20):
         created.append(_rows(start, 10))
     return created

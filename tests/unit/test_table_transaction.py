@@ -9,10 +9,7 @@ import datetime as dt
 import pyarrow as pa
 import pyiceberg.table
 import pytest
-from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.schema import Schema
 from pyiceberg.table import Table
-from pyiceberg.types import DateType, LongType, NestedField
 
 from k2 import tables
 from k2.settings import Settings
@@ -24,14 +21,8 @@ ARROW = pa.schema([pa.field("exchange_date", pa.date32(), nullable=False),
 
 
 @pytest.fixture
-def table(tmp_path) -> Table:
-    cat = SqlCatalog("k2", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/warehouse")
-    definition = tables.TableDefinition(
-        "market", "ticks",
-        Schema(NestedField(1, "exchange_date", DateType(), required=True),
-               NestedField(2, "sequence_number", LongType(), required=True)),
-        partition_by=(("exchange_date", "identity"),), sort_by=("sequence_number",))
-    return tables.ensure_table(cat, definition)
+def table(ticks_table) -> Table:
+    return ticks_table()
 
 
 @pytest.fixture
@@ -74,15 +65,8 @@ def test_the_view_follows_staged_updates_and_a_new_base(table):
     assert tables.transaction(table).table_metadata.current_snapshot_id == table.current_snapshot().snapshot_id
 
 
-def test_old_metadata_files_are_deleted_after_commits(tmp_path):
-    cat = SqlCatalog("k2", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/warehouse")
-    properties = {**tables.default_properties(Settings()), "write.metadata.previous-versions-max": "3"}
-    definition = tables.TableDefinition(
-        "market", "ticks",
-        Schema(NestedField(1, "exchange_date", DateType(), required=True),
-               NestedField(2, "sequence_number", LongType(), required=True)),
-        partition_by=(("exchange_date", "identity"),), sort_by=("sequence_number",), properties=properties)
-    table = tables.ensure_table(cat, definition)
+def test_old_metadata_files_are_deleted_after_commits(tmp_path, ticks_table):
+    table = ticks_table({**tables.default_properties(Settings()), "write.metadata.previous-versions-max": "3"})
     for start in range(0, 100, 10):
         with tables.transaction(table) as tx:
             tx.append(_rows(start))
