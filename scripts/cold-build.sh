@@ -28,7 +28,7 @@ step local-stack k2 stack up --kube
 k2 stack down
 step helm python -m k2.stack.helm
 step questdb python -c "from k2.stack.questdb import QuestDB; QuestDB().install()"
-step promtool python -c "from k2.stack.images import PROMTOOL; PROMTOOL.install()"
+step prometheus-and-promtool python -c "from k2.stack.images import PROMETHEUS; PROMETHEUS.install()"
 step kind-node-and-cluster python -m k2.stack.kindcluster up --name k2-cold
 step images python -m k2.stack.images build
 python -m k2.stack.kindcluster down --name k2-cold

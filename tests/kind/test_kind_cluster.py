@@ -9,7 +9,8 @@ live-feed.yaml) flows while a stream pod is force-deleted, the stream Deployment
 operator pod deleted in the middle of a reconcile and the QueryService scaled through its scale
 subresource and an HPA: the day ends stored exactly. A rotated catalog Secret rolls the pods that
 read it and not the feed; a frozen stream container is restarted by its liveness probe. Prometheus
-has every K2 target up and K2's alert rules loaded."""
+has every K2 target up (the feed pod's too), K2's alert rules loaded, and every dashboard panel
+query answers with a series."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from k2.stack import addons, helm, kube
 
@@ -33,6 +35,7 @@ pytestmark = [pytest.mark.kind, pytest.mark.asx, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"
+DASHBOARD = CHART / "dashboards" / "k2-overview.json"
 NAMESPACE = "k2"
 HOST = "k2.localtest.me"
 SYDNEY = ZoneInfo("Australia/Sydney")
@@ -44,6 +47,9 @@ ASX_VOLUME = REPO / "manifests" / "kind-data" / "asx-sample.yaml"
 ASX_VALUES = CHART / "ci" / "kind-asx-values.yaml"
 LIVE_FEED = REPO / "manifests" / "kind-data" / "live-feed.yaml"
 LIVE_TABLES = {"live.trades": "trades", "live.quotes": "quotes"}
+# Grafana's variables, as the dashboard's namespace selector would set them for this release.
+GRAFANA_VARIABLES = {"$__rate_interval": "2m", "${namespace}": NAMESPACE, "$namespace": NAMESPACE,
+                     "${table}": ".*", "$table": ".*"}
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
@@ -297,20 +303,53 @@ def _prometheus(url: str, path: str, **params: str) -> Any:
     return response.json()["data"]
 
 
-def test_prometheus_scrapes_every_k2_target_and_loads_the_rules(deployed: Any, api: httpx.Client) -> None:
+def _panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            found.append((panel["title"], expr))
+    return found
+
+
+def test_prometheus_scrapes_every_k2_target_loads_the_rules_and_answers_every_panel(
+        deployed: Any, api: httpx.Client, live: httpx.Client) -> None:
     wait_for(lambda: all(_stored(api).get(t) == n for t, n in ASX_ROWS.items()), "the sample stored", 1200)
+    # The venue restarts and replays its day (the stream drops the copies), so ticks are produced,
+    # fed and pushed while the panels are read, whatever ran before.
+    deployed.kubectl("rollout", "restart", "deployment/feed-simulator", "-n", NAMESPACE)
+    deployed.kubectl("rollout", "status", "deployment/feed-simulator", "-n", NAMESPACE, "--timeout=5m", timeout=400)
+    # No `from`: the first message is a tick the API's hub read from Kafka, not a stored one. Quotes:
+    # the replayed day opens with three exchange hours (three minutes here) of quotes only.
+    with live_api(deployed) as client, connect(
+            str(client.base_url).replace("http", "ws") + "/v1/stream/quotes",
+            additional_headers={"X-API-Key": client.headers["X-API-Key"]}) as subscriber:
+        assert json.loads(subscriber.recv(timeout=300))["symbol"], "a live tick pushed"
+        client.get("/v1/stats")
+    api.get("/v1/stats")
+    api.get("/v1/stats")  # the same question twice on tables that do not change: a result-cache hit
     with port_forward(deployed, "svc/prometheus-operated", 9090, "monitoring") as url:
         def k2_targets() -> list[dict]:
             active = _prometheus(url, "targets", state="active")["activeTargets"]
             mine = [t for t in active if t["labels"].get("namespace") == NAMESPACE]
-            jobs = {t["labels"].get("job", "") for t in mine}
-            wanted = ("operator", "consumer", "api")
-            return mine if all(any(w in j for j in jobs) for w in wanted) and all(
+            components = {t["labels"].get("job", "") + " " + t["labels"].get("pod", "") for t in mine}
+            wanted = ("operator", "consumer", "api", "live-feed")
+            return mine if all(any(w in c for c in components) for w in wanted) and all(
                 t["health"] == "up" for t in mine) else []
 
-        targets = wait_for(k2_targets, "every K2 target (operator, stream consumers, API) up", timeout=600)
+        targets = wait_for(k2_targets, "every K2 target (operator, stream consumers, feed, API) up", timeout=600)
         groups = _prometheus(url, "rules")["groups"]
+
+        def empty_panels() -> list[tuple[str, str]]:
+            return [(title, q) for title, q in _panel_queries() if not _prometheus(url, "query", query=q)["result"]]
+        with contextlib.suppress(AssertionError):  # rates need two scrapes in their window: wait, then report
+            wait_for(lambda: not empty_panels(), "a series for every dashboard panel", timeout=420)
+        empty = empty_panels()
 
     assert targets and all(t["health"] == "up" for t in targets)
     assert {"k2.quality"} <= {g["name"] for g in groups}
     assert not [r for g in groups for r in g["rules"] if r.get("health") not in (None, "ok")]
+    assert not empty, "panels without a series:\n" + "\n".join(f"{t}: {q}" for t, q in empty)

@@ -338,9 +338,9 @@ def test_monitors_select_the_pods_and_ports_the_operator_renders() -> None:
 # --- promtool: the rules load in Prometheus, and the alerts fire when they should ------------------
 @pytest.fixture(scope="module")
 def promtool() -> Path:
-    from k2.stack.images import PROMTOOL
+    from k2.stack.images import PROMETHEUS
 
-    return PROMTOOL.install() / "promtool"  # built from the Prometheus release the kind add-ons run
+    return PROMETHEUS.install() / "promtool"  # built from the Prometheus release the kind add-ons run
 
 
 @pytest.fixture(scope="module")
@@ -351,6 +351,19 @@ def rule_file(alert_rules: list[dict[str, Any]], tmp_path_factory: pytest.TempPa
     path = tmp_path_factory.mktemp("rules") / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     return path
+
+
+@pytest.mark.parametrize(("discovery", "loads"), [("kubernetes_sd_configs", True), ("ec2_sd_configs", False)])
+def test_the_prometheus_built_here_has_the_discovery_the_operator_writes_and_no_other(
+        promtool: Path, tmp_path: Path, discovery: str, loads: bool) -> None:
+    """Built with Kubernetes discovery only (the other clouds' SDKs would double its compile time):
+    ServiceMonitors become `kubernetes_sd_configs`, which must load; another cloud's must not."""
+    config = tmp_path / "prometheus.yaml"
+    config.write_text(yaml.safe_dump({"scrape_configs": [{"job_name": "k2", discovery: [
+        {"role": "endpoints"} if discovery == "kubernetes_sd_configs" else {"region": "ap-southeast-2"}]}]}))
+    proc = subprocess.run([promtool, "check", "config", "--syntax-only", config], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode == 0) == loads, proc.stdout + proc.stderr
 
 
 def test_promtool_accepts_every_rule(promtool: Path, rule_file: Path, alert_rules: list[dict[str, Any]]) -> None:

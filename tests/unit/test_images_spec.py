@@ -72,3 +72,12 @@ def test_k2_image_key_follows_the_build_context_but_not_bytecode(tmp_path: Path,
     module = tmp_path / "workloads/k2/__init__.py"
     module.write_text(module.read_text() + "\n# changed\n")
     assert images.K2.key() != before
+
+
+def test_every_go_built_addon_image_is_compiled_ahead_by_make_test() -> None:
+    """scripts/test.sh's prebuild (kindcluster.prebuild) compiles images.GO_PROGRAMS beside the
+    other tests; an add-on missing there would be compiled on the image tests' clock instead."""
+    built = {image.inputs[:2] for image in images.ADDON_IMAGES}
+    ahead = {(program.module, program.version) for program in images.GO_PROGRAMS}
+
+    assert built and built <= ahead

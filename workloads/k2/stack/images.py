@@ -273,6 +273,7 @@ class GoProgram:
     version: str
     packages: tuple[str, ...]
     ldflags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
 
     @property
     def binaries(self) -> list[str]:
@@ -281,7 +282,8 @@ class GoProgram:
     @property
     def bin_dir(self) -> Path:
         name = re.sub(r"/v\d+$", "", self.module).rsplit("/", 1)[-1]  # …/traefik/v3 → traefik
-        return cache_dir() / f"{name}-{self.version.removeprefix('v')}" / "bin"
+        variant = "".join(f"+{tag}" for tag in self.tags)
+        return cache_dir() / f"{name}-{self.version.removeprefix('v')}{variant}" / "bin"
 
     def install(self) -> Path:
         from .kube import go_build
@@ -289,7 +291,7 @@ class GoProgram:
         if all((self.bin_dir / b).exists() for b in self.binaries):
             return self.bin_dir
         source = module_source(self.module, self.version)
-        go_build(source, list(self.packages), self.bin_dir, self.binaries, self.ldflags)
+        go_build(source, list(self.packages), self.bin_dir, self.binaries, self.ldflags, self.tags)
         return self.bin_dir
 
 
@@ -341,12 +343,15 @@ def _go_env() -> dict[str, str]:
 
 
 PROMETHEUS_VERSION = "v3.16.0"  # the module's v0.316.0
-PROMETHEUS = GoProgram("github.com/prometheus/prometheus", "v0.316.0", ("./cmd/prometheus",), tuple(
-    f"-X github.com/prometheus/common/version.{var}={value}"
-    for var, value in (("Version", PROMETHEUS_VERSION.removeprefix("v")), ("Branch", "HEAD"),
-                       ("Revision", "v0.316.0"), ("BuildUser", "k2"))))
-# promtool of that release: it checks and unit-tests the chart's alert rules (tests/unit/test_chart_monitoring.py).
-PROMTOOL = GoProgram(PROMETHEUS.module, PROMETHEUS.version, ("./cmd/promtool",))
+# promtool of the same release and build: it checks and unit-tests the chart's alert rules
+# (tests/unit/test_chart_monitoring.py). Only Kubernetes service discovery, the one the Prometheus
+# Operator configures: the other clouds' SDKs are half the source to compile.
+PROMETHEUS = GoProgram(
+    "github.com/prometheus/prometheus", "v0.316.0", ("./cmd/prometheus", "./cmd/promtool"), tuple(
+        f"-X github.com/prometheus/common/version.{var}={value}"
+        for var, value in (("Version", PROMETHEUS_VERSION.removeprefix("v")), ("Branch", "HEAD"),
+                           ("Revision", "v0.316.0"), ("BuildUser", "k2"))),
+    ("remove_all_sd", "enable_kubernetes_sd"))
 PROMETHEUS_OPERATOR = GoProgram("github.com/prometheus-operator/prometheus-operator", "v0.85.0",
                                 ("./cmd/operator", "./cmd/prometheus-config-reloader"), (
     "-X github.com/prometheus/common/version.Version=0.85.0",))
@@ -354,6 +359,10 @@ TRAEFIK = GoProgram("github.com/traefik/traefik/v3", "v3.6.12", ("./cmd/traefik"
     "-X github.com/traefik/traefik/v3/pkg/version.Version=v3.6.12",))
 METRICS_SERVER = GoProgram("sigs.k8s.io/metrics-server", "v0.8.0", ("./cmd/metrics-server",), (
     "-X k8s.io/client-go/pkg/version.gitVersion=v0.8.0",))
+
+
+# What kindcluster.prebuild compiles ahead; Prometheus first: the unit tests' promtool is in it.
+GO_PROGRAMS = (PROMETHEUS, PROMETHEUS_OPERATOR, TRAEFIK, METRICS_SERVER)
 
 
 def _go_binary_dockerfile(binary: str, *, workdir: str = "/") -> str:
@@ -375,7 +384,7 @@ def _go_image(name: str, tag: str, program: GoProgram, binary: str, workdir: str
         shutil.copy2(program.install() / binary, context / binary)
 
     return Image(name, tag, STATIC_BASE, _go_binary_dockerfile(binary, workdir=workdir), stage,
-                 (program.module, program.version, program.ldflags))
+                 (program.module, program.version, program.ldflags, program.tags))
 
 
 ADDON_IMAGES = [

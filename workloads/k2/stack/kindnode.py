@@ -190,26 +190,34 @@ def build_image(tag: str, binaries: dict[str, Path], entrypoint: list[str] | Non
     return tag
 
 
+def programs() -> dict[str, Path]:
+    """Every program of the node and its images, compiled here (no engine needed): {name: binary}."""
+    required = required_images()
+    bins = kube_binaries()
+    kube.go_build(kube.GO_MODULES / "etcd", ["."], kube.etcd_bin_dir(), ["etcd"])
+    return {**{name: bins / name for name in (*KUBE_IMAGES, *NODE_BINARIES)},
+            "etcd": kube.etcd_bin_dir() / "etcd",
+            "coredns": go_install(COREDNS_MODULE, required["coredns"].rsplit(":", 1)[1], "coredns"),
+            "pause": pause_binary(),
+            "local-path-provisioner": go_install(*LOCAL_PATH_PROVISIONER, "local-path-provisioner"),
+            "crictl": go_install(*CRICTL, "crictl"),
+            "kind": kind_binary()}
+
+
 def component_images() -> dict[str, str]:
     """Build every image the node preloads; returns {short name: tag}."""
     required = required_images()
-    bins = kube_binaries()
-    tags = {}
-    for name in KUBE_IMAGES:
-        tags[name] = build_image(required[name], {f"/usr/local/bin/{name}": bins / name})
-    kube.go_build(kube.GO_MODULES / "etcd", ["."], kube.etcd_bin_dir(), ["etcd"])
-    tags["etcd"] = build_image(required["etcd"], {"/usr/local/bin/etcd": kube.etcd_bin_dir() / "etcd"})
-    coredns_version = required["coredns"].rsplit(":", 1)[1]
-    coredns = go_install(COREDNS_MODULE, coredns_version, "coredns")
-    tags["coredns"] = build_image(required["coredns"], {"/coredns": coredns}, ["/coredns"])
-    tags["pause"] = build_image(required["pause"], {"/pause": pause_binary()}, ["/pause"])
-    provisioner = go_install(*LOCAL_PATH_PROVISIONER, "local-path-provisioner")
+    binary = programs()
+    tags = {name: build_image(required[name], {f"/usr/local/bin/{name}": binary[name]}) for name in KUBE_IMAGES}
+    tags["etcd"] = build_image(required["etcd"], {"/usr/local/bin/etcd": binary["etcd"]})
+    tags["coredns"] = build_image(required["coredns"], {"/coredns": binary["coredns"]}, ["/coredns"])
+    tags["pause"] = build_image(required["pause"], {"/pause": binary["pause"]}, ["/pause"])
     tags["local-path-provisioner"] = build_image(
         f"k2.local/kind/local-path-provisioner:{LOCAL_PATH_PROVISIONER[1]}",
-        {"/usr/local/bin/local-path-provisioner": provisioner})
+        {"/usr/local/bin/local-path-provisioner": binary["local-path-provisioner"]})
     tags["local-path-helper"] = runtime_base()
     tags["kindnet"] = build_image(f"k2.local/kind/kindnet-routes:{kube.kubernetes_version()}-{NODE_FORMAT}",
-                                  {"/usr/local/bin/kubectl": bins / "kubectl",
+                                  {"/usr/local/bin/kubectl": binary["kubectl"],
                                    "/usr/local/bin/kindnet-routes": FILES / "kindnet-routes.sh"})
     return tags
 
@@ -282,8 +290,7 @@ def node_image() -> str:
     replaced = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True,
                               text=True, timeout=60).stdout.strip()
     tags = component_images()
-    bins = kube_binaries()
-    crictl = go_install(*CRICTL, "crictl")
+    binary = programs()
     kind_files = module_dir("sigs.k8s.io/kind", KIND_VERSION) / "images" / "base" / "files"
     rootfs = docker.debian_image("k2.local/kind/node-rootfs:bookworm", NODE_PACKAGES, changes=[PATH_ENV])
     with tempfile.TemporaryDirectory() as context:
@@ -296,9 +303,8 @@ def node_image() -> str:
         for name, text in manifests(tags).items():
             (files / "kind/manifests" / name).write_text(text)
         (Path(context) / "bin").mkdir()
-        for binary in NODE_BINARIES:
-            shutil.copy2(bins / binary, Path(context) / "bin" / binary)
-        shutil.copy2(crictl, Path(context) / "bin" / "crictl")
+        for name in (*NODE_BINARIES, "crictl"):
+            shutil.copy2(binary[name], Path(context) / "bin" / name)
         (Path(context) / "Dockerfile").write_text(_node_base_dockerfile(rootfs))
         prepared = f"{tag}-prepared"
         run(["docker", "build", "-q", "-t", prepared, context], env={"DOCKER_BUILDKIT": "0"},

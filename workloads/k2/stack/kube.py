@@ -124,8 +124,9 @@ def etcd_bin_dir() -> Path:
 
 
 def go_build(module_dir: Path, packages: list[str], bin_dir: Path, binaries: list[str],
-             ldflags: tuple[str, ...] = ()) -> None:
-    """Build `packages` of a wrapper module into `bin_dir` unless all `binaries` are there."""
+             ldflags: tuple[str, ...] = (), tags: tuple[str, ...] = ()) -> None:
+    """Build `packages` of a wrapper module (with build `tags`) into `bin_dir` unless all
+    `binaries` are there."""
     if all((bin_dir / b).exists() for b in binaries):
         return
     go = shutil.which("go", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/local/go/bin")
@@ -149,8 +150,8 @@ def go_build(module_dir: Path, packages: list[str], bin_dir: Path, binaries: lis
         }
         with tempfile.TemporaryDirectory(dir=bin_dir.parent) as out:
             # -s -w: no symbol tables or DWARF, a third of the size; nobody debugs these here.
-            cmd = [go, "build", "-v", "-ldflags=" + " ".join(("-s", "-w", *ldflags)), "-o", f"{out}/",
-                   *packages]
+            cmd = [go, "build", "-v", "-ldflags=" + " ".join(("-s", "-w", *ldflags)), f"-tags={','.join(tags)}",
+                   "-o", f"{out}/", *packages]
             log.info("kube.build", module=module_dir.name, packages=packages, log=str(build_log))
             started = time.monotonic()
             run_logged(cmd, cwd=module_dir, env=env, log_path=build_log, what=f"go build of {module_dir.name}",
