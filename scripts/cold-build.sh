@@ -4,7 +4,8 @@
 # points into SCRATCH, which must be empty or absent and needs about 35 GB. Run as root, with no
 # K2 Docker engine running (the engine is started on SCRATCH's data-root and stopped at the end).
 # It recreates the checkout's .venv.
-#   bash scripts/cold-build.sh /var/tmp/k2-cold      → SCRATCH/times.txt
+#   bash scripts/cold-build.sh /var/tmp/k2-cold            → SCRATCH/times.txt, each build alone
+#   bash scripts/cold-build.sh /var/tmp/k2-cold make-test  → the whole `make test` from nothing
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scratch=${1:?usage: cold-build.sh SCRATCH}
@@ -23,6 +24,11 @@ step() {
   echo "$name $(( $(date +%s) - t0 ))s exit $rc" | tee -a "$times"
 }
 rm -rf .venv
+if [ "${2:-}" = make-test ]; then
+  step make-test make test
+  du -sh "$scratch"/* | tee -a "$times"
+  exit 0
+fi
 step venv make install
 step local-stack k2 stack up --kube
 k2 stack down
