@@ -47,11 +47,20 @@ def _kind_skip_reason() -> str | None:
     return engine_unavailable_reason()
 
 
+def _run_order(item: pytest.Item) -> int:
+    """Tests needing the apiserver after the others, then those running built images, then the
+    kind suite: `make test` compiles their programs meanwhile (scripts/test.sh), and the kind
+    cluster (a live feed replaying in it), deleted at the session's end, would take CPU from every
+    test after it."""
+    if "kind" in item.keywords:
+        return 3
+    if "images" in item.keywords:
+        return 2
+    return int("kube" in getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The tests that run built images last, the kind suite after them: `make test` compiles their
-    # programs meanwhile (scripts/test.sh), and the kind cluster (a live feed replaying in it),
-    # deleted at the session's end, would take CPU from every test after it.
-    items.sort(key=lambda item: 2 if "kind" in item.keywords else "images" in item.keywords)
+    items.sort(key=_run_order)
     reason = _kind_skip_reason() if any("kind" in item.keywords for item in items) else None
     if reason:
         skip = pytest.mark.skip(reason=reason)
