@@ -103,3 +103,27 @@ def test_stream_sets_freshness_gauges_on_each_commit_and_serves_process_metrics(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_restarted_stream_reports_its_tables_newest_tick_before_anything_new(embedded_settings: Settings,
+                                                                             file_records, tmp_path: Path):
+    """The gauge is the table's (recorded in each commit's snapshot summary), not the process's:
+    a writer restarted with nothing new to commit, as after a rollout on a quiet market, still
+    reports it, so the freshness panel and K2TableStale keep a series to read."""
+    port = free_port()
+    labels = (("table", embedded_settings.table_identifier("trades")),)
+    env = {**os.environ, **embedded_settings.to_env(), "K2_METRICS_PORT": str(port), "K2_LOG_LEVEL": "WARNING"}
+    day = generate(tmp_path / "day", symbols=2, days=1, seed=13)
+    ingest_files(day, embedded_settings, kinds=("trades",))
+    newest = newest_in_file(file_records(day, ("trades",)))
+    snapshots = []
+    for _ in range(2):  # the first run commits the day; the second finds nothing new to commit
+        proc = subprocess.Popen([K2, "stream", "run", "--tables", "trades"], env=env)
+        try:
+            wait_for_gauge(port, "k2_table_newest_tick_timestamp_seconds", labels, newest, proc)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
+        snapshots.append(table.current_snapshot().snapshot_id)
+    assert snapshots[0] == snapshots[1], "the second run committed something"

@@ -70,8 +70,8 @@ CONSUMER_LAG = Gauge("k2_consumer_lag", "Messages behind the log end", ["table",
                      registry=REGISTRY)
 SNAPSHOTS = Gauge("k2_table_snapshots", "Snapshots retained per table", ["table"], registry=REGISTRY)
 # Freshness is `time() - k2_table_newest_tick_timestamp_seconds`: it keeps growing when commits stop.
-NEWEST_TICK = Gauge("k2_table_newest_tick_timestamp_seconds", "Exchange time of the newest tick this writer "
-                    "committed to the table (Unix time)", ["table"], registry=REGISTRY)
+NEWEST_TICK = Gauge("k2_table_newest_tick_timestamp_seconds", "Exchange time of the newest tick the table holds, "
+                    "as its snapshot records it (Unix time)", ["table"], registry=REGISTRY)
 LAST_COMMIT = Gauge("k2_table_last_commit_timestamp_seconds", "When this writer last committed to the table "
                     "(Unix time), empty batches included", ["table"], registry=REGISTRY)
 

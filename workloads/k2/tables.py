@@ -39,6 +39,8 @@ from k2.settings import Settings, TableKind
 log = structlog.get_logger("k2.tables")
 
 OFFSETS_PROPERTY = "k2.kafka.offsets"  # snapshot summary key: {"topic": {"partition": next_offset}}
+# snapshot summary key: the exchange time (µs since the epoch) of the newest tick the table holds
+NEWEST_TICK_PROPERTY = "k2.newest-tick-us"
 KEY_COLUMNS: dict[TableKind, tuple[str, ...]] = {
     "trades": ("symbol", "exchange_date", "sequence_number"),
     "quotes": ("symbol", "exchange_date", "sequence_number"),
@@ -274,20 +276,35 @@ def load_table(cat: Catalog, identifier: str) -> Table | None:
         return None
 
 
-def recorded_offsets(table: Table, snapshot: Snapshot | None = None) -> dict[str, dict[int, int]]:
-    """The Kafka offsets recorded by `snapshot` (default: the current one), or by its newest
-    ancestor that recorded them.
-
-    Snapshots made by maintenance carry them forward, but walking the lineage keeps this right
-    for snapshots made by other tools too.
-    """
+def _recorded(table: Table, key: str, snapshot: Snapshot | None = None) -> str | None:
+    """Summary property `key` of `snapshot` (default: the current one), or of its newest ancestor
+    that has it. Snapshots made by maintenance carry K2's forward (carried_properties), but walking
+    the lineage keeps this right for snapshots made by other tools too."""
     snapshot = snapshot or table.current_snapshot()
     while snapshot is not None:
-        raw = snapshot.summary.additional_properties.get(OFFSETS_PROPERTY) if snapshot.summary else None
+        raw = snapshot.summary.additional_properties.get(key) if snapshot.summary else None
         if raw:
-            return {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in json.loads(raw).items()}
+            return raw
         snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
-    return {}
+    return None
+
+
+def recorded_offsets(table: Table, snapshot: Snapshot | None = None) -> dict[str, dict[int, int]]:
+    """The Kafka offsets recorded by `snapshot` (default: the current one) or its lineage."""
+    raw = _recorded(table, OFFSETS_PROPERTY, snapshot)
+    parsed = json.loads(raw) if raw else {}
+    return {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in parsed.items()}
+
+
+def recorded_newest_tick_us(table: Table) -> int:
+    """The exchange time (µs) of the newest tick the current snapshot holds; 0 if none recorded."""
+    return int(_recorded(table, NEWEST_TICK_PROPERTY) or 0)
+
+
+def carried_properties(table: Table) -> dict[str, str]:
+    """K2's summary properties of the current snapshot, for a maintenance commit to carry forward."""
+    carried = {key: _recorded(table, key) for key in (OFFSETS_PROPERTY, NEWEST_TICK_PROPERTY)}
+    return {key: value for key, value in carried.items() if value}
 
 
 def offsets_held_since_ms(table: Table, topic: str, partitions: set[int]) -> int:

@@ -1,8 +1,8 @@
 """`k2 maintain`: compact small files per partition, expire old snapshots, remove orphan files.
 
 Compaction rewrites one partition at a time as a single overwrite snapshot (delete that
-partition's files, add the sorted rewrite) that carries the table's recorded Kafka offsets
-forward. Writers may commit meanwhile: the overwrite (or the expiry) then fails Iceberg's optimistic
+partition's files, add the sorted rewrite) that carries the table's recorded Kafka offsets and
+newest tick forward. Writers may commit meanwhile: the overwrite (or the expiry) then fails Iceberg's optimistic
 check and is redone from a fresh read, so no row a writer added is ever dropped.
 
 Orphans are files under the table's location that no kept snapshot and no logged metadata file
@@ -83,10 +83,9 @@ def _sort(data, table: Table):
 
 def compact_partition(table: Table, partition_filter: BooleanExpression) -> Table:
     def rewrite(current: Table) -> None:
-        offsets = tables.recorded_offsets(current)
         data = _sort(current.scan(row_filter=partition_filter).to_arrow(), current)
-        properties = {tables.OFFSETS_PROPERTY: tables.encode_offsets(offsets)} if offsets else {}
-        current.overwrite(data, overwrite_filter=partition_filter, snapshot_properties=properties)
+        current.overwrite(data, overwrite_filter=partition_filter,
+                          snapshot_properties=tables.carried_properties(current))
 
     return tables.commit_retrying_conflicts(table, "compaction", rewrite)
 

@@ -64,6 +64,12 @@ DLQ_CLOCK_SKEW_MS = 300_000  # dead letters are stamped by one host's clock, sna
 PREFETCH = {"fetch.max.bytes": 8 * 1024 * 1024, "max.partition.fetch.bytes": 1024 * 1024}
 
 
+def _newest_tick_us(data: pa.Table) -> int:
+    if not data.num_rows or TICK_TIME not in data.column_names:
+        return 0
+    return pc.max(data[TICK_TIME].cast(pa.timestamp("us", tz="UTC"))).value or 0
+
+
 def stream_consumer_config(settings: Settings, group_id: str, overrides: dict[str, Any] | None = None
                            ) -> dict[str, Any]:
     return {
@@ -179,7 +185,8 @@ class TableWriter:
         self.known_columns = {f.name for f in table.schema().fields}
         self.last_message_at = time.monotonic()
         self.rows_committed = 0
-        self.newest_tick = 0.0  # Unix seconds of the newest committed tick (k2_table_newest_tick_timestamp_seconds)
+        self.newest_tick = 0.0  # Unix seconds of the table's newest tick (k2_table_newest_tick_timestamp_seconds)
+        self._publish_newest_tick()
         self.crash = CrashPoints(settings)  # test-only; inert unless K2_TEST_CRASH_AT is set
 
     # assignment ---------------------------------------------------------------------------
@@ -456,6 +463,9 @@ class TableWriter:
                 return
             properties = {tables.OFFSETS_PROPERTY: tables.encode_offsets({**all_recorded,
                                                                           self.topic: {**recorded, **batch.end}})}
+            newest = max(tables.recorded_newest_tick_us(table), _newest_tick_us(data))
+            if newest:
+                properties[tables.NEWEST_TICK_PROPERTY] = str(newest)
             started = time.perf_counter()
             with tables.transaction(table) as tx:
                 if data.num_rows and not self.sequenced:
@@ -487,23 +497,22 @@ class TableWriter:
         added_files = int(summary.get("added-data-files", 0))
         FILES_WRITTEN.labels(self.table_name).inc(added_files)
         SNAPSHOTS.labels(self.table_name).set(len(self.table.snapshots()))
-        self._record_freshness(data)
+        LAST_COMMIT.labels(self.table_name).set_to_current_time()
+        self._publish_newest_tick()
         self.rows_committed += data.num_rows
         log.info("stream.committed", table=self.table_name, rows=data.num_rows, files=added_files,
                  snapshot_id=snapshot.snapshot_id if snapshot else None, offsets=batch.end,
                  seconds=round(elapsed, 3))
         return data.num_rows
 
-    def _record_freshness(self, committed: pa.Table) -> None:
-        """The freshness gauges after a commit: its wall time, and the exchange time of the newest
-        tick committed so far (a batch of older, late ticks does not move it back)."""
-        LAST_COMMIT.labels(self.table_name).set_to_current_time()
-        if not committed.num_rows or TICK_TIME not in committed.column_names:
-            return
-        newest = pc.max(committed[TICK_TIME].cast(pa.timestamp("us", tz="UTC"))).value
-        if newest is not None and newest / 1e6 > self.newest_tick:
-            self.newest_tick = newest / 1e6
-            NEWEST_TICK.labels(self.table_name).set(self.newest_tick)
+    def _publish_newest_tick(self) -> None:
+        """The table's newest tick as its snapshot records it, whoever committed it: a writer
+        restarted with nothing new to commit reports it too (a batch of older, late ticks never
+        moves it back)."""
+        newest = tables.recorded_newest_tick_us(self.table) / 1e6
+        if newest > self.newest_tick:
+            self.newest_tick = newest
+            NEWEST_TICK.labels(self.table_name).set(newest)
 
     def reseek(self) -> None:
         """Every assigned partition sought again from the offsets the table records, its batch
