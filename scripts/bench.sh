@@ -13,6 +13,7 @@ python benchmarks/bench_pipeline.py --data "$DATA"
 python benchmarks/bench_scale.py --scales 1,10  # synthetic data; `make bench-scale` adds 100x
 python benchmarks/bench_query.py --data "$DATA" --rate 200 --seconds 30
 python benchmarks/bench_peers.py --data "$DATA"  # starts and stops QuestDB (K2_QUESTDB_* ports)
+python benchmarks/bench_connect.py --data "$DATA"  # starts and stops Iceberg's Kafka Connect sink (K2_CONNECT_PORT)
 python benchmarks/bench_operator.py
 python benchmarks/bench_live.py --rate 20000 --seconds 60
 # On the cluster of `make kind-up` only (building and creating one takes long): a rolling update

@@ -67,6 +67,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "kind" in item.keywords:
                 item.add_marker(skip)
+    if os.environ.get("K2_CONNECT_TESTS") != "1":  # minutes each: opt-in, out of `make test`
+        skip = pytest.mark.skip(reason="Iceberg Kafka Connect peer: set K2_CONNECT_TESTS=1")
+        for item in items:
+            if "connect_peer" in item.keywords:
+                item.add_marker(skip)
 
 
 class _Stack:

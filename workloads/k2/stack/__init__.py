@@ -32,9 +32,10 @@ def services(*, kube: bool = False, embedded: bool = False) -> list[Service]:
 
 def peers() -> list[Service]:
     """Systems the benchmarks compare K2 with: never started by `k2 stack up`, stopped by `down`."""
+    from k2.stack.iceberg_connect import IcebergConnect
     from k2.stack.questdb import QuestDB
 
-    return [QuestDB()]
+    return [QuestDB(), IcebergConnect()]
 
 
 def settings_env(*, kube: bool = False, embedded: bool = False) -> dict[str, str]:
