@@ -95,3 +95,22 @@ def test_one_changed_figure_or_missing_row_changes_the_fingerprint():
     ours = fingerprint(_k2_trades(["36.667", "36.7", "36.71"]), "trades")
     assert fingerprint(_sink_trades(_k2_trades(["36.667", "36.7", "36.711"])), "trades") != ours
     assert fingerprint(_k2_trades(["36.667", "36.7"]), "trades") != ours
+
+
+def test_the_steady_rate_leaves_out_the_first_commit(tmp_path: Path):
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from k2.stack.connect_peer import first_commit, steady_rate
+
+    catalog = SqlCatalog("t", uri=f"sqlite:///{tmp_path}/c.db", warehouse=tmp_path.as_uri())
+    catalog.create_namespace("n")
+    rows = _k2_trades(["1", "2", "3"])
+    table = catalog.create_table("n.t", rows.schema)
+    table.append(rows)
+    assert steady_rate([table]) != steady_rate([table])  # one commit: no rate (nan)
+    table.append(rows.slice(0, 2))
+    table = catalog.load_table("n.t")
+    first_ms, last_ms = (s.timestamp_ms for s in table.snapshots())
+    assert first_commit([table]) == first_ms / 1000
+    if last_ms > first_ms:  # two commits within one millisecond give no rate
+        assert steady_rate([table]) == pytest.approx(2000 / (last_ms - first_ms))
