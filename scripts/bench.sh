@@ -13,6 +13,8 @@ python benchmarks/bench_pipeline.py --data "$DATA"
 python benchmarks/bench_scale.py --scales 1,10  # synthetic data; `make bench-scale` adds 100x
 python benchmarks/bench_query.py --data "$DATA" --rate 200 --seconds 30
 python benchmarks/bench_peers.py --data "$DATA"  # starts and stops QuestDB (K2_QUESTDB_* ports)
+# The sink stores what K2 stores from the same topics (minutes, so out of `make test`), then its figures.
+K2_CONNECT_TESTS=1 python -m pytest -q tests/integration/test_iceberg_connect_peer.py
 python benchmarks/bench_connect.py --data "$DATA"  # starts and stops Iceberg's Kafka Connect sink (K2_CONNECT_PORT)
 python benchmarks/bench_operator.py
 python benchmarks/bench_live.py --rate 20000 --seconds 60
