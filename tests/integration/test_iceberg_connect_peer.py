@@ -4,7 +4,8 @@ and they are the rows K2's own stream stores from the same topic (count and chec
 
 Starts a Kafka Connect worker (k2.stack.iceberg_connect; its jars come from Maven Central once).
 The sink's first commit waits for its control consumer's assignment (rounds before it time out
-after 30 s), so this takes one to three minutes: opt in with K2_CONNECT_TESTS=1; `make bench` runs it, `make test` does not.
+after 30 s), so this takes one to three minutes: opt in with K2_CONNECT_TESTS=1; `make bench` runs
+it, `make test` does not.
 """
 
 from __future__ import annotations
