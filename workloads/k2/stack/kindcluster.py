@@ -124,13 +124,14 @@ def cleanup_tests(*, stop_engine: bool) -> None:
 
 
 def prebuild() -> None:
-    """Compile every Go program of the kind cluster and of its images unless cached: on a fresh
-    machine most of an hour on two cores, which `make test` runs at low priority beside the tests
-    that need no image instead of before the ones that do (they wait on the same build locks).
-    Needs no Docker engine, so the engine's own tests may start and stop it meanwhile."""
-    from . import images
+    """Compile helm and every Go program of the kind cluster and of its images unless cached: on
+    a fresh machine most of an hour on two cores, which `make test` runs at low priority beside the
+    tests that need none of them instead of before the ones that do (they wait on the same build
+    locks). Needs no Docker engine, so the engine's own tests may start and stop it meanwhile."""
+    from . import helm, images
 
     started = time.monotonic()
+    helm.helm_binary()  # first: the chart tests among the unit tests need it
     kindnode.programs()
     for program in images.GO_PROGRAMS:
         program.install()
