@@ -152,12 +152,6 @@ class IcebergConnect(Service):
         answer = httpx.put(f"{self.url}/connectors/{name}/config", json=config, timeout=60)
         answer.raise_for_status()
 
-    def pause(self, name: str) -> None:
-        httpx.put(f"{self.url}/connectors/{name}/pause", timeout=60).raise_for_status()
-
-    def resume(self, name: str) -> None:
-        httpx.put(f"{self.url}/connectors/{name}/resume", timeout=60).raise_for_status()
-
     def delete(self, name: str) -> None:
         httpx.delete(f"{self.url}/connectors/{name}", timeout=60).raise_for_status()
 
