@@ -204,10 +204,9 @@ def programs() -> dict[str, Path]:
             "kind": kind_binary()}
 
 
-def component_images() -> dict[str, str]:
-    """Build every image the node preloads; returns {short name: tag}."""
+def component_images(binary: dict[str, Path]) -> dict[str, str]:
+    """Build every image the node preloads from `binary` (programs()); returns {short name: tag}."""
     required = required_images()
-    binary = programs()
     tags = {name: build_image(required[name], {f"/usr/local/bin/{name}": binary[name]}) for name in KUBE_IMAGES}
     tags["etcd"] = build_image(required["etcd"], {"/usr/local/bin/etcd": binary["etcd"]})
     tags["coredns"] = build_image(required["coredns"], {"/coredns": binary["coredns"]}, ["/coredns"])
@@ -289,8 +288,8 @@ def node_image() -> str:
     started = time.monotonic()
     replaced = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True,
                               text=True, timeout=60).stdout.strip()
-    tags = component_images()
     binary = programs()
+    tags = component_images(binary)
     kind_files = module_dir("sigs.k8s.io/kind", KIND_VERSION) / "images" / "base" / "files"
     rootfs = docker.debian_image("k2.local/kind/node-rootfs:bookworm", NODE_PACKAGES, changes=[PATH_ENV])
     with tempfile.TemporaryDirectory() as context:
