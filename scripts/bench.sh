@@ -18,6 +18,7 @@ K2_CONNECT_TESTS=1 python -m pytest -q tests/integration/test_iceberg_connect_pe
 python benchmarks/bench_connect.py --data "$DATA"  # starts and stops Iceberg's Kafka Connect sink (K2_CONNECT_PORT)
 python benchmarks/bench_operator.py
 python benchmarks/bench_live.py --rate 20000 --seconds 60
+python benchmarks/bench_live.py --rate 2000 --seconds 60  # a tenth: where the 2 cores are not the bound
 # On the cluster of `make kind-up` only (building and creating one takes long): a rolling update
 # of the stream consumers while the live feed flows.
 if python -c "import sys; from k2.stack import docker, kindcluster; sys.exit(not (docker.engine_answers() and 'k2' in kindcluster.clusters()))"; then
