@@ -90,7 +90,7 @@ def ingest_files(
     all_kinds = (*kinds, "reference") if with_reference else kinds
     topics.ensure_pipeline_topics(settings, all_kinds)
     encoders = register_schemas(settings, all_kinds)
-    producer = TickProducer(settings.kafka_bootstrap, producer_config)
+    producer = TickProducer(settings.kafka_bootstrap, producer_config, bulk=True)
     dlq = open_sink(settings, dlq_file, producer.producer)
     detector = GapDetector("ingest", settings.gap_alert, settings.gap_halt)
     summary = IngestSummary()
@@ -171,7 +171,7 @@ def _produce_chunk(chunk: columnar.ParsedChunk, payloads: list[bytes], tick_file
     """Dead letters and messages of a parsed chunk, in slices of lines that mirror the row path's
     checkpoints: progress and the stop flag every `_CHECKPOINT_LINES` lines. True if stopped."""
     key = tick_file.symbol.encode()
-    produce = producer.produce
+    produce_many = producer.produce_many
     symbols = chunk.table["symbol"]
     days = chunk.table["exchange_date"].combine_chunks().view(pa.int32()).to_numpy()
     seqs = chunk.table["sequence_number"].to_numpy()
@@ -188,8 +188,7 @@ def _produce_chunk(chunk: columnar.ParsedChunk, payloads: list[bytes], tick_file
         # Numbers are assigned contiguously here, so this finds no gap (let alone a halting one,
         # which would stop the slice before its first message rather than at the gap).
         detector.observe_many(symbols.slice(a, b - a), days[a:b], seqs[a:b])
-        for value in payloads[a:b]:
-            produce(topic, key, value)
+        produce_many(topic, key, payloads[a:b])
         summary.rows_read += hi - lo
         advance(int(chunk.line_ends[hi - 1] - (chunk.line_ends[lo - 1] if lo else 0)))
         if flag.stop:
