@@ -100,24 +100,27 @@ class Batch:
     opened: float = field(default_factory=time.monotonic)
     letters_handed: bool = False  # its dead letters went to the sink (a retried flush must not resend them)
 
-    def add_offset(self, partition: int, offset: int) -> None:
-        self.start.setdefault(partition, offset)
-        self.end[partition] = offset + 1
+    def extend(self, partitions: list[int], offsets: list[int], payloads: list[bytes | None]) -> None:
+        """Messages in arrival order (each partition's offsets ascending), a poll's worth at once:
+        per-message Python was a third of the stream's time."""
+        for partition, offset in dict(zip(reversed(partitions), reversed(offsets), strict=True)).items():
+            self.start.setdefault(partition, offset)  # the partition's first message in this batch
+        for partition, offset in dict(zip(partitions, offsets, strict=True)).items():
+            self.end[partition] = offset + 1
+        self.partitions.extend(partitions)
+        self.offsets.extend(offsets)
+        self.payloads.extend(payloads)
+        self.nbytes += sum(map(len, filter(None, payloads)))
 
     def add(self, partition: int, offset: int, payload: bytes | None) -> None:
-        self.add_offset(partition, offset)
-        self.partitions.append(partition)
-        self.offsets.append(offset)
-        self.payloads.append(payload)
-        if payload is not None:
-            self.nbytes += len(payload)
+        self.extend([partition], [offset], [payload])
 
     def without(self, partitions: set[int]) -> Batch:
         """The same batch minus the messages of `partitions` (revoked from this writer)."""
         kept = Batch(opened=self.opened, letters_handed=self.letters_handed)
-        for partition, offset, payload in zip(self.partitions, self.offsets, self.payloads, strict=True):
-            if partition not in partitions:
-                kept.add(partition, offset, payload)
+        keep = [i for i, partition in enumerate(self.partitions) if partition not in partitions]
+        kept.extend([self.partitions[i] for i in keep], [self.offsets[i] for i in keep],
+                    [self.payloads[i] for i in keep])
         return kept
 
     @property
@@ -247,8 +250,11 @@ class TableWriter:
     def poll(self, timeout: float = 0.2) -> int:
         """Consume what is available (bounded), flush the batch when due; returns messages seen."""
         messages = consume_available(self.consumer, 10_000, timeout)
-        for msg in messages:
-            self._accept(msg)
+        partitions, offsets, payloads = self._accepted(messages)
+        while payloads:
+            room = self._room(payloads)
+            self.batch.extend(partitions[:room], offsets[:room], payloads[:room])
+            partitions, offsets, payloads = partitions[room:], offsets[room:], payloads[room:]
             if self.batch.messages >= self.settings.batch_rows or self.batch.nbytes >= self.settings.batch_bytes:
                 self.flush()
         if messages:
@@ -257,16 +263,28 @@ class TableWriter:
             self.flush()
         return len(messages)
 
-    def _accept(self, msg: Message) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
+    def _accepted(self, messages: list[Message]) -> tuple[list[int], list[int], list[bytes | None]]:
+        """(partitions, offsets, payloads) of the messages that are data of a partition this writer
+        holds; error events are logged (end-of-partition ones are not errors)."""
+        for msg in messages:
+            err = msg.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 log.warning("stream.consumer_error", table=self.table_name, error=err.str())
-            return
-        partition, offset = msg.partition(), msg.offset()
-        if partition is None or offset is None or partition not in self.assigned:
-            return  # (None only on error events, handled above)
-        self.batch.add(partition, offset, msg.value())
+        data = [m for m in messages if m.error() is None]
+        partitions = cast(list[int], [m.partition() for m in data])  # never None on data messages
+        if not self.assigned.issuperset(partitions):
+            data = [m for m, p in zip(data, partitions, strict=True) if p in self.assigned]
+            partitions = cast(list[int], [m.partition() for m in data])
+        return partitions, cast(list[int], [m.offset() for m in data]), [m.value() for m in data]
+
+    def _room(self, payloads: list[bytes | None]) -> int:
+        """How many of `payloads` the batch takes before it is full by rows or by bytes (the one
+        that reaches the byte bound included, as a flush follows it)."""
+        room = max(1, self.settings.batch_rows - self.batch.messages)
+        if self.batch.nbytes + sum(map(len, filter(None, payloads[:room]))) < self.settings.batch_bytes:
+            return min(room, len(payloads))
+        sizes = np.cumsum([len(v) if v is not None else 0 for v in payloads[:room]])
+        return int(np.searchsorted(sizes, self.settings.batch_bytes - self.batch.nbytes)) + 1
 
     def _batch_due(self) -> bool:
         b = self.batch
