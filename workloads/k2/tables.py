@@ -104,6 +104,9 @@ def default_properties(settings: Settings) -> dict[str, str]:
         # and a streaming table's metadata grew with the square of its commits (bench_scale).
         "write.metadata.delete-after-commit.enabled": "true",
         "write.metadata.previous-versions-max": "100",
+        # Each append adds a manifest, and planning a scan or a compaction reads every one: merged
+        # once 100 have gathered (Java Iceberg's default; pyiceberg's is a manifest per commit for ever).
+        "commit.manifest-merge.enabled": "true",
     }
 
 
