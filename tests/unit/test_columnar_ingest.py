@@ -33,6 +33,9 @@ class _Producer:
     def produce(self, topic: str, key: bytes, value: bytes) -> None:
         self.sent.append((topic, key, value))
 
+    def produce_many(self, topic: str, key: bytes, values: list[bytes]) -> None:
+        self.sent.extend((topic, key, value) for value in values)
+
 
 class _Letters:
     def __init__(self) -> None:

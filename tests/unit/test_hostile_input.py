@@ -57,6 +57,9 @@ class _Producer:
     def produce(self, topic: str, key: bytes, value: bytes) -> None:
         self.sent.append(value)
 
+    def produce_many(self, topic: str, key: bytes, values: list[bytes]) -> None:
+        self.sent.extend(values)
+
 
 class _Letters:
     def __init__(self) -> None:

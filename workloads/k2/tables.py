@@ -107,6 +107,9 @@ def default_properties(settings: Settings) -> dict[str, str]:
         # Each append adds a manifest, and planning a scan or a compaction reads every one: merged
         # once 100 have gathered (Java Iceberg's default; pyiceberg's is a manifest per commit for ever).
         "commit.manifest-merge.enabled": "true",
+        # Files are sorted by symbol, and DuckDB prunes by row group: at pyiceberg's default of 1M
+        # rows a day's file was one group, so a one-symbol query read the whole day's rows.
+        "write.parquet.row-group-limit": "65536",
     }
 
 
