@@ -46,8 +46,8 @@ def test_batch_decoding_routes_poison_and_keeps_arrival_order():
                 b"\x00\x7f\xff\xff\xf0garbage", truncated, _encode(3, V3, _trade(None)), _encode(1, V1, _trade(3)),
                 _encode(2, V2, _trade(4)), b"\x00\x00\x00\x00\x01\x06abc"]
     batch = Batch()
-    for offset, payload in enumerate(payloads):
-        batch.add(offset % 2, 100 + offset, payload)
+    batch.extend([offset % 2 for offset in range(len(payloads))], [100 + offset for offset in range(len(payloads))],
+                 payloads)
     writer = types.SimpleNamespace(decoder=_Registry(), keys=("symbol", "exchange_date", "sequence_number"),
                                    topic="t.trades")
     writer._decode_group = lambda *args: TableWriter._decode_group(writer, *args)

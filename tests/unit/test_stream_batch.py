@@ -27,6 +27,17 @@ def _numbered(drawn: list[tuple[int, bytes | None]]) -> list[tuple[int, int, byt
     return out
 
 
+def _add(batch: Batch, partition: int, offset: int, payload: bytes | None) -> None:
+    """The reference: one message at a time, as the writer filled batches before `extend`."""
+    batch.start.setdefault(partition, offset)
+    batch.end[partition] = offset + 1
+    batch.partitions.append(partition)
+    batch.offsets.append(offset)
+    batch.payloads.append(payload)
+    if payload is not None:
+        batch.nbytes += len(payload)
+
+
 def _state(batch: Batch) -> tuple:
     return batch.partitions, batch.offsets, batch.payloads, batch.start, batch.end, batch.nbytes
 
@@ -36,7 +47,7 @@ def test_extending_a_batch_equals_adding_each_message(drawn, cut):
     numbered = _numbered(drawn)
     one_by_one, at_once = Batch(), Batch()
     for partition, offset, payload in numbered:
-        one_by_one.add(partition, offset, payload)
+        _add(one_by_one, partition, offset, payload)
     for part in (numbered[:cut], numbered[cut:]):
         at_once.extend([p for p, _, _ in part], [o for _, o, _ in part], [v for _, _, v in part])
     assert _state(at_once) == _state(one_by_one)
@@ -47,7 +58,7 @@ def _only(numbered, partitions) -> Batch:
     batch = Batch()
     for partition, offset, payload in numbered:
         if partition in partitions:
-            batch.add(partition, offset, payload)
+            _add(batch, partition, offset, payload)
     return batch
 
 
@@ -57,7 +68,7 @@ def test_a_poll_is_cut_into_the_batches_message_by_message_filling_made(drawn, b
     numbered = _numbered(drawn)
     expected, batch = [], Batch()
     for partition, offset, payload in numbered:
-        batch.add(partition, offset, payload)
+        _add(batch, partition, offset, payload)
         if batch.messages >= batch_rows or batch.nbytes >= batch_bytes:
             expected.append(batch.offsets)
             batch = Batch()

@@ -112,9 +112,6 @@ class Batch:
         self.payloads.extend(payloads)
         self.nbytes += sum(map(len, filter(None, payloads)))
 
-    def add(self, partition: int, offset: int, payload: bytes | None) -> None:
-        self.extend([partition], [offset], [payload])
-
     def without(self, partitions: set[int]) -> Batch:
         """The same batch minus the messages of `partitions` (revoked from this writer)."""
         kept = Batch(opened=self.opened, letters_handed=self.letters_handed)
@@ -255,7 +252,7 @@ class TableWriter:
             room = self._room(payloads)
             self.batch.extend(partitions[:room], offsets[:room], payloads[:room])
             partitions, offsets, payloads = partitions[room:], offsets[room:], payloads[room:]
-            if self.batch.messages >= self.settings.batch_rows or self.batch.nbytes >= self.settings.batch_bytes:
+            if self._batch_full():
                 self.flush()
         if messages:
             self.last_message_at = time.monotonic()
@@ -266,11 +263,12 @@ class TableWriter:
     def _accepted(self, messages: list[Message]) -> tuple[list[int], list[int], list[bytes | None]]:
         """(partitions, offsets, payloads) of the messages that are data of a partition this writer
         holds; error events are logged (end-of-partition ones are not errors)."""
-        for msg in messages:
-            err = msg.error()
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                log.warning("stream.consumer_error", table=self.table_name, error=err.str())
         data = [m for m in messages if m.error() is None]
+        if len(data) < len(messages):  # rare: a second pass only when there are error events
+            for msg in messages:
+                err = msg.error()
+                if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("stream.consumer_error", table=self.table_name, error=err.str())
         partitions = cast(list[int], [m.partition() for m in data])  # never None on data messages
         if not self.assigned.issuperset(partitions):
             data = [m for m, p in zip(data, partitions, strict=True) if p in self.assigned]
@@ -286,12 +284,13 @@ class TableWriter:
         sizes = np.cumsum([len(v) if v is not None else 0 for v in payloads[:room]])
         return int(np.searchsorted(sizes, self.settings.batch_bytes - self.batch.nbytes)) + 1
 
+    def _batch_full(self) -> bool:
+        return self.batch.messages >= self.settings.batch_rows or self.batch.nbytes >= self.settings.batch_bytes
+
     def _batch_due(self) -> bool:
-        b = self.batch
-        if b.empty:
+        if self.batch.empty:
             return False
-        return (b.messages >= self.settings.batch_rows or b.nbytes >= self.settings.batch_bytes
-                or time.monotonic() - b.opened >= self.settings.batch_seconds)
+        return self._batch_full() or time.monotonic() - self.batch.opened >= self.settings.batch_seconds
 
     # decoding ---------------------------------------------------------------------------
     def _decode(self, batch: Batch) -> tuple[pa.Table, set[int], list[DeadLetter]]:
