@@ -141,6 +141,43 @@ def test_a_service_whose_leader_died_is_still_running_and_is_stopped_whole(tmp_p
     assert _processes_under(tmp_path) == []
 
 
+@dataclass
+class _LeaderThreadExits(Service):
+    """A multi-threaded daemon whose main thread ends before its others, as Go's dockerd may
+    while it shuts down: the leader shows as a zombie while the process still runs."""
+
+    name: str = "leader-thread-exits"
+    port_env: str = "K2_TEST_SLEEPER_PORT"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "import ctypes, threading, time; "
+                "threading.Thread(target=time.sleep, args=(2,)).start(); ctypes.CDLL(None).pthread_exit(None)"]
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_process_is_running_until_its_last_thread_ends_and_stopped_means_reaped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """dockerd once counted as stopped while its threads still ran, leaving its PID in /proc."""
+    monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))
+    _free_sleeper_port(monkeypatch)
+    service = _LeaderThreadExits()
+    service.start()
+    leader = service.pid()
+    assert leader is not None
+    deadline = time.monotonic() + 10
+    while psutil.Process(leader).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(os.listdir(f"/proc/{leader}/task")) == 2, "the other thread should still run"
+
+    assert service.pid() == leader
+
+    service.stop()
+    assert service.pid() is None
+    assert not Path(f"/proc/{leader}").exists()
+
+
 def test_status_names_a_port_held_by_a_process_the_stack_did_not_start(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("K2_STATE_DIR", str(tmp_path))

@@ -84,6 +84,17 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _unreaped_child(pid: int) -> bool:
+    """True while `pid` is a child of this process that has not ended, reaping it once it has.
+    The group listing alone is not enough for our own children: a multi-threaded leader whose
+    main thread ended shows as a zombie while its other threads still run (Go daemons do), and
+    one that ended must be reaped here or it stays in /proc."""
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:  # not ours, or reaped already: the listing decides
+        return False
+
+
 def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
         what: str = "", timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run an install/build step; on failure raise with the tail of its output."""
@@ -195,12 +206,7 @@ class Service:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        alive = group_members(pid)
-        # Reaped after the listing, which skips zombies: a leader that exits between the two is
-        # then gone from /proc too, not left a zombie of ours.
-        with suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return pid if alive else None
+        return pid if _unreaped_child(pid) or group_members(pid) else None
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
