@@ -289,6 +289,12 @@ class ConsumerSpec(_Model):
         le=86_400)
     compact_min_files: int = _setting("compact_min_files", "Files a partition must have to be compacted.",
                                       le=100_000)
+    history_detail_seconds: float = _setting(
+        "history_detail_seconds", "The consumers keep every commit's snapshot this recent (time travel and "
+        "catch-up at commit precision); older ones are thinned at each compaction pass.", le=31_536_000)
+    history_interval_seconds: float = _setting(
+        "history_interval_seconds", "Of snapshots older than historyDetailSeconds the consumers keep one per "
+        "this interval (the table's snapshotRetention still expires them by age).", le=31_536_000)
     gap_alert: int = _setting("gap_alert", "Sequence gaps of at least this size raise an alert.")
     gap_halt: int = _setting("gap_halt", "Sequence gaps above this size halt the consumer.")
     ready_max_lag: int = Field(

@@ -23,6 +23,7 @@ from pyarrow.fs import FileSelector, FileType
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.utils.concurrent import ExecutorFactory
 
 from k2 import tables
@@ -115,6 +116,43 @@ def expire(table: Table, retention: dt.timedelta) -> tuple[Table, int]:
         table, "snapshot expiry", lambda current: current.maintenance.expire_snapshots().older_than(cutoff).commit())
     SNAPSHOTS.labels(".".join(table.name())).set(len(table.snapshots()))
     return table, len(before - {snapshot.snapshot_id for snapshot in table.snapshots()})
+
+
+def thin_history(table: Table, *, detail: dt.timedelta, interval: dt.timedelta,
+                 now: dt.datetime | None = None) -> tuple[Table, int]:
+    """Keep every snapshot of the last `detail`, and of the older ones the last of each `interval`
+    (by commit time, intervals aligned to the epoch); expire the rest. A stream committing every
+    fraction of a second otherwise keeps hundreds of thousands of snapshots within `k2 maintain`'s
+    retention, and each commit and each metadata load reads and rewrites them all. Time travel
+    into a thinned stretch reads the last kept snapshot before it; `k2 maintain` still expires
+    by age whatever this keeps."""
+    cutoff_ms = int(((now or dt.datetime.now(dt.UTC)) - detail).timestamp() * 1000)
+    step_ms = max(1, int(interval.total_seconds() * 1000))
+    expired: list[int] = []
+
+    def commit(current: Table) -> None:
+        last_per_interval: dict[int, Snapshot] = {}
+        for snapshot in current.snapshots():
+            if snapshot.timestamp_ms < cutoff_ms:
+                bucket = snapshot.timestamp_ms // step_ms
+                kept = last_per_interval.get(bucket)
+                if kept is None or (snapshot.timestamp_ms, snapshot.sequence_number or 0) > \
+                        (kept.timestamp_ms, kept.sequence_number or 0):
+                    last_per_interval[bucket] = snapshot
+        keep = {s.snapshot_id for s in last_per_interval.values()} | _protected(current)
+        expired[:] = [s.snapshot_id for s in current.snapshots() if s.timestamp_ms < cutoff_ms
+                      and s.snapshot_id not in keep]
+        if expired:
+            current.maintenance.expire_snapshots().by_ids(expired).commit()
+
+    table = tables.commit_retrying_conflicts(table, "history thinning", commit)
+    SNAPSHOTS.labels(".".join(table.name())).set(len(table.snapshots()))
+    return table, len(expired)
+
+
+def _protected(table: Table) -> set[int]:
+    """Snapshots a branch or tag points at (the current one among them): never expired."""
+    return {ref.snapshot_id for ref in table.metadata.refs.values()}
 
 
 def _storage_path(table: Table, location: str) -> str:

@@ -7,6 +7,7 @@ SIGTERM flushes and commits the open batches, then returns.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,10 @@ class Compactor:
     """Small files compacted automatically, in the writing process: with commits every fraction of a
     second a partition (a trading day) gains thousands of files a day. Every `compact_interval_seconds`
     the partitions with at least `compact_min_files` files are rewritten into well-sized sorted files
-    (`k2.stream.maintenance.compact`), carrying the recorded offsets forward. Done between polls, so
-    it never races this process's own commits; another writer's commit makes it retry on a fresh read."""
+    (`k2.stream.maintenance.compact`), carrying the recorded offsets forward, and the history is
+    thinned (`k2.stream.maintenance.thin_history`): so are the thousands of snapshots. Done between
+    polls, so it never races this process's own commits; another writer's commit makes it retry on
+    a fresh read."""
 
     def __init__(self, writers: list[TableWriter]) -> None:
         self.writers = [w for w in writers if w.settings.compact_interval_seconds > 0]
@@ -98,6 +101,11 @@ class Compactor:
             writer.table, compacted = maintenance.compact(writer.table, writer.settings.compact_min_files)
             if compacted:
                 log.info("stream.compacted", table=writer.table_name, partitions=compacted)
+            writer.table, expired = maintenance.thin_history(
+                writer.table, detail=dt.timedelta(seconds=writer.settings.history_detail_seconds),
+                interval=dt.timedelta(seconds=writer.settings.history_interval_seconds))
+            if expired:
+                log.info("stream.history_thinned", table=writer.table_name, snapshots_expired=expired)
         self.last = time.monotonic()
 
 
