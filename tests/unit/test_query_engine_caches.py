@@ -98,6 +98,25 @@ def test_a_load_is_shared_by_concurrent_callers(lakehouse, monkeypatch):
     assert len({id(t) for t in results}) == 1 and len(loads) == 1
 
 
+def test_metadata_is_read_again_only_after_a_commit_changed_it(lakehouse, monkeypatch):
+    """Reloading is asking the catalog where the metadata is; the file (every snapshot kept, read
+    and parsed) is read only when a commit moved it, so reloads can be frequent and cheap."""
+    settings, root, engine = lakehouse
+    first = _append(settings, root)
+    assert engine.pin("trades").snapshot_id == first
+    catalog = engine._get_catalog()
+    original, loads = catalog.load_table, []
+    monkeypatch.setattr(catalog, "load_table", lambda identifier: loads.append(identifier) or original(identifier))
+
+    for _ in range(5):
+        assert engine.table("trades", fresh=True).current_snapshot().snapshot_id == first
+    assert loads == []
+
+    second = _append(settings, root)
+    assert engine.table("trades", fresh=True).current_snapshot().snapshot_id == second
+    assert len(loads) == 1
+
+
 def test_inconsistent_freshness_settings_are_refused(lakehouse):
     settings, _, _ = lakehouse
     with pytest.raises(ValueError, match="metadata_ttl"):

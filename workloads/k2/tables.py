@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import structlog
 from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
     NamespaceAlreadyExistsError,
@@ -30,7 +31,9 @@ from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrder
 from pyiceberg.table.update import update_table_metadata
 from pyiceberg.transforms import BucketTransform, IdentityTransform, Transform
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from k2 import schemas
 from k2.reach import Unreachable, redacted
@@ -280,6 +283,20 @@ def load_table(cat: Catalog, identifier: str) -> Table | None:
             return cat.load_table(identifier)
     except NoSuchTableError:
         return None
+
+
+def metadata_location(cat: Catalog, identifier: str) -> str | None:
+    """Where the table's current metadata file is, from the catalog's row alone: the file itself
+    (every kept snapshot) is read only when this moved. None when the table does not exist.
+    K2's catalog is pyiceberg's SQL catalog (`catalog`): one indexed row read."""
+    if not isinstance(cat, SqlCatalog):
+        loaded = load_table(cat, identifier)
+        return loaded.metadata_location if loaded else None
+    namespace = Catalog.namespace_to_string(Catalog.namespace_from(identifier))
+    with Session(cat.engine) as session:
+        return session.scalar(select(IcebergTables.metadata_location).where(
+            IcebergTables.catalog_name == cat.name, IcebergTables.table_namespace == namespace,
+            IcebergTables.table_name == Catalog.table_name_from(identifier)))
 
 
 def _recorded(table: Table, key: str, snapshot: Snapshot | None = None) -> str | None:
