@@ -12,6 +12,7 @@ eval "$(k2 stack env --kube)"
 python benchmarks/bench_pipeline.py --data "$DATA"
 python benchmarks/bench_scale.py --scales 1,10  # synthetic data; `make bench-scale` adds 100x
 python benchmarks/bench_row_groups.py  # why point queries stay flat as days grow (synthetic files)
+python benchmarks/bench_snapshots.py  # why the stream thins its history: cost per kept snapshot
 python benchmarks/bench_query.py --data "$DATA" --rate 200 --seconds 30
 python benchmarks/bench_peers.py --data "$DATA"  # starts and stops QuestDB (K2_QUESTDB_* ports)
 # The sink stores what K2 stores from the same topics (minutes, so out of `make test`), then its figures.

@@ -290,8 +290,9 @@ class ConsumerSpec(_Model):
     compact_min_files: int = _setting("compact_min_files", "Files a partition must have to be compacted.",
                                       le=100_000)
     history_detail_seconds: float = _setting(
-        "history_detail_seconds", "The consumers keep every commit's snapshot this recent (time travel and "
-        "catch-up at commit precision); older ones are thinned at each compaction pass.", le=31_536_000)
+        "history_detail_seconds", "The consumers keep every commit's snapshot this recent (time travel, cursors "
+        "and catch-up at commit precision) and thin older ones this often; each kept snapshot slows every commit, "
+        "so with sub-second batchSeconds keep it short (e.g. 60).", le=31_536_000)
     history_interval_seconds: float = _setting(
         "history_interval_seconds", "Of snapshots older than historyDetailSeconds the consumers keep one per "
         "this interval (the table's snapshotRetention still expires them by age).", le=31_536_000)

@@ -39,7 +39,7 @@ def test_the_stream_thins_its_history_as_it_writes(tmp_path, embedded_settings):
     commit rewriting them all: the stream keeps the recent ones and one per interval before."""
     folder = generate(tmp_path / "ticks", symbols=2, days=2, seed=9)
     summary = ingest_files(folder, embedded_settings, kinds=("trades",), with_reference=False)
-    settings = embedded_settings.model_copy(update={"batch_rows": 300, "compact_interval_seconds": 0.3,
+    settings = embedded_settings.model_copy(update={"batch_rows": 300, "compact_interval_seconds": 0,
                                                     "history_detail_seconds": 0.0,
                                                     "history_interval_seconds": 3600.0})
     result = run(settings, ("trades",), until_idle=1.0)

@@ -55,10 +55,11 @@ class Settings(BaseSettings):
     compact_interval_seconds: float = Field(600.0, ge=0, description="the stream compacts partitions with at least "
                                             "compact_min_files files this often; 0: never (k2 maintain only)")
     compact_min_files: int = Field(32, ge=2)
-    history_detail_seconds: float = Field(900.0, ge=0, description="the stream keeps the snapshot of every commit "
-                                          "this recent (time travel and catch-up at commit precision)")
+    history_detail_seconds: float = Field(300.0, ge=0, description="the stream keeps the snapshot of every commit "
+                                          "this recent (time travel, cursors and catch-up at commit precision), "
+                                          "thinning older ones this often")
     history_interval_seconds: float = Field(3600.0, gt=0, description="of older snapshots the stream keeps one "
-                                            "per this interval, at each compaction pass")
+                                            "per this interval")
     stream_stall_seconds: float = Field(300.0, gt=0, le=86400, description="the stream's poll loop not turning "
                                         "for this long (a hung commit or client) fails its liveness probe")
 
