@@ -23,7 +23,6 @@ from pyarrow.fs import FileSelector, FileType
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.utils.concurrent import ExecutorFactory
 
 from k2 import tables
@@ -131,17 +130,11 @@ def thin_history(table: Table, *, detail: dt.timedelta, interval: dt.timedelta,
     expired: list[int] = []
 
     def commit(current: Table) -> None:
-        last_per_interval: dict[int, Snapshot] = {}
-        for snapshot in current.snapshots():
-            if snapshot.timestamp_ms < cutoff_ms:
-                bucket = snapshot.timestamp_ms // step_ms
-                kept = last_per_interval.get(bucket)
-                if kept is None or (snapshot.timestamp_ms, snapshot.sequence_number or 0) > \
-                        (kept.timestamp_ms, kept.sequence_number or 0):
-                    last_per_interval[bucket] = snapshot
-        keep = {s.snapshot_id for s in last_per_interval.values()} | _protected(current)
-        expired[:] = [s.snapshot_id for s in current.snapshots() if s.timestamp_ms < cutoff_ms
-                      and s.snapshot_id not in keep]
+        older = [s for s in current.snapshots() if s.timestamp_ms < cutoff_ms]
+        # snapshots are listed in commit order: the last one listed per interval is kept
+        last_per_interval = {s.timestamp_ms // step_ms: s.snapshot_id for s in older}
+        keep = set(last_per_interval.values()) | _protected(current)
+        expired[:] = [s.snapshot_id for s in older if s.snapshot_id not in keep]
         if expired:
             current.maintenance.expire_snapshots().by_ids(expired).commit()
 
