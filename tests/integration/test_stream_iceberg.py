@@ -305,7 +305,7 @@ def test_workloads_deployed_by_the_operator_only_check_for_topics_and_tables(tmp
 # kill -9 at each step of a commit ------------------------------------------------------------
 def _killed_at(settings: Settings, point: str) -> None:
     """`k2 stream run` made to SIGKILL itself at its second arrival at `point` (the first commit
-    is whole, so the table holds some rows), see k2.stream.crash_points."""
+    is whole, so the table holds some rows), see k2.crash_points."""
     small = settings.model_copy(update={"batch_rows": 2000})
     proc = _stream_cli(small, "--tables", "trades", env_extra={"K2_TEST_CRASH_AT": f"{point}@2"})
     try:

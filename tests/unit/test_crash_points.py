@@ -1,11 +1,11 @@
-"""The test-only crash points of the stream writer never fire in production (K2_MODE=prod)."""
+"""The test-only crash points (stream writer, ingest) never fire in production (K2_MODE=prod)."""
 
 from __future__ import annotations
 
 import pytest
 
+from k2.crash_points import ENV, CrashPoints
 from k2.settings import Settings
-from k2.stream.crash_points import ENV, CrashPoints
 
 pytestmark = pytest.mark.unit
 

@@ -16,6 +16,7 @@ import structlog
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from k2 import schemas, topics
+from k2.crash_points import CrashPoints
 from k2.dlq import DeadLetter, DeadLetterSink, open_sink
 from k2.ingest import columnar
 from k2.ingest.producer import TickProducer
@@ -93,6 +94,7 @@ def ingest_files(
     producer = TickProducer(settings.kafka_bootstrap, producer_config, bulk=True)
     dlq = open_sink(settings, dlq_file, producer.producer)
     detector = GapDetector("ingest", settings.gap_alert, settings.gap_halt)
+    crash = CrashPoints(settings)  # test-only; inert unless K2_TEST_CRASH_AT is set
     summary = IngestSummary()
     ingest_us = time.time_ns() // 1000
     started = time.perf_counter()
@@ -102,8 +104,10 @@ def ingest_files(
         task = progress.add_task("ingest", total=total_bytes, rate="")
 
         def advance(nbytes: int) -> None:
+            """At each checkpoint of a file's lines, handed to the producer."""
             rate = summary.rows_read / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=nbytes, rate=f"{rate:,.0f} rows/s")
+            crash.reach("ingest_checkpoint")
 
         if with_reference:
             topic, encoder = settings.topic("reference"), encoders["reference"]

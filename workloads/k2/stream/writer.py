@@ -34,6 +34,7 @@ from pyiceberg.expressions import AlwaysFalse, AlwaysTrue, And, BooleanExpressio
 from pyiceberg.table import Table
 
 from k2 import faults, schemas, tables
+from k2.crash_points import CrashPoints
 from k2.dlq import DeadLetter, DeadLetterSink
 from k2.kafka import consume_available
 from k2.observability import (
@@ -52,7 +53,6 @@ from k2.quality import GapDetector, prior_max, sequence_keys
 from k2.schemas import columnar
 from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
-from k2.stream.crash_points import CrashPoints
 
 log = structlog.get_logger("k2.stream")
 TICK_TIME = "exchange_timestamp"  # event time of trades and quotes (reference tables have none)
