@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import hypothesis
 import pytest
 import yaml
 from kubernetes import client, config
@@ -33,6 +34,11 @@ from kubernetes.client.rest import ApiException
 
 from k2.settings import Settings
 from k2.stack.base import Service
+
+# Property tests check answers, not speed: Hypothesis's default 200 ms deadline per example fails
+# them on a machine busy with the rest of the suite (a kind cluster, say), which says nothing.
+hypothesis.settings.register_profile("k2", deadline=None)
+hypothesis.settings.load_profile("k2")
 
 REPO = Path(__file__).resolve().parents[1]
 SYDNEY = ZoneInfo("Australia/Sydney")
