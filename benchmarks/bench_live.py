@@ -10,7 +10,7 @@ Each observer is a process of its own, and the filler ticks are encoded before t
 so that the load generator's work and the observers' share of one interpreter do not show up as
 latency. Peak memory is each K2 process's VmHWM from /proc at the end.
 
-    python benchmarks/bench_live.py --rate 20000 --seconds 60
+    python benchmarks/bench_live.py --rate 20000 --seconds 60 [--live-tail-rows 0]
 """
 
 from __future__ import annotations
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--batch-seconds", type=float, default=0.2)
     parser.add_argument("--symbols", type=int, default=50)
     parser.add_argument("--poll-ms", type=float, default=25, help="REST freshness poll interval")
+    parser.add_argument("--live-tail-rows", type=int, default=500_000,
+                        help="the API's live tail (K2_LIVE_TAIL_ROWS; 500,000 as the operator deploys, 0: none)")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="k2-bench-live-"))
@@ -138,7 +140,8 @@ def main() -> None:
     encoder = register_schemas(settings, ("trades",))["trades"]
     topic = settings.topic("trades")
     ticks = filler(encoder, int(args.rate * args.seconds), args.symbols)
-    env = {**os.environ, **settings.to_env(), "K2_LOG_LEVEL": "WARNING", "K2_RATE_LIMIT": "1000000/minute"}
+    env = {**os.environ, **settings.to_env(), "K2_LOG_LEVEL": "WARNING", "K2_RATE_LIMIT": "1000000/minute",
+           "K2_LIVE_TAIL_ROWS": str(args.live_tail_rows)}
     port = free_port()
     stream = subprocess.Popen([K2, "stream", "run", "--tables", "trades"], env=env)
     api = subprocess.Popen([K2, "api", "--port", str(port)], env=env)
@@ -198,7 +201,8 @@ def main() -> None:
         return [times[s] - produced[s] for s in produced if s in times]
 
     print(f"\n### Freshness and push latency ({sent / elapsed:,.0f} msg/s for {elapsed:.0f} s, "
-          f"commits every {args.batch_seconds} s, REST polled every {args.poll_ms:.0f} ms, {len(produced)} probes)\n")
+          f"commits every {args.batch_seconds} s, REST polled every {args.poll_ms:.0f} ms, {len(produced)} probes, "
+          f"live tail {f'{args.live_tail_rows:,} rows' if args.live_tail_rows else 'off'})\n")
     print("| path | probes seen | p50 ms | p99 ms | p99 ÷ bare Kafka p99 |")
     print("|---|---:|---:|---:|---:|")
     base_p99 = _pct(latencies(seen["bare"]), 99)

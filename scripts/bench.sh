@@ -21,6 +21,7 @@ python benchmarks/bench_connect.py --data "$DATA"  # starts and stops Iceberg's 
 python benchmarks/bench_operator.py
 python benchmarks/bench_live.py --rate 20000 --seconds 60
 python benchmarks/bench_live.py --rate 2000 --seconds 60  # a tenth: where the 2 cores are not the bound
+python benchmarks/bench_live.py --rate 2000 --seconds 60 --live-tail-rows 0  # no live tail: REST waits for commits
 # On the cluster of `make kind-up` only (building and creating one takes long): a rolling update
 # of the stream consumers while the live feed flows.
 if python -c "import sys; from k2.stack import docker, kindcluster; sys.exit(not (docker.engine_answers() and 'k2' in kindcluster.clusters()))"; then

@@ -5,7 +5,8 @@
 # started it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:/usr/local/go/bin:$PATH"
+# /usr/sbin: Debian installs dockerd and the iptables it calls there, off a non-login shell's PATH
+export PATH="$PWD/.venv/bin:/usr/local/go/bin:$PATH:/usr/sbin:/sbin"
 export K2_STATE_DIR="${K2_STATE_DIR:-$PWD/.k2/test-state}"
 start=$(date +%s)
 engine_was_up=0

@@ -97,6 +97,8 @@ QUERY_CACHE_LOOKUPS = Counter("k2_query_cache_lookups", "Result cache lookups (h
 QUERY_CACHE_BYTES = Gauge("k2_query_cache_bytes", "Bytes of results held by the result cache", registry=REGISTRY)
 STREAM_SUBSCRIBERS = Gauge("k2_stream_subscribers", "WebSocket subscribers of live ticks", ["kind"],
                            registry=REGISTRY)
+LIVE_TAIL_ROWS = Gauge("k2_live_tail_rows", "Ticks past the newest snapshot the API holds for REST queries",
+                       ["kind"], registry=REGISTRY)
 STREAM_TICKS = Counter("k2_stream_ticks", "Live ticks read by the API's Kafka consumer", ["kind"], registry=REGISTRY)
 STREAM_DISCONNECTS = Counter("k2_stream_disconnects", "WebSocket subscribers cut off, by reason", ["kind", "reason"],
                          registry=REGISTRY)

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     query_threads: int = Field(0, ge=0, le=256, description="DuckDB threads per process; 0: one per core. Serving "
                                "many requests at once, cores ÷ worker processes wastes less on coordination")
 
+    live_tail_rows: int = Field(0, ge=0, le=50_000_000, description="REST queries of the latest data add the "
+                                "ticks in Kafka the stream has not committed yet, so that a tick shows within a "
+                                "second: up to this many held per tick table per API process; 0: none, a tick "
+                                "shows after the stream's next commit")
     stream_buffer: int = Field(10_000, ge=10, le=1_000_000, description="ticks queued per WebSocket subscriber; "
                                "a subscriber whose queue fills is disconnected (slow consumer)")
 

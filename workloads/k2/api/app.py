@@ -21,6 +21,7 @@ from k2.api.errors import install_error_handlers
 from k2.api.middleware import ObservabilityMiddleware
 from k2.api.ratelimit import ConcurrencyLimiter, RateLimiter
 from k2.api.routers import include_routers
+from k2.api.routers.stream import hub
 from k2.observability import configure_logging
 from k2.query.engine import Engine
 from k2.settings import Settings
@@ -56,8 +57,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.live_tail_rows:
+            query_engine.attach_tails(hub(app).tails)  # the hub starts now, not with a first subscriber
         yield
         if getattr(app.state, "hub", None) is not None:  # started by the first WebSocket subscriber
+            query_engine.attach_tails({})
             app.state.hub.close()
         if owned:
             query_engine.close()

@@ -22,17 +22,19 @@ from typing import cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic_core import to_json
 
-from k2 import schemas
+from k2 import schemas, tables
 from k2.faults import Transient
 from k2.kafka import consume_available, coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.query.filters import TICK_KINDS, TickKind
 from k2.query.rows import to_rows
 from k2.query.scope import Scope
+from k2.query.tail import KindTail
 from k2.schemas import columnar
 from k2.schemas.registry import client as registry_client
 from k2.schemas.wire import AvroDecoder, PoisonMessage
@@ -92,6 +94,13 @@ class Subscription:
 def decode_ticks(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> Iterator[LiveTick]:
     """Confluent-Avro messages of one topic → ticks in message order (undecodable ones are skipped:
     the stream dead-letters them, and a live view must not show what the table never will)."""
+    positions, table = decode_table(decoder, kind, messages)
+    return live_ticks(messages, positions, table)
+
+
+def decode_table(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> tuple[np.ndarray, pa.Table]:
+    """The decodable messages as one table in the kind's schema, in message order, with the
+    position in `messages` of each row."""
     payloads = [m.value() for m in messages]
     ids = columnar.confluent_schema_ids(payloads)
     target = schemas.arrow_schema(kind)
@@ -107,11 +116,17 @@ def decode_ticks(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) 
         good = where[~result.bad]
         table = result.table.filter(pa.array(~result.bad)) if result.bad.any() else result.table
         decoded.append((good, columnar.conform(table, target)))
-    rows: list[tuple[int, dict]] = []
-    for positions, table in decoded:
-        rows.extend(zip(positions.tolist(), to_rows(table), strict=True))
-    rows.sort(key=lambda item: item[0])
-    for i, row in rows:
+    if not decoded:
+        return np.zeros(0, np.int64), target.empty_table()
+    if len(decoded) == 1:
+        return decoded[0]
+    positions = np.concatenate([p for p, _ in decoded])
+    order = np.argsort(positions, kind="stable")
+    return positions[order], pa.concat_tables([t for _, t in decoded]).take(pa.array(order))
+
+
+def live_ticks(messages: list[Message], positions: np.ndarray, table: pa.Table) -> Iterator[LiveTick]:
+    for i, row in zip(positions.tolist(), to_rows(table), strict=True):
         topic, partition, offset = coordinates(messages[i])
         yield LiveTick(row["symbol"], row["exchange"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
                        (topic, partition), offset, to_json(row).decode())
@@ -130,6 +145,8 @@ class TickHub:
         self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None
         self._started = threading.Event()
+        # kind → its live tail (k2.query.tail), made when its topic is first opened
+        self.tails: dict[TickKind, KindTail] = {}
 
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -203,10 +220,37 @@ class TickHub:
         if meta.error is not None:
             return None
         new = [p for p in meta.partitions if (topic, p) not in self._positions]
+        kind = self.topics[topic]
         if topic not in self._unopened:
+            if kind in self.tails:
+                for p in new:
+                    self.tails[kind].open_partition(p, None)
             return [TopicPartition(topic, p, OFFSET_BEGINNING) for p in new]
+        if self.settings.live_tail_rows and (recorded := self._open_tail(kind)) is not None:
+            # from where the table's snapshot stops, as the stream goes on (from the beginning
+            # where it recorded nothing)
+            for p in new:
+                self.tails[kind].open_partition(p, recorded.get(p))
+            return [TopicPartition(topic, p, recorded.get(p, OFFSET_BEGINNING)) for p in new]
         return [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1])
                 for p in new]
+
+    def _open_tail(self, kind: TickKind) -> dict[int, int] | None:
+        """Start the kind's live tail at the table's current snapshot: the offsets it records per
+        partition, or None (no tail; the hub reads from the end) when the catalog cannot say."""
+        try:
+            table = tables.load_table(tables.catalog(self.settings), self.settings.table_identifier(kind))
+            snapshot = table.current_snapshot() if table is not None else None
+            recorded = (tables.recorded_offsets(table, snapshot).get(self.settings.topic(kind), {})
+                        if table is not None and snapshot is not None else {})
+            marks = tables.sequence_watermarks(table, snapshot) if table is not None else {}
+        except Exception as exc:  # noqa: BLE001 - any failure: the push goes on without a tail, REST reads snapshots
+            log.warning("hub.live_tail_unavailable", kind=kind, error=str(exc))
+            return None
+        self.tails[kind] = KindTail(kind, schemas.arrow_schema(kind), marks, self.settings.live_tail_rows)
+        log.info("hub.live_tail_started", kind=kind, snapshot_id=snapshot.snapshot_id if snapshot else None,
+                 offsets=recorded)
+        return recorded
 
     def _dispatch_when_possible(self, messages: list[Message]) -> None:
         """A registry outage is waited out, not taken for poison: the messages are kept and
@@ -236,10 +280,12 @@ class TickHub:
             # Under the lock, so that positions move and subscribers (as they are now) get their
             # ticks as one step: a subscriber joining later starts after this batch.
             with self._lock:
-                ticks = self._decode_wanted(kind, batch)
+                reach = {}
                 for msg in batch:
                     _, partition, offset = coordinates(msg)
-                    self._positions[(topic, partition)] = offset + 1
+                    reach[partition] = offset + 1
+                ticks = self._decode_wanted(kind, batch, reach)  # may raise Transient: positions stay
+                self._positions.update({(topic, p): o for p, o in reach.items()})
                 for sub in self._subscribers:
                     if sub.kind != kind or sub.overflowed.is_set():
                         continue
@@ -247,11 +293,27 @@ class TickHub:
                     if mine:
                         sub.loop.call_soon_threadsafe(sub.push, mine)
 
-    def _decode_wanted(self, kind: TickKind, batch: list[Message]) -> list[LiveTick]:
-        """The batch's ticks some subscriber may want. K2's producers key each tick by its symbol,
-        so the key picks them before the costly decode (unkeyed messages are decoded); with no
-        subscriber nothing is decoded, with one of every symbol everything is."""
+    def _decode_wanted(self, kind: TickKind, batch: list[Message], reach: dict[int, int]) -> list[LiveTick]:
+        """The batch's ticks some subscriber may want; with a live tail, every tick goes to it."""
         subscribers = [s for s in self._subscribers if s.kind == kind and not s.overflowed.is_set()]
+        tail = self.tails.get(kind)
+        if tail is None:
+            return self._decode_for(kind, batch, subscribers)
+        positions, table = decode_table(self.decoder, kind, batch)
+        tail.add(table, np.array([batch[i].partition() for i in positions.tolist()], np.int64),
+                 np.array([batch[i].offset() for i in positions.tolist()], np.int64), reach)
+        if not subscribers:
+            return []
+        if all(s.symbols for s in subscribers):
+            symbols = pa.array(sorted({symbol for s in subscribers for symbol in s.symbols}), pa.string())
+            wanted = pc.fill_null(pc.is_in(table["symbol"], value_set=symbols), False).to_numpy(zero_copy_only=False)
+            positions, table = positions[wanted], table.filter(pa.array(wanted))
+        return list(live_ticks(batch, positions, table))
+
+    def _decode_for(self, kind: TickKind, batch: list[Message], subscribers: list[Subscription]) -> list[LiveTick]:
+        """K2's producers key each tick by its symbol, so the key picks the ticks subscribers may
+        want before the costly decode (unkeyed messages are decoded); with no subscriber nothing
+        is decoded, with one of every symbol everything is."""
         if any(not s.symbols for s in subscribers):
             wanted = batch
         else:

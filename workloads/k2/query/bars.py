@@ -96,7 +96,7 @@ def bars(engine: Engine, q: BarQuery, *, max_rows: int, pin: Pin | None = None) 
             raise InvalidQuery("interval", f"about {buckets} bars asked for; at most {max_rows} per request: "
                                            "narrow the range or widen the interval")
         params.update(grid_start=_first_bucket(q.start, zone, q.interval), symbols=list(flt.symbols))
-    scan = engine.plan(pin or engine.pin("trades"), flt)
+    scan = engine.plan(pin or engine.pin("trades", live=True), flt)
     result = engine.run(f"bars_{q.metric}", _sql(q, where), params, {"trades": scan})
     if result.num_rows > max_rows:
         raise InvalidQuery("interval", f"more than {max_rows} bars: narrow the range or widen the interval")

@@ -59,9 +59,10 @@ from k2.observability import (
 )
 from k2.query import planning
 from k2.query.errors import Conflict, NotFound, Unavailable
-from k2.query.filters import TICK_KINDS, TickFilter, micros
+from k2.query.filters import TICK_KINDS, TickFilter, TickKind, micros
 from k2.query.scope import Scope
 from k2.query.sql import EXACT_RATIO_MACRO
+from k2.query.tail import KindTail, TailRows
 from k2.settings import Settings, TableKind
 
 log = structlog.get_logger("k2.query")
@@ -132,6 +133,7 @@ class Pin:
     table: Table | None  # None: the table has not been created yet
     snapshot: Snapshot | None  # None: the table holds no data yet
     since: Snapshot | None = None  # catch-up: only rows appended after this snapshot
+    tail: TailRows | None = None  # live: ticks in Kafka past the snapshot, read with it (k2.query.tail)
 
     @property
     def snapshot_id(self) -> int | None:
@@ -208,6 +210,11 @@ class Engine:
             self._db.execute(f"SET GLOBAL memory_limit = '{int(settings.query_memory_mb)}MiB'")
         self._db.execute(EXACT_RATIO_MACRO)
         self._db_lock = threading.Lock()
+        self._tails: Mapping[TickKind, KindTail] = {}
+
+    def attach_tails(self, tails: Mapping[TickKind, KindTail]) -> None:
+        """Live tails (from the API's hub) that `pin(..., live=True)` adds to the latest snapshot."""
+        self._tails = tails
 
     # catalog and table versions ----------------------------------------------------------------
     def _get_catalog(self) -> Catalog:
@@ -290,9 +297,10 @@ class Engine:
         raise NotFound(f"{kind} has no snapshot {snapshot_id} (never existed or expired)")
 
     def pin(self, kind: TableKind, *, snapshot_id: int | None = None, as_of: dt.datetime | None = None,
-            since_snapshot_id: int | None = None) -> Pin:
+            since_snapshot_id: int | None = None, live: bool = False) -> Pin:
         """Choose the version to read: a snapshot id, the one current at `as_of`, or the latest;
-        with `since_snapshot_id`, only what was appended after that snapshot."""
+        with `since_snapshot_id`, only what was appended after that snapshot. The latest, when
+        `live`, comes with the ticks of the live tail past it, if there is one that holds them all."""
         # The start of a catch-up is resolved first: finding it may reload the metadata, and the
         # end must then come from metadata at least as new.
         since = self._snapshot(kind, since_snapshot_id)[1] if since_snapshot_id is not None else None
@@ -311,7 +319,16 @@ class Engine:
                 snapshot = table.current_snapshot() if table else None
         if since is not None and (table is None or table.snapshot_by_id(since.snapshot_id) is None):
             raise Conflict(f"{kind} was re-created after snapshot {since_snapshot_id}")
-        return Pin(kind, table, snapshot, since)
+        latest = snapshot_id is None and as_of is None and since is None
+        tail = self._tail_past(kind, table, snapshot) if live and latest else None
+        return Pin(kind, table, snapshot, since, tail)
+
+    def _tail_past(self, kind: TableKind, table: Table | None, snapshot: Snapshot | None) -> TailRows | None:
+        tail = self._tails.get(kind) if kind in TICK_KINDS else None
+        if tail is None:
+            return None
+        recorded = tables.recorded_offsets(table, snapshot) if table is not None and snapshot is not None else {}
+        return tail.after(recorded.get(self.settings.topic(kind), {}))
 
     # planning --------------------------------------------------------------------------------
     def plan(self, pin: Pin, flt: TickFilter) -> Scan:
@@ -422,6 +439,14 @@ class Engine:
 
     def _read(self, cur: duckdb.DuckDBPyConnection, alias: str, scan: Scan, bound: dict[str, Any]) -> str:
         """The FROM-clause text that reads `scan` (registering an Arrow source on `cur` if needed)."""
+        stored = self._read_snapshot(cur, alias, scan, bound)
+        tail = scan.pin.tail
+        if tail is None or not tail.table.num_rows:
+            return stored
+        cur.register(f"k2_tail_{alias}", tail.table)
+        return f"(SELECT * FROM {stored} UNION ALL BY NAME SELECT * FROM k2_tail_{alias})"
+
+    def _read_snapshot(self, cur: duckdb.DuckDBPyConnection, alias: str, scan: Scan, bound: dict[str, Any]) -> str:
         name = f"k2_scan_{alias}"
         if scan.has_deletes:
             # Row-level deletes (merge-on-read, written by other engines): pyiceberg applies them.
@@ -540,7 +565,8 @@ def _result_key(sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan]) 
     return (sql,
             tuple(sorted((k, type(v).__name__, _frozen(v)) for k, v in params.items())),
             tuple(sorted((alias, s.pin.kind, s.pin.table.metadata.table_uuid if s.pin.table else None,
-                          s.pin.snapshot_id, s.pin.since_snapshot_id, s.has_deletes,
+                          s.pin.snapshot_id, s.pin.since_snapshot_id, s.pin.tail.reach if s.pin.tail else None,
+                          s.has_deletes,
                           tuple(f.file_path for f in s.files), _scope_key(s.scope)) for alias, s in scans.items())))
 
 

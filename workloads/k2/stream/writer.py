@@ -230,17 +230,7 @@ class TableWriter:
 
     def _load_watermarks(self) -> None:
         """Highest stored sequence number per (symbol, exchange_date), read from the table."""
-        self.watermarks = {}
-        if not self.sequenced or self.table.current_snapshot() is None:
-            self.detector.last_seen = {}
-            return
-        stored = self.table.scan(selected_fields=("symbol", "exchange_date", "sequence_number")).to_arrow()
-        if stored.num_rows:
-            stored = stored.set_column(1, "exchange_date", stored["exchange_date"].cast(pa.int32()))
-            grouped = stored.group_by(["symbol", "exchange_date"]).aggregate([("sequence_number", "max")])
-            self.watermarks = {(s, d): m for s, d, m in zip(grouped["symbol"].to_pylist(),
-                                                            grouped["exchange_date"].to_pylist(),
-                                                            grouped["sequence_number_max"].to_pylist(), strict=True)}
+        self.watermarks = tables.sequence_watermarks(self.table) if self.sequenced else {}
         self.detector.last_seen = dict(self.watermarks)
 
     # consuming ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def latest_quotes(
     as_of: Annotated[Instant | None, Query(description="default: now")] = None,
 ) -> Response:
     """The last quote at or before `as_of` of each symbol (symbols without one are absent)."""
-    pin = engine.pin("quotes")
+    pin = engine.pin("quotes", live=True)
     instant = as_of or dt.datetime.now(dt.UTC)
     rows = ticks.latest_quotes(engine, pin, TickFilter(tuple(symbol), exchange), instant, cacheable=as_of is not None)
     return json_response(LatestQuotes, rows, as_of=instant, snapshot_id=pin.snapshot_id)

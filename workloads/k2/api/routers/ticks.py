@@ -27,7 +27,7 @@ def add_tick_routes(router: APIRouter, kind: TickKind, page_model: type[Page]) -
         flt = TickFilter((symbol,) if symbol else (), exchange, start, end)
         request_fingerprint = fingerprint(kind, flt)
         token = Cursor.decode(cursor, request_fingerprint) if cursor else None
-        pin = engine.pin(kind, snapshot_id=token.snapshot(kind) if token else None)
+        pin = engine.pin(kind, snapshot_id=token.snapshot(kind) if token else None, live=token is None)
         page = ticks.page(engine, ticks.tick_relation(engine, pin, flt), fields=columns(kind), limit=limit,
                           cursor=token, fingerprint=request_fingerprint)
         return json_response(page_model, page.rows, snapshot_id=pin.snapshot_id, next_cursor=page.next_cursor)
@@ -35,4 +35,4 @@ def add_tick_routes(router: APIRouter, kind: TickKind, page_model: type[Page]) -
     @router.post("/query", response_class=StreamingResponse, responses=EXPORT_RESPONSES,
                  summary=f"Query {kind} of many symbols, streamed as JSON, CSV or Parquet")
     def query_ticks(body: TickQuery, engine: EngineDep) -> StreamingResponse:
-        return export(engine, engine.pin(kind, as_of=body.as_of), body)
+        return export(engine, engine.pin(kind, as_of=body.as_of, live=True), body)

@@ -32,8 +32,8 @@ def trades_with_quotes(
     flt = TickFilter((symbol,), exchange, start, end)
     request_fingerprint = fingerprint("trades_asof", flt, tolerance_ms)
     token = Cursor.decode(cursor, request_fingerprint) if cursor else None
-    trades_pin = engine.pin("trades", snapshot_id=token.snapshot("trades") if token else None)
-    quotes_pin = engine.pin("quotes", snapshot_id=token.snapshot("quotes") if token else None)
+    trades_pin = engine.pin("trades", snapshot_id=token.snapshot("trades") if token else None, live=token is None)
+    quotes_pin = engine.pin("quotes", snapshot_id=token.snapshot("quotes") if token else None, live=token is None)
     rel = ticks.quoted_trades_relation(engine, trades_pin, quotes_pin, flt, dt.timedelta(milliseconds=tolerance_ms))
     page = ticks.page(engine, rel, fields=ticks.QUOTED_TRADE_COLUMNS, limit=limit, cursor=token,
                       fingerprint=request_fingerprint)
