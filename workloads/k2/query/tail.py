@@ -66,6 +66,7 @@ class KindTail:
         self._rows = 0
         self._newest: dict[int, int] = {}  # offsets of the newest snapshot a query asked about
         self._lock = threading.Lock()
+        LIVE_TAIL_ROWS.labels(kind).set(0)
 
     def open_partition(self, partition: int, offset: int | None) -> None:
         """A partition the hub reads from `offset` (None: from its beginning)."""
