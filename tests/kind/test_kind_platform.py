@@ -74,9 +74,12 @@ def test_pods_on_different_nodes_reach_each_other(cluster: Any) -> None:
                        p["status"]["phase"] == "Running", "get", "pod", "web")
     cluster.kubectl("expose", "pod", "web", "--port", "80", "--target-port", "8080")
     ip = server["status"]["podIP"]
-    # bash's /dev/tcp: busybox's wget crashes on a refused connection instead of exiting non-zero
-    fetch = ('for i in $(seq 30); do exec 3<>/dev/tcp/{0}/{1} && break; sleep 1; done; '
-             'printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3; tail -n 1 <&3; echo')
+    # bash's /dev/tcp: busybox's wget crashes on a refused connection instead of exiting non-zero.
+    # Retried until the page comes back, not merely until a connection opens: on a busy machine the
+    # Service's name or rules can lag the pod, and a connection may open and answer nothing.
+    fetch = ('for i in $(seq 90); do body=$( (exec 3<>/dev/tcp/{0}/{1} && '
+             'printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3 && tail -n 1 <&3) 2>/dev/null); '
+             '[ -n "$body" ] && break; sleep 1; done; echo "$body"')
     script = f"{fetch.format(ip, 8080)}; {fetch.format('web.default', 80)}"
     run_pod(cluster, "client", f"{cluster.name}-worker", ["bash", "-c", script])
 
