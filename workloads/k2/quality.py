@@ -155,3 +155,24 @@ def prior_max(groups: np.ndarray, values: np.ndarray, initial: np.ndarray) -> np
     elements = np.flatnonzero(order >= ngroups)
     prior[order[elements] - ngroups] = ranked[running[elements - 1]]
     return prior
+
+
+SequenceKey = tuple[str, int]  # (symbol, epoch day)
+
+
+def new_sequence_numbers(groups: np.ndarray, keys: list[SequenceKey], seqs: np.ndarray,
+                         marks: dict[SequenceKey, int]) -> np.ndarray:
+    """Which ticks are news: a sequence number above its (symbol, day)'s mark and every earlier
+    number of it here, the running maximum a row-by-row dedup keeps (whatever the batching)."""
+    initial = np.array([marks.get(k, 0) for k in keys], np.int64)
+    return seqs > prior_max(groups, seqs, initial)
+
+
+def raise_marks(marks: dict[SequenceKey, int], groups: np.ndarray, keys: list[SequenceKey],
+                seqs: np.ndarray) -> None:
+    """Raise each (symbol, day)'s mark to the highest sequence number seen here."""
+    highest = np.full(len(keys), np.iinfo(np.int64).min)
+    np.maximum.at(highest, groups, seqs)
+    for key, seq in zip(keys, highest.tolist(), strict=True):
+        if seq > marks.get(key, 0):
+            marks[key] = seq

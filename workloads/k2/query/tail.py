@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2.observability import LIVE_TAIL_ROWS
-from k2.quality import prior_max, sequence_keys
+from k2.quality import new_sequence_numbers, raise_marks, sequence_keys
 from k2.query.filters import TickKind
 
 KEY_FIELDS = ("symbol", "exchange_date", "sequence_number")
@@ -103,13 +103,8 @@ class KindTail:
             days = pc.cast(keyed["exchange_date"], pa.int32()).to_numpy(zero_copy_only=False).astype(np.int64)
             seqs = keyed["sequence_number"].to_numpy().astype(np.int64)
             groups, keys = sequence_keys(keyed["symbol"], days)
-            marks = np.array([self._marks.get(k, 0) for k in keys], np.int64)
-            fresh[where] = seqs > prior_max(groups, seqs, marks)
-            highest = np.full(len(keys), np.iinfo(np.int64).min)
-            np.maximum.at(highest, groups, seqs)
-            for key, top in zip(keys, highest.tolist(), strict=True):
-                if top > self._marks.get(key, 0):
-                    self._marks[key] = top
+            fresh[where] = new_sequence_numbers(groups, keys, seqs, self._marks)
+            raise_marks(self._marks, groups, keys, seqs)
         return fresh
 
     def _let_go(self) -> None:

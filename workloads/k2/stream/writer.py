@@ -49,7 +49,7 @@ from k2.observability import (
     ROWS_WRITTEN,
     SNAPSHOTS,
 )
-from k2.quality import GapDetector, prior_max, sequence_keys
+from k2.quality import GapDetector, new_sequence_numbers, raise_marks, sequence_keys
 from k2.schemas import columnar
 from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
@@ -371,8 +371,7 @@ class TableWriter:
         # A record is new if its number is above the stored watermark and every earlier number
         # of its (symbol, date) in this batch: the running maximum the row-by-row version kept.
         groups, keys, _, seqs = self._sequence_groups(data)
-        marks = np.array([self.watermarks.get(k, 0) for k in keys], np.int64)
-        fresh = seqs > prior_max(groups, seqs, marks)
+        fresh = new_sequence_numbers(groups, keys, seqs, self.watermarks)
         return data if fresh.all() else data.filter(pa.array(fresh))
 
     def _changed_only(self, data: pa.Table) -> pa.Table:
@@ -435,11 +434,7 @@ class TableWriter:
         self.crash.reach("after_commit")
         self._commit_group_offsets(batch)
         if self.sequenced and data.num_rows:
-            highest = np.zeros(len(keys), np.int64)
-            np.maximum.at(highest, groups, seqs)
-            for key, seq in zip(keys, highest.tolist(), strict=True):
-                if seq > self.watermarks.get(key, 0):
-                    self.watermarks[key] = seq
+            raise_marks(self.watermarks, groups, keys, seqs)
         return written
 
     def _dead_letter(self, batch: Batch, letters: list[DeadLetter]) -> None:
