@@ -33,7 +33,7 @@ import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from websockets.sync.client import connect
 
-from k2 import topics
+from k2 import tables, topics
 from k2.ingest.pipeline import register_schemas
 from k2.kafka import PRODUCER_DEFAULTS, consume_available
 from k2.settings import DEV_API_KEY, Settings
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--batch-seconds", type=float, default=0.2)
     parser.add_argument("--symbols", type=int, default=50)
+    parser.add_argument("--compact-interval-seconds", type=float, default=Settings().compact_interval_seconds,
+                        help="the stream's size-tiered compaction (K2_COMPACT_INTERVAL_SECONDS; 0: none)")
     parser.add_argument("--poll-ms", type=float, default=25, help="REST freshness poll interval")
     parser.add_argument("--live-tail-rows", type=int, default=500_000,
                         help="the API's live tail (K2_LIVE_TAIL_ROWS; 500,000 as the operator deploys, 0: none)")
@@ -135,7 +137,8 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="k2-bench-live-"))
     settings = Settings(asset_class=f"bench{os.getpid()}", catalog_uri=f"sqlite:///{home}/catalog.db",
-                        warehouse=str(home / "warehouse"), batch_seconds=args.batch_seconds)
+                        warehouse=str(home / "warehouse"), batch_seconds=args.batch_seconds,
+                        compact_interval_seconds=args.compact_interval_seconds)
     topics.ensure_pipeline_topics(settings, ("trades",))
     encoder = register_schemas(settings, ("trades",))["trades"]
     topic = settings.topic("trades")
@@ -197,11 +200,14 @@ def main() -> None:
         for proc in (api, stream):
             proc.wait(60)
 
+    table = tables.load_table(tables.catalog(settings), settings.table_identifier("trades"))
+    data_files = len(table.inspect.files())
+
     def latencies(times: dict[int, float]) -> list[float]:
         return [times[s] - produced[s] for s in produced if s in times]
 
     print(f"\n### Freshness and push latency ({sent / elapsed:,.0f} msg/s for {elapsed:.0f} s, "
-          f"commits every {args.batch_seconds} s, REST polled every {args.poll_ms:.0f} ms, {len(produced)} probes, "
+          f"commits every {args.batch_seconds} s, compaction every {args.compact_interval_seconds:g} s, REST polled every {args.poll_ms:.0f} ms, {len(produced)} probes, "
           f"live tail {f'{args.live_tail_rows:,} rows' if args.live_tail_rows else 'off'})\n")
     print("| path | probes seen | p50 ms | p99 ms | p99 ÷ bare Kafka p99 |")
     print("|---|---:|---:|---:|---:|")
@@ -211,6 +217,7 @@ def main() -> None:
         values = latencies(seen[key])
         print(f"| {name} | {len(values)}/{len(produced)} | {_pct(values, 50):.1f} | {_pct(values, 99):.1f} | "
               f"{_pct(values, 99) / base_p99:.1f}× |")
+    print(f"\nData files in the table at the end: {data_files}.")
     print("\n| process | peak memory MB |\n|---|---:|")
     for name, mb in peaks.items():
         print(f"| {name} | {mb:.0f} |")

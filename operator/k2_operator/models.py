@@ -285,9 +285,10 @@ class ConsumerSpec(_Model):
                                     "values such as 0.2 make ticks queryable sooner, in more, smaller files).",
                                     le=3600)
     compact_interval_seconds: float = _setting(
-        "compact_interval_seconds", "How often the consumers compact partitions with many small files; 0: never.",
+        "compact_interval_seconds", "How often the consumers merge like-sized small files (size-tiered); 0: never.",
         le=86_400)
-    compact_min_files: int = _setting("compact_min_files", "Files a partition must have to be compacted.",
+    compact_min_files: int = _setting("compact_min_files", "Fan-in: like-sized files in a partition are merged "
+                                      "once this many gather.",
                                       le=100_000)
     history_detail_seconds: float = _setting(
         "history_detail_seconds", "The consumers keep every commit's snapshot this recent (time travel, cursors "

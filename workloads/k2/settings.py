@@ -52,9 +52,11 @@ class Settings(BaseSettings):
     batch_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     batch_seconds: float = Field(2.0, gt=0)
     target_file_size_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
-    compact_interval_seconds: float = Field(600.0, ge=0, description="the stream compacts partitions with at least "
-                                            "compact_min_files files this often; 0: never (k2 maintain only)")
-    compact_min_files: int = Field(32, ge=2)
+    compact_interval_seconds: float = Field(10.0, ge=0, description="the stream merges like-sized small files "
+                                            "this often (size-tiered: k2.stream.maintenance.compact_tiers); "
+                                            "0: never (k2 maintain only)")
+    compact_min_files: int = Field(8, ge=2, description="fan-in of the stream's compaction: files of like size in "
+                                   "a partition are merged once this many gather")
     history_detail_seconds: float = Field(300.0, ge=0, description="the stream keeps the snapshot of every commit "
                                           "this recent (time travel, cursors and catch-up at commit precision), "
                                           "thinning older ones this often")

@@ -25,7 +25,7 @@ from pyiceberg.exceptions import (
 )
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table
+from pyiceberg.table import Table, TableProperties
 from pyiceberg.table import Transaction as IcebergTransaction
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Snapshot
@@ -339,6 +339,12 @@ def sequence_watermarks(table: Table, snapshot: Snapshot | None = None) -> dict[
 def recorded_newest_tick_us(table: Table) -> int:
     """The exchange time (µs) of the newest tick the current snapshot holds; 0 if none recorded."""
     return int(_recorded(table, NEWEST_TICK_PROPERTY) or 0)
+
+
+def target_file_size(table: Table) -> int:
+    """The data file size writers and compaction aim for (pyiceberg's default when unset)."""
+    return int(table.properties.get(TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+                                    TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT))
 
 
 def carried_properties(table: Table) -> dict[str, str]:

@@ -14,15 +14,21 @@ older than a safety age are removed, so a live writer's files, written but not y
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
 import structlog
 from pyarrow.fs import FileSelector, FileType
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression, EqualTo
-from pyiceberg.io.pyarrow import PyArrowFileIO
-from pyiceberg.table import Table
+from pyiceberg.io.pyarrow import ArrowScan, PyArrowFileIO, _dataframe_to_data_files
+from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent
+from pyiceberg.table import FileScanTask, Table
+from pyiceberg.table.snapshots import Operation, Summary
+from pyiceberg.table.update.snapshot import _OverwriteFiles
+from pyiceberg.typedef import EMPTY_DICT
 from pyiceberg.utils.concurrent import ExecutorFactory
 
 from k2 import tables
@@ -106,6 +112,89 @@ def compact(table: Table, min_files: int) -> tuple[Table, int]:
         compacted += 1
         log.info("maintain.compacted", table=".".join(table.name()), partition=str(value), files_before=count)
     return table, compacted
+
+
+TIER_BASE_BYTES = 64 * 1024  # files below this size are the first tier
+
+
+class _ReplaceFiles(_OverwriteFiles):
+    """Files swapped for files holding the same rows: Iceberg's `replace` operation (what Java's
+    RewriteFiles commits). Readers of what was appended since a snapshot (catch-up) skip it.
+    pyiceberg writes only append/overwrite/delete summaries, so the totals are computed as for an
+    overwrite and the operation is named after."""
+
+    def _summary(self, snapshot_properties: dict[str, str] = EMPTY_DICT) -> Summary:
+        computed = super()._summary(snapshot_properties)
+        return Summary(Operation.REPLACE, **computed.additional_properties)
+
+
+
+def size_tier(size_bytes: int, fan_in: int) -> int:
+    """Files within a factor of `fan_in` of each other in size share a tier (0: the smallest)."""
+    return max(0, math.floor(math.log(max(size_bytes, 1) / TIER_BASE_BYTES, fan_in)) + 1)
+
+
+def _live_data_files(table: Table) -> list[DataFile] | None:
+    """The current snapshot's data files; None when it has delete files (rows would move out from
+    under them: `compact` rewrites such partitions whole)."""
+    snapshot = table.current_snapshot()
+    if snapshot is None:
+        return []
+    files = []
+    for manifest in snapshot.manifests(table.io):
+        if manifest.content != ManifestContent.DATA:
+            return None
+        files.extend(entry.data_file for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+                     if entry.data_file.content == DataFileContent.DATA)
+    return files
+
+
+def tiers_due(table: Table, fan_in: int, target_bytes: int) -> list[list[DataFile]]:
+    """Groups of files to merge: per partition, every size tier holding at least `fan_in` files
+    under half the target size (larger ones are well sized, and left alone)."""
+    files = _live_data_files(table)
+    if not files:
+        return []
+    tiers: dict[tuple, list[DataFile]] = defaultdict(list)
+    for f in files:
+        if f.file_size_in_bytes < target_bytes // 2:
+            tiers[(f.spec_id, tuple(f.partition), size_tier(f.file_size_in_bytes, fan_in))].append(f)
+    return [group for _, group in sorted(tiers.items(), key=lambda kv: str(kv[0])) if len(group) >= fan_in]
+
+
+def compact_tiers(table: Table, fan_in: int) -> tuple[Table, int]:
+    """Size-tiered compaction, what the stream runs as it writes. Files of like size in a
+    partition are merged, sorted, into one once `fan_in` of them gather, as one `replace` snapshot
+    that carries the recorded offsets forward. Each row is rewritten about log_fan_in(target size ÷
+    commit size) times in all, and a pass reads only the files it merges, so its time and memory
+    follow the rate of commits, not the size of the day (`compact` rewrites a partition whole).
+    Returns the table and the groups merged."""
+    if _live_data_files(table) is None:
+        return compact(table, fan_in)
+    merged = 0
+
+    def merge(current: Table) -> None:
+        nonlocal merged
+        groups = tiers_due(current, fan_in, tables.target_file_size(current))
+        merged = len(groups)
+        if not groups:
+            return
+        with tables.transaction(current) as tx:
+            replace = _ReplaceFiles(operation=Operation.OVERWRITE, transaction=tx, io=current.io,
+                                    snapshot_properties=tables.carried_properties(current))
+            for group in groups:
+                data = ArrowScan(current.metadata, current.io, current.schema(), AlwaysTrue()).to_table(
+                    [FileScanTask(f) for f in group])
+                for written in _dataframe_to_data_files(current.metadata, _sort(data, current), current.io):
+                    replace.append_data_file(written)
+                for f in group:
+                    replace.delete_data_file(f)
+            replace.commit()
+
+    table = tables.commit_retrying_conflicts(table, "compaction", merge)
+    if merged:
+        log.info("maintain.tiers_compacted", table=".".join(table.name()), groups=merged)
+    return table, merged
 
 
 def expire(table: Table, retention: dt.timedelta) -> tuple[Table, int]:
