@@ -290,6 +290,9 @@ class ConsumerSpec(_Model):
     compact_min_files: int = _setting("compact_min_files", "Fan-in: like-sized files in a partition are merged "
                                       "once this many gather.",
                                       le=100_000)
+    compact_max_bytes: int = _setting("compact_max_bytes", "The most Parquet bytes the consumers merge into one "
+                                      "file as they write (bounds the pause and memory; larger files are left to "
+                                      "maintenance).")
     history_detail_seconds: float = _setting(
         "history_detail_seconds", "The consumers keep every commit's snapshot this recent (time travel, cursors "
         "and catch-up at commit precision) and thin older ones this often; each kept snapshot slows every commit, "

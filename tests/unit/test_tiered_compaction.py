@@ -23,6 +23,7 @@ pytestmark = pytest.mark.unit
 DAY = dt.date(2014, 3, 10)
 ARROW = pa.schema([pa.field("exchange_date", pa.date32(), False), pa.field("sequence_number", pa.int64(), False)])
 TARGET = 40_000  # bytes: a file of 3,000 random longs is well sized, one of 5 consecutive ones small
+ANY_SIZE = 2**40
 
 
 def _append(table, sequence_numbers, offset: int) -> None:
@@ -52,12 +53,12 @@ def test_like_sized_files_merge_once_enough_gather_and_well_sized_ones_are_left_
     assert table.scan().plan_files()[0].file.file_size_in_bytes >= TARGET // 2, "the big file is well sized"
     for n in range(3):
         _append(table, list(range(n * 5, n * 5 + 5)), 2_005 + n * 5)
-    assert tiers_due(table, 4, TARGET) == [], "three small files are not yet a tier of four"
-    assert compact_tiers(table, 4)[1] == 0
+    assert tiers_due(table, 4, TARGET, ANY_SIZE) == [], "three small files are not yet a tier of four"
+    assert compact_tiers(table, 4, ANY_SIZE)[1] == 0
     _append(table, list(range(15, 20)), 2_020)
     rows = _rows(table)
 
-    table, merged = compact_tiers(table, 4)
+    table, merged = compact_tiers(table, 4, ANY_SIZE)
 
     assert merged == 1
     after = _paths(table)
@@ -75,7 +76,7 @@ def test_a_catch_up_reads_across_a_compaction(table):
         _append(table, list(range(n * 5, n * 5 + 5)), 5 + n * 5)
     since = table.current_snapshot()
     _append(table, [100, 101], 22)
-    table, merged = compact_tiers(table, 4)
+    table, merged = compact_tiers(table, 4, ANY_SIZE)
     assert merged == 1
     _append(table, [102], 23)
 
@@ -84,6 +85,19 @@ def test_a_catch_up_reads_across_a_compaction(table):
     appended = Counter(v for f in files for v in pa.parquet.read_table(
         f.file_path.removeprefix("file://"), partitioning=None)["sequence_number"].to_pylist())
     assert appended == Counter([100, 101, 102])
+
+
+def test_a_merge_takes_no_more_bytes_than_allowed(table):
+    """A pass pauses the writer and holds what it merges in memory: bounded by configuration."""
+    for n in range(6):
+        _append(table, list(range(n * 5, n * 5 + 5)), 5 + n * 5)
+    sizes = sorted(task.file.file_size_in_bytes for task in table.scan().plan_files())
+    assert tiers_due(table, 4, TARGET, sum(sizes[:3])) == [], "three files fit: fewer than the fan-in"
+    (group,) = tiers_due(table, 4, TARGET, sum(sizes[:5]))
+    assert len(group) == 5
+    table, merged = compact_tiers(table, 4, sum(sizes[:5]))
+    assert merged == 1 and len(_paths(table)) == 2
+    assert _rows(table) == Counter(range(30))
 
 
 def test_a_tier_spans_a_factor_of_the_fan_in_in_size():

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
                                             "0: never (k2 maintain only)")
     compact_min_files: int = Field(8, ge=2, description="fan-in of the stream's compaction: files of like size in "
                                    "a partition are merged once this many gather")
+    compact_max_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=2**34, description="the most Parquet bytes the "
+                                   "stream merges into one file: a pass pauses its writer and holds the rows in "
+                                   "memory, so larger files are left to k2 maintain")
     history_detail_seconds: float = Field(300.0, ge=0, description="the stream keeps the snapshot of every commit "
                                           "this recent (time travel, cursors and catch-up at commit precision), "
                                           "thinning older ones this often")

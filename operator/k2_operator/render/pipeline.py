@@ -16,7 +16,7 @@ INGEST_DEADLINE_SECONDS = 12 * 3600  # a stuck ingest fails instead of holding i
 FINISHED_JOB_TTL_SECONDS = 24 * 3600
 # What only `k2 stream run` reads (batching, compaction, the tables' namespace and file size).
 STREAM_ONLY_SETTINGS = frozenset({"batch_rows", "batch_bytes", "batch_seconds", "compact_interval_seconds",
-                                  "compact_min_files", "history_detail_seconds",
+                                  "compact_min_files", "compact_max_bytes", "history_detail_seconds",
                                   "history_interval_seconds", "namespace", "target_file_size_bytes"})
 
 
@@ -77,6 +77,7 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
         "batch_seconds": spec.consumer.batch_seconds,
         "compact_interval_seconds": spec.consumer.compact_interval_seconds,
         "compact_min_files": spec.consumer.compact_min_files,
+        "compact_max_bytes": spec.consumer.compact_max_bytes,
         "history_detail_seconds": spec.consumer.history_detail_seconds,
         "history_interval_seconds": spec.consumer.history_interval_seconds,
         "gap_alert": spec.consumer.gap_alert, "gap_halt": spec.consumer.gap_halt,

@@ -149,9 +149,10 @@ def _live_data_files(table: Table) -> list[DataFile] | None:
     return files
 
 
-def tiers_due(table: Table, fan_in: int, target_bytes: int) -> list[list[DataFile]]:
-    """Groups of files to merge: per partition, every size tier holding at least `fan_in` files
-    under half the target size (larger ones are well sized, and left alone)."""
+def tiers_due(table: Table, fan_in: int, target_bytes: int, max_bytes: int) -> list[list[DataFile]]:
+    """Groups of files to merge: per partition and size tier, the smallest files under half the
+    target size (larger ones are well sized, and left alone), as many as fit in `max_bytes`, when
+    at least `fan_in` of them do."""
     files = _live_data_files(table)
     if not files:
         return []
@@ -159,15 +160,26 @@ def tiers_due(table: Table, fan_in: int, target_bytes: int) -> list[list[DataFil
     for f in files:
         if f.file_size_in_bytes < target_bytes // 2:
             tiers[(f.spec_id, tuple(f.partition), size_tier(f.file_size_in_bytes, fan_in))].append(f)
-    return [group for _, group in sorted(tiers.items(), key=lambda kv: str(kv[0])) if len(group) >= fan_in]
+    groups = []
+    for _, tier in sorted(tiers.items(), key=lambda kv: str(kv[0])):
+        group, total = [], 0
+        for f in sorted(tier, key=lambda f: f.file_size_in_bytes):
+            if total + f.file_size_in_bytes > max_bytes:
+                break
+            group.append(f)
+            total += f.file_size_in_bytes
+        if len(group) >= fan_in:
+            groups.append(group)
+    return groups
 
 
-def compact_tiers(table: Table, fan_in: int) -> tuple[Table, int]:
+def compact_tiers(table: Table, fan_in: int, max_bytes: int) -> tuple[Table, int]:
     """Size-tiered compaction, what the stream runs as it writes. Files of like size in a
     partition are merged, sorted, into one once `fan_in` of them gather, as one `replace` snapshot
-    that carries the recorded offsets forward. Each row is rewritten about log_fan_in(target size ÷
-    commit size) times in all, and a pass reads only the files it merges, so its time and memory
-    follow the rate of commits, not the size of the day (`compact` rewrites a partition whole).
+    that carries the recorded offsets forward. Each row is rewritten about log_fan_in(merged size ÷
+    commit size) times, and a pass reads only the files it merges, at most `max_bytes` of Parquet a
+    group, so its pause and memory are bounded by configuration, not by the size of the day
+    (`compact` rewrites a partition whole; `k2 maintain` merges what grows past `max_bytes`).
     Returns the table and the groups merged."""
     if _live_data_files(table) is None:
         return compact(table, fan_in)
@@ -175,7 +187,7 @@ def compact_tiers(table: Table, fan_in: int) -> tuple[Table, int]:
 
     def merge(current: Table) -> None:
         nonlocal merged
-        groups = tiers_due(current, fan_in, tables.target_file_size(current))
+        groups = tiers_due(current, fan_in, tables.target_file_size(current), max_bytes)
         merged = len(groups)
         if not groups:
             return

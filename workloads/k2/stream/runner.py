@@ -98,7 +98,8 @@ class Compactor:
             return
         for writer in self.writers:
             writer.flush()  # the open batch first: compaction then sees every committed row
-            writer.table, compacted = maintenance.compact_tiers(writer.table, writer.settings.compact_min_files)
+            writer.table, compacted = maintenance.compact_tiers(writer.table, writer.settings.compact_min_files,
+                                                                 writer.settings.compact_max_bytes)
             if compacted:
                 log.info("stream.compacted", table=writer.table_name, groups=compacted)
         self.last = time.monotonic()
