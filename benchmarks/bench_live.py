@@ -207,7 +207,8 @@ def main() -> None:
         return [times[s] - produced[s] for s in produced if s in times]
 
     print(f"\n### Freshness and push latency ({sent / elapsed:,.0f} msg/s for {elapsed:.0f} s, "
-          f"commits every {args.batch_seconds} s, compaction every {args.compact_interval_seconds:g} s, REST polled every {args.poll_ms:.0f} ms, {len(produced)} probes, "
+          f"commits every {args.batch_seconds} s, compaction every {args.compact_interval_seconds:g} s, "
+          f"REST polled every {args.poll_ms:.0f} ms, {len(produced)} probes, "
           f"live tail {f'{args.live_tail_rows:,} rows' if args.live_tail_rows else 'off'})\n")
     print("| path | probes seen | p50 ms | p99 ms | p99 ÷ bare Kafka p99 |")
     print("|---|---:|---:|---:|---:|")

@@ -140,7 +140,7 @@ def _live_data_files(table: Table) -> list[DataFile] | None:
     snapshot = table.current_snapshot()
     if snapshot is None:
         return []
-    files = []
+    files: list[DataFile] = []
     for manifest in snapshot.manifests(table.io):
         if manifest.content != ManifestContent.DATA:
             return None
@@ -159,7 +159,7 @@ def tiers_due(table: Table, fan_in: int, target_bytes: int, max_bytes: int) -> l
     tiers: dict[tuple, list[DataFile]] = defaultdict(list)
     for f in files:
         if f.file_size_in_bytes < target_bytes // 2:
-            tiers[(f.spec_id, tuple(f.partition), size_tier(f.file_size_in_bytes, fan_in))].append(f)
+            tiers[(f.spec_id, f.partition, size_tier(f.file_size_in_bytes, fan_in))].append(f)
     groups = []
     for _, tier in sorted(tiers.items(), key=lambda kv: str(kv[0])):
         group, total = [], 0
