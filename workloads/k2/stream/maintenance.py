@@ -134,7 +134,7 @@ def size_tier(size_bytes: int, fan_in: int) -> int:
     return max(0, math.floor(math.log(max(size_bytes, 1) / TIER_BASE_BYTES, fan_in)) + 1)
 
 
-def _live_data_files(table: Table) -> list[DataFile] | None:
+def live_data_files(table: Table) -> list[DataFile] | None:
     """The current snapshot's data files; None when it has delete files (rows would move out from
     under them: `compact` rewrites such partitions whole)."""
     snapshot = table.current_snapshot()
@@ -149,13 +149,10 @@ def _live_data_files(table: Table) -> list[DataFile] | None:
     return files
 
 
-def tiers_due(table: Table, fan_in: int, target_bytes: int, max_bytes: int) -> list[list[DataFile]]:
-    """Groups of files to merge: per partition and size tier, the smallest files under half the
+def tiers_due(files: list[DataFile], fan_in: int, target_bytes: int, max_bytes: int) -> list[list[DataFile]]:
+    """Groups of `files` to merge: per partition and size tier, the smallest files under half the
     target size (larger ones are well sized, and left alone), as many as fit in `max_bytes`, when
     at least `fan_in` of them do."""
-    files = _live_data_files(table)
-    if not files:
-        return []
     tiers: dict[tuple, list[DataFile]] = defaultdict(list)
     for f in files:
         if f.file_size_in_bytes < target_bytes // 2:
@@ -181,13 +178,14 @@ def compact_tiers(table: Table, fan_in: int, max_bytes: int) -> tuple[Table, int
     group, so its pause and memory are bounded by configuration, not by the size of the day
     (`compact` rewrites a partition whole; `k2 maintain` merges what grows past `max_bytes`).
     Returns the table and the groups merged."""
-    if _live_data_files(table) is None:
-        return compact(table, fan_in)
     merged = 0
+    has_deletes = False
 
     def merge(current: Table) -> None:
-        nonlocal merged
-        groups = tiers_due(current, fan_in, tables.target_file_size(current), max_bytes)
+        nonlocal merged, has_deletes
+        files = live_data_files(current)
+        has_deletes = files is None
+        groups = tiers_due(files or [], fan_in, tables.target_file_size(current), max_bytes)
         merged = len(groups)
         if not groups:
             return
@@ -204,9 +202,7 @@ def compact_tiers(table: Table, fan_in: int, max_bytes: int) -> tuple[Table, int
             replace.commit()
 
     table = tables.commit_retrying_conflicts(table, "compaction", merge)
-    if merged:
-        log.info("maintain.tiers_compacted", table=".".join(table.name()), groups=merged)
-    return table, merged
+    return compact(table, fan_in) if has_deletes else (table, merged)
 
 
 def expire(table: Table, retention: dt.timedelta) -> tuple[Table, int]:
