@@ -100,13 +100,12 @@ def test_the_hub_decodes_only_what_its_subscribers_may_want(tmp_path, embedded_s
     one = Subscription("trades", frozenset({symbols[0]}), buffer=1_000_000, loop=event_loop_thread)
     every = Subscription("trades", frozenset(), buffer=1_000_000, loop=event_loop_thread)
     hub = TickHub(embedded_settings, kinds=["trades"])
-    assert hub._decode_wanted("trades", messages, {}) == [], "decoded with no subscriber"
-    hub.subscribe(one)
-    decoded = hub._decode_wanted("trades", messages, {})
+    assert hub._ticks_for("trades", messages, []) == [], "decoded with no subscriber"
+    decoded = hub._ticks_for("trades", messages, [one])
     assert {t.symbol for t in decoded} == {symbols[0]}
     assert len(decoded) == sum(m.key().decode() == symbols[0] for m in messages)
-    hub.subscribe(every)
-    assert len(hub._decode_wanted("trades", messages, {})) == len(messages)
+    assert len(hub._ticks_for("trades", messages, [one, every])) == len(messages)
+    hub.subscribe(one)
 
     hub._dispatch(messages)
     received = _received(one, event_loop_thread)

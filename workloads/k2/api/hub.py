@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,6 @@ from typing import cast
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic_core import to_json
@@ -32,9 +32,9 @@ from k2.faults import Transient
 from k2.kafka import consume_available, coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.query.filters import TICK_KINDS, TickKind
-from k2.query.rows import to_rows
 from k2.query.scope import Scope
 from k2.query.tail import KindTail
+from k2.rows import to_rows
 from k2.schemas import columnar
 from k2.schemas.registry import client as registry_client
 from k2.schemas.wire import AvroDecoder, PoisonMessage
@@ -44,6 +44,13 @@ log = structlog.get_logger("k2.api.hub")
 Partition = tuple[str, int]  # (topic, partition)
 _REFRESH_SECONDS = 5.0  # how often new topics and partitions are looked for
 _EPOCH = dt.date(1970, 1, 1)
+# Up to this many messages are decoded one by one, as a push usually needs (columnar.decode_rows).
+_FEW = 64
+# Polls waiting for the live tails' decode; beyond that the hub waits for it (bounded memory).
+_TAIL_BACKLOG = 256
+# The tails decode at most this often: a poll is often a few messages, and a decode's cost is
+# mostly per call, so decoding each poll at once would spend a core on a quiet feed.
+_TAIL_PACE_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +101,47 @@ class Subscription:
 def decode_ticks(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> Iterator[LiveTick]:
     """Confluent-Avro messages of one topic → ticks in message order (undecodable ones are skipped:
     the stream dead-letters them, and a live view must not show what the table never will)."""
+    if len(messages) <= _FEW and (few := _decode_few(decoder, kind, messages)) is not None:
+        return live_ticks(messages, *few)
     positions, table = decode_table(decoder, kind, messages)
-    return live_ticks(messages, positions, table)
+    return live_ticks(messages, positions.tolist(), to_rows(table))
+
+
+def _decode_few(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> tuple[list[int], list[dict]] | None:
+    """A handful of messages one by one (`columnar.decode_rows`), the push's usual case; None
+    where a writer schema is not a subset of the table's (`decode_table` conforms those)."""
+    target = schemas.arrow_schema(kind)
+    payloads = [m.value() for m in messages]
+    by_id: dict[int, list[int]] = {}
+    for i, payload in enumerate(payloads):
+        if payload is not None and len(payload) >= 5 and payload[0] == 0:
+            by_id.setdefault(int.from_bytes(payload[1:5], "big"), []).append(i)
+    found: list[tuple[int, dict]] = []
+    for schema_id, where in by_id.items():
+        try:
+            writer = decoder.writer_schema_json(schema_id)
+        except PoisonMessage:
+            continue
+        if any(target.field(f.name).type != f.type if f.name in target.names else True
+               for f in schemas.arrow_schema_from_avro(writer)):
+            return None
+        rows = columnar.decode_rows([cast(bytes, payloads[i]) for i in where], writer, skip=5)
+        found.extend((where[j], {name: row.get(name) for name in target.names}) for j, row in rows)
+    found.sort(key=lambda pair: pair[0])
+    return [i for i, _ in found], [row for _, row in found]
+
+
+def resolve_writer_schemas(decoder: AvroDecoder, messages: list[Message]) -> None:
+    """Fetch (once; the decoder caches them) the writer schema of every schema id among the
+    messages; raises `Transient` while the registry cannot say, ids it does not know are passed.
+    Plain Python: a poll is often a handful of messages, for which numpy's fixed cost dominates."""
+    headers = {value[:5] for m in messages if (value := m.value()) is not None}
+    for header in headers:
+        if len(header) == 5 and header[0] == 0:
+            try:
+                decoder.writer_schema_json(int.from_bytes(header[1:], "big"))
+            except PoisonMessage:
+                continue
 
 
 def decode_table(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> tuple[np.ndarray, pa.Table]:
@@ -125,8 +171,8 @@ def decode_table(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) 
     return positions[order], pa.concat_tables([t for _, t in decoded]).take(pa.array(order))
 
 
-def live_ticks(messages: list[Message], positions: np.ndarray, table: pa.Table) -> Iterator[LiveTick]:
-    for i, row in zip(positions.tolist(), to_rows(table), strict=True):
+def live_ticks(messages: list[Message], positions: list[int], rows: list[dict]) -> Iterator[LiveTick]:
+    for i, row in zip(positions, rows, strict=True):
         topic, partition, offset = coordinates(messages[i])
         yield LiveTick(row["symbol"], row["exchange"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
                        (topic, partition), offset, to_json(row).decode())
@@ -143,6 +189,8 @@ class TickHub:
         self._unopened = set(self.topics)  # topics whose partitions at start are still to be read from their end
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._tail_thread: threading.Thread | None = None
+        self._tail_polls: queue.Queue[tuple[TickKind, list[Message], dict[int, int]]] = queue.Queue(_TAIL_BACKLOG)
         self._consumer: Consumer | None = None
         self._started = threading.Event()
         # kind → its live tail (k2.query.tail), made when its topic is first opened
@@ -151,12 +199,15 @@ class TickHub:
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="k2-tick-hub", daemon=True)
+        self._tail_thread = threading.Thread(target=self._feed_tails, name="k2-live-tail", daemon=True)
         self._thread.start()
+        self._tail_thread.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        for thread in (self._thread, self._tail_thread):
+            if thread is not None:
+                thread.join(10)
 
     def wait_started(self, timeout: float) -> bool:
         return self._started.wait(timeout)
@@ -165,7 +216,11 @@ class TickHub:
         # No group: every API process reads every partition; offsets are never committed.
         return {"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "k2-api-hub",
                 "enable.auto.commit": False, "enable.auto.offset.store": False,
-                "isolation.level": "read_committed", "enable.partition.eof": False}
+                "isolation.level": "read_committed", "enable.partition.eof": False,
+                # The broker answers a fetch after 5 ms rather than at each new message: on a busy
+                # feed that is a few hundred fetches a second, not thousands, each a full poll of
+                # the hub's loop (a push waits at most those 5 ms more).
+                "fetch.wait.max.ms": 5, "fetch.min.bytes": 1_000_000}
 
     def _run(self) -> None:
         consumer = Consumer(self.consumer_config())
@@ -273,53 +328,83 @@ class TickHub:
         by_topic: dict[str, list[Message]] = {}
         for msg in messages:
             if msg.error() is None:
-                by_topic.setdefault(coordinates(msg)[0], []).append(msg)
+                by_topic.setdefault(msg.topic(), []).append(msg)  # type: ignore[arg-type]
         for topic, batch in by_topic.items():
             kind = self.topics[topic]
             STREAM_TICKS.labels(kind).inc(len(batch))
-            # Under the lock, so that positions move and subscribers (as they are now) get their
-            # ticks as one step: a subscriber joining later starts after this batch.
-            with self._lock:
-                reach = {}
-                for msg in batch:
-                    _, partition, offset = coordinates(msg)
-                    reach[partition] = offset + 1
-                ticks = self._decode_wanted(kind, batch, reach)  # may raise Transient: positions stay
-                self._positions.update({(topic, p): o for p, o in reach.items()})
-                for sub in self._subscribers:
-                    if sub.kind != kind or sub.overflowed.is_set():
-                        continue
-                    mine = [t for t in ticks if sub.wants(t)]
-                    if mine:
-                        sub.loop.call_soon_threadsafe(sub.push, mine)
+            reach: dict[int, int] = {}
+            for msg in batch:  # offsets rise within a partition: its last message is its highest
+                reach[cast(int, msg.partition())] = cast(int, msg.offset()) + 1
+            # Every writer schema is fetched first, so that a registry outage (Transient) stops
+            # the batch before anything moved: subscribers and the tail then both get it whole.
+            resolve_writer_schemas(self.decoder, batch)
+            self._push(topic, kind, batch, reach)
+            if kind in self.tails:
+                self._queue_for_tail(kind, batch, reach)
 
-    def _decode_wanted(self, kind: TickKind, batch: list[Message], reach: dict[int, int]) -> list[LiveTick]:
-        """The batch's ticks some subscriber may want; with a live tail, every tick goes to it."""
-        subscribers = [s for s in self._subscribers if s.kind == kind and not s.overflowed.is_set()]
-        tail = self.tails.get(kind)
-        if tail is None:
-            return self._decode_for(kind, batch, subscribers)
-        positions, table = decode_table(self.decoder, kind, batch)
-        tail.add(table, np.array([batch[i].partition() for i in positions.tolist()], np.int64),
-                 np.array([batch[i].offset() for i in positions.tolist()], np.int64), reach)
-        if not subscribers:
-            return []
-        if all(s.symbols for s in subscribers):
-            symbols = pa.array(sorted({symbol for s in subscribers for symbol in s.symbols}), pa.string())
-            wanted = pc.fill_null(pc.is_in(table["symbol"], value_set=symbols), False).to_numpy(zero_copy_only=False)
-            positions, table = positions[wanted], table.filter(pa.array(wanted))
-        return list(live_ticks(batch, positions, table))
+    def _push(self, topic: str, kind: TickKind, batch: list[Message], reach: dict[int, int]) -> None:
+        """Hand subscribers their ticks. Under the lock, so that positions move and subscribers
+        (as they are now) get their ticks as one step: a subscriber joining later starts after
+        this batch."""
+        with self._lock:
+            subscribers = [s for s in self._subscribers if s.kind == kind and not s.overflowed.is_set()]
+            ticks = self._ticks_for(kind, batch, subscribers)
+            self._positions.update({(topic, p): o for p, o in reach.items()})
+            for sub in subscribers:
+                mine = [t for t in ticks if sub.wants(t)]
+                if mine:
+                    sub.loop.call_soon_threadsafe(sub.push, mine)
 
-    def _decode_for(self, kind: TickKind, batch: list[Message], subscribers: list[Subscription]) -> list[LiveTick]:
-        """K2's producers key each tick by its symbol, so the key picks the ticks subscribers may
-        want before the costly decode (unkeyed messages are decoded); with no subscriber nothing
-        is decoded, with one of every symbol everything is."""
+    def _ticks_for(self, kind: TickKind, batch: list[Message], subscribers: list[Subscription]) -> list[LiveTick]:
+        """The batch's ticks the subscribers may want. K2's producers key each tick by its symbol,
+        so the key picks the ticks subscribers may want before the costly decode (unkeyed messages
+        are decoded); with no subscriber nothing is decoded, with one of every symbol everything is."""
         if any(not s.symbols for s in subscribers):
             wanted = batch
         else:
             keys = {symbol.encode() for s in subscribers for symbol in s.symbols}
             wanted = [m for m in batch if m.key() is None or m.key() in keys]
         return list(decode_ticks(self.decoder, kind, wanted)) if wanted else []
+
+    # live tails -----------------------------------------------------------------------------
+    def _queue_for_tail(self, kind: TickKind, batch: list[Message], reach: dict[int, int]) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tail_polls.put((kind, batch, reach), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _feed_tails(self) -> None:
+        """The tails' decode runs here, apart from the hub's loop, so that a push never waits for
+        a whole poll to be decoded. Polls that queued up are decoded as one: the decode costs
+        mostly per call, not per message (and, in a busy process, per wait for the GIL), so they
+        are gathered for `_TAIL_PACE_SECONDS` after the first, and a tail that fell behind catches
+        up in larger steps."""
+        while not self._stop.is_set():
+            try:
+                polls = [self._tail_polls.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            if self._stop.wait(_TAIL_PACE_SECONDS):
+                return
+            while len(polls) < _TAIL_BACKLOG:
+                try:
+                    polls.append(self._tail_polls.get_nowait())
+                except queue.Empty:
+                    break
+            for kind in dict.fromkeys(k for k, _, _ in polls):
+                batch = [m for k, messages, _ in polls if k == kind for m in messages]
+                reach: dict[int, int] = {}
+                for _, _, poll_reach in (p for p in polls if p[0] == kind):
+                    reach.update(poll_reach)
+                self._add_to_tail(kind, batch, reach)
+
+    def _add_to_tail(self, kind: TickKind, batch: list[Message], reach: dict[int, int]) -> None:
+        positions, table = decode_table(self.decoder, kind, batch)
+        partitions = np.fromiter((batch[i].partition() for i in positions.tolist()), np.int64, len(positions))
+        offsets = np.fromiter((batch[i].offset() for i in positions.tolist()), np.int64, len(positions))
+        self.tails[kind].add(table, partitions, offsets, reach)
 
     # subscribers --------------------------------------------------------------------------
     def subscribe(self, sub: Subscription) -> dict[int, int]:

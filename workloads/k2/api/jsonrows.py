@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from pydantic_core import to_json
 
-from k2.query.rows import to_rows
+from k2.rows import to_rows
 
 # Characters JSON strings must escape (serde_json escapes exactly these).
 _NEEDS_ESCAPE = r'["\\\x00-\x1f]'

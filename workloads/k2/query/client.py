@@ -23,8 +23,8 @@ from k2.query.cursor import fingerprint
 from k2.query.engine import Engine
 from k2.query.errors import QueryError
 from k2.query.filters import TickFilter, TickKind, columns
-from k2.query.rows import to_rows
 from k2.reach import redacted
+from k2.rows import to_rows
 from k2.settings import TABLE_KINDS, Settings, TableKind
 
 Row = dict[str, Any]

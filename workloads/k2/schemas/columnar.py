@@ -23,14 +23,19 @@ branch), ints outside int32, decimals longer than 8 bytes or beyond their precis
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 import itertools
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, cast
 
+import fastavro
 import numpy as np
 import pyarrow as pa
 
-from k2.schemas import arrow_schema_from_avro
+from k2.rows import to_rows
+from k2.schemas import arrow_schema_from_avro, strip_logical_types
 
 _PRIMITIVE = {"boolean", "int", "long", "float", "double", "bytes", "string"}
 _WIDTH = {"boolean": 1, "float": 4, "double": 8}
@@ -40,6 +45,8 @@ _HIGH_BITS = _U64(0x8080808080808080)
 _VARINT_STEPS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)
 # A minimal two's-complement decimal of k bytes holds |v| < 2**(8k - 1).
 _DECIMAL_STEPS = np.array([1 << (8 * k - 1) for k in range(1, 8)], np.uint64)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 class Unsupported(ValueError):
@@ -401,3 +408,68 @@ def decode(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int = 0)
         table = table.filter(pa.array(~cur.bad))
     errors = {int(i): cur.problems[cur.why[i] - 1] for i in np.flatnonzero(cur.bad)}
     return Decoded(table, cur.bad, errors)
+
+
+def decode_rows(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int = 0) -> list[tuple[int, dict]]:
+    """What `decode` gives, as (position, row) of the good payloads, each row the Python values
+    that `k2.rows.to_rows` makes of `decode`'s table — through fastavro one message at a
+    time. For a handful of messages: `decode` costs a millisecond or two per call whatever the
+    count, and far more in a busy process, where each of its hundreds of Arrow calls gives up the
+    GIL and waits to get it back.
+
+    Its verdicts are `decode`'s own: fastavro reads some payloads `decode` refuses (overlong
+    varints, union index -1) and `decode` reads some fastavro writes otherwise (varints padded
+    with 0x80 bytes, booleans other than 0 and 1), so a payload that fastavro does not write back
+    byte for byte, or holds an int or decimal `decode` may refuse, is left to `decode`."""
+    fields = _compile(avro_schema)
+    physical = fastavro.parse_schema(strip_logical_types(avro_schema))
+    rows: dict[int, dict] = {}
+    doubtful = []
+    for i, payload in enumerate(payloads):
+        record = _canonical_record(payload[skip:], physical)
+        row = None if record is None else _row(fields, record)
+        if row is None:
+            doubtful.append(i)
+        else:
+            rows[i] = row
+    if doubtful:
+        result = decode([payloads[i] for i in doubtful], avro_schema, skip=skip)
+        good = [i for i, bad in zip(doubtful, result.bad.tolist(), strict=True) if not bad]
+        rows.update(zip(good, to_rows(result.table), strict=True))
+    return sorted(rows.items())
+
+
+def _canonical_record(body: bytes, physical: Any) -> dict[str, Any] | None:
+    """The record, if fastavro reads the whole body and writes it back the same."""
+    buf = io.BytesIO(body)
+    try:
+        record = fastavro.schemaless_reader(buf, physical, None)
+    except Exception:  # noqa: BLE001 - fastavro raises many types on bad bytes; `decode` says which
+        return None
+    if buf.tell() != len(body):
+        return None
+    again = io.BytesIO()
+    fastavro.schemaless_writer(again, physical, record)
+    return cast(dict[str, Any], record) if again.getvalue() == body else None
+
+
+def _row(fields: list[_Field], record: dict[str, Any]) -> dict[str, Any] | None:
+    """A canonical record's physical values as `to_rows` gives them; None where `decode` may
+    refuse a value (an int beyond int32, a decimal wider than 8 bytes or beyond its precision)."""
+    row: dict[str, Any] = {}
+    for fld in fields:
+        value = record[fld.name]
+        if value is not None:
+            if fld.kind == "int" and not -(2**31) <= value < 2**31:
+                return None
+            if fld.kind == "decimal":
+                unscaled = int.from_bytes(value, "big", signed=True)
+                if len(value) > 8 or abs(unscaled) >= 10**fld.precision:
+                    return None
+                value = Decimal(unscaled).scaleb(-cast(pa.Decimal128Type, fld.arrow_type).scale)
+            elif pa.types.is_timestamp(fld.arrow_type):
+                value = _EPOCH + dt.timedelta(microseconds=value)
+            elif pa.types.is_date32(fld.arrow_type):
+                value = dt.date.fromordinal(_EPOCH_ORDINAL + value)
+        row[fld.name] = value
+    return row

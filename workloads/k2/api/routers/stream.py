@@ -35,9 +35,9 @@ from k2.observability import STREAM_DISCONNECTS
 from k2.query import scope as scopes
 from k2.query.engine import Engine
 from k2.query.filters import EARLIEST, LATEST, MAX_SYMBOLS, TICK_KINDS, TickFilter, TickKind
-from k2.query.rows import to_rows
 from k2.query.scope import Forbidden, Scope
 from k2.query.ticks import tick_relation
+from k2.rows import to_rows
 from k2.settings import Settings
 
 log = structlog.get_logger("k2.api.stream")

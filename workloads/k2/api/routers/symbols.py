@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from k2.api.deps import EngineDep
 from k2.api.models import SymbolList
 from k2.query import metadata
-from k2.query.rows import to_rows
+from k2.rows import to_rows
 
 router = APIRouter(prefix="/v1/symbols", tags=["catalog"])
 
