@@ -115,6 +115,22 @@ def watch_kafka(bootstrap: str, topic: str, ready: Any, stop: Any, out: Any) -> 
     out.put(("bare", seen))
 
 
+def start_api(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`k2 api` on a free port with this environment, once it answers /health; and its base URL."""
+    port = free_port()
+    api = subprocess.Popen([K2, "api", "--port", str(port)], env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and api.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return api, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    api.kill()
+    raise RuntimeError(f"k2 api did not answer /health on {base}")
+
+
 def filler(encoder: Any, count: int, symbols: int) -> list[tuple[bytes, bytes]]:
     """(key, payload) of `count` ticks over `symbols` symbols, each with the next sequence number."""
     print(f"encoding {count:,} filler ticks…", file=sys.stderr)
@@ -151,10 +167,8 @@ def main() -> None:
     ticks = filler(encoder, int(args.rate * args.seconds), args.symbols)
     env = {**os.environ, **settings.to_env(), "K2_LOG_LEVEL": "WARNING", "K2_RATE_LIMIT": "1000000/minute",
            "K2_LIVE_TAIL_ROWS": str(args.live_tail_rows)}
-    port = free_port()
     stream = subprocess.Popen([K2, "stream", "run", "--tables", "trades"], env=env)
-    api = subprocess.Popen([K2, "api", "--port", str(port)], env=env)
-    base = f"http://127.0.0.1:{port}"
+    api, base = start_api(env)
     produced: dict[int, float] = {}  # probe seq → produce time
     seen: dict[str, dict[int, float]] = {}
     ctx = multiprocessing.get_context("spawn")
@@ -162,12 +176,6 @@ def main() -> None:
     watchers = {"push": (watch_push, (base,)), "fresh": (watch_rest, (base, args.poll_ms / 1000)),
                 "bare": (watch_kafka, (settings.kafka_bootstrap, topic))}
     try:
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
         readies = []
         for target, extra in watchers.values():
             readies.append(ctx.Event())
