@@ -176,6 +176,12 @@ def test_poison_messages_go_to_the_dlq_and_never_block(tmp_path, embedded_settin
     poison = {b"not avro at all": "not_confluent_avro", b"\x00\x7f\xff\xff\xf0garbage": "unknown_schema_id"}
     encoder = register_schemas(embedded_settings, ("trades",))["trades"]
     poison[encoder.header + b"\x01"] = "undecodable"
+    # nanoseconds where microseconds belong: an instant some 44,000 years on, which no reader of
+    # the table (Python, the API's JSON, the push) can represent
+    poison[encoder.encode({"symbol": "ZZZ", "exchange": "ASX", "exchange_timestamp": 1_394_406_000_000_000_000,
+                           "exchange_date": 16139, "sequence_number": 1, "price": (1).to_bytes(1, "big"),
+                           "volume": 1, "qualifiers": None, "venue": None, "buyer_id": None,
+                           "ingest_timestamp": 0, "source_id": "test"})] = "undecodable"
     for payload in poison:
         producer.produce(topic, payload, b"BHP")
     producer.flush(10)

@@ -18,7 +18,8 @@ strings and bytes, union branch index, decimals as minimal big-endian two's comp
 rejects is flagged, and every payload not flagged decodes to fastavro's values. It also flags a
 few that fastavro reads but that are not valid Avro or do not fit the Arrow type: varints over
 10 bytes, union indexes outside the union (fastavro indexes Python-style, so -1 is the last
-branch), ints outside int32, decimals longer than 8 bytes or beyond their precision.
+branch), ints outside int32, decimals longer than 8 bytes or beyond their precision, and instants
+and dates beyond the years 1–9999 (fastavro's physical read takes them; its logical read fails).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ _VARINT_STEPS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)
 _DECIMAL_STEPS = np.array([1 << (8 * k - 1) for k in range(1, 8)], np.uint64)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+# Instants and dates of the years 1–9999, the ones Python (pyiceberg's statistics, the API's JSON)
+# can hold: one beyond them, e.g. nanoseconds sent as microseconds, would stop every reader.
+_MICROS_SPAN = ((dt.datetime.min.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(microseconds=1),
+                (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(microseconds=1))
+_DAYS_SPAN = (dt.date.min.toordinal() - _EPOCH_ORDINAL, dt.date.max.toordinal() - _EPOCH_ORDINAL)
 
 
 class Unsupported(ValueError):
@@ -318,6 +324,12 @@ class _Cursor:
         return (u >> _U64(1)).view(np.int64) ^ -(u & _U64(1)).view(np.int64)
 
 
+def _span(arrow_type: pa.DataType) -> tuple[int, int] | None:
+    if pa.types.is_timestamp(arrow_type):
+        return _MICROS_SPAN
+    return _DAYS_SPAN if pa.types.is_date32(arrow_type) else None
+
+
 def _read(cur: _Cursor, fld: _Field, present: np.ndarray) -> pa.Array:
     m, kind, name = len(present), fld.kind, fld.name
     rows = present & ~cur.bad
@@ -326,6 +338,8 @@ def _read(cur: _Cursor, fld: _Field, present: np.ndarray) -> pa.Array:
         if kind == "int":
             cur.fail(rows & ((values < -(2**31)) | (values >= 2**31)), f"{name}: int out of range")
             values = values.astype(np.int32)
+        if (span := _span(fld.arrow_type)) is not None:
+            cur.fail(rows & ((values < span[0]) | (values > span[1])), f"{name}: beyond the years 1–9999")
         return pa.Array.from_buffers(fld.arrow_type, m, [_validity(present), pa.py_buffer(values)])
     if kind in _WIDTH:
         x = cur.words[cur.advance(rows, _WIDTH[kind], name)]
@@ -455,12 +469,14 @@ def _canonical_record(body: bytes, physical: Any) -> dict[str, Any] | None:
 
 def _row(fields: list[_Field], record: dict[str, Any]) -> dict[str, Any] | None:
     """A canonical record's physical values as `to_rows` gives them; None where `decode` may
-    refuse a value (an int beyond int32, a decimal wider than 8 bytes or beyond its precision)."""
+    refuse a value (an int beyond int32, an instant or date beyond the years 1–9999, a decimal
+    wider than 8 bytes or beyond its precision)."""
     row: dict[str, Any] = {}
     for fld in fields:
         value = record[fld.name]
         if value is not None:
-            if fld.kind == "int" and not -(2**31) <= value < 2**31:
+            span = _span(fld.arrow_type)
+            if (fld.kind == "int" and not -(2**31) <= value < 2**31) or (span and not span[0] <= value <= span[1]):
                 return None
             if fld.kind == "decimal":
                 unscaled = int.from_bytes(value, "big", signed=True)
