@@ -182,3 +182,24 @@ def test_a_push_does_not_wait_for_the_tails_decode(tmp_path, embedded_settings, 
     assert whole_decodes[-1] == len(messages)
     rows = tail.after({})
     assert rows is not None and rows.table.num_rows == len(messages)
+
+
+def test_a_failed_tail_thread_drops_the_tails_and_never_blocks_the_push(tmp_path, embedded_settings, monkeypatch):
+    """A tail that misses polls would claim ticks it does not hold: if its thread fails the tails
+    are dropped (queries read snapshots, exact), and the hub no longer queues polls for them, so a
+    full queue cannot stall the push."""
+    ingest_files(generate(tmp_path / "ticks", symbols=1, days=1, seed=5), embedded_settings)
+    messages = _all_messages(embedded_settings, embedded_settings.topic("trades"))
+    hub = TickHub(embedded_settings, kinds=["trades"])
+    hub.tails["trades"] = KindTail("trades", schemas.arrow_schema("trades"), {}, max_rows=1_000_000)
+    hub._dispatch(messages)
+
+    def broken(*_):
+        raise RuntimeError("decode failed")
+    monkeypatch.setattr(hub_module, "decode_table", broken)
+    monkeypatch.setattr(hub_module, "_TAIL_PACE_SECONDS", 0)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        hub._feed_tails()
+    assert hub.tails == {}
+    hub._queue_for_tail("trades", messages, {})  # returns at once: no tail to feed
+    assert hub._tail_polls.qsize() == 0

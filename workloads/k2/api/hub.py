@@ -1,9 +1,12 @@
 """Live ticks for WebSocket subscribers: one Kafka consumer per API process, fanned out in memory.
 
 The hub's thread reads the trades and quotes topics from their end (partitions that appear later,
-from their beginning), decodes each poll's messages at once, and hands every subscriber the ticks
-of its symbols on the event loop. Each subscriber has a bounded queue: one that falls behind is
-cut off with the reason, so it can neither slow the others nor grow memory.
+from their beginning; with live tails, from the offsets of the tables' snapshots), decodes each
+poll's messages of the symbols subscribed to, and hands every subscriber the ticks of its symbols
+on the event loop. Each subscriber has a bounded queue: one that falls behind is cut off with the
+reason, so it can neither slow the others nor grow memory. The live tails (`k2.query.tail`) get
+every tick from a second thread, which decodes the polls gathered while it worked: a push never
+waits for that decode.
 
 `subscribe` returns, atomically with joining, the offset from which the hub will deliver on each
 partition: a catch-up reads Iceberg up to the offsets its snapshot recorded and Kafka from there up
@@ -122,7 +125,7 @@ def _decode_few(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -
             writer = decoder.writer_schema_json(schema_id)
         except PoisonMessage:
             continue
-        if any(target.field(f.name).type != f.type if f.name in target.names else True
+        if any(f.name not in target.names or target.field(f.name).type != f.type
                for f in schemas.arrow_schema_from_avro(writer)):
             return None
         rows = columnar.decode_rows([cast(bytes, payloads[i]) for i in where], writer, skip=5)
@@ -368,7 +371,7 @@ class TickHub:
 
     # live tails -----------------------------------------------------------------------------
     def _queue_for_tail(self, kind: TickKind, batch: list[Message], reach: dict[int, int]) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and kind in self.tails:  # tails are dropped if their thread fails
             try:
                 self._tail_polls.put((kind, batch, reach), timeout=0.5)
                 return
@@ -380,7 +383,17 @@ class TickHub:
         a whole poll to be decoded. Polls that queued up are decoded as one: the decode costs
         mostly per call, not per message (and, in a busy process, per wait for the GIL), so they
         are gathered for `_TAIL_PACE_SECONDS` after the first, and a tail that fell behind catches
-        up in larger steps."""
+        up in larger steps. Should it fail, the tails are dropped: a tail missing polls would
+        claim ticks it does not hold, while without one queries read their snapshot, exact but
+        not live."""
+        try:
+            self._gather_for_tails()
+        except Exception:
+            log.exception("hub.live_tail_failed")
+            self.tails.clear()  # the engine holds this mapping: its queries stop reading tails
+            raise
+
+    def _gather_for_tails(self) -> None:
         while not self._stop.is_set():
             try:
                 polls = [self._tail_polls.get(timeout=0.2)]
