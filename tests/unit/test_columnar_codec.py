@@ -296,3 +296,11 @@ def test_an_instant_or_date_beyond_the_years_1_to_9999_is_refused(field_type, va
     decoded = columnar.decode(framed, schema, skip=len(HEADER))
     assert decoded.bad.tolist() == [True, False] and "beyond the years 1–9999" in decoded.errors[0]
     assert [i for i, _ in columnar.decode_rows(framed, schema, skip=len(HEADER))] == [1]
+
+
+def test_decode_rows_leaves_an_int_fastavro_reads_but_will_not_write_to_decode():
+    """Found by the property test: fastavro reads 2**31 for an int, then refuses to write it back."""
+    schema = {"type": "record", "name": "R", "fields": [{"name": "f", "type": ["null", "int"]}]}
+    payload = HEADER + b"\x02\x80\x80\x80\x80\x10"
+    assert columnar.decode([payload], schema, skip=len(HEADER)).bad.tolist() == [True]
+    assert columnar.decode_rows([payload], schema, skip=len(HEADER)) == []
