@@ -117,8 +117,8 @@ def _decode_few(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -
     payloads = [m.value() for m in messages]
     by_id: dict[int, list[int]] = {}
     for i, payload in enumerate(payloads):
-        if payload is not None and len(payload) >= 5 and payload[0] == 0:
-            by_id.setdefault(int.from_bytes(payload[1:5], "big"), []).append(i)
+        if (schema_id := _schema_id(payload)) is not None:
+            by_id.setdefault(schema_id, []).append(i)
     found: list[tuple[int, dict]] = []
     for schema_id, where in by_id.items():
         try:
@@ -128,7 +128,8 @@ def _decode_few(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -
         if any(f.name not in target.names or target.field(f.name).type != f.type
                for f in schemas.arrow_schema_from_avro(writer)):
             return None
-        rows = columnar.decode_rows([cast(bytes, payloads[i]) for i in where], writer, skip=5)
+        rows = columnar.decode_rows([cast(bytes, payloads[i]) for i in where], writer, skip=5,
+                                    physical=decoder.physical_writer_schema(schema_id))
         found.extend((where[j], {name: row.get(name) for name in target.names}) for j, row in rows)
     found.sort(key=lambda pair: pair[0])
     return [i for i, _ in found], [row for _, row in found]
@@ -138,13 +139,19 @@ def resolve_writer_schemas(decoder: AvroDecoder, messages: list[Message]) -> Non
     """Fetch (once; the decoder caches them) the writer schema of every schema id among the
     messages; raises `Transient` while the registry cannot say, ids it does not know are passed.
     Plain Python: a poll is often a handful of messages, for which numpy's fixed cost dominates."""
-    headers = {value[:5] for m in messages if (value := m.value()) is not None}
-    for header in headers:
-        if len(header) == 5 and header[0] == 0:
-            try:
-                decoder.writer_schema_json(int.from_bytes(header[1:], "big"))
-            except PoisonMessage:
-                continue
+    for schema_id in {_schema_id(m.value()) for m in messages} - {None}:
+        try:
+            decoder.writer_schema_json(cast(int, schema_id))
+        except PoisonMessage:
+            continue
+
+
+def _schema_id(payload: bytes | None) -> int | None:
+    """The schema id in a Confluent header (magic 0, 4-byte big-endian id), None without one; one
+    payload at a time (`columnar.confluent_schema_ids` does many at once)."""
+    if payload is None or len(payload) < 5 or payload[0] != 0:
+        return None
+    return int.from_bytes(payload[1:5], "big")
 
 
 def decode_table(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> tuple[np.ndarray, pa.Table]:

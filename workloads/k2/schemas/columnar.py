@@ -424,7 +424,8 @@ def decode(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int = 0)
     return Decoded(table, cur.bad, errors)
 
 
-def decode_rows(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int = 0) -> list[tuple[int, dict]]:
+def decode_rows(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int = 0,
+                physical: dict[str, Any] | None = None) -> list[tuple[int, dict]]:
     """What `decode` gives, as (position, row) of the good payloads, each row the Python values
     that `k2.rows.to_rows` makes of `decode`'s table — through fastavro one message at a
     time. For a handful of messages: `decode` costs a millisecond or two per call whatever the
@@ -434,9 +435,13 @@ def decode_rows(payloads: list[bytes], avro_schema: dict[str, Any], *, skip: int
     Its verdicts are `decode`'s own: fastavro reads some payloads `decode` refuses (overlong
     varints, union index -1) and `decode` reads some fastavro writes otherwise (varints padded
     with 0x80 bytes, booleans other than 0 and 1), so a payload that fastavro does not write back
-    byte for byte, or holds an int or decimal `decode` may refuse, is left to `decode`."""
+    byte for byte, or holds an int or decimal `decode` may refuse, is left to `decode`.
+
+    `physical`: the schema parsed by fastavro with its logical types stripped, if the caller holds
+    it already (`AvroDecoder.physical_writer_schema` caches one per schema id)."""
     fields = _compile(avro_schema)
-    physical = fastavro.parse_schema(strip_logical_types(avro_schema))
+    if physical is None:
+        physical = cast(dict[str, Any], fastavro.parse_schema(strip_logical_types(avro_schema)))  # a record
     rows: dict[int, dict] = {}
     doubtful = []
     for i, payload in enumerate(payloads):
