@@ -19,21 +19,23 @@ decoding K2's Avro with Apicurio's converter from the same registry.
    key and figures) before anything is compared.
 2. Freshness. `k2 stream run --tables trades` (commits every `--batch-seconds`) runs beside the
    tuned connector and one at the sink's default interval (300 s, from the topic's end). A
-   producer sends filler trades at `--rate` for `--seconds` and a probe tick every 100 ms on a
+   producer sends filler trades at `--rate` for `--warmup-seconds` (no probe: startup is not a
+   sustained feed's latency), then for `--seconds` with a probe tick every 100 ms on a
    symbol of its own; one process per table polls it (a scan for the probe symbol after each new
    snapshot) and records when each probe first shows: produce → visible in a table scan. One more
    polls K2's API (`k2 api` with its live tail, as a QueryService deploys it) every 25 ms: produce
    → returned by REST, what K2's users see.
-Prints markdown tables with the ratios K2 ÷ Connect.
+Prints markdown tables with the ratios K2 ÷ Connect. Percentiles are nearest-rank over every probe
+sent, a probe an observer never saw counting as later than all it saw.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,7 +193,7 @@ def freshness(run: Run) -> dict[str, list[float] | int]:
     # K2's users read it through its API, whose live tail adds the ticks not yet committed
     api, base = start_api({**env, "K2_RATE_LIMIT": "1000000/minute", "K2_LIVE_TAIL_ROWS": "500000"})
     encoder = register_schemas(run.settings, ("trades",))["trades"]
-    ticks = filler(encoder, int(args.rate * args.seconds), 20)
+    ticks = filler(encoder, int(args.rate * (args.warmup_seconds + args.seconds)), 20)
     time.sleep(10)  # the default connector's consumer is assigned at the topic's end, the stream has joined
     ctx = multiprocessing.get_context("spawn")
     stop, results = ctx.Event(), ctx.Queue()
@@ -212,8 +214,9 @@ def freshness(run: Run) -> dict[str, list[float] | int]:
     topic = run.settings.topic("trades")
     producer = Producer({"bootstrap.servers": run.settings.kafka_bootstrap, **PRODUCER_DEFAULTS, "linger.ms": 1})
     try:
-        started, sent, next_probe = time.monotonic(), 0, time.monotonic()
-        while sent < len(ticks) or time.monotonic() - started < args.seconds:
+        started, sent = time.monotonic(), 0
+        next_probe = started + args.warmup_seconds  # as bench_live: startup is not a sustained feed's latency
+        while sent < len(ticks) or time.monotonic() - started < args.warmup_seconds + args.seconds:
             due = min(len(ticks), int((time.monotonic() - started) * args.rate))
             for key, payload in ticks[sent:due]:
                 producer.produce(topic, payload, key)
@@ -238,8 +241,15 @@ def freshness(run: Run) -> dict[str, list[float] | int]:
         {"probes": len(produced)}
 
 
-def pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) >= 2 else float("nan")
+def pct(values: list[float], q: int, probes: int) -> float:
+    """The q-th percentile over every probe sent, one never seen counting as later than any seen
+    (inf): a sink that showed a third of them must not look fresh from the third it showed."""
+    every = sorted(values) + [math.inf] * (probes - len(values))
+    return every[max(0, math.ceil(q / 100 * len(every)) - 1)] if every else math.nan  # nearest rank
+
+
+def seconds(value: float, window: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else f"> {window:.0f} (not seen)"
 
 
 def report(t: dict[str, Any], f: dict[str, Any], args: argparse.Namespace, what: str, load: str) -> None:
@@ -259,24 +269,22 @@ def report(t: dict[str, Any], f: dict[str, Any], args: argparse.Namespace, what:
         ("K2 ÷ Iceberg sink", "", "", f"{k2_rate / connect_rate:.2f}×", f"{t['k2_steady'] / t['connect_steady']:.2f}×"),
     ]))
     print(f"\nFreshness, produce → visible in a table scan: {f['probes']} probes over {args.seconds:g} s "
-          f"at {args.rate:,} trades/s, {args.drain:g} s drain after.\n")
+          f"at {args.rate:,} trades/s after a {args.warmup_seconds:g} s warm-up feed, {args.drain:g} s drain after.\n")
     rows = []
     labels = {"fresh": "K2 API with its live tail (REST, polled every 25 ms)",
               "k2": f"K2 stream (batch {args.batch_seconds:g} s)",
               "tuned": f"Iceberg sink, commit every {args.tuned_ms} ms",
               "default": f"Iceberg sink, default commit ({DEFAULT_COMMIT_INTERVAL_MS // 1000} s)"}
+    window, probes = args.seconds + args.drain, f["probes"]
     for name, label in labels.items():
         values = f[name]
-        if values:
-            rows.append((label, f"{len(values)}/{f['probes']}", f"{pct(values, 50):.2f}", f"{pct(values, 99):.2f}"))
-        else:
-            window = args.seconds + args.drain
-            rows.append((label, f"0/{f['probes']}", f"> {window:.0f}", f"> {window:.0f} (bound: the interval)"))
+        rows.append((label, f"{len(values)}/{probes}", seconds(pct(values, 50, probes), window),
+                     seconds(pct(values, 99, probes), window)))
     for name, label in (("fresh", "K2 API"), ("k2", "K2 table")):
-        if f[name] and f["tuned"]:
-            rows.append((f"{label} ÷ Iceberg sink tuned (target ≤ 0.1)", "",
-                         f"{pct(f[name], 50) / pct(f['tuned'], 50):.2f}",
-                         f"{pct(f[name], 99) / pct(f['tuned'], 99):.2f}"))
+        pairs = [(pct(f[name], q, probes), pct(f["tuned"], q, probes)) for q in (50, 99)]
+        rows.append((f"{label} ÷ Iceberg sink tuned (target ≤ 0.1)", "",
+                     *(f"{ours / theirs:.2f}" if math.isfinite(ours) and math.isfinite(theirs)
+                       else "n/a (probes not seen)" for ours, theirs in pairs)))
     print(markdown(("sink", "probes seen", "p50 s", "p99 s"), rows))
 
 
@@ -284,9 +292,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("K2_ASX_DATA", "../shared/data/asx-2014-03")))
     parser.add_argument("--tuned-ms", type=int, default=1000, help="the sink's tuned commit interval")
-    parser.add_argument("--batch-seconds", type=float, default=0.2, help="K2 stream's commit interval")
+    parser.add_argument("--batch-seconds", type=float, default=Settings().batch_seconds,
+                        help="K2 stream's commit interval (as deployed: 2 s)")
     parser.add_argument("--rate", type=int, default=2000, help="filler trades/s in the freshness run")
     parser.add_argument("--seconds", type=float, default=30, help="length of the freshness run")
+    parser.add_argument("--warmup-seconds", type=float, default=5, help="feed before the first probe")
     parser.add_argument("--drain", type=float, default=15, help="wait after the last probe")
     parser.add_argument("--timeout", type=float, default=900, help="for the sink to hold every row")
     args = parser.parse_args()

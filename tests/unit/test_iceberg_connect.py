@@ -58,6 +58,12 @@ def test_a_sink_reads_the_confluent_wire_format_into_a_jdbc_catalog_on_sqlite():
     assert config["value.converter.apicurio.registry.url"] == "http://127.0.0.1:8081/apis/registry/v2"
 
 
+def test_a_sinks_catalog_holds_one_sqlite_connection():
+    """Two connections of one catalog deadlocked on the file: one read, the other's commit was
+    refused at once (SQLITE_BUSY) in every round, and the sink showed a third of the probes."""
+    assert _config(1000)["iceberg.catalog.clients"] == "1"
+
+
 def test_no_interval_keeps_the_sinks_default():
     assert "iceberg.control.commit.interval-ms" not in _config(None)
 

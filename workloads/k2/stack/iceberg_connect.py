@@ -89,6 +89,10 @@ def connector_config(*, topic: str, table: str, control_topic: str, catalog_db: 
         # Connectors share the SQLite file: a commit waits for another's lock instead of failing
         # the task (the driver's default wait is 3 s, too short on a loaded machine).
         "iceberg.catalog.jdbc.busy_timeout": str(SQLITE_BUSY_TIMEOUT_MS),
+        # One connection per catalog: with the default two, one held a read lock while the other
+        # committed, and SQLite refuses such an upgrade at once (SQLITE_BUSY, no wait), so every
+        # commit round failed and the sink fell minutes behind.
+        "iceberg.catalog.clients": "1",
         "iceberg.control.topic": control_topic,
         "iceberg.kafka.bootstrap.servers": bootstrap,
         "consumer.override.auto.offset.reset": "earliest",
