@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -191,6 +192,39 @@ def test_poison_messages_go_to_the_dlq_and_never_block(tmp_path, embedded_settin
     stream_letters = [x for x in letters if x["stage"] == "stream"]
     assert sorted(x["reason"] for x in stream_letters) == sorted(poison.values())
     assert all(x["source"] == topic and x["offset"] >= 0 and "partition" in x for x in stream_letters)
+
+
+def test_a_poison_tick_of_a_schema_beyond_the_codec_goes_to_the_dlq(embedded_settings, drain):
+    """A writer schema the columnar codec cannot read (a decimal wider than 18 digits) is read by
+    fastavro one message at a time: a nanosecond timestamp there must be refused as it is by the
+    codec, not stop every later commit (pyiceberg's statistics cannot hold such an instant)."""
+    register_schemas(embedded_settings, ("trades",))
+    wide = json.loads(json.dumps(schemas.avro_schema("trades")))
+    wide["fields"].append({"name": "notional", "default": None, "type": [
+        "null", {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": 2}]})
+    topic = embedded_settings.topic("trades")
+    reg = register(client(embedded_settings.registry_url), value_subject(topic), wide)
+    encoder = AvroEncoder(reg.schema_id, __import__("fastavro").parse_schema(schemas.strip_logical_types(wide)))
+
+    def tick(symbol: str, timestamp: int, notional: int) -> bytes:
+        return encoder.encode({"symbol": symbol, "exchange": "ASX", "exchange_timestamp": timestamp,
+                               "exchange_date": 16139, "sequence_number": 1, "price": (1).to_bytes(1, "big"),
+                               "volume": 1, "qualifiers": None, "venue": None, "buyer_id": None,
+                               "ingest_timestamp": 0, "source_id": "test",
+                               "notional": notional.to_bytes(17, "big", signed=True)})
+
+    producer = Producer({"bootstrap.servers": embedded_settings.kafka_bootstrap})
+    producer.produce(topic, tick("ZZZ", 1_394_406_000_000_000_000, 1), b"ZZZ")  # nanoseconds
+    producer.produce(topic, tick("ZZY", 1_394_406_000_000_000, 10**38), b"ZZY")  # 39 digits
+    producer.produce(topic, tick("BHP", 1_394_406_000_000_000, 10**20), b"BHP")  # beyond int64: valid
+    producer.flush(10)
+    stream_run(embedded_settings, ("trades",), until_idle=1.0)
+    data = _table(embedded_settings, "trades").scan(selected_fields=("symbol", "notional")).to_arrow()
+    assert data.to_pylist() == [{"symbol": "BHP", "notional": Decimal("1000000000000000000.00")}]
+    letters = [json.loads(m.value()) for m in drain(embedded_settings.kafka_bootstrap, embedded_settings.dlq_topic)]
+    stream_letters = sorted((x["reason"], x["detail"]) for x in letters if x["stage"] == "stream")
+    assert stream_letters == [("undecodable", "undecodable: exchange_timestamp: beyond the years 1–9999"),
+                              ("undecodable", "undecodable: notional: decimal beyond precision 38")]
 
 
 def test_compatible_schema_evolution_adds_a_column_without_restart(tmp_path, embedded_settings):

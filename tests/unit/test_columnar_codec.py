@@ -298,6 +298,18 @@ def test_an_instant_or_date_beyond_the_years_1_to_9999_is_refused(field_type, va
     assert [i for i, _ in columnar.decode_rows(framed, schema, skip=len(HEADER))] == [1]
 
 
+def test_refusals_are_decodes_for_records_read_by_fastavro():
+    """The stream reads a writer schema beyond the codec with fastavro, then builds its table
+    itself: the values decode refuses must be refused there too, or the commit fails on them."""
+    schema = pa.schema([("t", pa.timestamp("us", tz="UTC")), ("d", pa.date32()), ("i", pa.int32()),
+                        ("x", pa.decimal128(38, 2)), ("s", pa.string())])
+    fine = {"t": MICROS[1], "d": DAYS[0], "i": -(2**31), "x": (10**38 - 1).to_bytes(17, "big"), "s": "a"}
+    records = [fine, {**fine, "t": MICROS[1] + 1}, {**fine, "d": DAYS[1] + 1}, {**fine, "i": 2**31},
+               {**fine, "x": (-(10**38)).to_bytes(17, "big", signed=True)}, {"t": None, "s": None}]
+    assert columnar.refusals(records, schema) == {1: "t: beyond the years 1–9999", 2: "d: beyond the years 1–9999",
+                                                  3: "i: int out of range", 4: "x: decimal beyond precision 38"}
+
+
 def test_decode_rows_leaves_an_int_fastavro_reads_but_will_not_write_to_decode():
     """Found by the property test: fastavro reads 2**31 for an int, then refuses to write it back."""
     schema = {"type": "record", "name": "R", "fields": [{"name": "f", "type": ["null", "int"]}]}

@@ -330,6 +330,32 @@ def _span(arrow_type: pa.DataType) -> tuple[int, int] | None:
     return _DAYS_SPAN if pa.types.is_date32(arrow_type) else None
 
 
+def refusals(records: list[dict[str, Any]], schema: pa.Schema) -> dict[int, str]:
+    """Physical records (read by fastavro, for writer schemas beyond this codec) that a table of
+    `schema` cannot hold, by position, with the reasons `decode` gives: an int beyond int32, an
+    instant or date beyond the years 1–9999 (pyiceberg's statistics, Python and JSON cannot
+    represent them), a decimal beyond its precision."""
+    refused: dict[int, str] = {}
+    for fld in schema:
+        for i, record in enumerate(records):
+            value = record.get(fld.name)
+            if value is not None and i not in refused and (reason := _refusal(fld.type, value)):
+                refused[i] = f"{fld.name}: {reason}"
+    return refused
+
+
+def _refusal(arrow_type: pa.DataType, value: Any) -> str | None:
+    if (span := _span(arrow_type)) is not None:
+        return None if span[0] <= value <= span[1] else "beyond the years 1–9999"
+    if pa.types.is_int32(arrow_type):
+        return None if -(2**31) <= value < 2**31 else "int out of range"
+    if pa.types.is_decimal(arrow_type):
+        precision = cast(pa.Decimal128Type, arrow_type).precision
+        fits = abs(int.from_bytes(value, "big", signed=True)) < 10**precision
+        return None if fits else f"decimal beyond precision {precision}"
+    return None
+
+
 def _read(cur: _Cursor, fld: _Field, present: np.ndarray) -> pa.Array:
     m, kind, name = len(present), fld.kind, fld.name
     rows = present & ~cur.bad

@@ -23,6 +23,7 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, cast
 
 import numpy as np
@@ -130,11 +131,14 @@ class Batch:
 
 
 def _decimal_column(values: list[bytes | None], arrow_type: pa.Decimal128Type) -> pa.Array:
-    """Avro decimal bytes (big-endian unscaled) → Arrow decimal128 without Python Decimals."""
-    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-    unscaled = np.fromiter((int.from_bytes(v, "big", signed=True) if v is not None else 0 for v in values),
-                           dtype=np.int64, count=len(values))
-    return columnar.decimal_from_unscaled(unscaled, arrow_type, valid)
+    """Avro decimal bytes (big-endian unscaled) → Arrow decimal128, without Python Decimals
+    where every unscaled value fits int64 (a wide decimal's need not)."""
+    unscaled = [int.from_bytes(v, "big", signed=True) if v is not None else None for v in values]
+    if any(u is not None and not -(2**63) <= u < 2**63 for u in unscaled):
+        return pa.array([None if u is None else Decimal(f"{u}e-{arrow_type.scale}") for u in unscaled], arrow_type)
+    valid = np.fromiter((u is not None for u in unscaled), dtype=bool, count=len(unscaled))
+    ints = np.fromiter((u or 0 for u in unscaled), dtype=np.int64, count=len(unscaled))
+    return columnar.decimal_from_unscaled(ints, arrow_type, valid)
 
 
 def rows_to_arrow(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -347,7 +351,14 @@ class TableWriter:
                 except PoisonMessage as exc:
                     bad[i] = True
                     letters.append((int(where[i]), exc.reason, str(exc)))
-            return rows_to_arrow(records, self.table.schema().as_arrow()), bad
+            target = self.table.schema().as_arrow()
+            if refused := columnar.refusals(records, target):  # as the codec refuses them
+                read = np.flatnonzero(~bad)
+                for row, detail in refused.items():
+                    bad[read[row]] = True
+                    letters.append((int(where[read[row]]), "undecodable", f"undecodable: {detail}"))
+                records = [record for row, record in enumerate(records) if row not in refused]
+            return rows_to_arrow(records, target), bad
         letters.extend((int(where[i]), "undecodable", f"undecodable: {detail}") for i, detail in decoded.errors.items())
         return decoded.table, decoded.bad
 
