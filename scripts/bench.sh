@@ -20,9 +20,10 @@ K2_CONNECT_TESTS=1 python -m pytest -q tests/integration/test_iceberg_connect_pe
 python benchmarks/bench_connect.py --data "$DATA"  # starts and stops Iceberg's Kafka Connect sink (K2_CONNECT_PORT)
 python benchmarks/bench_operator.py
 python benchmarks/bench_live.py --rate 20000 --seconds 60
+python benchmarks/bench_live.py --rate 20000 --seconds 60 --batch-seconds 0.2  # sub-second commits: more, smaller files
 python benchmarks/bench_live.py --rate 2000 --seconds 60  # a tenth: where the 2 cores are not the bound
-python benchmarks/bench_live.py --rate 2000 --seconds 60 --live-tail-rows 0  # no live tail: REST waits for commits
-python benchmarks/bench_live.py --rate 2000 --seconds 60 --compact-interval-seconds 0  # no compaction: a query opens every small file
+python benchmarks/bench_live.py --rate 2000 --seconds 60 --batch-seconds 0.2 --live-tail-rows 0  # no live tail: REST waits for commits
+python benchmarks/bench_live.py --rate 2000 --seconds 60 --batch-seconds 0.2 --compact-interval-seconds 0  # no compaction: a query opens every small file
 # On the cluster of `make kind-up` only (building and creating one takes long): a rolling update
 # of the stream consumers while the live feed flows.
 if python -c "import sys; from k2.stack import docker, kindcluster; sys.exit(not (docker.engine_answers() and 'k2' in kindcluster.clusters()))"; then
