@@ -18,6 +18,7 @@ from k2.api import hub as hub_module
 from k2.api.hub import Subscription, TickHub
 from k2.ingest.pipeline import ingest_files, register_schemas
 from k2.kafka import consume_available
+from k2.observability import REGISTRY
 from k2.query.tail import KindTail
 from k2.sources.asx import unscaled_bytes
 from k2_synthetic import generate
@@ -203,3 +204,32 @@ def test_a_failed_tail_thread_drops_the_tails_and_never_blocks_the_push(tmp_path
     assert hub.tails == {}
     hub._queue_for_tail("trades", messages, {})  # returns at once: no tail to feed
     assert hub._tail_polls.qsize() == 0
+
+
+def _push_delay() -> tuple[float, float]:
+    labels = {"kind": "trades"}
+    return (REGISTRY.get_sample_value("k2_stream_push_delay_seconds_count", labels) or 0.0,
+            REGISTRY.get_sample_value("k2_stream_push_delay_seconds_sum", labels) or 0.0)
+
+
+def test_each_push_records_the_delay_since_its_oldest_tick_was_produced(tmp_path, embedded_settings,
+                                                                       event_loop_thread):
+    """k2_stream_push_delay_seconds: the Kafka record's timestamp to the hand-off, once per push,
+    and nothing where no subscriber gets a tick."""
+    ingest_files(generate(tmp_path / "ticks", symbols=2, days=1, seed=7), embedded_settings)
+    messages = _all_messages(embedded_settings, embedded_settings.topic("trades"))
+    oldest = min(m.timestamp()[1] for m in messages) / 1000
+    hub = TickHub(embedded_settings, kinds=["trades"])
+    sub = Subscription("trades", frozenset(), buffer=1_000_000, loop=event_loop_thread)
+    hub.subscribe(sub)
+    count, total = _push_delay()
+    before = time.time()
+    hub._dispatch(messages)
+    after = time.time()
+    now_count, now_total = _push_delay()
+    assert now_count == count + 1
+    assert before - oldest <= now_total - total <= after - oldest
+
+    hub.unsubscribe(sub)
+    hub._dispatch(messages)
+    assert _push_delay() == (now_count, now_total), "a poll nobody was pushed is no push"

@@ -100,6 +100,11 @@ STREAM_SUBSCRIBERS = Gauge("k2_stream_subscribers", "WebSocket subscribers of li
 LIVE_TAIL_ROWS = Gauge("k2_live_tail_rows", "Ticks past the newest snapshot the API holds for REST queries",
                        ["kind"], registry=REGISTRY)
 STREAM_TICKS = Counter("k2_stream_ticks", "Live ticks read by the API's Kafka consumer", ["kind"], registry=REGISTRY)
+# From the Kafka record's timestamp (its producer's clock: CreateTime) to the hand-off to subscribers'
+# event loop, for the oldest tick of each push: what a subscriber waits, less the last WebSocket hop.
+STREAM_PUSH_DELAY = Histogram("k2_stream_push_delay_seconds", "Produce to a live tick handed to its subscribers",
+                              ["kind"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                              registry=REGISTRY)
 STREAM_DISCONNECTS = Counter("k2_stream_disconnects", "WebSocket subscribers cut off, by reason", ["kind", "reason"],
                          registry=REGISTRY)
 

@@ -33,7 +33,7 @@ from pydantic_core import to_json
 from k2 import schemas, tables
 from k2.faults import Transient
 from k2.kafka import consume_available, coordinates
-from k2.observability import STREAM_DISCONNECTS, STREAM_SUBSCRIBERS, STREAM_TICKS
+from k2.observability import STREAM_DISCONNECTS, STREAM_PUSH_DELAY, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.query.filters import TICK_KINDS, TickKind
 from k2.query.scope import Scope
 from k2.query.tail import KindTail
@@ -65,6 +65,7 @@ class LiveTick:
     partition: Partition
     offset: int
     json: str  # the tick as the REST API writes it
+    produced: float | None = None  # the Kafka record's timestamp, Unix seconds, where it has one
 
 
 class SlowConsumer(RuntimeError):
@@ -135,13 +136,12 @@ def _decode_few(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -
     return [i for i, _ in found], [row for _, row in found]
 
 
-def resolve_writer_schemas(decoder: AvroDecoder, messages: list[Message]) -> None:
-    """Fetch (once; the decoder caches them) the writer schema of every schema id among the
-    messages; raises `Transient` while the registry cannot say, ids it does not know are passed.
-    Plain Python: a poll is often a handful of messages, for which numpy's fixed cost dominates."""
-    for schema_id in {_schema_id(m.value()) for m in messages} - {None}:
+def resolve_writer_schemas(decoder: AvroDecoder, schema_ids: Iterable[int]) -> None:
+    """Fetch (once; the decoder caches them) the writer schema of each id; raises `Transient`
+    while the registry cannot say, ids it does not know are passed."""
+    for schema_id in schema_ids:
         try:
-            decoder.writer_schema_json(cast(int, schema_id))
+            decoder.writer_schema_json(schema_id)
         except PoisonMessage:
             continue
 
@@ -184,8 +184,34 @@ def decode_table(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) 
 def live_ticks(messages: list[Message], positions: list[int], rows: list[dict]) -> Iterator[LiveTick]:
     for i, row in zip(positions, rows, strict=True):
         topic, partition, offset = coordinates(messages[i])
+        millis = messages[i].timestamp()[1]
         yield LiveTick(row["symbol"], row["exchange"], (row["exchange_date"] - _EPOCH).days, row["sequence_number"],
-                       (topic, partition), offset, to_json(row).decode())
+                       (topic, partition), offset, to_json(row).decode(), millis / 1000 if millis > 0 else None)
+
+
+@dataclass(slots=True)
+class _TopicPoll:
+    """One topic's messages of a poll, with the next offset per partition and the schema ids."""
+    messages: list[Message] = field(default_factory=list)
+    reach: dict[int, int] = field(default_factory=dict)
+    schema_ids: set[int] = field(default_factory=set)
+
+
+def _by_topic(messages: list[Message]) -> dict[str, _TopicPoll]:
+    """A poll's messages per topic, in one pass: at 20k msg/s each pass over a poll in Python is
+    time the hub's thread holds the interpreter while a push waits."""
+    polls: dict[str, _TopicPoll] = {}
+    for msg in messages:
+        if msg.error() is not None:
+            continue
+        poll = polls.get(topic := cast(str, msg.topic()))
+        if poll is None:
+            poll = polls[topic] = _TopicPoll()
+        poll.messages.append(msg)
+        poll.reach[cast(int, msg.partition())] = cast(int, msg.offset()) + 1  # offsets rise within a partition
+        if (schema_id := _schema_id(msg.value())) is not None:
+            poll.schema_ids.add(schema_id)
+    return polls
 
 
 class TickHub:
@@ -335,22 +361,15 @@ class TickHub:
                                 and coordinates(m)[2] >= self._positions.get(coordinates(m)[:2], 0)]
 
     def _dispatch(self, messages: list[Message]) -> None:
-        by_topic: dict[str, list[Message]] = {}
-        for msg in messages:
-            if msg.error() is None:
-                by_topic.setdefault(msg.topic(), []).append(msg)  # type: ignore[arg-type]
-        for topic, batch in by_topic.items():
+        for topic, poll in _by_topic(messages).items():
             kind = self.topics[topic]
-            STREAM_TICKS.labels(kind).inc(len(batch))
-            reach: dict[int, int] = {}
-            for msg in batch:  # offsets rise within a partition: its last message is its highest
-                reach[cast(int, msg.partition())] = cast(int, msg.offset()) + 1
+            STREAM_TICKS.labels(kind).inc(len(poll.messages))
             # Every writer schema is fetched first, so that a registry outage (Transient) stops
             # the batch before anything moved: subscribers and the tail then both get it whole.
-            resolve_writer_schemas(self.decoder, batch)
-            self._push(topic, kind, batch, reach)
+            resolve_writer_schemas(self.decoder, poll.schema_ids)
+            self._push(topic, kind, poll.messages, poll.reach)
             if kind in self.tails:
-                self._queue_for_tail(kind, batch, reach)
+                self._queue_for_tail(kind, poll.messages, poll.reach)
 
     def _push(self, topic: str, kind: TickKind, batch: list[Message], reach: dict[int, int]) -> None:
         """Hand subscribers their ticks. Under the lock, so that positions move and subscribers
@@ -360,10 +379,14 @@ class TickHub:
             subscribers = [s for s in self._subscribers if s.kind == kind and not s.overflowed.is_set()]
             ticks = self._ticks_for(kind, batch, subscribers)
             self._positions.update({(topic, p): o for p, o in reach.items()})
+            pushed = False
             for sub in subscribers:
                 mine = [t for t in ticks if sub.wants(t)]
                 if mine:
                     sub.loop.call_soon_threadsafe(sub.push, mine)
+                    pushed = True
+        if pushed and (produced := [t.produced for t in ticks if t.produced is not None]):
+            STREAM_PUSH_DELAY.labels(kind).observe(max(time.time() - min(produced), 0.0))
 
     def _ticks_for(self, kind: TickKind, batch: list[Message], subscribers: list[Subscription]) -> list[LiveTick]:
         """The batch's ticks the subscribers may want. K2's producers key each tick by its symbol,
