@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from k2 import tables, topics
@@ -148,6 +149,17 @@ def filler(encoder: Any, count: int, symbols: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _push_delay_within(base: str, seconds: float) -> tuple[float, float]:
+    """(pushes, the share of them handed over within `seconds`) from the API's own histogram."""
+    buckets = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
+        if family.name == "k2_stream_push_delay_seconds":
+            buckets = {float(s.labels["le"]): s.value for s in family.samples
+                       if s.name.endswith("_bucket") and s.labels.get("kind") == "trades"}
+    total = buckets.get(float("inf"), 0.0)
+    return total, (buckets.get(seconds, 0.0) / total if total else float("nan"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=int, default=20_000)
@@ -218,6 +230,7 @@ def main() -> None:
         for _ in watchers:
             name, times = results.get(timeout=60)
             seen[name] = times
+        push_delay = _push_delay_within(base, 0.05)
         peaks = {"k2 stream run": (_peak_mb(stream.pid), cores[stream.pid]),
                  "k2 api": (_peak_mb(api.pid), cores[api.pid])}
     finally:
@@ -246,6 +259,11 @@ def main() -> None:
         values = latencies(seen[key])
         print(f"| {name} | {len(values)}/{len(produced)} | {_pct(values, 50):.1f} | {_pct(values, 99):.1f} | "
               f"{_pct(values, 99) / base_p99:.1f}× |")
+    pushes, within = push_delay
+    probe_push = latencies(seen["push"])
+    print(f"\nThe API's own `k2_stream_push_delay_seconds` (produce → handed to the subscriber, one per push "
+          f"here): {pushes:.0f} pushes, {within:.1%} within 50 ms; the subscriber's probes: "
+          f"{sum(v <= 0.05 for v in probe_push) / max(len(probe_push), 1):.1%} within 50 ms.")
     print(f"\nData files in the table at the end: {data_files}.")
     print("\n| process | peak memory MB | CPU, cores (during the feed) |\n|---|---:|---:|")
     for name, (mb, cores) in peaks.items():
