@@ -509,13 +509,11 @@ def _row(fields: list[_Field], record: dict[str, Any]) -> dict[str, Any] | None:
     for fld in fields:
         value = record[fld.name]
         if value is not None:
-            span = _span(fld.arrow_type)
-            if (fld.kind == "int" and not -(2**31) <= value < 2**31) or (span and not span[0] <= value <= span[1]):
+            # refused by the table's rules, or a decimal wider than this codec reads
+            if _refusal(fld.arrow_type, value) is not None or (fld.kind == "decimal" and len(value) > 8):
                 return None
             if fld.kind == "decimal":
                 unscaled = int.from_bytes(value, "big", signed=True)
-                if len(value) > 8 or abs(unscaled) >= 10**fld.precision:
-                    return None
                 value = Decimal(unscaled).scaleb(-cast(pa.Decimal128Type, fld.arrow_type).scale)
             elif pa.types.is_timestamp(fld.arrow_type):
                 value = _EPOCH + dt.timedelta(microseconds=value)
