@@ -74,7 +74,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if "kind" in item.keywords:
                 item.add_marker(skip)
     if os.environ.get("K2_CONNECT_TESTS") != "1":  # minutes each: opt-in, out of `make test`
-        skip = pytest.mark.skip(reason="Iceberg Kafka Connect peer: set K2_CONNECT_TESTS=1")
+        skip = pytest.mark.skip(reason="the Iceberg Kafka Connect peer (a benchmark peer, minutes per test) "
+                                "runs in make bench; K2_CONNECT_TESTS=1 runs it here")
         for item in items:
             if "connect_peer" in item.keywords:
                 item.add_marker(skip)
