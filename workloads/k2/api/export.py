@@ -22,6 +22,7 @@ from pydantic_core import to_json
 
 from k2.api.jsonrows import rows_json
 from k2.api.models import Format, TickSelection
+from k2.api.offload import offloaded_iter
 from k2.query import ticks
 from k2.query.engine import Engine, Pin, ResultStream
 from k2.query.filters import TickFilter, select_fields
@@ -42,12 +43,13 @@ def export(engine: Engine, pin: Pin, body: TickSelection) -> StreamingResponse:
     flt = TickFilter(tuple(body.symbols), body.exchange, body.start, body.end)
     result = ticks.stream(engine, ticks.tick_relation(engine, pin, flt), fields=fields, limit=body.limit)
     headers = {SNAPSHOT_HEADER: str(pin.snapshot_id)} if pin.snapshot_id is not None else {}
-    return StreamingResponse(_ENCODERS[body.format](result, pin.snapshot_id), media_type=MEDIA_TYPES[body.format],
-                             headers=headers)
+    chunks = _ENCODERS[body.format](result, pin.snapshot_id)
+    return StreamingResponse(offloaded_iter(chunks), media_type=MEDIA_TYPES[body.format], headers=headers)
 
 
 def _json(result: ResultStream, snapshot_id: int | None) -> Iterator[bytes]:
-    # Each chunk costs the server a thread hop: the envelope travels with the first and last rows.
+    # Each chunk costs the server a thread hop (`offloaded_iter`): the envelope travels with the first
+    # and last rows.
     pending = b'{"snapshot_id":' + to_json(snapshot_id) + b',"data":['
     separator = b""
     for batch in _slices(result.batches):

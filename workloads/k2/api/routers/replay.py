@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from k2.api.deps import EngineDep, SettingsDep, check_limit
 from k2.api.jsonrows import json_response
 from k2.api.models import ReplayPage, ReplayRequest
+from k2.api.offload import offloaded
 from k2.query import ticks
 from k2.query.cursor import Cursor, fingerprint
 from k2.query.engine import Engine, Pin
@@ -26,6 +27,7 @@ router = APIRouter(prefix="/v1/replay", tags=["replay"])
 
 
 @router.post("", response_model=ReplayPage)
+@offloaded
 def replay(body: ReplayRequest, engine: EngineDep, settings: SettingsDep) -> Response:
     check_limit(body.limit, settings)
     fields = select_fields(body.table, body.fields)

@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from k2.api.deps import EngineDep
 from k2.api.export import EXPORT_RESPONSES, export
 from k2.api.models import SnapshotId, SnapshotList, SnapshotQuery
+from k2.api.offload import offloaded
 from k2.query import metadata
 from k2.query.filters import TickKind
 from k2.settings import TABLE_KINDS, TableKind
@@ -16,6 +17,7 @@ router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
 
 
 @router.get("", response_model=SnapshotList)
+@offloaded
 def list_snapshots(engine: EngineDep, table: TableKind | None = None) -> SnapshotList:
     """Retained snapshots of one table or all, newest first per table."""
     kinds: tuple[TableKind, ...] = (table,) if table else TABLE_KINDS
@@ -23,6 +25,7 @@ def list_snapshots(engine: EngineDep, table: TableKind | None = None) -> Snapsho
 
 
 @router.post("/{snapshot_id}/query", response_class=StreamingResponse, responses=EXPORT_RESPONSES)
+@offloaded
 def query_snapshot(snapshot_id: SnapshotId, body: SnapshotQuery, engine: EngineDep) -> StreamingResponse:
     """Query `table` exactly as it was at that snapshot; same body and outputs as /v1/{table}/query."""
     kind: TickKind = body.table

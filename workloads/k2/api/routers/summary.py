@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from k2.api.deps import EngineDep
 from k2.api.models import Day, Exchange, Summary, Symbol
+from k2.api.offload import offloaded
 from k2.exchanges import DEFAULT_EXCHANGE
 from k2.query import bars
 from k2.query.errors import NotFound
@@ -14,6 +15,7 @@ router = APIRouter(prefix="/v1/summary", tags=["summary"])
 
 
 @router.get("/{symbol}/{date}", response_model=Summary)
+@offloaded
 def daily_summary(symbol: Symbol, date: Day, engine: EngineDep,
                   exchange: Exchange = DEFAULT_EXCHANGE) -> Summary:
     """Open, high, low, close, volume, trade count and VWAP of that exchange-local date."""

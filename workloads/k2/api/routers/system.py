@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from k2.api.deps import EngineDep
 from k2.api.models import Health
+from k2.api.offload import offloaded
 from k2.observability import REGISTRY
 from k2.query.errors import Unavailable
 
@@ -21,6 +22,7 @@ async def health() -> Health:
 
 
 @router.get("/ready", response_model=Health, responses={503: {"model": Health, "description": "Not ready"}})
+@offloaded
 def ready(engine: EngineDep) -> Health | JSONResponse:
     """The catalog and the query engine answer (readiness)."""
     try:
