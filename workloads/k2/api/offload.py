@@ -15,7 +15,7 @@ import contextvars
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, cast
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 # As many as anyio's default limit for `def` routes, which these replace: requests past it queue.
 ROUTE_THREADS = ThreadPoolExecutor(max_workers=40, thread_name_prefix="k2-route")
+_DONE = object()  # the end of an offloaded iterator
 
 
 def offloaded(route: Callable[P, R]) -> Callable[P, Awaitable[R]]:
@@ -38,6 +39,10 @@ def offloaded(route: Callable[P, R]) -> Callable[P, Awaitable[R]]:
 
 async def offloaded_iter(items: Iterator[T]) -> AsyncIterator[T]:
     """Each item of a blocking iterator (an export's chunks), produced on a worker thread."""
-    loop, context, done = asyncio.get_running_loop(), contextvars.copy_context(), object()
-    while (item := await loop.run_in_executor(ROUTE_THREADS, context.run, next, items, done)) is not done:
-        yield item  # type: ignore[misc]  # `done` is the only non-T value and ends the loop
+    loop, step = asyncio.get_running_loop(), functools.partial(contextvars.copy_context().run, _next, items)
+    while (item := await loop.run_in_executor(ROUTE_THREADS, step)) is not _DONE:
+        yield cast(T, item)
+
+
+def _next(items: Iterator[T]) -> T | object:
+    return next(items, _DONE)
