@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from fastapi.responses import StreamingResponse
 from pydantic_core import to_json
 
-from k2.api.jsonrows import rows_json
+from k2.api.jsonrows import rows_text
 from k2.api.models import Format, TickSelection
 from k2.api.offload import offloaded_iter
 from k2.query import ticks
@@ -54,11 +54,8 @@ def _json(result: ResultStream, snapshot_id: int | None) -> Iterator[bytes]:
     separator = b""
     for batch in _slices(result.batches):
         if batch.num_rows:
-            rows = separator + rows_json(batch)[1:-1]
-            if pending:
-                rows, pending = pending + rows, b""
-            yield rows
-            separator = b","
+            yield b"".join((pending, separator, rows_text(batch)))  # one copy of the rows' text
+            pending, separator = b"", b","
     yield pending + b"]}"
 
 

@@ -14,8 +14,10 @@ by pydantic instead: slower, never different.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi.responses import Response
@@ -25,7 +27,7 @@ from pydantic_core import to_json
 from k2.rows import to_rows
 
 # Characters JSON strings must escape (serde_json escapes exactly these).
-_NEEDS_ESCAPE = r'["\\\x00-\x1f]'
+_NEEDS_ESCAPE = re.compile(rb'["\\\x00-\x1f]')
 
 
 _YEAR_1000_US = -30_610_224_000_000_000  # 1000-01-01T00:00:00Z, microseconds since 1970
@@ -39,7 +41,7 @@ def _text(value: str) -> pa.Scalar:
     return pa.scalar(value, pa.large_string())
 
 
-_NULL, _QUOTE, _QUOTE_Z, _EMPTY = _text("null"), _text('"'), _text('Z"'), _text("")
+_NULL, _QUOTE, _QUOTE_Z, _EMPTY, _ROW_END = _text("null"), _text('"'), _text('Z"'), _text(""), _text("},")
 
 
 def _quoted(strings: pa.Array) -> pa.Array:
@@ -60,11 +62,19 @@ def _four_digit_years(column: pa.Array) -> bool:
     return low is None or (low >= _YEAR_1000_US and high < _YEAR_10000_US)
 
 
+def _may_need_escapes(strings: pa.Array) -> bool:
+    """Whether a string of the column may hold a character JSON escapes. The column's whole data
+    buffer is searched at once (a quarter of the time of Arrow's regex kernel, measured): bytes of
+    a sliced column's neighbours can only raise a false alarm, which takes the exact, slow path."""
+    data = strings.buffers()[2]
+    return data is not None and _NEEDS_ESCAPE.search(memoryview(data)) is not None
+
+
 def _encode(column: pa.Array) -> pa.Array:
     """Each value of `column` as JSON text (null where the value is null)."""
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        if pc.any(pc.match_substring_regex(column, _NEEDS_ESCAPE)).as_py():
+        if _may_need_escapes(column):
             return _slow(column)
         return _quoted(column.cast(pa.large_string()))
     if pa.types.is_integer(kind):
@@ -87,8 +97,13 @@ def _encode(column: pa.Array) -> pa.Array:
 
 def rows_json(data: pa.Table | pa.RecordBatch) -> bytes:
     """The rows as a JSON array of objects, keys in column order."""
+    return b"[" + rows_text(data) + b"]"
+
+
+def rows_text(data: pa.Table | pa.RecordBatch) -> bytes:
+    """The rows' JSON objects separated by commas, without the array's brackets (an export's chunk)."""
     if data.num_rows < _FEW:  # a handful of rows: fixed costs of the kernels would dominate
-        return to_json(to_rows(data))
+        return to_json(to_rows(data))[1:-1]
     table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
     parts: list[Any] = []
     for i, name in enumerate(table.column_names):
@@ -96,10 +111,12 @@ def rows_json(data: pa.Table | pa.RecordBatch) -> bytes:
         key = to_json(name).decode()
         parts.append(_text(("{" if i == 0 else ",") + key + ":"))
         parts.append(pc.fill_null(_encode(column), _NULL))
-    parts.append(_text("}"))
+    parts.append(_ROW_END)
     rows = pc.binary_join_element_wise(*parts, _EMPTY)
-    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(rows)], pa.int32()), rows), _text(","))
-    return b"[" + joined[0].as_buffer().to_pybytes() + b"]"
+    # A new array of rows that each end in "},": its data buffer is the rows joined, a comma too many.
+    offsets = np.frombuffer(rows.buffers()[1], np.int64, count=len(rows) + 1, offset=rows.offset * 8)
+    start, end = int(offsets[0]), int(offsets[-1])
+    return rows.buffers()[2][start:end - 1].to_pybytes()
 
 
 def model_json(model: type[BaseModel], data: pa.Table | pa.RecordBatch, **fields: Any) -> bytes:
