@@ -34,6 +34,15 @@ class Relation:
     params: Mapping[str, Any]
     scans: Mapping[str, Scan]
     pins: Mapping[str, Pin]  # the table versions read, by role: what a cursor pins
+    # The rows `sql` keeps one for one (the left side of an ASOF LEFT JOIN), written `{driving}` in it:
+    # a page narrowed to its own rows there first joins a page of them, not every row of the range.
+    driving: str | None = None
+
+    def text(self, page: str = "") -> str:
+        """`sql`, its driving rows narrowed by `page` (a page's conditions, order and limit)."""
+        if self.driving is None:
+            return self.sql
+        return self.sql.replace("{driving}", f"SELECT * FROM ({self.driving}) {page}")
 
     def snapshot_ids(self) -> dict[str, int | None]:
         ids = {role: pin.snapshot_id for role, pin in self.pins.items()}
@@ -65,7 +74,7 @@ def quoted_trades_relation(engine: Engine, trades: Pin, quotes: Pin, flt: TickFi
     quote_columns = ", ".join(f"CASE WHEN {fresh} THEN q.{ident(c)} END AS {ident(c)}" for c in QUOTE_FIELDS)
     sql = f"""
         SELECT t.*, CASE WHEN {fresh} THEN q.exchange_timestamp END AS quote_timestamp, {quote_columns}
-        FROM (SELECT * FROM {{trades}} {tw.sql()}) t
+        FROM ({{driving}}) t
         ASOF LEFT JOIN (
             SELECT symbol, exchange, exchange_timestamp, {select_list(QUOTE_FIELDS)} FROM {{quotes}} {qw.sql()}
             QUALIFY row_number() OVER (PARTITION BY symbol, exchange, exchange_timestamp
@@ -74,7 +83,7 @@ def quoted_trades_relation(engine: Engine, trades: Pin, quotes: Pin, flt: TickFi
     """
     return Relation("trades_asof_quotes", sql, {**tw.params, **qw.params, "tolerance": tolerance},
                     {"trades": engine.plan(trades, flt), "quotes": engine.plan(quotes, quote_filter)},
-                    {"trades": trades, "quotes": quotes})
+                    {"trades": trades, "quotes": quotes}, driving=f"SELECT * FROM {{trades}} {tw.sql()}")
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,9 @@ def page(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int, 
                   "(symbol > $after_symbol OR (symbol = $after_symbol AND sequence_number > $after_seq)))",
                   after_symbol=after.symbol, after_seq=after.sequence_number)
     # One row more than asked tells whether another page follows.
+    narrowed = f"{where.sql()} ORDER BY {ORDER_BY} LIMIT $limit"
     sql = (f"SELECT {select_list(fields)}, epoch_us(exchange_timestamp) AS __k2_ts, symbol AS __k2_symbol, "
-           f"sequence_number AS __k2_seq FROM ({rel.sql}) {where.sql()} ORDER BY {ORDER_BY} LIMIT $limit")
+           f"sequence_number AS __k2_seq FROM ({rel.text(narrowed)}) {narrowed}")
     result = engine.run(f"{rel.name}_page", sql, {**rel.params, **where.params, "limit": limit + 1}, rel.scans)
     next_cursor = None
     if result.num_rows > limit:
@@ -108,7 +118,7 @@ def page(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int, 
 def stream(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int | None) -> ResultStream:
     """Every matching row in tick order (up to `limit`), as Arrow batches."""
     params = dict(rel.params)
-    sql = f"SELECT {select_list(fields)} FROM ({rel.sql}) ORDER BY {ORDER_BY}"
+    sql = f"SELECT {select_list(fields)} FROM ({rel.text()}) ORDER BY {ORDER_BY}"
     if limit is not None:
         sql += " LIMIT $limit"
         params["limit"] = limit

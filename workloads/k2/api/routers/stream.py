@@ -137,7 +137,7 @@ def _stored(engine: Engine, settings: Settings, kind: TickKind, symbols: frozens
         return {}, iter(())
     offsets = tables.recorded_offsets(pin.existing_table, pin.snapshot).get(settings.topic(kind), {})
     relation = tick_relation(engine, pin, TickFilter(tuple(symbols), None, start))
-    result = engine.stream("stream_catchup", f"SELECT * FROM ({relation.sql}) "
+    result = engine.stream("stream_catchup", f"SELECT * FROM ({relation.text()}) "
                            "ORDER BY symbol, exchange_date, sequence_number", relation.params, relation.scans)
     epoch = dt.date(1970, 1, 1)
 
