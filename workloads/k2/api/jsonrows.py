@@ -112,7 +112,7 @@ def rows_text(data: pa.Table | pa.RecordBatch) -> bytes:
         parts.append(_text(("{" if i == 0 else ",") + key + ":"))
         parts.append(pc.fill_null(_encode(column), _NULL))
     parts.append(_ROW_END)
-    rows = pc.binary_join_element_wise(*parts, _EMPTY)
+    rows = pc.binary_join_element_wise(*parts, _EMPTY).cast(pa.large_string())  # int64 offsets, read below
     # A new array of rows that each end in "},": its data buffer is the rows joined, a comma too many.
     offsets = np.frombuffer(rows.buffers()[1], np.int64, count=len(rows) + 1, offset=rows.offset * 8)
     start, end = int(offsets[0]), int(offsets[-1])
