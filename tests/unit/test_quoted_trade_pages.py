@@ -15,8 +15,7 @@ from k2.query.filters import TickFilter
 from k2.schemas import arrow_schema
 from k2.settings import TableKind
 
-_UTC = dt.UTC
-_T0 = dt.datetime(2014, 3, 12, 0, 0, tzinfo=_UTC)
+_T0 = dt.datetime(2014, 3, 12, 0, 0, tzinfo=dt.UTC)
 
 
 class _ArrowTables:
@@ -63,7 +62,7 @@ def test_each_page_joins_only_its_own_trades_and_the_pages_are_the_whole_join_in
     rel = ticks.quoted_trades_relation(engine, *pins, TickFilter(("BHP",)), dt.timedelta(seconds=1))  # type: ignore[arg-type]
     whole = engine.con.execute(
         f"SELECT * FROM ({rel.text().format(trades='trades', quotes='quotes')}) ORDER BY {ticks.ORDER_BY}",
-        {k: v for k, v in rel.params.items()}).fetch_arrow_table()
+        dict(rel.params)).fetch_arrow_table()
 
     rows, cursor = [], None
     while True:

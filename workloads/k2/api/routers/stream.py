@@ -30,6 +30,7 @@ from starlette.websockets import WebSocketState
 
 from k2 import tables
 from k2.api.hub import LiveTick, Subscription, TickHub, decode_ticks, read_range
+from k2.api.offload import offloaded_iter
 from k2.exchanges import SYMBOL_PATTERN
 from k2.observability import STREAM_DISCONNECTS
 from k2.query import scope as scopes
@@ -149,26 +150,19 @@ def _stored(engine: Engine, settings: Settings, kind: TickKind, symbols: frozens
     return offsets, batches()
 
 
-async def _drain(iterator: Iterator) -> Any:
-    """The blocking iterator's items, each fetched in a worker thread."""
-    done = object()
-    while (item := await asyncio.to_thread(next, iterator, done)) is not done:
-        yield item
-
-
 async def _catch_up(ws: WebSocket, sender: Sender, sub: Subscription, start: dt.datetime,
                     live_from: dict[int, int]) -> None:
     kind, symbols = sub.kind, sub.symbols
     app, settings = ws.app, ws.app.state.settings
     offsets, stored = await asyncio.to_thread(_stored, app.state.engine, settings, kind, symbols, start)
-    async for batch in _drain(stored):
+    async for batch in offloaded_iter(stored):
         for symbol, day, seq, text in batch:
             await sender.row(symbol, day, seq, text)
     sender.floor = dict(offsets)
     topic = settings.topic(kind)
     gap = {p: (offsets.get(p, 0), end) for p, end in live_from.items() if end > offsets.get(p, 0)}
     decoder = hub(app).decoder
-    async for messages in _drain(read_range(settings, topic, gap)):
+    async for messages in offloaded_iter(read_range(settings, topic, gap)):
         for tick in decode_ticks(decoder, kind, messages):
             if sub.wants(tick):
                 await sender.tick(tick)
