@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from k2.stack.base import Service, StackError, free_port, port_in_use, run_logged
+from k2.stack.base import Service, StackError, free_port, port_in_use, run_logged, unpack_tar
 
 pytestmark = pytest.mark.unit
 
@@ -252,3 +254,36 @@ def test_a_leader_exiting_while_the_stop_looks_is_reaped(tmp_path: Path, monkeyp
     service.stop()
     assert service.pid() is None
     assert not os.path.exists(f"/proc/{pid}"), "the stopped leader was left a zombie"
+
+
+def _tarball(tmp_path: Path, *members: tarfile.TarInfo) -> Path:
+    path = tmp_path / "archive.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for member in members:
+            data = b"payload" if member.isfile() else b""
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return path
+
+
+def _link(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
+@pytest.mark.parametrize("python_filter", [True, False], ids=["python-filter", "own-checks"])
+def test_unpack_tar_unpacks_an_archive_and_refuses_members_that_escape(tmp_path: Path, monkeypatch,
+                                                                      python_filter: bool):
+    if not python_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip(f"this Python ({sys.version.split()[0]}) has no tarfile data filter")
+    good = _tarball(tmp_path, tarfile.TarInfo("app/quarkus-run.jar"), _link("app/lib", "quarkus-run.jar"))
+    unpack_tar(good, tmp_path / "ok")
+    assert (tmp_path / "ok/app/quarkus-run.jar").read_bytes() == b"payload"
+    for i, bad in enumerate([tarfile.TarInfo("../escaped"), tarfile.TarInfo("/abs/escaped"),
+                             _link("app/out", "../../../etc/passwd")]):
+        with pytest.raises(StackError, match=r"archive\.tar\.gz"):
+            unpack_tar(_tarball(tmp_path, bad), tmp_path / f"bad{i}")
+    assert not (tmp_path / "escaped").exists()

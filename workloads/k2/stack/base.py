@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -137,6 +138,36 @@ def require_tool(name: str, hint: str) -> str:
     if not path:
         raise StackError(f"`{name}` is not on PATH: {hint}")
     return path
+
+
+def unpack_tar(tarball: Path, into: Path) -> None:
+    """Unpack a downloaded archive, refusing members that would land outside `into` (absolute
+    paths, `..`, links out, devices). Python's own "data" filter does that, but Debian 12's
+    python3 (3.11.2) predates it, so without it the same checks are made here."""
+    with tarfile.open(tarball) as tar:
+        if hasattr(tarfile, "data_filter"):
+            try:
+                tar.extractall(into, filter="data")
+            except tarfile.FilterError as exc:
+                raise StackError(f"{tarball.name}: {exc}") from exc
+            return
+        members = tar.getmembers()
+        for member in members:
+            _check_inside(tarball, into, member)
+        tar.extractall(into, members=members)
+
+
+def _check_inside(tarball: Path, into: Path, member: tarfile.TarInfo) -> None:
+    root = into.resolve()
+    target = (root / member.name).resolve()
+    if not target.is_relative_to(root) or Path(member.name).is_absolute():
+        raise StackError(f"{tarball.name}: {member.name!r} would be written outside {into}")
+    if member.isdev():
+        raise StackError(f"{tarball.name}: {member.name!r} is a device file")
+    if member.issym() or member.islnk():
+        base = target.parent if member.issym() else root
+        if Path(member.linkname).is_absolute() or not (base / member.linkname).resolve().is_relative_to(root):
+            raise StackError(f"{tarball.name}: link {member.name!r} points outside {into}")
 
 
 @dataclass

@@ -23,7 +23,6 @@ too. The prebuilt `all` tarball needs none of them.
 
 from __future__ import annotations
 
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import httpx
 import structlog
 
-from .base import Service, StackError, cache_dir, port_from_env
+from .base import Service, StackError, cache_dir, port_from_env, unpack_tar
 from .kafka import DEPENDENCY_PLUGIN, Kafka, find_java, maven_fetch
 
 log = structlog.get_logger("k2.stack.registry")
@@ -83,8 +82,7 @@ class SchemaRegistry(Service):
                         what=f"download Apicurio Registry {APICURIO_VERSION}")
             tarball = next(Path(scratch).glob("*.tar.gz"))
             staged = Path(scratch, "app")
-            with tarfile.open(tarball) as tar:
-                tar.extractall(staged, filter="data")
+            unpack_tar(tarball, staged)
             if not (staged / "quarkus-run.jar").exists():
                 raise StackError(f"{ARTIFACT} has no quarkus-run.jar; its layout changed")
             staged.rename(self.app_dir)
