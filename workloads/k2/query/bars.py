@@ -119,16 +119,20 @@ def summary(engine: Engine, symbol: str, day: dt.date, exchange: str = DEFAULT_E
 class _Calendar:
     """How one interval maps instants to buckets, in SQL."""
 
-    bucket: str  # a row's bucket start
+    key: str  # what a row is grouped by
+    start: str  # a bucket's start, from its `{key}`
     end: str  # a bucket's end, from its `{start}`
     grid: str  # every bucket start from $grid_start up to $range_end
 
 
-# A local day is exactly a trade's `exchange_date`. DuckDB's time_bucket(INTERVAL '1 day', ts, zone)
-# is avoided: it is slow (calendar arithmetic per row) and, in DuckDB 1.4, wrong on DST-change days.
-# Days are 23 or 25 hours long there, so their ends and grid are stepped on the local clock.
+# A local day is exactly a trade's `exchange_date`, so days are grouped by it and turned into
+# instants once per bucket: a time zone conversion per row cost more than the rest of a daily
+# summary together. DuckDB's time_bucket(INTERVAL '1 day', ts, zone) is avoided: it is slow
+# (calendar arithmetic per row) and, in DuckDB 1.4, wrong on DST-change days. Days are 23 or 25
+# hours long there, so their ends and grid are stepped on the local clock.
 _DAILY = _Calendar(
-    bucket="timezone($tz, exchange_date::TIMESTAMP)",
+    key="exchange_date",
+    start="timezone($tz, {key}::TIMESTAMP)",
     end="timezone($tz, timezone($tz, {start}) + $width)",
     grid="SELECT timezone($tz, unnest(range(timezone($tz, $grid_start::TIMESTAMPTZ), "
          "timezone($tz, $range_end::TIMESTAMPTZ), $width))) AS bucket_start",
@@ -136,7 +140,8 @@ _DAILY = _Calendar(
 # Intraday buckets are fixed lengths of real time aligned to the local clock: an hour repeated by
 # a DST change is two buckets, as it is two hours of trading.
 _INTRADAY = _Calendar(
-    bucket="time_bucket($width, exchange_timestamp, $tz)",
+    key="time_bucket($width, exchange_timestamp, $tz)",
+    start="{key}",
     end="{start} + $width",
     grid="SELECT unnest(range($grid_start::TIMESTAMPTZ, $range_end::TIMESTAMPTZ, $width)) AS bucket_start",
 )
@@ -164,18 +169,19 @@ def _sql(q: BarQuery, where: Where) -> str:
     needed = dict.fromkeys(["close", *[n for f in fields for n in _NEEDS.get(f, (f,))]])
     held = ""
     if "held_us" in needed:
-        bucket_end = calendar.end.format(start="bucket_start")
-        held = (f", epoch_us(coalesce(lead(exchange_timestamp) OVER (PARTITION BY symbol, bucket_start {_ORDERED}), "
+        bucket_end = calendar.end.format(start=calendar.start.format(key="bucket_key"))
+        held = (f", epoch_us(coalesce(lead(exchange_timestamp) OVER (PARTITION BY symbol, bucket_key {_ORDERED}), "
                 f"least({bucket_end}, $range_end))) - epoch_us(exchange_timestamp) AS held_us")
     aggregates = ", ".join(f"{_AGGREGATES[n]} AS {n}" for n in needed)
     computed = ", ".join(f"{_COMPUTED.get(f, f)} AS {ident(f)}" for f in dict.fromkeys(["close", *fields]))
     ctes = f"""
         WITH ticks AS (
-            SELECT symbol, exchange_timestamp, sequence_number, price, volume, {calendar.bucket} AS bucket_start
+            SELECT symbol, exchange_timestamp, sequence_number, price, volume, {calendar.key} AS bucket_key
             FROM {{trades}} {where.sql()}
         ), weighted AS (SELECT *{held} FROM ticks),
-        aggregated AS (SELECT symbol, bucket_start, {aggregates} FROM weighted GROUP BY symbol, bucket_start),
-        computed AS (SELECT symbol, bucket_start, {computed} FROM aggregated)
+        aggregated AS (SELECT symbol, bucket_key, {aggregates} FROM weighted GROUP BY symbol, bucket_key),
+        computed AS (SELECT symbol, {calendar.start.format(key="bucket_key")} AS bucket_start, {computed}
+                     FROM aggregated)
     """
     if q.fill == "none":
         columns = ", ".join(ident(f) for f in fields)
