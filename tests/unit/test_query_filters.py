@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
+from decimal import Context, Decimal
 from fractions import Fraction
 
 import duckdb
@@ -74,14 +74,16 @@ def test_where_binds_every_value() -> None:
     assert Where().sql() == ""
 
 
-@pytest.fixture(scope="module")
-def ratio():
+@pytest.fixture(scope="module", params=["k2_exact_ratio", "k2_exact_ratio_estimated"])
+def ratio(request):
     db = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     db.execute(EXACT_RATIO_MACRO)
 
-    def compute(numerator: Decimal, denominator: int) -> Decimal | None:
-        return db.execute("SELECT k2_exact_ratio($n::DECIMAL(38, 6), $d::BIGINT)",
-                          {"n": numerator, "d": denominator}).fetchone()[0]
+    def compute(numerator: Decimal, denominator: int, den_type: str = "BIGINT") -> Decimal | None:
+        # BIGINT: sum(volume)::BIGINT of a VWAP; HUGEINT: sum(held_us) of a TWAP
+        # bound as text: a Python int beyond int64 would be bound as a DOUBLE and lose digits
+        return db.execute(f"SELECT {request.param}($n::DECIMAL(38, 6), $d::VARCHAR::{den_type})",
+                          {"n": numerator, "d": str(denominator)}).fetchone()[0]
 
     yield compute
     db.close()
@@ -92,11 +94,30 @@ def test_exact_ratio_rounds_half_to_even(ratio) -> None:
     assert ratio(Decimal("1.000003"), 2) == Decimal("0.500002")  # 0.5000015 → even
     assert ratio(Decimal("2"), 3) == Decimal("0.666667")
     assert ratio(Decimal("5"), 0) is None
+    assert ratio(Decimal("5"), 0, "HUGEINT") is None
+
+
+def _rounded(numerator: Decimal, denominator: int) -> Decimal:
+    return Decimal(round(Fraction(numerator) * 10**6 / denominator)).scaleb(-6)  # round() on a Fraction is half-even
+
+
+@settings(max_examples=300, deadline=None)
+@given(units=st.integers(0, 10**18 - 1), denominator=st.integers(1, 10**20),
+       offset=st.sampled_from([-2, -1, 0, 1, 2]), den_type=st.sampled_from(["BIGINT", "HUGEINT"]))
+def test_exact_ratio_at_and_beside_half_units(ratio, units: int, denominator: int, offset: int, den_type: str) -> None:
+    """Ratios of (units + ½) millionths give or take a millionth of a unit: the ties and near-ties
+    where a double quotient rounds the wrong way, up to prices at the top of decimal(18, 6)."""
+    if den_type == "BIGINT":
+        denominator = denominator % 2**62 + 1
+    millionths = ((2 * units + 1) * denominator) // 2 + offset  # ≈ (units + ½) × denominator
+    # below 10**26 (scaled by 10**6 it must fit DECIMAL(38)), the average within decimal(18, 6)
+    assume(0 <= millionths < 10**32 and millionths < (10**18 - 1) * denominator)
+    numerator = Decimal(millionths).scaleb(-6, Context(prec=40))
+    assert ratio(numerator, denominator, den_type) == _rounded(numerator, denominator)
 
 
 @settings(max_examples=200, deadline=None)
 @given(numerator=st.decimals(min_value=0, max_value=10**15, places=6), denominator=st.integers(1, 10**12))
 def test_exact_ratio_matches_rational_arithmetic(ratio, numerator: Decimal, denominator: int) -> None:
     assume(numerator / denominator < 10**12)  # averages of prices fit decimal(18, 6)
-    expected = Decimal(round(Fraction(numerator) * 10**6 / denominator)).scaleb(-6)
-    assert ratio(numerator, denominator) == expected
+    assert ratio(numerator, denominator) == _rounded(numerator, denominator)

@@ -60,7 +60,10 @@ _AGGREGATES = {
     "held_notional": "sum(price * held_us)",
     "held_us": "sum(held_us)",
 }
-_COMPUTED = {"vwap": "k2_exact_ratio(notional, volume)", "twap": "k2_exact_ratio(held_notional, held_us)"}
+_COMPUTED = {"vwap": "{ratio}(notional, volume)", "twap": "{ratio}(held_notional, held_us)"}
+# From this many buckets on, ratios start from a DOUBLE estimate (cheaper per row, dearer to plan:
+# k2.query.sql); a daily summary divides at once.
+_ESTIMATED_RATIOS_FROM = 32
 _NEEDS = {"vwap": ("notional", "volume"), "twap": ("held_notional", "held_us")}
 
 
@@ -91,7 +94,7 @@ def bars(engine: Engine, q: BarQuery, *, max_rows: int, pin: Pin | None = None) 
     params = {**where.params, **_bucket_params(zone, q.width), "range_end": q.end, "limit": max_rows + 1}
     if q.fill != "none":
         # Filled results have one row per bucket and symbol: refuse before computing them.
-        buckets = len(flt.symbols) * (math.ceil((q.end - q.start) / q.width) + 1)
+        buckets = _bucket_bound(q)
         if buckets > max_rows:
             raise InvalidQuery("interval", f"about {buckets} bars asked for; at most {max_rows} per request: "
                                            "narrow the range or widen the interval")
@@ -153,6 +156,11 @@ _INTRADAY = _Calendar(
 _INTRADAY_ORIGIN = dt.datetime(2000, 1, 3)
 
 
+def _bucket_bound(q: BarQuery) -> int:
+    """At most this many bars: one per bucket of the range (and a partial one) and symbol."""
+    return len(q.symbols) * (math.ceil((q.end - q.start) / q.width) + 1)
+
+
 def _bucket_params(zone: ZoneInfo, width: dt.timedelta) -> dict[str, object]:
     """The parameters the calendars' SQL uses."""
     return {"tz": zone.key, "width": width, "origin_us": micros(_INTRADAY_ORIGIN.replace(tzinfo=zone)),
@@ -183,7 +191,9 @@ def _sql(q: BarQuery, where: Where) -> str:
         held = (f", epoch_us(coalesce(lead(exchange_timestamp) OVER (PARTITION BY symbol, bucket_key {_ORDERED}), "
                 f"least({bucket_end}, $range_end))) - epoch_us(exchange_timestamp) AS held_us")
     aggregates = ", ".join(f"{_AGGREGATES[n]} AS {n}" for n in needed)
-    computed = ", ".join(f"{_COMPUTED.get(f, f)} AS {ident(f)}" for f in dict.fromkeys(["close", *fields]))
+    ratio = "k2_exact_ratio_estimated" if _bucket_bound(q) >= _ESTIMATED_RATIOS_FROM else "k2_exact_ratio"
+    computed = ", ".join(f"{_COMPUTED.get(f, f).format(ratio=ratio)} AS {ident(f)}"
+                         for f in dict.fromkeys(["close", *fields]))
     ctes = f"""
         WITH ticks AS (
             SELECT symbol, exchange_timestamp, sequence_number, price, volume, {calendar.key} AS bucket_key

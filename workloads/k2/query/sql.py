@@ -15,6 +15,12 @@ from k2.query.filters import TickFilter
 # must fit decimal(18, 6), as any average of prices does. DuckDB divides decimals in DOUBLE,
 # which would make VWAP/TWAP inexact; this divides the unscaled integers in HUGEINT instead.
 # Multiplying by 0.000001 (not dividing by 10^6) keeps the result a DECIMAL.
+#
+# HUGEINT division cost about 12 µs a row here. k2_exact_ratio_estimated divides in DOUBLE first:
+# when the estimate's residual, num - estimate × den (exact in DECIMAL), is below half a unit
+# (0.000001) of den, the estimate is the rounded ratio; otherwise (a tie, an estimate a unit off,
+# a ratio too large for the estimate) it divides as k2_exact_ratio does. Its expression costs
+# about 0.4 ms more to plan, so it pays from a few dozen rows on (bars pick by their bucket count).
 EXACT_RATIO_MACRO = """
 CREATE OR REPLACE MACRO k2_exact_ratio(num, den) AS (
     CASE WHEN den IS NULL OR den = 0 THEN NULL ELSE (
@@ -24,7 +30,14 @@ CREATE OR REPLACE MACRO k2_exact_ratio(num, den) AS (
                      AND ((num * 1000000)::HUGEINT // den::HUGEINT) % 2 = 1)
                THEN 1 ELSE 0 END
     )::DECIMAL(18, 0) * 0.000001::DECIMAL(7, 6) END
-)
+);
+CREATE OR REPLACE MACRO k2_ratio_estimate(num, den) AS (
+    TRY_CAST(round(num::DOUBLE / den::DOUBLE, 6) AS DECIMAL(18, 6))
+);
+CREATE OR REPLACE MACRO k2_exact_ratio_estimated(num, den) AS (
+    CASE WHEN abs(2 * (num - k2_ratio_estimate(num, den) * den)) < den * 0.000001 THEN k2_ratio_estimate(num, den)
+         ELSE k2_exact_ratio(num, den) END
+);
 """
 
 
