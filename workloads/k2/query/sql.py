@@ -20,7 +20,7 @@ from k2.query.filters import TickFilter
 # when the estimate's residual, num - estimate × den (exact in DECIMAL), is below half a unit
 # (0.000001) of den, the estimate is the rounded ratio; otherwise (a tie, an estimate a unit off,
 # a ratio too large for the estimate) it divides as k2_exact_ratio does. Its expression costs
-# about 0.4 ms more to plan, so it pays from a few dozen rows on (bars pick by their bucket count).
+# about 0.4 ms more to plan, so it pays from about 100 rows on (bars pick by their bucket count).
 EXACT_RATIO_MACRO = """
 CREATE OR REPLACE MACRO k2_exact_ratio(num, den) AS (
     CASE WHEN den IS NULL OR den = 0 THEN NULL ELSE (
