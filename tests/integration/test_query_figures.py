@@ -105,3 +105,12 @@ def test_filled_results_are_bounded(asx_api) -> None:
         "start": "2014-01-01T00:00:00Z", "end": "2014-03-01T00:00:00Z"})
     assert response.status_code == 422
     assert response.json()["error"]["details"][0]["field"] == "interval"
+
+
+def test_a_repeated_symbol_counts_once_in_the_bound(asx_api) -> None:
+    """6,001 one-minute buckets of one symbol fit the 10,000-bar bound however often it is named."""
+    body = {"interval": "1m", "fill": "null", "start": "2014-03-10T00:00:00Z", "end": "2014-03-14T04:00:00Z"}
+    once = asx_api.post("/v1/aggregations", json={**body, "symbols": ["BHP"]})
+    twice = asx_api.post("/v1/aggregations", json={**body, "symbols": ["BHP", "BHP"]})
+    assert once.status_code == twice.status_code == 200, twice.text
+    assert twice.json()["data"] == once.json()["data"]

@@ -158,8 +158,8 @@ _INTRADAY_ORIGIN = dt.datetime(2000, 1, 3)
 
 
 def _bucket_bound(q: BarQuery) -> int:
-    """At most this many bars: one per bucket of the range (and a partial one) and symbol."""
-    return len(q.symbols) * (math.ceil((q.end - q.start) / q.width) + 1)
+    """At most this many bars: one per bucket of the range (and a partial one) and distinct symbol."""
+    return len(set(q.symbols)) * (math.ceil((q.end - q.start) / q.width) + 1)
 
 
 def _bucket_params(zone: ZoneInfo, width: dt.timedelta) -> dict[str, object]:
