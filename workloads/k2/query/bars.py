@@ -130,10 +130,11 @@ class _Calendar:
 
 
 # A local day is exactly a trade's `exchange_date`, so days are grouped by it and turned into
-# instants once per bucket: a time zone conversion per row cost more than the rest of a daily
-# summary together. DuckDB's time_bucket(INTERVAL '1 day', ts, zone) is avoided: it is slow
-# (calendar arithmetic per row) and, in DuckDB 1.4, wrong on DST-change days. Days are 23 or 25
-# hours long there, so their ends and grid are stepped on the local clock.
+# instants once per bucket, not per row (on some Parquet files DuckDB converted every row, which
+# cost more than the rest of a daily summary; on K2's own it was already cheap). DuckDB's
+# time_bucket(INTERVAL '1 day', ts, zone) is avoided: it is slow (calendar arithmetic per row) and,
+# in DuckDB 1.4, wrong on DST-change days. Days are 23 or 25 hours long there, so their ends and
+# grid are stepped on the local clock.
 _DAILY = _Calendar(
     key="exchange_date",
     start="timezone($tz, {key}::TIMESTAMP)",
@@ -146,7 +147,7 @@ _DAILY = _Calendar(
 # differ by whole widths (every exchange K2 knows): an hour repeated by a DST change is two
 # buckets, as it is two hours of trading. They are computed on epoch microseconds with the
 # origin's instant bound once: time_bucket(width, ts, zone) gives the same buckets (a unit test
-# holds the two equal) but converts every row's time zone, a quarter of a 1-minute bar query.
+# holds the two equal) but converts every row's time zone, about a tenth of a 1-minute bar query.
 _INTRADAY = _Calendar(
     key="make_timestamptz(epoch_us(exchange_timestamp) "
         "- ((epoch_us(exchange_timestamp) - $origin_us) % $width_us + $width_us) % $width_us)",
