@@ -142,19 +142,18 @@ def require_tool(name: str, hint: str) -> str:
 
 def unpack_tar(tarball: Path, into: Path) -> None:
     """Unpack a downloaded archive, refusing members that would land outside `into` (absolute
-    paths, `..`, links out, devices). Python's own "data" filter does that, but Debian 12's
-    python3 (3.11.2) predates it, so without it the same checks are made here."""
+    paths, `..`, links out, devices). The checks are made here because Debian 12's python3
+    (3.11.2) predates tarfile's "data" filter and because that filter strips an absolute path's
+    leading slash instead of refusing it; where the filter exists it is applied as well."""
     with tarfile.open(tarball) as tar:
-        if hasattr(tarfile, "data_filter"):
-            try:
-                tar.extractall(into, filter="data")
-            except tarfile.FilterError as exc:
-                raise StackError(f"{tarball.name}: {exc}") from exc
-            return
         members = tar.getmembers()
         for member in members:
             _check_inside(tarball, into, member)
-        tar.extractall(into, members=members)
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        try:
+            tar.extractall(into, members=members, **extra)
+        except tarfile.TarError as exc:
+            raise StackError(f"{tarball.name}: {exc}") from exc
 
 
 def _check_inside(tarball: Path, into: Path, member: tarfile.TarInfo) -> None:
