@@ -124,11 +124,11 @@ def test_inconsistent_freshness_settings_are_refused(lakehouse):
 
 
 def _executions() -> float:
-    return REGISTRY.get_sample_value("k2_query_executions_total", {"query": "bars_ohlcv", "outcome": "ok"}) or 0.0
+    return REGISTRY.get_sample_value("k2_query_executions_total", {"query": "summary", "outcome": "ok"}) or 0.0
 
 
 def _hits() -> float:
-    return REGISTRY.get_sample_value("k2_query_cache_lookups_total", {"query": "bars_ohlcv", "result": "hit"}) or 0.0
+    return REGISTRY.get_sample_value("k2_query_cache_lookups_total", {"query": "summary", "result": "hit"}) or 0.0
 
 
 def test_a_repeated_query_on_the_same_snapshot_is_served_from_the_cache(lakehouse):

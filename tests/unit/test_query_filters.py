@@ -14,7 +14,7 @@ from pyiceberg.expressions import AlwaysTrue
 
 from k2.query.errors import InvalidQuery
 from k2.query.filters import TickFilter, columns, micros, select_fields
-from k2.query.sql import EXACT_RATIO_MACRO, Where
+from k2.query.sql import EXACT_RATIO_MACRO, Where, exact_ratio
 
 pytestmark = pytest.mark.unit
 UTC = dt.UTC
@@ -74,8 +74,11 @@ def test_where_binds_every_value() -> None:
     assert Where().sql() == ""
 
 
-@pytest.fixture(scope="module", params=["k2_exact_ratio", "k2_exact_ratio_estimated"])
+@pytest.fixture(scope="module", params=["k2_exact_ratio", "k2_exact_ratio_estimated", "python"])
 def ratio(request):
+    if request.param == "python":  # the macros' twin, which a one-row summary divides with
+        yield lambda numerator, denominator, den_type="BIGINT": exact_ratio(numerator, denominator)
+        return
     db = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     db.execute(EXACT_RATIO_MACRO)
 

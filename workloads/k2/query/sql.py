@@ -7,6 +7,8 @@ Values are only ever bound as `$name` parameters. Identifiers are quoted from na
 from __future__ import annotations
 
 from collections.abc import Iterable
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from k2.query.filters import TickFilter
@@ -39,6 +41,14 @@ CREATE OR REPLACE MACRO k2_exact_ratio_estimated(num, den) AS (
          ELSE k2_exact_ratio(num, den) END
 );
 """
+
+
+def exact_ratio(num: Decimal | None, den: int | None) -> Decimal | None:
+    """k2_exact_ratio of one pair, in Python: a query that ends in one row divides here, since the
+    macro's expression cost more to plan than DuckDB took to read a symbol's day."""
+    if num is None or not den:
+        return None
+    return Decimal(round(Fraction(num) * 10**6 / den)).scaleb(-6)  # round() of a Fraction is half-even
 
 
 def ident(name: str) -> str:
