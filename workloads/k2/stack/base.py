@@ -149,9 +149,11 @@ def unpack_tar(tarball: Path, into: Path) -> None:
         members = tar.getmembers()
         for member in members:
             _check_inside(tarball, into, member)
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         try:
-            tar.extractall(into, members=members, **extra)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(into, members=members, filter="data")
+            else:
+                tar.extractall(into, members=members)
         except tarfile.TarError as exc:
             raise StackError(f"{tarball.name}: {exc}") from exc
 
