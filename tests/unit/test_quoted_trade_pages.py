@@ -18,6 +18,13 @@ from k2.settings import TableKind
 _T0 = dt.datetime(2014, 3, 12, 0, 0, tzinfo=dt.UTC)
 
 
+class _TableName(str):
+    """A scan here is the name of its Arrow table, with no files to read earliest first."""
+
+    files = ()
+    time_bounds = None
+
+
 class _ArrowTables:
     """What `ticks` asks of an engine, answered by DuckDB over Arrow tables named by the scans'
     aliases; the SQL of each run is kept."""
@@ -30,7 +37,7 @@ class _ArrowTables:
         self.sql: list[str] = []
 
     def plan(self, pin: Pin, flt: TickFilter) -> str:
-        return pin.kind
+        return _TableName(pin.kind)
 
     def run(self, name: str, sql: str, params: dict, scans: dict, **_: object) -> pa.Table:
         self.sql.append(sql)

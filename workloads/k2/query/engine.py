@@ -169,6 +169,27 @@ class Scan:
     files: tuple[DataFile, ...]
     has_deletes: bool = False
     scope: Scope | None = None  # every row read passes its predicate
+    # Of a tick table's files, least exchange_timestamp first: each one's least and greatest (µs).
+    # None where that is not known of every file, or deletes apply to them.
+    time_bounds: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A plan's files, as `Scan` holds them."""
+
+    files: tuple[DataFile, ...]
+    has_deletes: bool = False
+    time_bounds: tuple[tuple[int, int], ...] | None = None
+
+    def by_time(self, table: Table) -> _Planned:
+        """The files least exchange_timestamp first, with their bounds, where every file has them."""
+        bounds = planning.column_bounds(table, self.files, "exchange_timestamp")
+        known = [(low, high) for low, high in bounds if low is not None and high is not None]
+        if len(known) < len(bounds):
+            return self
+        ordered = sorted(zip(known, self.files, strict=True), key=lambda pair: pair[0])
+        return _Planned(tuple(f for _, f in ordered), self.has_deletes, tuple(b for b, _ in ordered))
 
 
 @dataclass(frozen=True)
@@ -195,7 +216,7 @@ class Engine:
         self._load_locks: dict[TableKind, threading.Lock] = {}
         self._reloading: set[TableKind] = set()
         self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-metadata")
-        self._plans: _LockedLRU[tuple[BooleanExpression, tuple[DataFile, ...], bool]] = _LockedLRU(PLAN_CACHE_SIZE)
+        self._plans: _LockedLRU[tuple[BooleanExpression, _Planned]] = _LockedLRU(PLAN_CACHE_SIZE)
         self.manifests = planning.ManifestCache()
         cache_bytes = settings.query_cache_mb * 2**20
         self._results: _LockedLRU[pa.Table] | None = (
@@ -339,24 +360,27 @@ class Engine:
         if pin.table is None or pin.snapshot is None:
             return Scan(pin, flt.iceberg_filter(timestamped=timestamped), (), scope=flt.scope)
         key = (pin.kind, pin.table.metadata.table_uuid, pin.snapshot_id, pin.since_snapshot_id, flt)
-        planned = self._plans.get(key)
-        if planned is None:
+        cached = self._plans.get(key)
+        if cached is None:
             # The pyiceberg expression is built only when planning: on a cache hit it is reused.
             row_filter = flt.iceberg_filter(timestamped=timestamped)
-            planned = (row_filter, *self._plan_files(pin, row_filter))
-            self._plans.put(key, planned)
-        row_filter, files, has_deletes = planned
-        return Scan(pin, row_filter, files, has_deletes, flt.scope)
+            planned = self._plan_files(pin, row_filter)
+            if timestamped and not planned.has_deletes:
+                planned = planned.by_time(pin.existing_table)
+            cached = (row_filter, planned)
+            self._plans.put(key, cached)
+        row_filter, planned = cached
+        return Scan(pin, row_filter, planned.files, planned.has_deletes, flt.scope, planned.time_bounds)
 
-    def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> tuple[tuple[DataFile, ...], bool]:
+    def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> _Planned:
         if pin.since is not None:
-            return _appended_files(pin.kind, pin.existing_table, pin.since, pin.existing_snapshot,
-                                   self.manifests), False
+            return _Planned(_appended_files(pin.kind, pin.existing_table, pin.since, pin.existing_snapshot,
+                                            self.manifests))
         try:
             tasks = planning.plan_files(pin.existing_table, pin.existing_snapshot, row_filter, self.manifests)
         except OSError as exc:
             raise Unavailable(f"cannot read {pin.kind} metadata: {exc}") from exc
-        return tuple(t.file for t in tasks), any(t.delete_files for t in tasks)
+        return _Planned(tuple(t.file for t in tasks), any(t.delete_files for t in tasks))
 
     # execution -------------------------------------------------------------------------------
     def run(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan], *,

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Annotated, cast
+from typing import Annotated
 
 import pyarrow as pa
 from pydantic import Field
-from pyiceberg.conversions import from_bytes
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
-from pyiceberg.types import PrimitiveType
 
+from k2.query import planning
 from k2.query.engine import Engine, Scan
 from k2.query.filters import EARLIEST, TickFilter
 from k2.settings import TABLE_KINDS, TableKind
@@ -113,9 +112,7 @@ def _upper_bound(table: Table | None, files: tuple[DataFile, ...], column: str) 
     """The largest value of a timestamp column, from the files' column bounds."""
     if table is None or not files or column not in table.schema().column_names:
         return None
-    field = table.schema().find_field(column)
-    bounds = [f.upper_bounds.get(field.field_id) for f in files if f.upper_bounds]
-    values = [cast(int, from_bytes(cast(PrimitiveType, field.field_type), b)) for b in bounds if b is not None]
+    values = [upper for _, upper in planning.column_bounds(table, files, column) if upper is not None]
     return EARLIEST + dt.timedelta(microseconds=max(values)) if values else None
 
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import cachetools
+from pyiceberg.conversions import from_bytes
 from pyiceberg.expressions import BooleanExpression
 from pyiceberg.io import FileIO
-from pyiceberg.manifest import ManifestEntry, ManifestFile
+from pyiceberg.manifest import DataFile, ManifestEntry, ManifestFile
 from pyiceberg.table import FileScanTask, ManifestGroupPlanner, Table, _min_sequence_number
 from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.typedef import KeyDefaultDict
+from pyiceberg.types import PrimitiveType
 from pyiceberg.utils.concurrent import ExecutorFactory
 
 MANIFEST_CACHE_ENTRIES = 200_000  # manifest entries kept: a few hundred bytes to a few KB each
@@ -80,3 +83,16 @@ def plan_files(table: Table, snapshot: Snapshot, row_filter: BooleanExpression,
                cache: ManifestCache) -> list[FileScanTask]:
     """The scan tasks of `snapshot` for `row_filter`, as `table.scan(...).plan_files()` gives them."""
     return list(_Planner(table, row_filter, cache).plan_files(snapshot.manifests(table.io)))
+
+
+def column_bounds(table: Table, files: Iterable[DataFile], column: str) -> list[tuple[int | None, int | None]]:
+    """Each file's least and greatest value of an integer-like column (a timestamp's microseconds),
+    from its column metrics; None where the file does not record one."""
+    field = table.schema().find_field(column)
+    kind = cast(PrimitiveType, field.field_type)
+
+    def value(bounds: dict[int, bytes] | None) -> int | None:
+        raw = (bounds or {}).get(field.field_id)
+        return None if raw is None else int(from_bytes(kind, raw))
+
+    return [(value(f.lower_bounds), value(f.upper_bounds)) for f in files]

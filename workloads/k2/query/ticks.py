@@ -7,12 +7,14 @@ skip or repeat one, and within a symbol it is the exchange's own order.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
+from pyiceberg.manifest import DataFile
 
 from k2.query.cursor import Cursor, Position
 from k2.query.engine import Engine, Pin, ResultStream, Scan
@@ -37,6 +39,7 @@ class Relation:
     # The rows `sql` keeps one for one (the left side of an ASOF LEFT JOIN), written `{driving}` in it:
     # a page narrowed to its own rows there first joins a page of them, not every row of the range.
     driving: str | None = None
+    paged: str = "src"  # the scan whose rows are the relation's rows, one for one
 
     def text(self, page: str = "") -> str:
         """`sql`, its driving rows narrowed by `page` (a page's conditions, order and limit)."""
@@ -83,7 +86,8 @@ def quoted_trades_relation(engine: Engine, trades: Pin, quotes: Pin, flt: TickFi
     """
     return Relation("trades_asof_quotes", sql, {**tw.params, **qw.params, "tolerance": tolerance},
                     {"trades": engine.plan(trades, flt), "quotes": engine.plan(quotes, quote_filter)},
-                    {"trades": trades, "quotes": quotes}, driving=f"SELECT * FROM {{trades}} {tw.sql()}")
+                    {"trades": trades, "quotes": quotes}, driving=f"SELECT * FROM {{trades}} {tw.sql()}",
+                    paged="trades")
 
 
 @dataclass(frozen=True)
@@ -106,13 +110,56 @@ def page(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int, 
     narrowed = f"{where.sql()} ORDER BY {ORDER_BY} LIMIT $limit"
     sql = (f"SELECT {select_list(fields)}, epoch_us(exchange_timestamp) AS __k2_ts, symbol AS __k2_symbol, "
            f"sequence_number AS __k2_seq FROM ({rel.text(narrowed)}) {narrowed}")
-    result = engine.run(f"{rel.name}_page", sql, {**rel.params, **where.params, "limit": limit + 1}, rel.scans)
+    params = {**rel.params, **where.params, "limit": limit + 1}
+    result = _earliest_rows(engine, rel, sql, params, limit + 1, cursor.after.timestamp_us if cursor else None)
     next_cursor = None
     if result.num_rows > limit:
         last = result.slice(limit - 1, 1).select(list(_KEY_COLUMNS)).to_pylist()[0]
         position = Position(last["__k2_ts"], last["__k2_symbol"], last["__k2_seq"])
         next_cursor = Cursor(rel.snapshot_ids(), position, fingerprint).encode()
     return Page(result.slice(0, limit).drop_columns(list(_KEY_COLUMNS)), next_cursor)
+
+
+def _earliest_rows(engine: Engine, rel: Relation, sql: str, params: Mapping[str, Any], wanted: int,
+                   after_us: int | None) -> pa.Table:
+    """The first `wanted` rows of a page's query, reading the paged table's files earliest first.
+
+    A file whose least timestamp is past the last of `wanted` rows found in the files before it
+    cannot hold any of the first `wanted`, so a page early in a long range opens a few files, not
+    all of them (pyiceberg's pruning cannot know where a page ends). Reading stops when the unread
+    files all start after the page's last row; until then it takes in every file starting at or
+    before that row (which makes the next round the last) or, short of rows, four times as many.
+    Files wholly before the cursor hold no row after it and are never read."""
+    scan = rel.scans[rel.paged]
+    if scan.time_bounds is None or len(scan.files) < 2:
+        return engine.run(f"{rel.name}_page", sql, params, rel.scans)
+    kept = [i for i, (_, high) in enumerate(scan.time_bounds) if after_us is None or high >= after_us]
+    files, bounds = [scan.files[i] for i in kept], [scan.time_bounds[i] for i in kept]
+    starts = [low for low, _ in bounds]
+    read = _holding(files, wanted)
+    while True:
+        narrowed = replace(scan, files=tuple(files[:read]), time_bounds=tuple(bounds[:read]))
+        result = engine.run(f"{rel.name}_page", sql, params, {**rel.scans, rel.paged: narrowed})
+        if read >= len(files):
+            return result
+        if result.num_rows < wanted:
+            read = max(4 * read, _holding(files, wanted, read + 1))
+            continue
+        reaching = bisect.bisect_right(starts, result["__k2_ts"][-1].as_py())
+        if reaching <= read:
+            return result
+        read = reaching
+
+
+def _holding(files: list[DataFile], wanted: int, at_least: int = 1) -> int:
+    """How many of the first files it takes to hold `wanted` rows of any symbol (or all of them):
+    fewer cannot answer the page, whatever they hold."""
+    count, total = 0, 0
+    for count, file in enumerate(files, start=1):
+        total += file.record_count
+        if count >= at_least and total >= wanted:
+            break
+    return count
 
 
 def stream(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int | None) -> ResultStream:
