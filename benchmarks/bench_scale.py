@@ -12,8 +12,9 @@ cost). Then K2 runs as its own separate processes, as deployed, each with a priv
   - `k2 stream run --until-idle` (Kafka → Iceberg): rows/s from its own `stream.done`;
   - `k2 maintain` with no retention: compaction, snapshot expiry and orphan removal, wall time;
   - `k2 api` with the result cache off: p50/p99 of the daily summary and of 1-minute bars of one
-    symbol-day (flat as data grows if partition pruning works), and of one whole day's daily bar
-    for every symbol (in requests of at most the API's 100 symbols);
+    symbol-day (flat as data grows if partition pruning works), of the first page of 100 trades
+    of one symbol with no dates (every day in range: flat if a page opens only the files it needs),
+    and of one whole day's daily bar for every symbol (in requests of at most the API's 100 symbols);
 and bytes on disk (warehouse: Parquet + Iceberg metadata) per row against the CSV's, and each
 process's peak RSS (VmHWM, the kernel's high-water mark, read every 50 ms while it runs). The
 operator is not run: it starts these same processes and holds no tick data itself. Prints one
@@ -165,6 +166,9 @@ def bench_queries(api: Api, symbols: list[str], iterations: int) -> dict[str, fl
     def bars() -> None:
         api.call("POST", "/v1/aggregations", {"symbols": [SYMBOL], "interval": "1m", **span})
 
+    def first_page() -> None:  # no dates: every day is in range, and the page is in the first
+        api.call("GET", f"/v1/trades?symbol={SYMBOL}&limit=100")
+
     def whole_day() -> int:
         return sum(len(api.call("POST", "/v1/aggregations", {"symbols": chunk, "interval": "1d", **span})["data"])
                    for chunk in chunks)
@@ -172,10 +176,12 @@ def bench_queries(api: Api, symbols: list[str], iterations: int) -> dict[str, fl
     answered = whole_day()
     if answered != len(symbols):  # every listing trades every day (the auctions at least)
         raise RuntimeError(f"the whole-day aggregation gave {answered} daily bars for {len(symbols)} symbols")
-    (summary_p50, summary_p99), (bars_p50, bars_p99) = time_interleaved([summary, bars], iterations, 5)
+    (summary_p50, summary_p99), (bars_p50, bars_p99), (page_p50, page_p99) = time_interleaved(
+        [summary, bars, first_page], iterations, 5)
     ((day_p50, day_p99),) = time_interleaved([whole_day], max(5, iterations // 10), 1)
     return {"summary_p50_ms": summary_p50 * 1e3, "summary_p99_ms": summary_p99 * 1e3,
             "bars_p50_ms": bars_p50 * 1e3, "bars_p99_ms": bars_p99 * 1e3,
+            "page_p50_ms": page_p50 * 1e3, "page_p99_ms": page_p99 * 1e3,
             "whole_day_p50_ms": day_p50 * 1e3, "whole_day_p99_ms": day_p99 * 1e3}
 
 
@@ -228,6 +234,7 @@ def bench_scale(scale: float, iterations: int) -> dict[str, float]:
             finally:
                 api_mb = api.stop()
             progress(scale, f"queried: summary p50 {queries['summary_p50_ms']:.1f} ms, "
+                            f"first page p50 {queries['page_p50_ms']:.1f} ms, "
                             f"whole day p50 {queries['whole_day_p50_ms']:.0f} ms")
         finally:
             _delete_topics(settings)
@@ -261,6 +268,8 @@ FIGURES: list[tuple[str, str, Callable[[float], str]]] = [
     ("summary p99 ms", "summary_p99_ms", lambda v: f"{v:.1f}"),
     ("1m bars p50 ms (1 symbol-day)", "bars_p50_ms", lambda v: f"{v:.1f}"),
     ("1m bars p99 ms", "bars_p99_ms", lambda v: f"{v:.1f}"),
+    ("first 100 trades of every day's range p50 ms", "page_p50_ms", lambda v: f"{v:.1f}"),
+    ("first 100 trades p99 ms", "page_p99_ms", lambda v: f"{v:.1f}"),
     ("whole day, every symbol's daily bar, p50 ms", "whole_day_p50_ms", lambda v: f"{v:.0f}"),
     ("whole day p99 ms", "whole_day_p99_ms", lambda v: f"{v:.0f}"),
     ("CSV bytes/row", "csv_bytes_per_row", lambda v: f"{v:.1f}"),
