@@ -37,6 +37,22 @@ def settings(tmp_path: Path) -> Settings:
                     namespace="market", s3_endpoint=None, log_level="WARNING", query_cache_mb=0)
 
 
+@pytest.fixture
+def one_load(settings: Settings, tmp_path: Path):
+    """An engine over one load of the synthetic days (a file per day), and a filter of one symbol."""
+    _load(settings, tmp_path / "a", seed=1)
+    engine = Engine(settings)
+    yield engine, TickFilter((_symbols(engine)[0],))
+    engine.close()
+
+
+def _lose_days(engine: Engine, lost) -> None:
+    """Delete from storage the data files of the days `lost` says."""
+    for path in _files(engine):
+        if lost(dt.date.fromisoformat(path.split("exchange_date=")[1][:10])):
+            Path(path).unlink()
+
+
 def _load(settings: Settings, folder: Path, seed: int, kinds: tuple[TableKind, ...] = ("trades",)) -> None:
     load_asx(settings, generate(folder, symbols=2, days=DAYS, seed=seed), kinds=kinds)
 
@@ -99,52 +115,32 @@ def test_pages_over_days_and_overlapping_files_are_every_row_once_in_order(setti
         engine.close()
 
 
-def test_an_early_page_opens_only_the_files_it_needs(settings: Settings, tmp_path: Path):
-    _load(settings, tmp_path / "a", seed=1)
-    engine = Engine(settings)
-    try:
-        flt = TickFilter((_symbols(engine)[0],))
-        everything = _every_row(engine, flt)
-        expected = _rows(everything)
-        first_day = everything["exchange_date"][0].as_py()
-        in_first_day = everything["exchange_date"].to_pylist().count(first_day)
-        files = _files(engine)
-        assert len(files) == DAYS
-        for path in files:
-            if f"exchange_date={first_day.isoformat()}" not in path:
-                Path(path).unlink()  # storage lost every later day
-        first = _page(engine, flt, 100, None)
-        assert _rows(first.rows) == expected[:100]
-        last_of_day = _page(engine, flt, in_first_day - 1, None)
-        assert _rows(last_of_day.rows) == expected[:in_first_day - 1]
-        with pytest.raises((Unavailable, OSError)):
-            _page(engine, flt, in_first_day + 1, None)  # this page needs the second day
-    finally:
-        engine.close()
+def test_an_early_page_opens_only_the_files_it_needs(one_load):
+    engine, flt = one_load
+    everything = _every_row(engine, flt)
+    expected = _rows(everything)
+    first_day = everything["exchange_date"][0].as_py()
+    in_first_day = everything["exchange_date"].to_pylist().count(first_day)
+    assert len(_files(engine)) == DAYS
+    _lose_days(engine, lambda day: day != first_day)  # storage lost every later day
+    first = _page(engine, flt, 100, None)
+    assert _rows(first.rows) == expected[:100]
+    last_of_day = _page(engine, flt, in_first_day - 1, None)
+    assert _rows(last_of_day.rows) == expected[:in_first_day - 1]
+    with pytest.raises((Unavailable, OSError)):
+        _page(engine, flt, in_first_day + 1, None)  # this page needs the second day
 
 
-def test_files_wholly_before_the_cursor_are_not_opened(settings: Settings, tmp_path: Path):
-    _load(settings, tmp_path / "a", seed=1)
-    engine = Engine(settings)
-    try:
-        flt = TickFilter((_symbols(engine)[0],))
-        everything = _every_row(engine, flt)
-        expected, dates = _rows(everything), everything["exchange_date"].to_pylist()
-        days = sorted(set(dates))
-        start = dates.index(days[1])
-        first = _page(engine, flt, start + 10, None)
-        cursor = Cursor.decode(first.next_cursor, fingerprint("trades", flt))
-        for path in _files(engine):
-            if f"exchange_date={days[0].isoformat()}" in path:
-                Path(path).unlink()
-        assert _rows(_page(engine, flt, 50, cursor).rows) == expected[start + 10:start + 60]
-    finally:
-        engine.close()
-
-
-def _symbols(engine: Engine) -> list[str]:
-    return sorted(set(engine.table("trades", fresh=True).scan(selected_fields=("symbol",)).to_arrow()["symbol"]
-                      .to_pylist()))
+def test_files_wholly_before_the_cursor_are_not_opened(one_load):
+    engine, flt = one_load
+    everything = _every_row(engine, flt)
+    expected, dates = _rows(everything), everything["exchange_date"].to_pylist()
+    days = sorted(set(dates))
+    start = dates.index(days[1])
+    first = _page(engine, flt, start + 10, None)
+    cursor = Cursor.decode(first.next_cursor, fingerprint("trades", flt))
+    _lose_days(engine, lambda day: day == days[0])
+    assert _rows(_page(engine, flt, 50, cursor).rows) == expected[start + 10:start + 60]
 
 
 def test_pages_of_quoted_trades_over_days_are_the_whole_join(settings: Settings, tmp_path: Path):
@@ -172,3 +168,8 @@ def test_pages_of_quoted_trades_over_days_are_the_whole_join(settings: Settings,
         assert pa.concat_tables(rows).equals(whole.rows)
     finally:
         engine.close()
+
+
+def _symbols(engine: Engine) -> list[str]:
+    return sorted(set(engine.table("trades", fresh=True).scan(selected_fields=("symbol",)).to_arrow()["symbol"]
+                      .to_pylist()))
