@@ -7,16 +7,18 @@ for four queries (daily summary, trades?limit=100, 1-minute OHLCV of one symbol-
 multi-symbol tick query) measures p50/p99 latency of
   - bare DuckDB: hand-written SQL over the table's Parquet files, results fetched as Arrow;
   - the engine: the same question through `k2.query` (planning, metrics, exact decimals), with the
-    result cache off, so that DuckDB runs every time;
-  - the API in-process: an HTTP request through the ASGI app (httpx), JSON included, result cache
-    off, then on (the API's default: a repeated question on an unchanged snapshot is answered
-    from memory);
+    result cache off: first without rollups, so that DuckDB reads the ticks every time, then with
+    them as deployed (summaries and bars combine each file's per-minute partials, computed once per
+    file: `k2.query.rollups`);
+  - the API in-process: an HTTP request through the ASGI app (httpx), JSON included, rollups on,
+    result cache off, then on (the API's default: a repeated question on an unchanged snapshot is
+    answered from memory);
 each also as a ratio to bare DuckDB in the same run. All are timed interleaved (one call of
 each per round, rotating which goes first), so load from other processes on the machine falls on
 all alike instead of skewing the ratios. Finally uvicorn is started on loopback (`--api-workers`
 processes) and a steady open-loop load is sent to it from this process for a bounded time: a mix
 of the three point queries over every symbol and day of the sample, once with the result cache
-and once without. Prints markdown tables.
+and once without (rollups on in both). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def time_interleaved(calls: list[Callable[[], object]], iterations: int,
 def bench_latency(settings: Settings, iterations: int, warmup: int) -> list[tuple[str, ...]]:
     uncached = settings.model_copy(update={"query_cache_mb": 0})
     engine, cached_engine = Engine(uncached), Engine(settings)
+    plain_engine = Engine(uncached.model_copy(update={"query_rollup_mb": 0}))  # SQL over the ticks every time
     files = [PyArrowFileIO.parse_location(f.file_path)[2]
              for f in engine.plan(engine.pin("trades"), TickFilter()).files]
     bare = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
@@ -156,14 +159,14 @@ def bench_latency(settings: Settings, iterations: int, warmup: int) -> list[tupl
 
     rows = []
     try:
-        for case in cases(engine):
+        for case, plain in zip(cases(engine), cases(plain_engine), strict=True):
             params = {"files": files, **case.bare_params}
             baseline, *measured = time_interleaved(
-                [lambda p=params, c=case: bare.execute(c.bare_sql, p).fetch_arrow_table(), case.engine,
+                [lambda p=params, c=case: bare.execute(c.bare_sql, p).fetch_arrow_table(), plain.engine, case.engine,
                  lambda c=case: api_call(clients[0], *c.api), lambda c=case: api_call(clients[1], *c.api)],
                 iterations, warmup)
             cells = [f"{baseline[0] * 1e3:.2f} / {baseline[1] * 1e3:.2f}"]
-            for p50, p99 in measured:  # engine, API uncached, API cached: latency, then ratio to bare
+            for p50, p99 in measured:  # engines, API uncached, API cached: latency, then ratio to bare
                 cells += [f"{p50 * 1e3:.2f} / {p99 * 1e3:.2f}", f"{p50 / baseline[0]:.2f}×"]
             rows.append((case.name, *cells))
     finally:
@@ -172,6 +175,7 @@ def bench_latency(settings: Settings, iterations: int, warmup: int) -> list[tupl
         loop.close()
         bare.close()
         engine.close()
+        plain_engine.close()
         cached_engine.close()
     return rows
 
@@ -298,7 +302,8 @@ def main() -> None:
               f"Python {platform.python_version()}, DuckDB {duckdb.__version__}; "
               f"{args.iterations} timed runs after {args.warmup} warm-up runs; {load_average()}.\n")
         latency = bench_latency(settings, args.iterations, args.warmup)
-        print(markdown(("query", "bare DuckDB p50 / p99 ms", "engine p50 / p99 ms", "engine ÷ bare",
+        print(markdown(("query", "bare DuckDB p50 / p99 ms", "engine, no rollups p50 / p99 ms", "÷ bare",
+                        "engine p50 / p99 ms", "engine ÷ bare",
                         "API p50 / p99 ms", "API ÷ bare", "API, cached result p50 / p99 ms", "cached ÷ bare"),
                        latency))
         engine = Engine(settings)

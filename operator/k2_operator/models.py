@@ -566,6 +566,8 @@ class QueryServiceSpec(_Model):
                                pattern=r"^[1-9][0-9]*/(second|minute|hour|day)$")
     max_rows: int = _setting("max_rows", "Hard cap on rows per response.", le=10_000_000)
     query_cache_mb: int = _setting("query_cache_mb", "Result cache per API process, in MiB (0: none).")
+    query_rollup_mb: int = _setting("query_rollup_mb", "Trades' per-minute partial aggregates kept per API process, "
+                                    "by data file, for summaries and OHLCV/VWAP bars, in MiB (0: none).")
     live_tail_rows: int = _setting("live_tail_rows", "Ticks not yet committed that queries of the latest data "
                                    "add, held per tick table per API process, so that a tick shows within a second "
                                    "(0: after the stream's next commit).", default=500_000)

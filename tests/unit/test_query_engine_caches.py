@@ -29,7 +29,8 @@ TTL, MAX_AGE, SLOW_LOAD = 0.1, 0.6, 0.3
 @pytest.fixture
 def lakehouse(tmp_path):
     settings = Settings(mode="dev", catalog_uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=str(tmp_path / "wh"),
-                        namespace="market", s3_endpoint=None, log_level="WARNING")
+                        namespace="market", s3_endpoint=None, log_level="WARNING",
+                        query_rollup_mb=0)  # rollups would answer these summaries and bars without the result cache
     root = generate(tmp_path / "ticks", symbols=1, days=1, seed=1)
     engine = Engine(settings, metadata_ttl=TTL, metadata_max_age=MAX_AGE)
     yield settings, root, engine
@@ -142,8 +143,18 @@ def test_a_repeated_query_on_the_same_snapshot_is_served_from_the_cache(lakehous
     assert bars.summary(engine, "RIO", DAY) is None, "another symbol is another question"
 
 
-def test_a_new_commit_is_never_answered_from_the_cache(lakehouse):
-    settings, root, engine = lakehouse
+@pytest.mark.parametrize("rollup_mb", [0, 64], ids=["sql", "rollups"])
+def test_a_new_commit_is_never_answered_from_the_cache(lakehouse, rollup_mb):
+    settings, root, _ = lakehouse
+    engine = Engine(settings.model_copy(update={"query_rollup_mb": rollup_mb}),
+                    metadata_ttl=TTL, metadata_max_age=MAX_AGE)
+    try:
+        _new_commit_is_read(settings, root, engine)
+    finally:
+        engine.close()
+
+
+def _new_commit_is_read(settings: Settings, root, engine: Engine) -> None:
     old_snapshot = _append(settings, root)
     before = bars.summary(engine, "BHP", DAY)
     _append(settings, root)  # the same ticks again: every figure but the prices doubles

@@ -94,6 +94,9 @@ QUERY_DURATION = Histogram("k2_query_duration_seconds", "Engine query duration",
 ROWS_RETURNED = Counter("k2_query_rows_returned", "Rows returned to clients", ["query"], registry=REGISTRY)
 QUERY_CACHE_LOOKUPS = Counter("k2_query_cache_lookups", "Result cache lookups (hit, miss)", ["query", "result"],
                               registry=REGISTRY)
+ROLLUP_FILES = Counter("k2_query_rollup_files", "Data files whose per-minute partials a query used, "
+                       "by whether they were held or computed for it", ["result"], registry=REGISTRY)
+ROLLUP_BYTES = Gauge("k2_query_rollup_bytes", "Bytes of data files' partials held", registry=REGISTRY)
 QUERY_CACHE_BYTES = Gauge("k2_query_cache_bytes", "Bytes of results held by the result cache", registry=REGISTRY)
 STREAM_SUBSCRIBERS = Gauge("k2_stream_subscribers", "WebSocket subscribers of live ticks", ["kind"],
                            registry=REGISTRY)

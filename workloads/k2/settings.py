@@ -95,6 +95,9 @@ class Settings(BaseSettings):
                                  "are refused (429), so one key cannot occupy every worker thread")
     query_cache_mb: int = Field(64, ge=0, le=65_536,
                                 description="results cached per API process, by table snapshot; 0 disables")
+    query_rollup_mb: int = Field(64, ge=0, le=65_536,
+                                 description="trades' per-minute partial aggregates kept per API process, by data "
+                                             "file, for summaries and OHLCV/VWAP bars; 0 disables")
     query_memory_mb: int = Field(0, ge=0, le=1_048_576, description="DuckDB's memory per process, in MiB; past it "
                                  "a large export's sort spills to temporary files (.tmp in the working directory) "
                                  "instead of growing; 0: DuckDB's default, 80% of the RAM or container limit")

@@ -31,7 +31,8 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 
 from k2.exchanges import DEFAULT_EXCHANGE
-from k2.query.engine import Engine, Pin
+from k2.query import rollups
+from k2.query.engine import Engine, Pin, Scan
 from k2.query.errors import InvalidQuery
 from k2.query.filters import INTERVALS, Interval, TickFilter, exchange_zone, local_midnight, micros
 from k2.query.sql import Where, exact_ratio, ident
@@ -101,7 +102,9 @@ def bars(engine: Engine, q: BarQuery, *, max_rows: int, pin: Pin | None = None) 
                                            "narrow the range or widen the interval")
         params.update(grid_start=_first_bucket(q.start, zone, q.interval), symbols=list(flt.symbols))
     scan = engine.plan(pin or engine.pin("trades", live=True), flt)
-    result = engine.run(f"bars_{q.metric}", _sql(q, where), params, {"trades": scan})
+    result = _rolled_up(engine, scan, q)
+    if result is None:
+        result = engine.run(f"bars_{q.metric}", _sql(q, where), params, {"trades": scan})
     if result.num_rows > max_rows:
         raise InvalidQuery("interval", f"more than {max_rows} bars: narrow the range or widen the interval")
     return result
@@ -113,12 +116,28 @@ def summary(engine: Engine, symbol: str, day: dt.date, exchange: str = DEFAULT_E
     zone = exchange_zone(exchange)
     start, end = local_midnight(day, zone), local_midnight(day + dt.timedelta(days=1), zone)
     scan = engine.plan(engine.pin("trades", live=True), TickFilter((symbol,), exchange, start, end))
+    rolled = _rolled_up(engine, scan, BarQuery((symbol,), "1d", start, end, exchange=exchange))
+    if rolled is not None:
+        return ({"symbol": symbol, "exchange": exchange, "date": day,
+                 **rolled.drop_columns(["symbol", "bucket_start", "bucket_end"]).to_pylist()[0]}
+                if rolled.num_rows else None)
     found = engine.run("summary", _SUMMARY, {"symbol": symbol, "exchange": exchange, "day": day},
                        {"trades": scan}).to_pylist()[0]
     if not found["trade_count"]:
         return None
     vwap = exact_ratio(found.pop("notional"), found["volume"])
     return {"symbol": symbol, "exchange": exchange, "date": day, **found, "vwap": vwap}
+
+
+def _rolled_up(engine: Engine, scan: Scan, q: BarQuery) -> pa.Table | None:
+    """The bars from files' partial aggregates (k2.query.rollups), or None where they cannot answer."""
+    if q.metric == "twap" or q.fill != "none":
+        return None
+    zone = exchange_zone(q.exchange)
+    request = rollups.BarRequest(q.symbols, q.exchange, q.interval, q.start, q.end, zone,
+                                 micros(_INTRADAY_ORIGIN.replace(tzinfo=zone)))
+    result = rollups.bars(engine, scan, request)
+    return None if result is None else result.select(["symbol", "bucket_start", "bucket_end", *q.fields])
 
 
 # The 1d bar of one symbol as one ungrouped aggregate over its `exchange_date` (the local day), the

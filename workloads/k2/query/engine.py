@@ -216,11 +216,15 @@ class Engine:
         self._load_locks: dict[TableKind, threading.Lock] = {}
         self._reloading: set[TableKind] = set()
         self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-metadata")
-        self._plans: _LockedLRU[tuple[BooleanExpression, _Planned]] = _LockedLRU(PLAN_CACHE_SIZE)
+        self._plans: LockedLRU[tuple[BooleanExpression, _Planned]] = LockedLRU(PLAN_CACHE_SIZE)
         self.manifests = planning.ManifestCache()
         cache_bytes = settings.query_cache_mb * 2**20
-        self._results: _LockedLRU[pa.Table] | None = (
-            _LockedLRU(cache_bytes, getsizeof=_result_size) if cache_bytes else None)
+        self._results: LockedLRU[pa.Table] | None = (
+            LockedLRU(cache_bytes, getsizeof=_result_size) if cache_bytes else None)
+        rollup_bytes = settings.query_rollup_mb * 2**20
+        # Files' partial aggregates (k2.query.rollups), by table kind and file path.
+        self.rollups: LockedLRU[Any] | None = (
+            LockedLRU(rollup_bytes, getsizeof=lambda p: p.nbytes + 1024) if rollup_bytes else None)
         self._s3: S3FileSystem | None = None
         self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})
@@ -407,7 +411,7 @@ class Engine:
                 result = executed.fetch_arrow_table()
             outcome = "ok"
         finally:
-            _record(name, outcome, started)
+            record_query(name, outcome, started)
         ROWS_RETURNED.labels(name).inc(result.num_rows)
         if results is not None and key is not None:
             # one result may fill an eighth of the cache, so that one big answer does not empty it
@@ -427,7 +431,7 @@ class Engine:
                 reader = executed.fetch_record_batch(batch_rows)
         except BaseException:
             cur.close()
-            _record(name, "error", started)
+            record_query(name, "error", started)
             raise
         return ResultStream(reader.schema, _drain(name, cur, reader, started))
 
@@ -543,10 +547,10 @@ def _drain(name: str, cur: duckdb.DuckDBPyConnection, reader: pa.RecordBatchRead
         raise
     finally:
         cur.close()
-        _record(name, outcome, started)
+        record_query(name, outcome, started)
 
 
-class _LockedLRU(Generic[V]):
+class LockedLRU(Generic[V]):
     """A thread-safe least-recently-used cache bounded by `maxsize` (entries, or `getsizeof` units)."""
 
     def __init__(self, maxsize: int, getsizeof: Callable[[V], int] | None = None) -> None:
@@ -600,7 +604,7 @@ def _scope_key(scope: Scope | None) -> tuple:
     return (scope.symbols, tuple(sorted(scope.exchanges)) if scope.exchanges is not None else None)
 
 
-def _record(name: str, outcome: str, started: float) -> None:
+def record_query(name: str, outcome: str, started: float) -> None:
     QUERY_EXECUTIONS.labels(name, outcome).inc()
     QUERY_DURATION.labels(name).observe(time.perf_counter() - started)
 

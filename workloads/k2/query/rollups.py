@@ -1,0 +1,220 @@
+"""Rollups: each data file's trades aggregated once per symbol and minute, so that a daily summary
+or OHLCV/VWAP bars of whole minutes combine a few hundred partial aggregates instead of reading
+and sorting ticks (DuckDB's fixed cost per query alone was most of a summary's time).
+
+A data file never changes, so its partials never go stale, and the snapshot being read picks them:
+the plan's files, plus the live tail's rows past the snapshot, aggregated per request. Combining
+partials is exact: highs and lows are extremes of extremes, volumes, counts and notionals are sums,
+and a bucket's open (close) is that of the partial whose first (last) trade comes first (last) in
+(exchange_timestamp, sequence_number) order, the order the SQL path uses; VWAP is divided as
+`k2.query.sql.exact_ratio` divides. What partials cannot answer exactly is left to SQL (`None`):
+TWAP (a price prevails across minutes), gap filling, ranges not on whole minutes, row-level
+deletes, and a scope that does not cover every row asked for.
+
+A file's partials are computed by the first query that reads the file: one GROUP BY over the file,
+for all of its symbols. They are kept per process up to `query_rollup_mb` (K2_QUERY_ROLLUP_MB),
+least recently used out first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import AlwaysTrue
+from pyiceberg.manifest import DataFile
+
+from k2.observability import ROLLUP_BYTES, ROLLUP_FILES
+from k2.query.engine import Engine, Pin, Scan, record_query
+from k2.query.filters import INTERVALS, Interval, local_midnight, micros
+from k2.query.sql import exact_ratio
+
+_MINUTE_US = 60_000_000
+_PRICE = pa.decimal128(18, 6)
+_INSTANT = pa.timestamp("us", tz="UTC")
+# The columns bars of fill none have (k2.query.bars), in order.
+COLUMNS = ("symbol", "bucket_start", "bucket_end", "open", "high", "low", "close", "volume", "trade_count", "vwap")
+
+# Per symbol, exchange, local date and minute of the rows read. A minute never spans two local
+# dates: every exchange's midnight is on a whole minute.
+_PARTIALS = """
+    SELECT symbol, exchange, exchange_date, minute,
+           open_key.us AS open_us, open_key.seq AS open_seq, open,
+           close_key.us AS close_us, close_key.seq AS close_seq, close,
+           high, low, volume, trade_count, notional
+    FROM (
+        SELECT symbol, exchange, exchange_date,
+               epoch_us(exchange_timestamp) - (epoch_us(exchange_timestamp) % 60000000 + 60000000) % 60000000
+                   AS minute,
+               min(struct_pack(us := epoch_us(exchange_timestamp), seq := sequence_number)) AS open_key,
+               arg_min(price, (exchange_timestamp, sequence_number)) AS open,
+               max(struct_pack(us := epoch_us(exchange_timestamp), seq := sequence_number)) AS close_key,
+               arg_max(price, (exchange_timestamp, sequence_number)) AS close,
+               max(price) AS high, min(price) AS low, sum(volume)::BIGINT AS volume, count(*) AS trade_count,
+               sum(price * volume) AS notional
+        FROM {trades} GROUP BY ALL
+    )
+    ORDER BY symbol, exchange, minute
+"""
+
+
+@dataclass(frozen=True)
+class Partials:
+    """One file's (or the tail's) partials: per (symbol, exchange), its minutes in order."""
+
+    by_key: Mapping[tuple[str, str], pa.Table]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BarRequest:
+    symbols: tuple[str, ...]
+    exchange: str
+    interval: Interval
+    start: dt.datetime
+    end: dt.datetime
+    zone: ZoneInfo
+    origin_us: int  # intraday buckets are whole widths from this instant
+
+
+def bars(engine: Engine, scan: Scan, request: BarRequest) -> pa.Table | None:
+    """OHLCV and VWAP bars as `k2.query.bars` computes them with fill none (`COLUMNS`, by symbol
+    and time), from partials; None when partials cannot answer exactly."""
+    if engine.rollups is None or scan.has_deletes or scan.pin.since is not None:
+        return None
+    start_us, end_us = micros(request.start), micros(request.end)
+    if start_us % _MINUTE_US or end_us % _MINUTE_US:
+        return None
+    if scan.scope is not None and not all(scan.scope.allows(s, request.exchange) for s in request.symbols):
+        return None
+    started = time.perf_counter()
+    sources = [*(_file_partials(engine, scan.pin, f) for f in scan.files),
+               *_tail_partials(engine, scan.pin, request.symbols, request.exchange)]
+    symbols = []
+    for symbol in sorted(set(request.symbols)):
+        key = (symbol, request.exchange)
+        parts = [_minutes(s.by_key[key], start_us, end_us) for s in sources if key in s.by_key]
+        parts = [p for p in parts if p.num_rows]
+        if parts:
+            symbols.append(_bars(symbol, parts, request))
+    record_query("rollup_bars", "ok", started)
+    if not symbols:
+        return pa.table({c: pa.array([], t) for c, t in _TYPES.items()})
+    return pa.concat_tables(symbols)
+
+
+_TYPES = {"symbol": pa.string(), "bucket_start": _INSTANT, "bucket_end": _INSTANT, "open": _PRICE, "high": _PRICE,
+          "low": _PRICE, "close": _PRICE, "volume": pa.int64(), "trade_count": pa.int64(), "vwap": _PRICE}
+
+
+def _file_partials(engine: Engine, pin: Pin, file: DataFile) -> Partials:
+    assert engine.rollups is not None
+    key = (pin.kind, file.file_path)
+    found = engine.rollups.get(key)
+    if found is not None:
+        ROLLUP_FILES.labels("hit").inc()
+        return found
+    ROLLUP_FILES.labels("computed").inc()
+    found = _computed(engine, Scan(replace(pin, since=None, tail=None), AlwaysTrue(), (file,)))
+    ROLLUP_BYTES.set(engine.rollups.put(key, found))
+    return found
+
+
+def _tail_partials(engine: Engine, pin: Pin, symbols: tuple[str, ...], exchange: str) -> tuple[Partials, ...]:
+    """Partials of the live tail's rows of `symbols`, computed per request: the tail moves."""
+    tail = pin.tail
+    if tail is None or not tail.table.num_rows:
+        return ()
+    rows = tail.table.filter(pc.and_(pc.is_in(tail.table["symbol"], pa.array(symbols, pa.string())),
+                                     pc.equal(tail.table["exchange"], exchange)))
+    if not rows.num_rows:
+        return ()
+    no_files = Scan(replace(pin, since=None, tail=replace(tail, table=rows)), AlwaysTrue(), ())
+    return (_computed(engine, no_files),)
+
+
+def _computed(engine: Engine, scan: Scan) -> Partials:
+    table = engine.run("rollup_partials", _PARTIALS, {}, {"trades": scan}, cacheable=False)
+    keys = list(zip(table["symbol"].to_pylist(), table["exchange"].to_pylist(), strict=True))
+    rows = table.drop_columns(["symbol", "exchange"])
+    by_key, first = {}, 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[first]:
+            by_key[keys[first]] = rows.slice(first, i - first)
+            first = i
+    return Partials(by_key, table.nbytes)
+
+
+def _minutes(part: pa.Table, start_us: int, end_us: int) -> pa.Table:
+    minute = part["minute"]
+    return part.filter(pc.and_(pc.greater_equal(minute, start_us), pc.less(minute, end_us)))
+
+
+def _bars(symbol: str, parts: list[pa.Table], request: BarRequest) -> pa.Table:
+    """One symbol's bars from its partials' minutes in the range."""
+    rows = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    if request.interval == "1d":
+        buckets = rows["exchange_date"].cast(pa.int32()).to_numpy().astype(np.int64)
+    else:
+        width = INTERVALS[request.interval] // dt.timedelta(microseconds=1)
+        minute = rows["minute"].to_numpy()
+        buckets = minute - ((minute - request.origin_us) % width + width) % width
+    if len(parts) > 1 or request.interval != "1m":
+        buckets, rows = _grouped(rows, buckets)
+    starts, ends = _bucket_instants(buckets, request)
+    return pa.table({
+        "symbol": pa.array([symbol] * len(buckets), pa.string()), "bucket_start": starts, "bucket_end": ends,
+        "open": rows["open"], "high": rows["high"], "low": rows["low"], "close": rows["close"],
+        "volume": rows["volume"], "trade_count": rows["trade_count"],
+        "vwap": _vwap(rows["notional"].combine_chunks(), rows["volume"].to_numpy()),
+    })
+
+
+def _grouped(rows: pa.Table, buckets: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+    """Partials combined per bucket, buckets ascending."""
+    by_open = np.lexsort((rows["open_seq"].to_numpy(), rows["open_us"].to_numpy(), buckets))
+    by_close = np.lexsort((rows["close_seq"].to_numpy(), rows["close_us"].to_numpy(), buckets))
+    ordered = buckets[by_open]
+    firsts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    lasts = np.r_[firsts[1:], len(ordered)] - 1
+    summed = (rows.take(by_open).append_column("bucket", pa.array(ordered))
+              .group_by("bucket", use_threads=False)
+              .aggregate([("high", "max"), ("low", "min"), ("volume", "sum"), ("trade_count", "sum"),
+                          ("notional", "sum")]))
+    return ordered[firsts], pa.table({
+        "open": rows["open"].take(by_open[firsts]), "high": summed["high_max"], "low": summed["low_min"],
+        "close": rows["close"].take(by_close[lasts]), "volume": summed["volume_sum"],
+        "trade_count": summed["trade_count_sum"], "notional": summed["notional_sum"],
+    })
+
+
+def _bucket_instants(buckets: np.ndarray, request: BarRequest) -> tuple[pa.Array, pa.Array]:
+    if request.interval == "1d":  # local days: 23 or 25 hours long where the clocks change
+        days = [dt.date.fromordinal(dt.date(1970, 1, 1).toordinal() + int(d)) for d in buckets]
+        return (pa.array([local_midnight(d, request.zone) for d in days], _INSTANT),
+                pa.array([local_midnight(d + dt.timedelta(days=1), request.zone) for d in days], _INSTANT))
+    width = INTERVALS[request.interval] // dt.timedelta(microseconds=1)
+    return pa.array(buckets, _INSTANT), pa.array(buckets + width, _INSTANT)
+
+
+def _vwap(notional: pa.Array, volume: np.ndarray) -> pa.Array:
+    """`exact_ratio(notional, volume)` of every bar, as decimal(18, 6): on 64-bit integers where every
+    unscaled notional fits in one, as Python integers otherwise."""
+    first = 2 * notional.offset  # two 64-bit words a value, least significant first
+    words = np.frombuffer(notional.buffers()[1], dtype=np.int64)[first:first + 2 * len(notional)]
+    low, high = words[0::2], words[1::2]
+    if notional.null_count or not np.array_equal(high, low >> 63):
+        return pa.array([exact_ratio(n, int(v)) for n, v in zip(notional.to_pylist(), volume, strict=True)], _PRICE)
+    safe = np.where(volume == 0, 1, volume)
+    quotient, remainder = np.divmod(low, safe)
+    quotient += (2 * remainder > safe) | ((2 * remainder == safe) & (quotient % 2 == 1))
+    unscaled = np.empty(2 * len(quotient), dtype=np.int64)
+    unscaled[0::2], unscaled[1::2] = quotient, quotient >> 63
+    ratios = pa.Array.from_buffers(_PRICE, len(quotient), [None, pa.py_buffer(unscaled)])
+    return pc.if_else(pa.array(volume == 0), pa.scalar(None, _PRICE), ratios) if (volume == 0).any() else ratios
