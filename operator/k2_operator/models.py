@@ -568,6 +568,8 @@ class QueryServiceSpec(_Model):
     query_cache_mb: int = _setting("query_cache_mb", "Result cache per API process, in MiB (0: none).")
     query_rollup_mb: int = _setting("query_rollup_mb", "Trades' per-minute partial aggregates kept per API process, "
                                     "by data file, for summaries and OHLCV/VWAP bars, in MiB (0: none).")
+    query_tick_cache_mb: int = _setting("query_tick_cache_mb", "Data files' ticks kept decoded per API process, "
+                                        "for pages of named symbols, in MiB (0: none).")
     live_tail_rows: int = _setting("live_tail_rows", "Ticks not yet committed that queries of the latest data "
                                    "add, held per tick table per API process, so that a tick shows within a second "
                                    "(0: after the stream's next commit).", default=500_000)

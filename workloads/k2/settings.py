@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     query_rollup_mb: int = Field(64, ge=0, le=65_536,
                                  description="trades' per-minute partial aggregates kept per API process, by data "
                                              "file, for summaries and OHLCV/VWAP bars; 0 disables")
+    query_tick_cache_mb: int = Field(64, ge=0, le=65_536,
+                                     description="data files' ticks kept decoded per API process, in symbol order, "
+                                                 "for pages of named symbols; 0 disables")
     query_memory_mb: int = Field(0, ge=0, le=1_048_576, description="DuckDB's memory per process, in MiB; past it "
                                  "a large export's sort spills to temporary files (.tmp in the working directory) "
                                  "instead of growing; 0: DuckDB's default, 80% of the RAM or container limit")

@@ -52,6 +52,7 @@ def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: s
     settings = common.workload_settings(ctx, namespace=namespace, **streamed, **registry, rate_limit=spec.rate_limit,
                                         max_rows=spec.max_rows, query_cache_mb=spec.query_cache_mb,
                                         query_rollup_mb=spec.query_rollup_mb,
+                                        query_tick_cache_mb=spec.query_tick_cache_mb,
                                         live_tail_rows=spec.live_tail_rows,
                                         query_threads=spec.query_threads, query_memory_mb=spec.query_memory_mb,
                                         max_body_bytes=spec.max_body_bytes,

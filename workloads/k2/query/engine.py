@@ -225,6 +225,10 @@ class Engine:
         # Files' partial aggregates (k2.query.rollups), by table kind and file path.
         self.rollups: LockedLRU[Any] | None = (
             LockedLRU(rollup_bytes, getsizeof=lambda p: p.nbytes + 1024) if rollup_bytes else None)
+        held_bytes = settings.query_tick_cache_mb * 2**20
+        # Files' rows in symbol order (k2.query.heldticks), by table kind and file path.
+        self.held_ticks: LockedLRU[Any] | None = (
+            LockedLRU(held_bytes, getsizeof=lambda h: h.nbytes + 1024) if held_bytes else None)
         self._s3: S3FileSystem | None = None
         self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})

@@ -16,13 +16,14 @@ from typing import Any
 import pyarrow as pa
 from pyiceberg.manifest import DataFile
 
+from k2.query import heldticks
 from k2.query.cursor import Cursor, Position
 from k2.query.engine import Engine, Pin, ResultStream, Scan
 from k2.query.filters import TickFilter, columns
+from k2.query.heldticks import KEY_COLUMNS
 from k2.query.sql import Where, ident, select_list
 
 ORDER_BY = "exchange_timestamp, symbol, sequence_number"
-_KEY_COLUMNS = ("__k2_ts", "__k2_symbol", "__k2_seq")
 QUOTE_FIELDS = ("bid_price", "ask_price", "bid_size", "ask_size")
 QUOTED_TRADE_COLUMNS = (*columns("trades"), "quote_timestamp", *QUOTE_FIELDS)
 
@@ -40,6 +41,7 @@ class Relation:
     # a page narrowed to its own rows there first joins a page of them, not every row of the range.
     driving: str | None = None
     paged: str = "src"  # the scan whose rows are the relation's rows, one for one
+    ticks: TickFilter | None = None  # of a plain table's ticks: which (held ticks can page those)
 
     def text(self, page: str = "") -> str:
         """`sql`, its driving rows narrowed by `page` (a page's conditions, order and limit)."""
@@ -59,7 +61,7 @@ def tick_relation(engine: Engine, pin: Pin, flt: TickFilter) -> Relation:
     """The ticks of one table matching `flt`."""
     where = Where().ticks(flt)
     return Relation(pin.kind, f"SELECT * FROM {{src}} {where.sql()}", where.params,
-                    {"src": engine.plan(pin, flt)}, {pin.kind: pin})
+                    {"src": engine.plan(pin, flt)}, {pin.kind: pin}, ticks=flt)
 
 
 def quoted_trades_relation(engine: Engine, trades: Pin, quotes: Pin, flt: TickFilter,
@@ -111,13 +113,16 @@ def page(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int, 
     sql = (f"SELECT {select_list(fields)}, epoch_us(exchange_timestamp) AS __k2_ts, symbol AS __k2_symbol, "
            f"sequence_number AS __k2_seq FROM ({rel.text(narrowed)}) {narrowed}")
     params = {**rel.params, **where.params, "limit": limit + 1}
-    result = _earliest_rows(engine, rel, sql, params, limit + 1, cursor.after.timestamp_us if cursor else None)
+    held = (heldticks.first_rows(engine, rel.scans[rel.paged], rel.ticks, fields, limit + 1,
+                                 cursor.after if cursor else None) if rel.ticks is not None else None)
+    result = held if held is not None else _earliest_rows(engine, rel, sql, params, limit + 1,
+                                                          cursor.after.timestamp_us if cursor else None)
     next_cursor = None
     if result.num_rows > limit:
-        last = result.slice(limit - 1, 1).select(list(_KEY_COLUMNS)).to_pylist()[0]
+        last = result.slice(limit - 1, 1).select(list(KEY_COLUMNS)).to_pylist()[0]
         position = Position(last["__k2_ts"], last["__k2_symbol"], last["__k2_seq"])
         next_cursor = Cursor(rel.snapshot_ids(), position, fingerprint).encode()
-    return Page(result.slice(0, limit).drop_columns(list(_KEY_COLUMNS)), next_cursor)
+    return Page(result.slice(0, limit).drop_columns(list(KEY_COLUMNS)), next_cursor)
 
 
 def _earliest_rows(engine: Engine, rel: Relation, sql: str, params: Mapping[str, Any], wanted: int,

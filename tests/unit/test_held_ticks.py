@@ -1,0 +1,144 @@
+"""Pages of named symbols answered from held ticks equal the SQL path's, page for page, cursor for
+cursor and type for type: over days of two files each whose hours overlap, one and several
+symbols, an exchange, ranges, and with the live tail's rows added.
+
+Real embedded catalog (SQLite + local warehouse) with synthetic ticks; two engines over it, one
+holding files' ticks and one without.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, replace
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from k2.observability import REGISTRY
+from k2.query import heldticks, ticks
+from k2.query.cursor import Cursor, fingerprint
+from k2.query.engine import Engine, Pin
+from k2.query.filters import TickFilter, columns
+from k2.query.sample import load_asx
+from k2.query.tail import TailRows
+from k2.settings import Settings
+from k2_synthetic import generate
+
+pytestmark = pytest.mark.unit
+
+SYDNEY = ZoneInfo("Australia/Sydney")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory):
+    """(holding ticks, without) over the same tables: two loads, so two files a day over the same hours."""
+    tmp = tmp_path_factory.mktemp("held")
+    settings = Settings(mode="dev", catalog_uri=f"sqlite:///{tmp}/catalog.db", warehouse=str(tmp / "wh"),
+                        namespace="market", s3_endpoint=None, log_level="WARNING", query_cache_mb=0)
+    for seed in (1, 2):  # seeds whose ticks have unique (time, symbol, sequence) keys (test_tick_pages)
+        load_asx(settings, generate(tmp / f"load{seed}", symbols=3, days=2, seed=seed), kinds=("trades", "quotes"))
+    held, plain = Engine(settings), Engine(settings.model_copy(update={"query_tick_cache_mb": 0}))
+    assert held.held_ticks is not None and plain.held_ticks is None
+    yield held, plain
+    held.close()
+    plain.close()
+
+
+def _symbols(engine: Engine) -> list[str]:
+    table = engine.table("trades", fresh=True).scan(selected_fields=("symbol",)).to_arrow()
+    return sorted(set(table["symbol"].to_pylist()))
+
+
+def _held_files() -> float:
+    return REGISTRY.get_sample_value("k2_query_held_tick_files_total", {"result": "hit"}) or 0.0
+
+
+@dataclass(frozen=True)
+class _Page:
+    rows: pa.Table
+    next_cursor: str | None
+
+    def __eq__(self, other: object) -> bool:  # same types, same values, same cursor (not same chunks)
+        return (isinstance(other, _Page) and self.rows.schema == other.rows.schema
+                and self.rows.equals(other.rows) and self.next_cursor == other.next_cursor)
+
+
+def _all_pages(engine: Engine, kind: str, flt: TickFilter, limit: int, pin: Pin | None = None) -> list[_Page]:
+    """Every page: its rows and its next cursor."""
+    pages, cursor = [], None
+    while True:
+        rel = ticks.tick_relation(engine, pin or engine.pin(kind), flt)
+        page = ticks.page(engine, rel, fields=columns(kind), limit=limit, cursor=cursor,  # type: ignore[arg-type]
+                          fingerprint=fingerprint(kind, flt))  # type: ignore[arg-type]
+        pages.append(_Page(page.rows, page.next_cursor))
+        if page.next_cursor is None:
+            return pages
+        cursor = Cursor.decode(page.next_cursor, fingerprint(kind, flt))  # type: ignore[arg-type]
+
+
+def _filters(symbols: list[str]) -> list[TickFilter]:
+    day = dt.datetime(2014, 3, 10, tzinfo=SYDNEY)  # the first of the two days
+    return [TickFilter((symbols[0],)),
+            TickFilter(tuple(symbols[:2])),
+            TickFilter((symbols[1], "NOPE"), "ASX"),
+            TickFilter((symbols[0],), "NASDAQ"),  # an exchange it is not on: no rows
+            TickFilter((symbols[2],), None, day + dt.timedelta(hours=15, minutes=50), day + dt.timedelta(hours=34)),
+            TickFilter(tuple(symbols), None, day + dt.timedelta(hours=11, seconds=7.5), day + dt.timedelta(hours=11.5))]
+
+
+@pytest.mark.parametrize("kind", ["trades", "quotes"])
+def test_pages_of_held_ticks_equal_sql(engines, kind: str):
+    held, plain = engines
+    used = _held_files()
+    filters = _filters(_symbols(plain))
+    for flt, limit in [*((f, n) for f in filters for n in (1999, 50_000)), (filters[-1], 7)]:
+        expected = _all_pages(plain, kind, flt, limit)
+        assert _all_pages(held, kind, flt, limit) == expected, (flt, limit)
+    assert len(_all_pages(plain, kind, filters[0], 1999)) > 3, "many pages"
+    assert _held_files() > used, "pages were answered from held ticks"
+
+
+def test_pages_of_held_ticks_add_the_live_tail(engines):
+    _, plain = engines
+    symbols = _symbols(plain)
+    stored = plain.table("trades", fresh=True).scan().to_arrow()
+    some = stored.filter(pc.is_in(stored["symbol"], pa.array(symbols[:2]))).slice(0, 700)
+    # Later, with sequence numbers no stored tick has: new ticks the stream has not committed yet.
+    later = some.set_column(some.schema.get_field_index("exchange_timestamp"), "exchange_timestamp",
+                            pc.add(some["exchange_timestamp"], pa.scalar(dt.timedelta(minutes=41))))
+    later = later.set_column(later.schema.get_field_index("sequence_number"), "sequence_number",
+                             pc.add(later["sequence_number"], 10_000_000))
+    tail = TailRows(later, ())
+    for flt in (TickFilter((symbols[0],)), TickFilter(tuple(symbols[:2]), "ASX")):
+        pages = [_all_pages(e, "trades", flt, 997, pin=replace(e.pin("trades"), tail=tail)) for e in engines]
+        assert pages[0] == pages[1], flt
+        without = _all_pages(plain, "trades", flt, 997)
+        grown = sum(p.rows.num_rows for p in pages[0]) - sum(p.rows.num_rows for p in without)
+        assert grown == pc.sum(pc.is_in(later["symbol"], pa.array(list(flt.symbols)))).as_py()
+
+
+def test_a_page_without_symbols_is_left_to_sql(engines):
+    held, plain = engines
+    before = _held_files() + (REGISTRY.get_sample_value("k2_query_held_tick_files_total", {"result": "read"}) or 0)
+    assert _all_pages(held, "trades", TickFilter(), 9999) == _all_pages(plain, "trades", TickFilter(), 9999)
+    after = _held_files() + (REGISTRY.get_sample_value("k2_query_held_tick_files_total", {"result": "read"}) or 0)
+    assert after == before
+
+
+def test_a_symbol_on_two_exchanges_in_one_file_pages_only_the_asked_exchange():
+    base = dt.datetime(2014, 3, 10, 0, tzinfo=dt.UTC)
+    rows = pa.table({
+        "symbol": ["BHP"] * 6,
+        "exchange": ["ASX", "NASDAQ", "ASX", "NASDAQ", "NASDAQ", "ASX"],
+        "exchange_timestamp": pa.array([base + dt.timedelta(seconds=s) for s in (1, 1, 2, 3, 4, 5)],
+                                       pa.timestamp("us", tz="UTC")),
+        "sequence_number": pa.array([1, 2, 3, 4, 5, 6], pa.int64()),
+    })
+    held = heldticks._index(rows)
+    assert held.exchanges == {"BHP": frozenset({"ASX", "NASDAQ"})}
+    window = heldticks._Window(TickFilter(("BHP",), "NASDAQ"), None)
+    page = window.rows(held, "BHP", ("exchange", "sequence_number"), wanted=2)
+    assert page is not None and page.column_names[-3:] == list(heldticks.KEY_COLUMNS)
+    assert page["sequence_number"].to_pylist() == [2, 4], "the first two NASDAQ rows, none of ASX"

@@ -1,0 +1,203 @@
+"""Held ticks: each data file's rows decoded once and kept in (symbol, exchange_timestamp,
+sequence_number) order, so that a keyset page of named symbols is a binary search and a slice per
+file instead of a DuckDB query (whose fixed cost was most of a page's time).
+
+A file never changes, so its rows never go stale, and the page's plan picks the files: earliest
+first, stopping once every file not yet read starts after the page's last row, as
+`ticks._earliest_rows` does for SQL (a page early in a long range opens a day's files, not every
+day's). The live tail's rows past the snapshot are filtered per request. Pages this cannot answer
+exactly are left to SQL (`None`): no symbols named (every symbol of a range), row-level deletes,
+files without time bounds, catch-up reads, a scope narrower than the named symbols' rows on the
+page's exchange, and files lacking a column (written before the schema grew).
+
+Files are kept per process up to `query_tick_cache_mb` (K2_QUERY_TICK_CACHE_MB), least recently
+used out first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import AlwaysTrue
+from pyiceberg.manifest import DataFile
+
+from k2.observability import HELD_TICK_BYTES, HELD_TICK_FILES
+from k2.query.cursor import Position
+from k2.query.engine import Engine, Pin, Scan, record_query
+from k2.query.filters import TickFilter, micros
+
+KEY_COLUMNS = ("__k2_ts", "__k2_symbol", "__k2_seq")  # a page row's place in tick order
+_ORDER = [(c, "ascending") for c in KEY_COLUMNS]
+
+
+@dataclass(frozen=True)
+class _HeldFile:
+    rows: pa.Table  # by symbol, exchange_timestamp, sequence_number
+    spans: Mapping[str, tuple[int, int]]  # symbol → its rows [first, end)
+    exchanges: Mapping[str, frozenset[str]]  # symbol → the exchanges of its rows
+    times: np.ndarray  # exchange_timestamp of each row, epoch µs
+    sequences: np.ndarray
+    nbytes: int
+
+
+def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, ...], wanted: int,
+               after: Position | None) -> pa.Table | None:
+    """The first `wanted` ticks of `flt` after `after`, in tick order: `fields` then `KEY_COLUMNS`,
+    as a page's SQL gives them; None when held ticks cannot answer exactly."""
+    if not _answerable(engine, scan, flt):
+        return None
+    assert scan.time_bounds is not None
+    started = time.perf_counter()
+    window = _Window(flt, after)
+    found: pa.Table | None = None
+    for file, (low, high) in zip(scan.files, scan.time_bounds, strict=True):
+        if not window.may_hold(low, high):
+            continue
+        if found is not None and found.num_rows >= wanted and low > found["__k2_ts"][wanted - 1].as_py():
+            break  # this file and every later one start after the page's last row
+        held = _held(engine, scan.pin, file)
+        if any(f not in held.rows.column_names for f in fields):
+            return None
+        chunks = [window.rows(held, symbol, fields, wanted) for symbol in sorted(set(flt.symbols))]
+        found = _first(found, [c for c in chunks if c is not None], wanted)
+    if found is None:
+        return None  # no file to take column types from: SQL answers (the tail alone, or nothing)
+    tail = window.tail_rows(scan.pin, fields, wanted)
+    if tail is not None:
+        found = _first(found, [tail.cast(found.schema)], wanted)
+    record_query("held_ticks_page", "ok", started)
+    return found
+
+
+def _answerable(engine: Engine, scan: Scan, flt: TickFilter) -> bool:
+    if engine.held_ticks is None or not flt.symbols or scan.has_deletes or scan.pin.since is not None:
+        return False
+    if scan.time_bounds is None or scan.pin.kind not in ("trades", "quotes"):
+        return False
+    scope = scan.scope
+    # The named symbols are entitled (the filter checked them); the exchange must be too.
+    return (scope is None or scope.exchanges is None
+            or (flt.exchange is not None and flt.exchange in scope.exchanges))
+
+
+def _first(found: pa.Table | None, chunks: list[pa.Table], wanted: int) -> pa.Table | None:
+    """The first `wanted` rows of `found` and `chunks` together, in tick order."""
+    tables = ([found] if found is not None else []) + chunks
+    if not tables:
+        return None
+    merged = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return merged.sort_by(_ORDER).slice(0, wanted)
+
+
+class _Window:
+    """Which rows of a symbol a page may take: the filter's range and exchange, after the cursor."""
+
+    def __init__(self, flt: TickFilter, after: Position | None) -> None:
+        self.flt, self.after = flt, after
+        self.start_us = micros(flt.start) if flt.start else None
+        self.end_us = micros(flt.end) if flt.end else None
+
+    def may_hold(self, low: int, high: int) -> bool:
+        """Whether a file of those least and greatest times may hold rows of the window."""
+        return not ((self.after is not None and high < self.after.timestamp_us)
+                    or (self.start_us is not None and high < self.start_us)
+                    or (self.end_us is not None and low >= self.end_us))
+
+    def rows(self, held: _HeldFile, symbol: str, fields: tuple[str, ...], wanted: int) -> pa.Table | None:
+        """Up to `wanted` of the symbol's rows in `held`, in tick order, with the key columns."""
+        span = held.spans.get(symbol)
+        exchange = self.flt.exchange
+        if span is None or (exchange is not None and exchange not in held.exchanges[symbol]):
+            return None
+        first, end = span
+        times = held.times[first:end]
+        begin = self._begin(times, held.sequences[first:end], symbol)
+        stop = len(times) if self.end_us is None else int(np.searchsorted(times, self.end_us, "left"))
+        if begin >= stop:
+            return None
+        rows = held.rows.slice(first + begin, stop - begin)
+        if exchange is not None and held.exchanges[symbol] != {exchange}:
+            rows = rows.filter(pc.equal(rows["exchange"], exchange))
+        rows = rows.slice(0, wanted)
+        return rows.select(list(fields)).append_column(
+            "__k2_ts", rows["exchange_timestamp"].cast(pa.int64())).append_column(
+            "__k2_symbol", rows["symbol"]).append_column("__k2_seq", rows["sequence_number"])
+
+    def _begin(self, times: np.ndarray, sequences: np.ndarray, symbol: str) -> int:
+        """The index of the symbol's first row at or after the start and after the cursor."""
+        begin = 0 if self.start_us is None else int(np.searchsorted(times, self.start_us, "left"))
+        after = self.after
+        if after is None:
+            return begin
+        at, past = (int(np.searchsorted(times, after.timestamp_us, side)) for side in ("left", "right"))
+        if symbol < after.symbol:  # rows at the cursor's instant come before it
+            return max(begin, past)
+        if symbol > after.symbol:  # and after it
+            return max(begin, at)
+        return max(begin, at + int(np.searchsorted(sequences[at:past], after.sequence_number, "right")))
+
+    def tail_rows(self, pin: Pin, fields: tuple[str, ...], wanted: int) -> pa.Table | None:
+        """The window's rows of the live tail, first `wanted` in tick order, with the key columns."""
+        tail = pin.tail
+        if tail is None or not tail.table.num_rows:
+            return None
+        rows = tail.table
+        symbol, stamp, sequence = rows["symbol"], rows["exchange_timestamp"].cast(pa.int64()), rows["sequence_number"]
+        keep = pc.is_in(symbol, pa.array(sorted(set(self.flt.symbols)), pa.string()))
+        if self.flt.exchange is not None:
+            keep = pc.and_(keep, pc.equal(rows["exchange"], self.flt.exchange))
+        if self.start_us is not None:
+            keep = pc.and_(keep, pc.greater_equal(stamp, self.start_us))
+        if self.end_us is not None:
+            keep = pc.and_(keep, pc.less(stamp, self.end_us))
+        if self.after is not None:
+            a = self.after
+            later = pc.or_(pc.greater(symbol, a.symbol),
+                           pc.and_(pc.equal(symbol, a.symbol), pc.greater(sequence, a.sequence_number)))
+            keep = pc.and_(keep, pc.or_(pc.greater(stamp, a.timestamp_us),
+                                        pc.and_(pc.equal(stamp, a.timestamp_us), later)))
+        rows = rows.filter(keep)
+        if not rows.num_rows:
+            return None
+        keyed = rows.select(list(fields)).append_column("__k2_ts", rows["exchange_timestamp"].cast(pa.int64())) \
+            .append_column("__k2_symbol", rows["symbol"]).append_column("__k2_seq", rows["sequence_number"])
+        return keyed.sort_by(_ORDER).slice(0, wanted)
+
+
+def _held(engine: Engine, pin: Pin, file: DataFile) -> _HeldFile:
+    assert engine.held_ticks is not None
+    key = (pin.kind, file.file_path)
+    found = engine.held_ticks.get(key)
+    if found is not None:
+        HELD_TICK_FILES.labels("hit").inc()
+        return found
+    HELD_TICK_FILES.labels("read").inc()
+    rows = engine.run("held_ticks_file", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, sequence_number",
+                      {}, {"src": Scan(replace(pin, since=None, tail=None), AlwaysTrue(), (file,))}, cacheable=False)
+    found = _index(rows)
+    HELD_TICK_BYTES.set(engine.held_ticks.put(key, found))
+    return found
+
+
+def _index(rows: pa.Table) -> _HeldFile:
+    symbols = rows["symbol"].combine_chunks().dictionary_encode()
+    codes = symbols.indices.to_numpy(zero_copy_only=False)
+    exchanges = rows["exchange"].combine_chunks().dictionary_encode()
+    exchange_codes, exchange_names = exchanges.indices.to_numpy(zero_copy_only=False), exchanges.dictionary.to_pylist()
+    bounds = [0, *(np.flatnonzero(np.diff(codes)) + 1).tolist(), len(codes)]
+    names = symbols.dictionary.to_pylist()
+    spans, of_symbol = {}, {}
+    for first, end in itertools.pairwise(bounds):
+        if first < end:
+            symbol = names[codes[first]]
+            spans[symbol] = (first, end)
+            of_symbol[symbol] = frozenset(exchange_names[c] for c in np.unique(exchange_codes[first:end]))
+    times = rows["exchange_timestamp"].cast(pa.int64()).to_numpy()
+    sequences = rows["sequence_number"].to_numpy()
+    return _HeldFile(rows, spans, of_symbol, times, sequences, rows.nbytes + times.nbytes + sequences.nbytes)
