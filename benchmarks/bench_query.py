@@ -7,18 +7,19 @@ for four queries (daily summary, trades?limit=100, 1-minute OHLCV of one symbol-
 multi-symbol tick query) measures p50/p99 latency of
   - bare DuckDB: hand-written SQL over the table's Parquet files, results fetched as Arrow;
   - the engine: the same question through `k2.query` (planning, metrics, exact decimals), with the
-    result cache off: first without rollups, so that DuckDB reads the ticks every time, then with
-    them as deployed (summaries and bars combine each file's per-minute partials, computed once per
-    file: `k2.query.rollups`);
-  - the API in-process: an HTTP request through the ASGI app (httpx), JSON included, rollups on,
-    result cache off, then on (the API's default: a repeated question on an unchanged snapshot is
+    result cache off: first without rollups or held ticks, so that DuckDB reads the ticks every
+    time, then with them as deployed (summaries and bars combine each file's per-minute partials,
+    pages of a symbol slice each file's decoded ticks; both computed once per file:
+    `k2.query.rollups`, `k2.query.heldticks`);
+  - the API in-process: an HTTP request through the ASGI app (httpx), JSON included, rollups and
+    held ticks on, result cache off, then on (the API's default: a repeated question on an unchanged snapshot is
     answered from memory);
 each also as a ratio to bare DuckDB in the same run. All are timed interleaved (one call of
 each per round, rotating which goes first), so load from other processes on the machine falls on
 all alike instead of skewing the ratios. Finally uvicorn is started on loopback (`--api-workers`
 processes) and a steady open-loop load is sent to it from this process for a bounded time: a mix
 of the three point queries over every symbol and day of the sample, once with the result cache
-and once without (rollups on in both). Prints markdown tables.
+and once without (rollups and held ticks on in both). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def time_interleaved(calls: list[Callable[[], object]], iterations: int,
 def bench_latency(settings: Settings, iterations: int, warmup: int) -> list[tuple[str, ...]]:
     uncached = settings.model_copy(update={"query_cache_mb": 0})
     engine, cached_engine = Engine(uncached), Engine(settings)
-    plain_engine = Engine(uncached.model_copy(update={"query_rollup_mb": 0}))  # SQL over the ticks every time
+    # SQL over the ticks every time: no rollups, no held ticks
+    plain_engine = Engine(uncached.model_copy(update={"query_rollup_mb": 0, "query_tick_cache_mb": 0}))
     files = [PyArrowFileIO.parse_location(f.file_path)[2]
              for f in engine.plan(engine.pin("trades"), TickFilter()).files]
     bare = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
@@ -302,7 +304,7 @@ def main() -> None:
               f"Python {platform.python_version()}, DuckDB {duckdb.__version__}; "
               f"{args.iterations} timed runs after {args.warmup} warm-up runs; {load_average()}.\n")
         latency = bench_latency(settings, args.iterations, args.warmup)
-        print(markdown(("query", "bare DuckDB p50 / p99 ms", "engine, no rollups p50 / p99 ms", "÷ bare",
+        print(markdown(("query", "bare DuckDB p50 / p99 ms", "engine, SQL on ticks p50 / p99 ms", "÷ bare",
                         "engine p50 / p99 ms", "engine ÷ bare",
                         "API p50 / p99 ms", "API ÷ bare", "API, cached result p50 / p99 ms", "cached ÷ bare"),
                        latency))
