@@ -329,10 +329,17 @@ def test_prometheus_scrapes_every_k2_target_loads_the_rules_and_answers_every_pa
             additional_headers={"X-API-Key": client.headers["X-API-Key"]}) as subscriber:
         assert json.loads(subscriber.recv(timeout=300))["symbol"], "a live tick pushed"
     # The query panels' series: the API pods may have been replaced (a Secret rotation rolls them)
-    # since the last question; this one twice on tables that do not change, a result-cache hit too.
+    # since the last question; each of these twice on tables that do not change. A summary reads
+    # rollups, a page of one symbol held ticks (a file computed or read, then held), and TWAP bars
+    # SQL through the result cache (a miss, then a hit).
     symbol, day = next(iter(asx_oracle.symbol_days()))
+    start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).isoformat()
+    twap = {"symbols": [symbol], "interval": "1h", "metric": "twap", "start": start,
+            "end": (dt.datetime.fromisoformat(start) + dt.timedelta(days=1)).isoformat()}
     for _ in range(2):
         assert api.get(f"/v1/summary/{symbol}/{day.isoformat()}").status_code == 200
+        assert api.get("/v1/trades", params={"symbol": symbol, "limit": 10}).status_code == 200
+        assert api.post("/v1/aggregations", json=twap).status_code == 200
     with port_forward(deployed, "svc/prometheus-operated", 9090, "monitoring") as url:
         def k2_targets() -> list[dict]:
             active = _prometheus(url, "targets", state="active")["activeTargets"]
