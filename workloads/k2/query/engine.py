@@ -32,18 +32,19 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Protocol, TypeVar
 
 import cachetools
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 import structlog
+from prometheus_client import Counter, Gauge
 from pyarrow.fs import S3FileSystem
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
-from pyiceberg.expressions import BooleanExpression
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.manifest import DataFile, DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
@@ -51,10 +52,14 @@ from pyiceberg.table.snapshots import Operation, Snapshot
 
 from k2 import schemas, tables
 from k2.observability import (
+    HELD_TICK_BYTES,
+    HELD_TICK_FILES,
     QUERY_CACHE_BYTES,
     QUERY_CACHE_LOOKUPS,
     QUERY_DURATION,
     QUERY_EXECUTIONS,
+    ROLLUP_BYTES,
+    ROLLUP_FILES,
     ROWS_RETURNED,
 )
 from k2.query import planning
@@ -221,14 +226,13 @@ class Engine:
         cache_bytes = settings.query_cache_mb * 2**20
         self._results: LockedLRU[pa.Table] | None = (
             LockedLRU(cache_bytes, getsizeof=_result_size) if cache_bytes else None)
-        rollup_bytes = settings.query_rollup_mb * 2**20
-        # Files' partial aggregates (k2.query.rollups), by table kind and file path.
-        self.rollups: LockedLRU[Any] | None = (
-            LockedLRU(rollup_bytes, getsizeof=lambda p: p.nbytes + 1024) if rollup_bytes else None)
-        held_bytes = settings.query_tick_cache_mb * 2**20
-        # Files' rows in symbol order (k2.query.heldticks), by table kind and file path.
-        self.held_ticks: LockedLRU[Any] | None = (
-            LockedLRU(held_bytes, getsizeof=lambda h: h.nbytes + 1024) if held_bytes else None)
+        # Files' partial aggregates (k2.query.rollups) and rows in symbol order (k2.query.heldticks).
+        self.rollups: PerFile[Any] | None = (
+            PerFile(settings.query_rollup_mb, ROLLUP_FILES, ROLLUP_BYTES, "computed") if settings.query_rollup_mb
+            else None)
+        self.held_ticks: PerFile[Any] | None = (
+            PerFile(settings.query_tick_cache_mb, HELD_TICK_FILES, HELD_TICK_BYTES, "read")
+            if settings.query_tick_cache_mb else None)
         self._s3: S3FileSystem | None = None
         self._db = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})
@@ -576,6 +580,40 @@ class LockedLRU(Generic[V]):
             if at_most is None or self._cache.getsizeof(value) <= at_most:
                 self._cache[key] = value
             return int(self._cache.currsize)
+
+
+class _Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+S = TypeVar("S", bound=_Sized)
+
+
+class PerFile(Generic[S]):
+    """Values derived from one data file each, kept up to a byte budget, least recently used out
+    first. A data file never changes, so a value is computed once, by the first query needing it.
+    Values have `nbytes`; `files` counts each use, held ("hit") or made (`made`)."""
+
+    def __init__(self, megabytes: int, files: Counter, size: Gauge, made: str) -> None:
+        self._held: LockedLRU[S] = LockedLRU(megabytes * 2**20, getsizeof=lambda v: v.nbytes + 1024)
+        self._files, self._size, self._made = files, size, made
+
+    @property
+    def currsize(self) -> int:
+        return self._held.currsize
+
+    def get(self, pin: Pin, file: DataFile, make: Callable[[Scan], S]) -> S:
+        """The value of `file`, made from a scan of that file alone (no tail, no catch-up) if not held."""
+        key = (pin.kind, file.file_path)
+        found = self._held.get(key)
+        if found is not None:
+            self._files.labels("hit").inc()
+            return found
+        self._files.labels(self._made).inc()
+        found = make(Scan(replace(pin, since=None, tail=None), AlwaysTrue(), (file,)))
+        self._size.set(self._held.put(key, found))
+        return found
 
 
 def _result_size(result: pa.Table) -> int:

@@ -19,15 +19,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.manifest import DataFile
 
-from k2.observability import HELD_TICK_BYTES, HELD_TICK_FILES
 from k2.query.cursor import Position
 from k2.query.engine import Engine, Pin, Scan, record_query
 from k2.query.filters import TickFilter, micros
@@ -124,10 +122,7 @@ class _Window:
         rows = held.rows.slice(first + begin, stop - begin)
         if exchange is not None and held.exchanges[symbol] != {exchange}:
             rows = rows.filter(pc.equal(rows["exchange"], exchange))
-        rows = rows.slice(0, wanted)
-        return rows.select(list(fields)).append_column(
-            "__k2_ts", rows["exchange_timestamp"].cast(pa.int64())).append_column(
-            "__k2_symbol", rows["symbol"]).append_column("__k2_seq", rows["sequence_number"])
+        return _keyed(rows.slice(0, wanted), fields)
 
     def _begin(self, times: np.ndarray, sequences: np.ndarray, symbol: str) -> int:
         """The index of the symbol's first row at or after the start and after the cursor."""
@@ -165,24 +160,20 @@ class _Window:
         rows = rows.filter(keep)
         if not rows.num_rows:
             return None
-        keyed = rows.select(list(fields)).append_column("__k2_ts", rows["exchange_timestamp"].cast(pa.int64())) \
-            .append_column("__k2_symbol", rows["symbol"]).append_column("__k2_seq", rows["sequence_number"])
-        return keyed.sort_by(_ORDER).slice(0, wanted)
+        return _keyed(rows, fields).sort_by(_ORDER).slice(0, wanted)
+
+
+def _keyed(rows: pa.Table, fields: tuple[str, ...]) -> pa.Table:
+    """`fields` of `rows`, then their places in tick order (`KEY_COLUMNS`)."""
+    return (rows.select(list(fields)).append_column("__k2_ts", rows["exchange_timestamp"].cast(pa.int64()))
+            .append_column("__k2_symbol", rows["symbol"]).append_column("__k2_seq", rows["sequence_number"]))
 
 
 def _held(engine: Engine, pin: Pin, file: DataFile) -> _HeldFile:
     assert engine.held_ticks is not None
-    key = (pin.kind, file.file_path)
-    found = engine.held_ticks.get(key)
-    if found is not None:
-        HELD_TICK_FILES.labels("hit").inc()
-        return found
-    HELD_TICK_FILES.labels("read").inc()
-    rows = engine.run("held_ticks_file", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, sequence_number",
-                      {}, {"src": Scan(replace(pin, since=None, tail=None), AlwaysTrue(), (file,))}, cacheable=False)
-    found = _index(rows)
-    HELD_TICK_BYTES.set(engine.held_ticks.put(key, found))
-    return found
+    return engine.held_ticks.get(pin, file, lambda one: _index(engine.run(
+        "held_ticks_file", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, sequence_number", {},
+        {"src": one}, cacheable=False)))
 
 
 def _index(rows: pa.Table) -> _HeldFile:

@@ -28,9 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import AlwaysTrue
-from pyiceberg.manifest import DataFile
 
-from k2.observability import ROLLUP_BYTES, ROLLUP_FILES
 from k2.query.engine import Engine, Pin, Scan, record_query
 from k2.query.filters import INTERVALS, Interval, local_midnight, micros
 from k2.query.sql import exact_ratio
@@ -94,7 +92,7 @@ def bars(engine: Engine, scan: Scan, request: BarRequest) -> pa.Table | None:
     if scan.scope is not None and not all(scan.scope.allows(s, request.exchange) for s in request.symbols):
         return None
     started = time.perf_counter()
-    sources = [*(_file_partials(engine, scan.pin, f) for f in scan.files),
+    sources = [*(engine.rollups.get(scan.pin, f, lambda one: _computed(engine, one)) for f in scan.files),
                *_tail_partials(engine, scan.pin, request.symbols, request.exchange)]
     symbols = []
     for symbol in sorted(set(request.symbols)):
@@ -111,19 +109,6 @@ def bars(engine: Engine, scan: Scan, request: BarRequest) -> pa.Table | None:
 
 _TYPES = {"symbol": pa.string(), "bucket_start": _INSTANT, "bucket_end": _INSTANT, "open": _PRICE, "high": _PRICE,
           "low": _PRICE, "close": _PRICE, "volume": pa.int64(), "trade_count": pa.int64(), "vwap": _PRICE}
-
-
-def _file_partials(engine: Engine, pin: Pin, file: DataFile) -> Partials:
-    assert engine.rollups is not None
-    key = (pin.kind, file.file_path)
-    found = engine.rollups.get(key)
-    if found is not None:
-        ROLLUP_FILES.labels("hit").inc()
-        return found
-    ROLLUP_FILES.labels("computed").inc()
-    found = _computed(engine, Scan(replace(pin, since=None, tail=None), AlwaysTrue(), (file,)))
-    ROLLUP_BYTES.set(engine.rollups.put(key, found))
-    return found
 
 
 def _tail_partials(engine: Engine, pin: Pin, symbols: tuple[str, ...], exchange: str) -> tuple[Partials, ...]:
