@@ -17,21 +17,26 @@ _TEXT = st.text(alphabet=st.sampled_from(['a', 'Z', '"', '\\', '\n', '\x01', '/'
 _INSTANT = st.datetimes(min_value=dt.datetime(1000, 1, 1), max_value=dt.datetime(9999, 12, 31),
                         timezones=st.just(dt.UTC))
 _PRICE = st.decimals(min_value=Decimal("-999999999999.999999"), max_value=Decimal("999999999999.999999"), places=6)
-_ROW = st.fixed_dictionaries({
-    "symbol": st.one_of(st.none(), _TEXT),
-    "ts": st.one_of(st.none(), _INSTANT),
-    "day": st.one_of(st.none(), st.dates()),
-    "price": st.one_of(st.none(), _PRICE),
-    "volume": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
-    "flag": st.one_of(st.none(), st.booleans()),
-})
+_VALUES = {"symbol": _TEXT, "ts": _INSTANT, "day": st.dates(), "price": _PRICE,
+           "volume": st.integers(-(2**63), 2**63 - 1), "flag": st.booleans()}
+# Columns of nulls and values, and columns without a null (which take their own path).
+_ROWS = st.booleans().flatmap(lambda nulls: st.lists(st.fixed_dictionaries(
+    {k: st.one_of(st.none(), v) if nulls else v for k, v in _VALUES.items()}), max_size=60))
 _SCHEMA = pa.schema([("symbol", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("day", pa.date32()),
                      ("price", pa.decimal128(18, 6)), ("volume", pa.int64()), ("flag", pa.bool_())])
 
 
 @settings(max_examples=150, deadline=None)
-@given(rows=st.lists(_ROW, max_size=60), cut=st.integers(0, 60))
+@given(rows=_ROWS, cut=st.integers(0, 60))
 def test_rows_json_writes_what_pydantic_writes_for_whole_and_sliced_tables(rows, cut):
     table = pa.Table.from_pylist(rows, _SCHEMA)
     for data in (table, table.slice(min(cut, table.num_rows)), *table.slice(min(cut, table.num_rows)).to_batches()):
         assert rows_json(data) == to_json(to_rows(data))
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.lists(st.fixed_dictionaries(_VALUES), min_size=20, max_size=40), null_at=st.integers(0, 19))
+def test_a_single_null_in_a_column_of_values_is_written_as_null(rows, null_at):
+    table = pa.Table.from_pylist([{k: None if i == null_at else v for k, v in row.items()}
+                                  for i, row in enumerate(rows)], _SCHEMA)
+    assert rows_json(table) == to_json(to_rows(table))

@@ -14,6 +14,7 @@ by pydantic instead: slower, never different.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -42,6 +43,13 @@ def _text(value: str) -> pa.Scalar:
 
 
 _NULL, _QUOTE, _QUOTE_Z, _EMPTY, _ROW_END = _text("null"), _text('"'), _text('Z"'), _text(""), _text("},")
+
+
+@functools.lru_cache(maxsize=1024)
+def _key(name: str, *, first: bool) -> pa.Scalar:
+    """A column's key as a row writes it, with the brace or comma before it (kept: each kernel
+    scalar built costs microseconds, and a page's columns are the same every time)."""
+    return _text(("{" if first else ",") + to_json(name).decode() + ":")
 
 
 def _quoted(strings: pa.Array) -> pa.Array:
@@ -108,9 +116,8 @@ def rows_text(data: pa.Table | pa.RecordBatch) -> bytes:
     parts: list[Any] = []
     for i, name in enumerate(table.column_names):
         column = table.column(i).combine_chunks() if table.column(i).num_chunks != 1 else table.column(i).chunk(0)
-        key = to_json(name).decode()
-        parts.append(_text(("{" if i == 0 else ",") + key + ":"))
-        parts.append(pc.fill_null(_encode(column), _NULL))
+        parts.append(_key(name, first=i == 0))
+        parts.append(pc.fill_null(_encode(column), _NULL) if column.null_count else _encode(column))
     parts.append(_ROW_END)
     rows = pc.binary_join_element_wise(*parts, _EMPTY).cast(pa.large_string())  # int64 offsets, read below
     # A new array of rows that each end in "},": its data buffer is the rows joined, a comma too many.
