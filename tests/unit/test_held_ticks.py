@@ -142,3 +142,76 @@ def test_a_symbol_on_two_exchanges_in_one_file_pages_only_the_asked_exchange():
     page = window.rows(held, "BHP", ("exchange", "sequence_number"), wanted=2)
     assert page is not None and page.column_names[-3:] == list(heldticks.KEY_COLUMNS)
     assert page["sequence_number"].to_pylist() == [2, 4], "the first two NASDAQ rows, none of ASX"
+
+
+def _all_quoted_pages(engine: Engine, flt: TickFilter, limit: int, tolerance: dt.timedelta,
+                      trades: Pin | None = None, quotes: Pin | None = None) -> list[_Page]:
+    """Every page of trades with their prevailing quotes: its rows and its next cursor."""
+    pages, cursor, key = [], None, fingerprint("trades_asof", flt, tolerance)
+    while True:
+        rel = ticks.quoted_trades_relation(engine, trades or engine.pin("trades"), quotes or engine.pin("quotes"),
+                                           flt, tolerance)
+        page = ticks.page(engine, rel, fields=ticks.QUOTED_TRADE_COLUMNS, limit=limit, cursor=cursor,
+                          fingerprint=key)
+        pages.append(_Page(page.rows, page.next_cursor))
+        if page.next_cursor is None:
+            return pages
+        cursor = Cursor.decode(page.next_cursor, key)
+
+
+def _held_pages() -> float:
+    return REGISTRY.get_sample_value("k2_query_executions_total", {"query": "held_quotes_page", "outcome": "ok"}) or 0.0
+
+
+@pytest.mark.parametrize("tolerance_ms", [0, 700, 5_000, 86_400_000])
+def test_trades_with_prevailing_quotes_from_held_ticks_equal_sql(engines, tolerance_ms: int):
+    held, plain = engines
+    tolerance = dt.timedelta(milliseconds=tolerance_ms)
+    before = _held_pages()
+    filters = _filters(_symbols(plain))
+    for flt, limit in [*((f, 1999) for f in filters), (filters[1], 50_000), (filters[-1], 7)]:
+        expected = _all_quoted_pages(plain, flt, limit, tolerance)
+        assert _all_quoted_pages(held, flt, limit, tolerance) == expected, (flt, limit)
+    assert _held_pages() > before, "pages were answered from held ticks"
+    whole = pa.concat_tables(p.rows for p in _all_quoted_pages(plain, filters[0], 50_000, tolerance))
+    stale = whole["bid_price"].null_count
+    assert stale < whole.num_rows, "trades were quoted"
+    assert stale > 0 or tolerance_ms > 5_000, "some trades had no quote, or one too old for the tolerance"
+
+
+def test_held_quotes_answer_pages_and_add_the_live_tails(engines):
+    _, plain = engines
+    symbols = _symbols(plain)
+    before = _held_pages()
+    stored = {kind: plain.table(kind, fresh=True).scan().to_arrow() for kind in ("trades", "quotes")}
+
+    def later(rows: pa.Table, minutes: float) -> TailRows:
+        """Ticks of the first two symbols, `minutes` later with new sequence numbers: not committed yet."""
+        some = rows.filter(pc.is_in(rows["symbol"], pa.array(symbols[:2]))).slice(0, 900)
+        some = some.set_column(some.schema.get_field_index("exchange_timestamp"), "exchange_timestamp",
+                               pc.add(some["exchange_timestamp"], pa.scalar(dt.timedelta(minutes=minutes))))
+        return TailRows(some.set_column(some.schema.get_field_index("sequence_number"), "sequence_number",
+                                        pc.add(some["sequence_number"], 10_000_000)), ())
+
+    trade_tail, quote_tail = later(stored["trades"], 41), later(stored["quotes"], 40.99)
+    for flt in (TickFilter((symbols[0],)), TickFilter(tuple(symbols[:2]), "ASX")):
+        pages = [_all_quoted_pages(e, flt, 997, dt.timedelta(seconds=5),
+                                   trades=replace(e.pin("trades"), tail=trade_tail),
+                                   quotes=replace(e.pin("quotes"), tail=quote_tail)) for e in engines]
+        assert pages[0] == pages[1], flt
+    assert _held_pages() > before, "pages were answered from held ticks"
+
+
+def test_a_quote_exactly_as_old_as_the_tolerance_prevails_and_one_microsecond_older_does_not(engines):
+    held, plain = engines
+    flt = TickFilter(tuple(_symbols(plain)))
+    whole = pa.concat_tables(p.rows for p in _all_quoted_pages(plain, flt, 50_000, dt.timedelta(days=1)))
+    ages = pc.subtract(whole["exchange_timestamp"], whole["quote_timestamp"]).cast(pa.int64())
+    age = dt.timedelta(microseconds=pc.max(ages).as_py())  # the oldest quote any trade has
+    assert age > dt.timedelta(0)
+    stale = []
+    for tolerance in (age, age - dt.timedelta(microseconds=1)):
+        pages = _all_quoted_pages(held, flt, 1999, tolerance)
+        assert pages == _all_quoted_pages(plain, flt, 1999, tolerance), tolerance
+        stale.append(sum(p.rows["quote_timestamp"].null_count for p in pages))
+    assert stale[1] > stale[0], "the oldest quote is stale one microsecond short of its age"

@@ -10,6 +10,9 @@ exactly are left to SQL (`None`): no symbols named (every symbol of a range), ro
 files without time bounds, catch-up reads, a scope narrower than the named symbols' rows on the
 page's exchange, and files lacking a column (written before the schema grew).
 
+A page of trades with their prevailing quotes (`with_prevailing_quotes`) takes its trades so and
+each trade's quote by a binary search per held quotes file.
+
 Files are kept per process up to `query_tick_cache_mb` (K2_QUERY_TICK_CACHE_MB), least recently
 used out first.
 """
@@ -71,6 +74,112 @@ def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, .
         found = _first(found, [tail.cast(found.schema)], wanted)
     record_query("held_ticks_page", "ok", started)
     return found
+
+
+def with_prevailing_quotes(engine: Engine, scan: Scan, flt: TickFilter, trades: pa.Table,
+                           trade_fields: tuple[str, ...], quote_fields: tuple[str, ...],
+                           tolerance_us: int) -> pa.Table | None:
+    """A page of held trades (`first_rows` of `trade_fields`) with the quote that prevailed at each,
+    as `ticks.quoted_trades_relation` joins them: the last quote of the same symbol and exchange at
+    or before the trade, the highest sequence number among quotes of one instant; its time as
+    `quote_timestamp` and its `quote_fields` are null where there is none or it is older than
+    `tolerance_us`. None when held quotes cannot answer exactly."""
+    if not trades.num_rows or not _answerable(engine, scan, flt):
+        return None
+    assert scan.time_bounds is not None
+    started = time.perf_counter()
+    times = trades["__k2_ts"].to_numpy()
+    oldest, newest = int(times.min()) - tolerance_us, int(times.max())
+    # A file wholly older than the oldest trade's tolerance can only hold quotes too stale to show.
+    sources = [_held(engine, scan.pin, file) for file, (low, high) in zip(scan.files, scan.time_bounds, strict=True)
+               if low <= newest and high >= oldest]
+    if not sources:
+        return None  # no file to take column types from
+    wanted = ["exchange_timestamp", *quote_fields]
+    if any(f not in s.rows.column_names for s in sources for f in wanted):
+        return None
+    tail = _tail_held(scan.pin, trades["__k2_symbol"].unique())
+    if tail is not None:
+        sources.append(tail)
+    best = _Prevailing(len(times))
+    for symbol, at in _rows_by_symbol(trades):
+        exchanges = set(trades["exchange"].take(at).to_pylist())
+        if len(exchanges) != 1 or not best.search(sources, symbol, exchanges.pop(), at, times[at]):
+            return None
+    quotes = best.take(sources, wanted, fresh=times - best.times <= tolerance_us)
+    quotes = quotes.rename_columns(["quote_timestamp", *quote_fields])
+    joined = trades.select(list(trade_fields))
+    for name in quotes.column_names:
+        joined = joined.append_column(name, quotes[name])
+    record_query("held_quotes_page", "ok", started)
+    return joined.append_column("__k2_ts", trades["__k2_ts"]).append_column(
+        "__k2_symbol", trades["__k2_symbol"]).append_column("__k2_seq", trades["__k2_seq"])
+
+
+class _Prevailing:
+    """Per trade, the latest (time, sequence) quote found so far: its source and row."""
+
+    def __init__(self, n: int) -> None:
+        self.times = np.full(n, np.iinfo(np.int64).min, np.int64)
+        self.sequences = np.full(n, np.iinfo(np.int64).min, np.int64)
+        self.sources = np.full(n, -1, np.int64)
+        self.rows = np.zeros(n, np.int64)
+
+    def search(self, sources: list[_HeldFile], symbol: str, exchange: str, at: np.ndarray,
+               times: np.ndarray) -> bool:
+        """Look for the quotes prevailing at trades `at` (all of `symbol` on `exchange`) in each
+        source; False where a source's rows of the symbol mix exchanges (SQL answers those)."""
+        for k, source in enumerate(sources):
+            span = source.spans.get(symbol)
+            if span is None or exchange not in source.exchanges[symbol]:
+                continue
+            if len(source.exchanges[symbol]) > 1:
+                return False
+            first, end = span
+            found = np.searchsorted(source.times[first:end], times, "right") - 1
+            hit = found >= 0
+            rows, who = first + found[hit], at[hit]
+            quote_times, quote_sequences = source.times[rows], source.sequences[rows]
+            later = (quote_times > self.times[who]) | ((quote_times == self.times[who])
+                                                       & (quote_sequences > self.sequences[who]))
+            who, rows = who[later], rows[later]
+            self.times[who], self.sequences[who] = source.times[rows], source.sequences[rows]
+            self.sources[who], self.rows[who] = k, rows
+        return True
+
+    def take(self, sources: list[_HeldFile], columns: list[str], fresh: np.ndarray) -> pa.Table:
+        """`columns` of each trade's quote, in trade order; nulls where none was found or not `fresh`."""
+        schema = sources[0].rows.select(columns).schema
+        found = fresh & (self.sources >= 0)
+        parts, places = [], []
+        for k, source in enumerate(sources):
+            who = np.flatnonzero(found & (self.sources == k))
+            if len(who):
+                parts.append(source.rows.select(columns).take(self.rows[who]).cast(schema))
+                places.append(who)
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            parts.append(pa.table([pa.nulls(len(missing), f.type) for f in schema], schema=schema))
+            places.append(missing)
+        return pa.concat_tables(parts).take(np.argsort(np.concatenate(places), kind="stable"))
+
+
+def _rows_by_symbol(trades: pa.Table) -> list[tuple[str, np.ndarray]]:
+    encoded = trades["__k2_symbol"].combine_chunks().dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    return [(name, np.flatnonzero(codes == i)) for i, name in enumerate(encoded.dictionary.to_pylist())]
+
+
+def _tail_held(pin: Pin, symbols: pa.Array) -> _HeldFile | None:
+    """The live tail's quotes of `symbols`, indexed as a held file (per request: the tail moves)."""
+    tail = pin.tail
+    if tail is None or not tail.table.num_rows:
+        return None
+    rows = tail.table.filter(pc.is_in(tail.table["symbol"], symbols))
+    if not rows.num_rows:
+        return None
+    return _index(rows.sort_by([("symbol", "ascending"), ("exchange_timestamp", "ascending"),
+                                ("sequence_number", "ascending")]))
 
 
 def _answerable(engine: Engine, scan: Scan, flt: TickFilter) -> bool:

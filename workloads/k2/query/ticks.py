@@ -41,7 +41,8 @@ class Relation:
     # a page narrowed to its own rows there first joins a page of them, not every row of the range.
     driving: str | None = None
     paged: str = "src"  # the scan whose rows are the relation's rows, one for one
-    ticks: TickFilter | None = None  # of a plain table's ticks: which (held ticks can page those)
+    ticks: TickFilter | None = None  # the trades or quotes it pages: which (held ticks can page those)
+    quotes_within: dt.timedelta | None = None  # trades with their prevailing quotes: the tolerance
 
     def text(self, page: str = "") -> str:
         """`sql`, its driving rows narrowed by `page` (a page's conditions, order and limit)."""
@@ -89,7 +90,7 @@ def quoted_trades_relation(engine: Engine, trades: Pin, quotes: Pin, flt: TickFi
     return Relation("trades_asof_quotes", sql, {**tw.params, **qw.params, "tolerance": tolerance},
                     {"trades": engine.plan(trades, flt), "quotes": engine.plan(quotes, quote_filter)},
                     {"trades": trades, "quotes": quotes}, driving=f"SELECT * FROM {{trades}} {tw.sql()}",
-                    paged="trades")
+                    paged="trades", ticks=flt, quotes_within=tolerance)
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,7 @@ def page(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int, 
     sql = (f"SELECT {select_list(fields)}, epoch_us(exchange_timestamp) AS __k2_ts, symbol AS __k2_symbol, "
            f"sequence_number AS __k2_seq FROM ({rel.text(narrowed)}) {narrowed}")
     params = {**rel.params, **where.params, "limit": limit + 1}
-    held = (heldticks.first_rows(engine, rel.scans[rel.paged], rel.ticks, fields, limit + 1,
-                                 cursor.after if cursor else None) if rel.ticks is not None else None)
+    held = _held_rows(engine, rel, fields, limit + 1, cursor.after if cursor else None)
     result = held if held is not None else _earliest_rows(engine, rel, sql, params, limit + 1,
                                                           cursor.after.timestamp_us if cursor else None)
     next_cursor = None
@@ -123,6 +123,23 @@ def page(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int, 
         position = Position(last["__k2_ts"], last["__k2_symbol"], last["__k2_seq"])
         next_cursor = Cursor(rel.snapshot_ids(), position, fingerprint).encode()
     return Page(result.slice(0, limit).drop_columns(list(KEY_COLUMNS)), next_cursor)
+
+
+def _held_rows(engine: Engine, rel: Relation, fields: tuple[str, ...], wanted: int,
+               after: Position | None) -> pa.Table | None:
+    """A page's rows from held ticks, or None where SQL must answer."""
+    if rel.ticks is None:
+        return None
+    if rel.quotes_within is None:
+        return heldticks.first_rows(engine, rel.scans[rel.paged], rel.ticks, fields, wanted, after)
+    trade_fields = columns("trades")
+    if fields != (*trade_fields, "quote_timestamp", *QUOTE_FIELDS):
+        return None
+    trades = heldticks.first_rows(engine, rel.scans["trades"], rel.ticks, trade_fields, wanted, after)
+    if trades is None:
+        return None
+    return heldticks.with_prevailing_quotes(engine, rel.scans["quotes"], rel.ticks, trades, trade_fields,
+                                            QUOTE_FIELDS, rel.quotes_within // dt.timedelta(microseconds=1))
 
 
 def _earliest_rows(engine: Engine, rel: Relation, sql: str, params: Mapping[str, Any], wanted: int,
