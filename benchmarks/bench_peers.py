@@ -9,8 +9,9 @@ symbol-day, asks both the questions K2's API answers: daily summary with VWAP, 1
 (QuestDB: SAMPLE BY 1m ALIGN TO CALENDAR), a page of 100 trades, and 100 trades ASOF JOINed to the
 prevailing quote. Every answer is first checked to be exactly K2's engine's, over QuestDB's PG wire
 and its HTTP /exec; only then are they timed, in alternating rounds (bench_query.time_interleaved)
-beside K2's engine, K2's API (in-process, result cache off) and bare DuckDB over the same Parquet,
-with ratios to bare DuckDB and of K2's API to QuestDB's /exec. Prints markdown tables.
+beside K2's engine, K2's API (result cache off) in-process and under uvicorn over loopback HTTP,
+and bare DuckDB over the same Parquet, with ratios to bare DuckDB and of K2's API over HTTP to
+QuestDB's /exec (both HTTP + JSON on a kept-alive connection). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ import argparse
 import asyncio
 import datetime as dt
 import http.client
+import json
 import os
 import platform
 import tempfile
 import time
 import urllib.parse
+from contextlib import ExitStack
 from pathlib import Path
 
 import duckdb
 import httpx
 import psycopg2
-from bench_query import HEADERS, load_average, markdown, time_interleaved
+from bench_query import HEADERS, api_server, load_average, markdown, time_interleaved
 from pyiceberg.io.pyarrow import PyArrowFileIO
 
 from k2.api.app import create_app
@@ -88,6 +91,15 @@ def check_equal(qdb: QuestDB, engine: Engine, pg, questions: list[peer.Question]
     return sizes
 
 
+def http_call(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None) -> None:
+    payload = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=payload, headers={**HEADERS, **({"Content-Type": "application/json"}
+                                                                    if payload else {})})
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200, (path, response.status)
+
+
 def bench_questions(settings: Settings, qdb: QuestDB, rounds: int, warmup: int) -> list[tuple[str, ...]]:
     engine = Engine(settings.model_copy(update={"query_cache_mb": 0}))
     pg = psycopg2.connect(qdb.pg_dsn)
@@ -102,18 +114,19 @@ def bench_questions(settings: Settings, qdb: QuestDB, rounds: int, warmup: int) 
     bare = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     bare.execute("SET TimeZone = 'UTC'")
     loop = asyncio.new_event_loop()
-    api = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings.model_copy(
-        update={"query_cache_mb": 0}), engine=engine)), base_url="http://k2", headers=HEADERS)
-    exec_conn = http.client.HTTPConnection("127.0.0.1", qdb.port, timeout=30)  # kept alive, as a client would
+    uncached = settings.model_copy(update={"query_cache_mb": 0})
+    api = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(uncached, engine=engine)),
+                            base_url="http://k2", headers=HEADERS)
+    servers = ExitStack()
+    # Both servers over loopback HTTP, each on one kept-alive connection, as a client would ask them.
+    k2_conn = http.client.HTTPConnection("127.0.0.1", servers.enter_context(api_server(uncached)), timeout=30)
+    exec_conn = http.client.HTTPConnection("127.0.0.1", qdb.port, timeout=30)
 
     def api_call(method: str, path: str, body: dict | None) -> None:
         loop.run_until_complete(api.request(method, path, json=body)).raise_for_status()
 
     def questdb_exec(sql: str) -> None:
-        exec_conn.request("GET", "/exec?" + urllib.parse.urlencode({"query": sql}))
-        response = exec_conn.getresponse()
-        response.read()
-        assert response.status == 200, response.status
+        http_call(exec_conn, "GET", "/exec?" + urllib.parse.urlencode({"query": sql}), None)
 
     def questdb_pg(sql: str) -> None:
         with pg.cursor() as cursor:
@@ -124,18 +137,21 @@ def bench_questions(settings: Settings, qdb: QuestDB, rounds: int, warmup: int) 
     try:
         for q, sql in zip(questions, BARE_SQL, strict=True):
             used = {k: v for k, v in bare_params.items() if f"${k}" in sql}
-            bare_t, engine_t, api_t, pg_t, exec_t = time_interleaved([
+            bare_t, engine_t, api_t, http_t, pg_t, exec_t = time_interleaved([
                 lambda s=sql, p=used: bare.execute(s, p).fetch_arrow_table(),
                 lambda q=q: peer.k2_answer(engine, q, SYMBOL, DAY),
                 lambda q=q: api_call(*q.api),
+                lambda q=q: http_call(k2_conn, *q.api),
                 lambda q=q: questdb_pg(q.questdb_sql),
                 lambda q=q: questdb_exec(q.questdb_sql)], rounds, warmup)
             rows.append((q.name, *(f"{p50 * 1e3:.2f} / {p99 * 1e3:.2f}" for p50, p99 in
-                                   (bare_t, engine_t, api_t, pg_t, exec_t)),
-                         f"{engine_t[0] / bare_t[0]:.2f}×", f"{api_t[0] / bare_t[0]:.2f}×",
+                                   (bare_t, engine_t, api_t, http_t, pg_t, exec_t)),
+                         f"{engine_t[0] / bare_t[0]:.2f}×", f"{http_t[0] / bare_t[0]:.2f}×",
                          f"{pg_t[0] / bare_t[0]:.2f}×", f"{exec_t[0] / bare_t[0]:.2f}×",
-                         f"{api_t[0] / exec_t[0]:.2f}×"))
+                         f"{http_t[0] / exec_t[0]:.2f}×"))
     finally:
+        k2_conn.close()
+        servers.close()
         exec_conn.close()
         loop.run_until_complete(api.aclose())
         loop.close()
@@ -173,10 +189,11 @@ def main() -> None:
                            load_questdb(qdb, settings)))
             print(f"\nK2 load_asx: {k2_rows:,} rows in {k2_s:.2f} s, {k2_rows / k2_s:,.0f} rows/s.\n")
             print(f"Latency, {SYMBOL} {DAY}, p50 / p99 ms over {args.rounds} alternating rounds after "
-                  f"{args.warmup} warm-up calls each; K2 uncached; K2's API in-process (no TCP hop), "
-                  "QuestDB over loopback TCP.\n")
-            print(markdown(("question", "bare DuckDB", "K2 engine", "K2 API", "QuestDB PG", "QuestDB /exec",
-                            "engine ÷ bare", "API ÷ bare", "PG ÷ bare", "/exec ÷ bare", "K2 API ÷ /exec"),
+                  f"{args.warmup} warm-up calls each; K2 uncached; K2's API in-process (httpx's "
+                  "ASGI transport, no TCP hop) and under uvicorn (one process) over loopback HTTP like QuestDB.\n")
+            print(markdown(("question", "bare DuckDB", "K2 engine", "K2 API in-process", "K2 API HTTP", "QuestDB PG",
+                            "QuestDB /exec",
+                            "engine ÷ bare", "API HTTP ÷ bare", "PG ÷ bare", "/exec ÷ bare", "K2 API HTTP ÷ /exec"),
                            bench_questions(settings, qdb, args.rounds, args.warmup)))
             print(f"\n{load_average()} at the end.")
     finally:

@@ -37,8 +37,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -188,23 +189,7 @@ def bench_steady_load(settings: Settings, rate: float, seconds: float, warmup: f
     """Open-loop load on a uvicorn server in its own processes: requests are sent on a fixed schedule
     and latency counts from the scheduled time, so a slow server cannot hide its queueing. A
     warm-up at the same rate comes first and is not counted."""
-    port = free_port()
-    env = process_env(settings)
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "k2.api.app:create_app", "--factory",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", str(api_workers),
-                               "--no-access-log", "--log-level", "warning"], env=env)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the API server did not become ready")
-            time.sleep(0.1)
+    with api_server(settings, api_workers) as port:
         body_of = {i: json.dumps(body).encode() if body is not None else None for i, (_, _, body) in enumerate(mix)}
         local = threading.local()
 
@@ -246,6 +231,28 @@ def bench_steady_load(settings: Settings, rate: float, seconds: float, warmup: f
         return (f"{settings.query_cache_mb} MiB" if settings.query_cache_mb else "off", f"{rate:.0f}",
                 f"{achieved:.1f}", f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}", f"{max(latencies) * 1e3:.2f}",
                 str(sum(not ok for _, ok in results)))
+
+
+@contextmanager
+def api_server(settings: Settings, workers: int = 1) -> Iterator[int]:
+    """`k2 serve`'s app under uvicorn in its own processes on loopback, as deployed; yields its port
+    once /ready answers."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "k2.api.app:create_app", "--factory",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                               "--no-access-log", "--log-level", "warning"], env=process_env(settings))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the API server did not become ready")
+            time.sleep(0.1)
+        yield port
     finally:
         server.terminate()
         server.wait(timeout=30)
