@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 from dataclasses import replace
-from decimal import Decimal
+from decimal import Context, Decimal
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -146,3 +146,57 @@ def test_vwap_divides_as_exact_ratio_on_any_notional():
         column = pa.array([n for n, _ in chosen], pa.decimal128(38, 6))
         got = rollups._vwap(column, np.array([v for _, v in chosen], dtype=np.int64)).to_pylist()
         assert got == [exact_ratio(n, v) for n, v in chosen]
+
+
+_NOTIONALS = {  # unscaled notionals: on 64 bits, summing past them, beyond them, and small but with a high word
+    "40 bits": lambda rng: rng.randrange(-2**40, 2**40),
+    "62 bits": lambda rng: rng.randrange(-2**62, 2**62),
+    "100 bits": lambda rng: rng.randrange(-2**100, 2**100),
+    "2**64 + small": lambda rng: 2**64 + rng.randrange(1000),
+}
+
+
+@pytest.mark.parametrize("notionals", _NOTIONALS)
+def test_partials_combine_to_python_sums_and_extremes_on_64_bits_and_past_them(notionals: str):
+    """Sums on 64-bit integers where they fit, Arrow's 128-bit group-by where they may not: the same
+    figures as Python's integers either way."""
+    rng = random.Random(notionals)
+    n = 300
+    buckets = np.array(sorted(rng.randrange(8) for _ in range(n)), dtype=np.int64)
+    price = lambda: _scaled(rng.randrange(-10**12, 10**12))  # noqa: E731
+    rows = pa.table({
+        "open_us": pa.array([rng.randrange(10**6) for _ in range(n)], pa.int64()),
+        "open_seq": pa.array([rng.randrange(50) for _ in range(n)], pa.int64()),
+        "open": pa.array([price() for _ in range(n)], pa.decimal128(18, 6)),
+        "close_us": pa.array([rng.randrange(10**6) for _ in range(n)], pa.int64()),
+        "close_seq": pa.array([rng.randrange(50) for _ in range(n)], pa.int64()),
+        "close": pa.array([price() for _ in range(n)], pa.decimal128(18, 6)),
+        "high": pa.array([price() for _ in range(n)], pa.decimal128(18, 6)),
+        "low": pa.array([price() for _ in range(n)], pa.decimal128(18, 6)),
+        "volume": pa.array([rng.randrange(10**9) for _ in range(n)], pa.int64()),
+        "trade_count": pa.array([rng.randrange(1, 10**4) for _ in range(n)], pa.int64()),
+        "notional": pa.array([_scaled(_NOTIONALS[notionals](rng))
+                              for _ in range(n)], pa.decimal128(38, 6)),
+    })
+    got_buckets, got = rollups._grouped(rows, buckets)
+    assert got_buckets.tolist() == sorted(set(buckets.tolist()))
+    for i, bucket in enumerate(got_buckets.tolist()):
+        of = [r for r, b in zip(rows.to_pylist(), buckets.tolist(), strict=True) if b == bucket]
+        row = got.slice(i, 1).to_pylist()[0]
+        assert row["high"] == max(r["high"] for r in of) and row["low"] == min(r["low"] for r in of)
+        assert row["volume"] == sum(r["volume"] for r in of)
+        assert row["trade_count"] == sum(r["trade_count"] for r in of)
+        assert _unscaled(row["notional"]) == sum(_unscaled(r["notional"]) for r in of)
+        assert row["open"] == min(of, key=lambda r: (r["open_us"], r["open_seq"]))["open"]
+        assert row["close"] == max(of, key=lambda r: (r["close_us"], r["close_seq"]))["close"]
+    assert got.schema.field("notional").type == pa.decimal128(38, 6)
+    assert got.schema.field("high").type == pa.decimal128(18, 6)
+
+
+def _scaled(unscaled: int) -> Decimal:
+    """unscaled × 10⁻⁶, exactly (Decimal arithmetic would round past 28 digits)."""
+    return Decimal(unscaled).scaleb(-6, Context(prec=80))
+
+
+def _unscaled(value: Decimal) -> int:
+    return int(value.scaleb(6, Context(prec=80)))

@@ -137,8 +137,9 @@ def _computed(engine: Engine, scan: Scan) -> Partials:
 
 
 def _minutes(part: pa.Table, start_us: int, end_us: int) -> pa.Table:
-    minute = part["minute"]
-    return part.filter(pc.and_(pc.greater_equal(minute, start_us), pc.less(minute, end_us)))
+    """The partials of minutes in [start, end): a slice, as a key's partials are in minute order."""
+    first, end = np.searchsorted(part["minute"].to_numpy(), [start_us, end_us], "left")
+    return part.slice(first, end - first)
 
 
 def _bars(symbol: str, parts: list[pa.Table], request: BarRequest) -> pa.Table:
@@ -168,15 +169,52 @@ def _grouped(rows: pa.Table, buckets: np.ndarray) -> tuple[np.ndarray, pa.Table]
     ordered = buckets[by_open]
     firsts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     lasts = np.r_[firsts[1:], len(ordered)] - 1
-    summed = (rows.take(by_open).append_column("bucket", pa.array(ordered))
-              .group_by("bucket", use_threads=False)
-              .aggregate([("high", "max"), ("low", "min"), ("volume", "sum"), ("trade_count", "sum"),
-                          ("notional", "sum")]))
+    combined = _combined(rows.take(by_open), firsts)
+    if combined is None:  # a notional or a sum past 64 bits: Arrow's 128-bit sums
+        summed = (rows.take(by_open).append_column("bucket", pa.array(ordered))
+                  .group_by("bucket", use_threads=False)
+                  .aggregate([("high", "max"), ("low", "min"), ("volume", "sum"), ("trade_count", "sum"),
+                              ("notional", "sum")]))
+        combined = {"high": summed["high_max"], "low": summed["low_min"], "volume": summed["volume_sum"],
+                    "trade_count": summed["trade_count_sum"], "notional": summed["notional_sum"]}
     return ordered[firsts], pa.table({
-        "open": rows["open"].take(by_open[firsts]), "high": summed["high_max"], "low": summed["low_min"],
-        "close": rows["close"].take(by_close[lasts]), "volume": summed["volume_sum"],
-        "trade_count": summed["trade_count_sum"], "notional": summed["notional_sum"],
+        "open": rows["open"].take(by_open[firsts]), "high": combined["high"], "low": combined["low"],
+        "close": rows["close"].take(by_close[lasts]), "volume": combined["volume"],
+        "trade_count": combined["trade_count"], "notional": combined["notional"],
     })
+
+
+def _combined(rows: pa.Table, firsts: np.ndarray) -> dict[str, pa.Array] | None:
+    """High, low, volume, count and notional per run of `rows` starting at `firsts`, summed on 64-bit
+    integers (a fraction of a group-by's fixed cost); None where a value or a sum may not fit."""
+    columns = {name: rows[name].combine_chunks() for name in ("high", "low", "volume", "trade_count", "notional")}
+    if any(column.null_count for column in columns.values()):
+        return None
+    notional = _words(columns["notional"])
+    if notional is None or np.abs(notional.astype(np.float64)).sum() >= 2.0**62:
+        return None
+    high, low = _words(columns["high"]), _words(columns["low"])
+    assert high is not None and low is not None  # decimal(18, _) always fits 64 bits
+    return {"high": _decimal(np.maximum.reduceat(high, firsts), columns["high"].type),
+            "low": _decimal(np.minimum.reduceat(low, firsts), columns["low"].type),
+            "volume": pa.array(np.add.reduceat(columns["volume"].to_numpy(), firsts)),
+            "trade_count": pa.array(np.add.reduceat(columns["trade_count"].to_numpy(), firsts)),
+            "notional": _decimal(np.add.reduceat(notional, firsts), columns["notional"].type)}
+
+
+def _words(decimals: pa.Array) -> np.ndarray | None:
+    """The unscaled values of a decimal128 array as int64, or None where one needs more bits."""
+    first = 2 * decimals.offset  # two 64-bit words a value, least significant first
+    words = np.frombuffer(decimals.buffers()[1], dtype=np.int64)[first:first + 2 * len(decimals)]
+    low, high = words[0::2], words[1::2]
+    return low if np.array_equal(high, low >> 63) else None
+
+
+def _decimal(unscaled: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """int64 unscaled values as a decimal128 array of `kind`."""
+    words = np.empty(2 * len(unscaled), dtype=np.int64)
+    words[0::2], words[1::2] = unscaled, unscaled >> 63
+    return pa.Array.from_buffers(kind, len(unscaled), [None, pa.py_buffer(words)])
 
 
 def _bucket_instants(buckets: np.ndarray, request: BarRequest) -> tuple[pa.Array, pa.Array]:
@@ -191,15 +229,11 @@ def _bucket_instants(buckets: np.ndarray, request: BarRequest) -> tuple[pa.Array
 def _vwap(notional: pa.Array, volume: np.ndarray) -> pa.Array:
     """`exact_ratio(notional, volume)` of every bar, as decimal(18, 6): on 64-bit integers where every
     unscaled notional fits in one, as Python integers otherwise."""
-    first = 2 * notional.offset  # two 64-bit words a value, least significant first
-    words = np.frombuffer(notional.buffers()[1], dtype=np.int64)[first:first + 2 * len(notional)]
-    low, high = words[0::2], words[1::2]
-    if notional.null_count or not np.array_equal(high, low >> 63):
+    low = None if notional.null_count else _words(notional)
+    if low is None:
         return pa.array([exact_ratio(n, int(v)) for n, v in zip(notional.to_pylist(), volume, strict=True)], _PRICE)
     safe = np.where(volume == 0, 1, volume)
     quotient, remainder = np.divmod(low, safe)
     quotient += (2 * remainder > safe) | ((2 * remainder == safe) & (quotient % 2 == 1))
-    unscaled = np.empty(2 * len(quotient), dtype=np.int64)
-    unscaled[0::2], unscaled[1::2] = quotient, quotient >> 63
-    ratios = pa.Array.from_buffers(_PRICE, len(quotient), [None, pa.py_buffer(unscaled)])
+    ratios = _decimal(quotient, _PRICE)
     return pc.if_else(pa.array(volume == 0), pa.scalar(None, _PRICE), ratios) if (volume == 0).any() else ratios
