@@ -127,19 +127,24 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
-def time_interleaved(calls: list[Callable[[], object]], iterations: int,
-                     warmup: int) -> list[tuple[float, float]]:
-    """p50/p99 of each call, timed in rounds of one call each, the first of a round rotating."""
+def time_interleaved(calls: list[Callable[[], object]], iterations: int, warmup: int, *, block: int = 1,
+                     settle: float = 0.0) -> list[tuple[float, float]]:
+    """p50/p99 of each call over `iterations` runs, timed in rounds of `block` consecutive runs of
+    each call, the first of a round rotating. A pause of `settle` seconds before each block lets a
+    server that keeps its threads spinning after a burst (QuestDB's workers do) go quiet, so the
+    next call is not timed against it."""
     for call in calls:
         for _ in range(warmup):
             call()
     samples: list[list[float]] = [[] for _ in calls]
-    for i in range(iterations):
+    for i in range(max(1, iterations // block)):
         for j in range(len(calls)):
             k = (i + j) % len(calls)
-            started = time.perf_counter()
-            calls[k]()
-            samples[k].append(time.perf_counter() - started)
+            time.sleep(settle)
+            for _ in range(block):
+                started = time.perf_counter()
+                calls[k]()
+                samples[k].append(time.perf_counter() - started)
     return [percentiles(s) for s in samples]
 
 
