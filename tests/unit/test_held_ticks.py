@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from k2.observability import REGISTRY
+from k2.observability import HELD_TICK_BYTES, HELD_TICK_FILES, REGISTRY
 from k2.query import heldticks, ticks
 from k2.query.cursor import Cursor, fingerprint
-from k2.query.engine import Engine, Pin
+from k2.query.engine import Engine, PerFile, Pin
 from k2.query.filters import TickFilter, columns
 from k2.query.sample import load_asx
 from k2.query.tail import TailRows
@@ -215,3 +215,54 @@ def test_a_quote_exactly_as_old_as_the_tolerance_prevails_and_one_microsecond_ol
         assert pages == _all_quoted_pages(plain, flt, 1999, tolerance), tolerance
         stale.append(sum(p.rows["quote_timestamp"].null_count for p in pages))
     assert stale[1] > stale[0], "the oldest quote is stale one microsecond short of its age"
+
+
+def test_a_file_larger_than_the_budget_is_left_to_sql_and_not_decoded_again(engines):
+    held, plain = engines
+    small = Engine(held.settings.model_copy(update={"query_tick_cache_mb": 1}))
+    try:
+        flt = TickFilter(tuple(_symbols(plain)))
+        sizes = [heldticks._index(plain.run("t", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, "
+                                                  "sequence_number", {}, {"src": one})).nbytes
+                 for one in _single_file_scans(plain, "trades")]
+        assert min(sizes) > 2**20, "every file decodes to more than the budget"
+        refused = _too_large()
+        for _ in range(2):
+            assert _all_pages(small, "trades", flt, 1999) == _all_pages(plain, "trades", flt, 1999)
+            assert (_all_quoted_pages(small, flt, 1999, dt.timedelta(seconds=5))
+                    == _all_quoted_pages(plain, flt, 1999, dt.timedelta(seconds=5)))
+        assert _too_large() > refused, "the files were found too large to hold"
+    finally:
+        small.close()
+
+
+def _too_large() -> float:
+    return REGISTRY.get_sample_value("k2_query_held_tick_files_total", {"result": "too_large"}) or 0
+
+
+def _single_file_scans(engine: Engine, kind: str) -> list:
+    scan = engine.plan(engine.pin(kind), TickFilter())
+    return [replace(scan, files=(f,), time_bounds=None) for f in scan.files]
+
+
+def test_a_per_file_value_larger_than_the_budget_is_made_once_and_never_kept(engines):
+    """The store rollups and held ticks share: a value past the whole budget is not kept (cachetools
+    would raise) and not made again; its callers answer by SQL."""
+    _, plain = engines
+    pin = plain.pin("trades")
+    file = plain.plan(pin, TickFilter()).files[0]
+    store = PerFile(1, HELD_TICK_FILES, HELD_TICK_BYTES, "read")
+    made = []
+
+    @dataclass(frozen=True)
+    class Sized:
+        nbytes: int
+
+    def make(scan) -> Sized:
+        made.append(scan)
+        return Sized(2**20 + 1)
+
+    before = _too_large()
+    assert store.get(pin, file, make) is None and store.get(pin, file, make) is None
+    assert len(made) == 1 and _too_large() == before + 2 and store.currsize == 0
+    assert store.get(pin, plain.plan(pin, TickFilter()).files[1], lambda scan: Sized(1000)) == Sized(1000)

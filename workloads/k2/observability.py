@@ -95,10 +95,12 @@ ROWS_RETURNED = Counter("k2_query_rows_returned", "Rows returned to clients", ["
 QUERY_CACHE_LOOKUPS = Counter("k2_query_cache_lookups", "Result cache lookups (hit, miss)", ["query", "result"],
                               registry=REGISTRY)
 ROLLUP_FILES = Counter("k2_query_rollup_files", "Data files whose per-minute partials a query used, "
-                       "by whether they were held or computed for it", ["result"], registry=REGISTRY)
+                       "by whether they were held, computed for it, or too large for K2_QUERY_ROLLUP_MB "
+                       "(SQL answered)", ["result"], registry=REGISTRY)
 ROLLUP_BYTES = Gauge("k2_query_rollup_bytes", "Bytes of data files' partials held", registry=REGISTRY)
 HELD_TICK_FILES = Counter("k2_query_held_tick_files", "Data files whose decoded ticks a page used, by whether "
-                          "they were held or read for it", ["result"], registry=REGISTRY)
+                          "they were held, read for it, or too large for K2_QUERY_TICK_CACHE_MB (SQL answered)",
+                          ["result"], registry=REGISTRY)
 HELD_TICK_BYTES = Gauge("k2_query_held_tick_bytes", "Bytes of data files' decoded ticks held", registry=REGISTRY)
 QUERY_CACHE_BYTES = Gauge("k2_query_cache_bytes", "Bytes of results held by the result cache", registry=REGISTRY)
 STREAM_SUBSCRIBERS = Gauge("k2_stream_subscribers", "WebSocket subscribers of live ticks", ["kind"],

@@ -574,6 +574,10 @@ class LockedLRU(Generic[V]):
         with self._lock:
             return self._cache.get(key)
 
+    def fits(self, value: V) -> bool:
+        """Whether `value` alone is within `maxsize` (cachetools refuses a larger one)."""
+        return bool(self._cache.getsizeof(value) <= self.maxsize)
+
     def put(self, key: Hashable, value: V, *, at_most: int | None = None) -> int:
         """Keep `value` unless its size is above `at_most`; returns the cache's size after."""
         with self._lock:
@@ -593,25 +597,36 @@ S = TypeVar("S", bound=_Sized)
 class PerFile(Generic[S]):
     """Values derived from one data file each, kept up to a byte budget, least recently used out
     first. A data file never changes, so a value is computed once, by the first query needing it.
-    Values have `nbytes`; `files` counts each use, held ("hit") or made (`made`)."""
+    Values have `nbytes`; `files` counts each use, held ("hit"), made (`made`), or of a file whose
+    value is larger than the whole budget ("too_large"): that file's value is made once, not kept,
+    and its callers answer by SQL from then on."""
 
     def __init__(self, megabytes: int, files: Counter, size: Gauge, made: str) -> None:
         self._held: LockedLRU[S] = LockedLRU(megabytes * 2**20, getsizeof=lambda v: v.nbytes + 1024)
+        self._too_large: LockedLRU[bool] = LockedLRU(100_000)  # file keys: bounded, as file paths are not
         self._files, self._size, self._made = files, size, made
 
     @property
     def currsize(self) -> int:
         return self._held.currsize
 
-    def get(self, pin: Pin, file: DataFile, make: Callable[[Scan], S]) -> S:
-        """The value of `file`, made from a scan of that file alone (no tail, no catch-up) if not held."""
+    def get(self, pin: Pin, file: DataFile, make: Callable[[Scan], S]) -> S | None:
+        """The value of `file`, made from a scan of that file alone (no tail, no catch-up) if not held;
+        None for a file whose value is larger than the budget."""
         key = (pin.kind, file.file_path)
         found = self._held.get(key)
         if found is not None:
             self._files.labels("hit").inc()
             return found
-        self._files.labels(self._made).inc()
+        if self._too_large.get(key):
+            self._files.labels("too_large").inc()
+            return None
         found = make(Scan(replace(pin, since=None, tail=None), AlwaysTrue(), (file,)))
+        if not self._held.fits(found):
+            self._too_large.put(key, True)
+            self._files.labels("too_large").inc()
+            return None
+        self._files.labels(self._made).inc()
         self._size.set(self._held.put(key, found))
         return found
 

@@ -63,7 +63,7 @@ def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, .
         if found is not None and found.num_rows >= wanted and low > found["__k2_ts"][wanted - 1].as_py():
             break  # this file and every later one start after the page's last row
         held = _held(engine, scan.pin, file)
-        if any(f not in held.rows.column_names for f in fields):
+        if held is None or any(f not in held.rows.column_names for f in fields):
             return None
         chunks = [window.rows(held, symbol, fields, wanted) for symbol in sorted(set(flt.symbols))]
         found = _first(found, [c for c in chunks if c is not None], wanted)
@@ -91,13 +91,12 @@ def with_prevailing_quotes(engine: Engine, scan: Scan, flt: TickFilter, trades: 
     times = trades["__k2_ts"].to_numpy()
     oldest, newest = int(times.min()) - tolerance_us, int(times.max())
     # A file wholly older than the oldest trade's tolerance can only hold quotes too stale to show.
-    sources = [_held(engine, scan.pin, file) for file, (low, high) in zip(scan.files, scan.time_bounds, strict=True)
-               if low <= newest and high >= oldest]
-    if not sources:
-        return None  # no file to take column types from
+    held = [_held(engine, scan.pin, file) for file, (low, high) in zip(scan.files, scan.time_bounds, strict=True)
+            if low <= newest and high >= oldest]
+    sources = [source for source in held if source is not None]
     wanted = ["exchange_timestamp", *quote_fields]
-    if any(f not in s.rows.column_names for s in sources for f in wanted):
-        return None
+    if not sources or len(sources) < len(held) or any(f not in s.rows.column_names for s in sources for f in wanted):
+        return None  # a file too large to hold, or none to take column types from
     tail = _tail_held(scan.pin, trades["__k2_symbol"].unique())
     if tail is not None:
         sources.append(tail)
@@ -278,7 +277,7 @@ def _keyed(rows: pa.Table, fields: tuple[str, ...]) -> pa.Table:
             .append_column("__k2_symbol", rows["symbol"]).append_column("__k2_seq", rows["sequence_number"]))
 
 
-def _held(engine: Engine, pin: Pin, file: DataFile) -> _HeldFile:
+def _held(engine: Engine, pin: Pin, file: DataFile) -> _HeldFile | None:
     assert engine.held_ticks is not None
     return engine.held_ticks.get(pin, file, lambda one: _index(engine.run(
         "held_ticks_file", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, sequence_number", {},

@@ -92,8 +92,11 @@ def bars(engine: Engine, scan: Scan, request: BarRequest) -> pa.Table | None:
     if scan.scope is not None and not all(scan.scope.allows(s, request.exchange) for s in request.symbols):
         return None
     started = time.perf_counter()
-    sources = [*(engine.rollups.get(scan.pin, f, lambda one: _computed(engine, one)) for f in scan.files),
-               *_tail_partials(engine, scan.pin, request.symbols, request.exchange)]
+    held = [engine.rollups.get(scan.pin, f, lambda one: _computed(engine, one)) for f in scan.files]
+    files = [partials for partials in held if partials is not None]
+    if len(files) < len(held):
+        return None  # a file's partials are larger than the whole budget
+    sources = [*files, *_tail_partials(engine, scan.pin, request.symbols, request.exchange)]
     symbols = []
     for symbol in sorted(set(request.symbols)):
         key = (symbol, request.exchange)
