@@ -133,7 +133,7 @@ def _held_rows(engine: Engine, rel: Relation, fields: tuple[str, ...], wanted: i
     if rel.quotes_within is None:
         return heldticks.first_rows(engine, rel.scans[rel.paged], rel.ticks, fields, wanted, after)
     trade_fields = columns("trades")
-    if fields != (*trade_fields, "quote_timestamp", *QUOTE_FIELDS):
+    if fields != QUOTED_TRADE_COLUMNS:
         return None
     trades = heldticks.first_rows(engine, rel.scans["trades"], rel.ticks, trade_fields, wanted, after)
     if trades is None:
