@@ -19,7 +19,7 @@ help:
 	@echo "make dev-up    - start the local stack (KUBE=1 adds etcd + kube-apiserver + controller-manager)"
 	@echo "make dev-down  - stop it"
 	@echo "make bench     - benchmarks on the ASX sample (results in docs/benchmarks.md)"
-	@echo "make bench-scale - the whole path at 1x, 10x, 100x the sample's rows (synthetic; 25-40 minutes on 2 cores)"
+	@echo "make bench-scale - the whole path at 1x, 10x, 100x the sample's rows (synthetic; 20-40 minutes on 2 cores)"
 	@echo "make lint      - ruff and mypy (types)"
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
