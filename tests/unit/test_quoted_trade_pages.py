@@ -29,6 +29,8 @@ class _ArrowTables:
     """What `ticks` asks of an engine, answered by DuckDB over Arrow tables named by the scans'
     aliases; the SQL of each run is kept."""
 
+    held_ticks = None  # no file's ticks held: every page is SQL's, which this test is about
+
     def __init__(self, **tables: pa.Table) -> None:
         self.con = duckdb.connect()
         self.con.execute("SET TimeZone = 'UTC'")
