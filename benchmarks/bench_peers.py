@@ -32,7 +32,7 @@ from pathlib import Path
 import duckdb
 import httpx
 import psycopg2
-from bench_query import HEADERS, api_server, load_average, markdown, time_interleaved
+from bench_query import HEADERS, api_server, http_request, load_average, markdown, time_interleaved
 from pyiceberg.io.pyarrow import PyArrowFileIO
 
 from k2.api.app import create_app
@@ -96,12 +96,8 @@ def check_equal(qdb: QuestDB, engine: Engine, pg, questions: list[peer.Question]
 
 
 def http_call(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None) -> None:
-    payload = json.dumps(body).encode() if body is not None else None
-    conn.request(method, path, body=payload, headers={**HEADERS, **({"Content-Type": "application/json"}
-                                                                    if payload else {})})
-    response = conn.getresponse()
-    response.read()
-    assert response.status == 200, (path, response.status)
+    status, _ = http_request(conn, method, path, json.dumps(body).encode() if body is not None else None)
+    assert status == 200, (path, status)
 
 
 def bench_questions(settings: Settings, qdb: QuestDB, rounds: int, warmup: int) -> list[tuple[str, ...]]:

@@ -208,12 +208,7 @@ def bench_steady_load(settings: Settings, rate: float, seconds: float, warmup: f
             if delay > 0:
                 time.sleep(delay)
             try:
-                body = body_of[index]
-                connection.request(method, path, body=body,
-                                   headers={**HEADERS, **({"Content-Type": "application/json"} if body else {})})
-                response = connection.getresponse()
-                response.read()
-                ok = response.status == 200
+                ok = http_request(connection, method, path, body_of[index])[0] == 200
             except (OSError, http.client.HTTPException):
                 connection.close()
                 local.connection = None
@@ -236,6 +231,15 @@ def bench_steady_load(settings: Settings, rate: float, seconds: float, warmup: f
         return (f"{settings.query_cache_mb} MiB" if settings.query_cache_mb else "off", f"{rate:.0f}",
                 f"{achieved:.1f}", f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}", f"{max(latencies) * 1e3:.2f}",
                 str(sum(not ok for _, ok in results)))
+
+
+def http_request(connection: http.client.HTTPConnection, method: str, path: str,
+                 payload: bytes | None) -> tuple[int, bytes]:
+    """One request with the bench key (and a JSON body, if any) on a kept-alive connection."""
+    connection.request(method, path, body=payload,
+                       headers={**HEADERS, **({"Content-Type": "application/json"} if payload else {})})
+    response = connection.getresponse()
+    return response.status, response.read()
 
 
 @contextmanager

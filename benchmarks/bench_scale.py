@@ -43,7 +43,7 @@ import duckdb
 import pyiceberg
 from bench_live import _peak_mb
 from bench_pipeline import bench_settings, process_env
-from bench_query import HEADERS, load_average, markdown, time_interleaved
+from bench_query import http_request, load_average, markdown, time_interleaved
 
 from k2 import topics
 from k2.settings import Settings
@@ -131,11 +131,7 @@ class Api:
             time.sleep(0.2)
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-        payload = json.dumps(body).encode() if body is not None else None
-        self.connection.request(method, path, body=payload,
-                                headers={**HEADERS, **({"Content-Type": "application/json"} if payload else {})})
-        response = self.connection.getresponse()
-        return response.status, response.read()
+        return http_request(self.connection, method, path, json.dumps(body).encode() if body is not None else None)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         status, data = self.request(method, path, body)
