@@ -106,13 +106,10 @@ def with_prevailing_quotes(engine: Engine, scan: Scan, flt: TickFilter, trades: 
         if len(exchanges) != 1 or not best.search(sources, symbol, exchanges.pop(), at, times[at]):
             return None
     quotes = best.take(sources, wanted, fresh=times - best.times <= tolerance_us)
-    quotes = quotes.rename_columns(["quote_timestamp", *quote_fields])
-    joined = trades.select(list(trade_fields))
-    for name in quotes.column_names:
-        joined = joined.append_column(name, quotes[name])
     record_query("held_quotes_page", "ok", started)
-    return joined.append_column("__k2_ts", trades["__k2_ts"]).append_column(
-        "__k2_symbol", trades["__k2_symbol"]).append_column("__k2_seq", trades["__k2_seq"])
+    return pa.table({**{f: trades[f] for f in trade_fields},
+                     **dict(zip(["quote_timestamp", *quote_fields], quotes.columns, strict=True)),
+                     **{k: trades[k] for k in KEY_COLUMNS}})
 
 
 class _Prevailing:

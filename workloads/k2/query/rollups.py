@@ -172,16 +172,17 @@ def _grouped(rows: pa.Table, buckets: np.ndarray) -> tuple[np.ndarray, pa.Table]
     ordered = buckets[by_open]
     firsts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     lasts = np.r_[firsts[1:], len(ordered)] - 1
-    combined = _combined(rows.take(by_open), firsts)
+    by_opening = rows.take(by_open)
+    combined = _combined(by_opening, firsts)
     if combined is None:  # a notional or a sum past 64 bits: Arrow's 128-bit sums
-        summed = (rows.take(by_open).append_column("bucket", pa.array(ordered))
+        summed = (by_opening.append_column("bucket", pa.array(ordered))
                   .group_by("bucket", use_threads=False)
                   .aggregate([("high", "max"), ("low", "min"), ("volume", "sum"), ("trade_count", "sum"),
                               ("notional", "sum")]))
         combined = {"high": summed["high_max"], "low": summed["low_min"], "volume": summed["volume_sum"],
                     "trade_count": summed["trade_count_sum"], "notional": summed["notional_sum"]}
     return ordered[firsts], pa.table({
-        "open": rows["open"].take(by_open[firsts]), "high": combined["high"], "low": combined["low"],
+        "open": by_opening["open"].take(firsts), "high": combined["high"], "low": combined["low"],
         "close": rows["close"].take(by_close[lasts]), "volume": combined["volume"],
         "trade_count": combined["trade_count"], "notional": combined["notional"],
     })
