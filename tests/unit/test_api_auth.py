@@ -74,6 +74,8 @@ def test_every_v1_route_needs_a_key(lakehouse) -> None:
                 error = response.json()["error"]
                 assert error["code"] == "unauthorized" and error["status"] == 401
                 assert response.headers["WWW-Authenticate"] == "ApiKey"
+        # Refused before routing, yet counted under the route asked for, not as unmatched.
+        assert 'route="/v1/summary/{symbol}/{date}",status="401"' in client.get("/metrics").text
 
 
 def test_system_routes_need_no_key(lakehouse) -> None:
@@ -120,6 +122,7 @@ def test_rate_limit_is_per_key_with_retry_after(lakehouse) -> None:
         assert limited.status_code == 429
         assert 1 <= int(limited.headers["Retry-After"]) <= 60
         assert limited.json()["error"]["code"] == "rate_limited"
+        assert 'k2_http_requests_total{method="GET",route="/v1/symbols",status="429"}' in client.get("/metrics").text
         assert client.get("/v1/symbols", headers={"X-API-Key": "two"}).status_code == 200
         assert client.get("/health").status_code == 200  # system routes are not limited
 
@@ -194,7 +197,8 @@ def test_unhandled_errors_keep_the_shape_and_the_correlation_id(lakehouse) -> No
 
     app.add_api_route("/v1/broken", broken)
     with TestClient(app, raise_server_exceptions=False) as client:
-        response = client.get("/v1/broken", headers={"X-Correlation-ID": "bug-1"})
+        assert client.get("/v1/broken").status_code == 401  # any /v1 route is behind the key, however added
+        response = client.get("/v1/broken", headers={"X-Correlation-ID": "bug-1", "X-API-Key": DEV_API_KEY})
     assert response.status_code == 500
     assert response.headers["X-Correlation-ID"] == "bug-1"
     assert response.json()["error"] == {"status": 500, "code": "internal_error", "correlation_id": "bug-1",

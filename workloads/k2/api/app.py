@@ -15,6 +15,7 @@ from importlib.metadata import version
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 
+from k2.api.access import AccessMiddleware, document_key
 from k2.api.auth import ApiKeys
 from k2.api.bodylimit import BodyLimitMiddleware
 from k2.api.entitlements import Entitlements
@@ -52,7 +53,6 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     configure_logging(settings.log_level)
     api_keys = ApiKeys(settings)
     entitlements = Entitlements(settings)
-    rate_limiter = RateLimiter(settings.rate_limit)
     owned = engine is None
     query_engine = engine or Engine(settings)
 
@@ -77,14 +77,16 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.engine = query_engine
     app.state.api_keys = api_keys
     app.state.entitlements = entitlements
-    app.state.rate_limiter = rate_limiter
-    app.state.concurrency = ConcurrencyLimiter(settings.key_concurrency)
     install_error_handlers(app)
     # Added last = outermost: the correlation id exists before anything else runs, and refused
-    # bodies are counted and logged like any other request.
+    # keys and bodies are counted and logged like any other request.
+    app.add_middleware(AccessMiddleware, api_keys=api_keys, entitlements=entitlements,
+                       rate_limiter=RateLimiter(settings.rate_limit),
+                       concurrency=ConcurrencyLimiter(settings.key_concurrency), openapi=lambda: app.openapi())
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware)
     app.add_middleware(CorrelationIdMiddleware, header_name=CORRELATION_HEADER,
                        validator=lambda value: bool(_CORRELATION_ID.match(value)))
     include_routers(app)
+    document_key(app)
     return app

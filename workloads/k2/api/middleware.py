@@ -21,6 +21,8 @@ from k2.observability import HTTP_DURATION, HTTP_REQUESTS
 log = structlog.get_logger("k2.api")
 # Probes and scrapes arrive every few seconds; their access lines are debug, not info.
 _QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+# The route template of a request refused before routing (`k2.api.access`), in its ASGI scope.
+ROUTE_TEMPLATE = "k2.route_template"
 
 
 class ObservabilityMiddleware:
@@ -53,7 +55,8 @@ class ObservabilityMiddleware:
                                  "reporting it")(scope, receive, send_with_status)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
+            template = (scope.get(ROUTE_TEMPLATE) or getattr(route, "path_format", None) or getattr(route, "path", None)
+                        or "unmatched")
             elapsed = time.perf_counter() - started
             HTTP_REQUESTS.labels(scope["method"], template, str(status)).inc()
             HTTP_DURATION.labels(scope["method"], template).observe(elapsed)

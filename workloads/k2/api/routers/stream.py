@@ -29,6 +29,8 @@ from pydantic_core import to_json
 from starlette.websockets import WebSocketState
 
 from k2 import tables
+from k2.api.access import caller
+from k2.api.errors import ApiError
 from k2.api.hub import LiveTick, Subscription, TickHub, decode_ticks, read_range
 from k2.api.offload import offloaded_iter
 from k2.exchanges import SYMBOL_PATTERN
@@ -87,7 +89,6 @@ def _instant(text: str | None) -> dt.datetime | None:
 
 async def _identify(ws: WebSocket) -> tuple[str, Scope | None]:
     """The key's id and, for an entitled key, its scope."""
-    keys = ws.app.state.api_keys
     presented = ws.headers.get("x-api-key")
     if presented is None:
         try:
@@ -95,14 +96,11 @@ async def _identify(ws: WebSocket) -> tuple[str, Scope | None]:
             presented = json.loads(first).get("api_key")
         except (TimeoutError, ValueError, AttributeError):
             presented = None
-    presented = presented if isinstance(presented, str) else None
-    identity = keys.identify(presented)
-    scope = ws.app.state.entitlements.scope(presented) if identity is None else None
-    if scope is not None:
-        identity = scope.key_id
-    if identity is None:
-        raise Refused(POLICY_VIOLATION, "unauthorized: send X-API-Key or {\"api_key\": …} first")
-    return identity, scope
+    try:
+        return caller(ws.app.state.api_keys, ws.app.state.entitlements,
+                      presented if isinstance(presented, str) else None)
+    except ApiError:
+        raise Refused(POLICY_VIOLATION, "unauthorized: send X-API-Key or {\"api_key\": …} first") from None
 
 
 class Sender:
