@@ -29,13 +29,15 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -181,10 +183,9 @@ def bench_queries(api: Api, symbols: list[str], iterations: int) -> dict[str, fl
             "whole_day_p50_ms": day_p50 * 1e3, "whole_day_p99_ms": day_p99 * 1e3}
 
 
-def bench_scale(scale: float, iterations: int) -> dict[str, float]:
+def bench_scale(scale: float, iterations: int, keep: Path | None = None) -> dict[str, float]:
     symbols, days = plan_scale(BASE_ROWS * scale)
-    with tempfile.TemporaryDirectory(prefix=f"k2-scale-{scale:g}x-") as tmp_name:
-        tmp = Path(tmp_name)
+    with _workdir(scale, keep) as tmp:
         progress(scale, f"generating {symbols} symbols × {days} days (U-shaped sessions)")
         started = time.perf_counter()
         csv = generate(tmp / "csv", symbols=symbols, days=days, seed=42, intraday="u")
@@ -204,6 +205,8 @@ def bench_scale(scale: float, iterations: int) -> dict[str, float]:
             if ingest["rejected"]:
                 raise RuntimeError(f"ingest rejected rows of generated data: {ingest['rejected_by_reason']}")
             progress(scale, f"ingested {rows:,} rows at {ingest['messages_per_second']:,} msg/s; k2 stream run")
+            if keep is not None:
+                shutil.rmtree(csv)  # what is kept is the lakehouse; the CSV is regenerated at will
 
             stream_s, stream_mb, events = run_k2(["stream", "run", "--until-idle", "0.5"], env, tmp / "stream.log")
             end_to_end = time.perf_counter() - e2e_started
@@ -241,6 +244,19 @@ def bench_scale(scale: float, iterations: int) -> dict[str, float]:
             "parquet_bytes_per_row_streamed": files_streamed / rows, "parquet_bytes_per_row": data_bytes / rows,
             "metadata_bytes_per_row": meta_bytes / rows, **queries, "ingest_peak_mb": ingest_mb,
             "stream_peak_mb": stream_mb, "maintain_peak_mb": maintain_mb, "api_peak_mb": api_mb}
+
+
+@contextmanager
+def _workdir(scale: float, keep: Path | None) -> Iterator[Path]:
+    """A temporary folder, or KEEP/<scale>x kept afterwards (emptied first) to profile queries on."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix=f"k2-scale-{scale:g}x-") as tmp:
+            yield Path(tmp)
+        return
+    kept = keep / f"{scale:g}x"
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True)
+    yield kept
 
 
 def _delete_topics(settings: Settings) -> None:
@@ -296,6 +312,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", default="1,10,100", help="comma-separated multiples of the ASX sample's rows")
     parser.add_argument("--iterations", type=int, default=100, help="timed point queries per scale")
+    parser.add_argument("--keep", type=Path, help="keep each scale's lakehouse (SQLite catalog, warehouse) in "
+                                                 "KEEP/<scale>x, to profile queries on it afterwards")
     args = parser.parse_args()
     scales = [float(s) for s in args.scales.split(",")]
     print(f"{os.cpu_count()} CPUs, Python {platform.python_version()}, DuckDB {duckdb.__version__}, "
@@ -303,7 +321,7 @@ def main() -> None:
     results = []
     for scale in scales:
         started = time.perf_counter()
-        results.append(bench_scale(scale, args.iterations))
+        results.append(bench_scale(scale, args.iterations, args.keep))
         print(json.dumps({"scale": scale, **results[-1]}), flush=True)  # usable if a later scale is cut short
         progress(scale, f"done in {time.perf_counter() - started:.0f} s; {load_average()}")
     print(f"\n### Cost as data grows ({', '.join(f'{s:g}×' for s in scales)} the ASX sample's rows)\n")
