@@ -105,12 +105,13 @@ def document_key(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = build()
+            schema = build()  # FastAPI keeps it as app.openapi_schema: completed here once
             schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(_SCHEME)
             for path, operations in schema["paths"].items():
                 if path.startswith(_GUARDED):
                     for operation in operations.values():
                         operation["security"] = [{name: []} for name in _SCHEME]
+            return schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
