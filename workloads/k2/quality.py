@@ -8,6 +8,7 @@ stops, because silently storing a day with hundreds of missing ticks is worse th
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -160,15 +161,52 @@ def prior_max(groups: np.ndarray, values: np.ndarray, initial: np.ndarray) -> np
 SequenceKey = tuple[str, int]  # (symbol, epoch day)
 
 
+class StoredSequences(MutableMapping[SequenceKey, int]):
+    """The highest sequence number per (symbol, epoch day), starting from what a table stores, which
+    is read one day at a time (`load_day`, all of the day's symbols) the first time a key of that
+    day is looked up: dedup needs the days ticks arrive for (on a live feed, today), not a scan
+    of the whole table up front, whose time and memory grow with the data."""
+
+    def __init__(self, load_day: Callable[[int], Mapping[SequenceKey, int]]) -> None:
+        self._load_day = load_day
+        self._marks: dict[SequenceKey, int] = {}
+        self._days: set[int] = set()
+
+    def _load(self, day: int) -> None:
+        if day not in self._days:
+            stored = self._load_day(day)
+            self._days.add(day)
+            for key, seq in stored.items():
+                self._marks[key] = max(seq, self._marks.get(key, 0))
+
+    def __getitem__(self, key: SequenceKey) -> int:
+        self._load(key[1])
+        return self._marks[key]
+
+    def __setitem__(self, key: SequenceKey, seq: int) -> None:
+        self._load(key[1])
+        self._marks[key] = seq
+
+    def __delitem__(self, key: SequenceKey) -> None:
+        del self._marks[key]
+
+    def __iter__(self) -> Iterator[SequenceKey]:
+        """The keys of the days read so far."""
+        return iter(self._marks)
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+
 def new_sequence_numbers(groups: np.ndarray, keys: list[SequenceKey], seqs: np.ndarray,
-                         marks: dict[SequenceKey, int]) -> np.ndarray:
+                         marks: Mapping[SequenceKey, int]) -> np.ndarray:
     """Which ticks are news: a sequence number above its (symbol, day)'s mark and every earlier
     number of it here, the running maximum a row-by-row dedup keeps (whatever the batching)."""
     initial = np.array([marks.get(k, 0) for k in keys], np.int64)
     return seqs > prior_max(groups, seqs, initial)
 
 
-def raise_marks(marks: dict[SequenceKey, int], groups: np.ndarray, keys: list[SequenceKey],
+def raise_marks(marks: MutableMapping[SequenceKey, int], groups: np.ndarray, keys: list[SequenceKey],
                 seqs: np.ndarray) -> None:
     """Raise each (symbol, day)'s mark to the highest sequence number seen here."""
     highest = np.full(len(keys), np.iinfo(np.int64).min)

@@ -4,6 +4,7 @@ engine (pruning)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import time
@@ -23,6 +24,7 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
     ValidationException,
 )
+from pyiceberg.expressions import EqualTo
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table, TableProperties
@@ -334,6 +336,19 @@ def sequence_watermarks(table: Table, snapshot: Snapshot | None = None) -> dict[
     grouped = stored.group_by(["symbol", "exchange_date"]).aggregate([("sequence_number", "max")])
     return dict(zip(zip(grouped["symbol"].to_pylist(), grouped["exchange_date"].to_pylist(), strict=True),
                     grouped["sequence_number_max"].to_pylist(), strict=True))
+
+
+def day_sequence_marks(table: Table, snapshot_id: int, epoch_day: int) -> dict[tuple[str, int], int]:
+    """The highest sequence number `snapshot_id` stores per symbol of one exchange date (epoch day),
+    reading that day's partition only: `quality.StoredSequences` loads a table's marks with it."""
+    day = (dt.date(1970, 1, 1) + dt.timedelta(days=epoch_day)).isoformat()
+    stored = table.scan(row_filter=EqualTo("exchange_date", day), selected_fields=("symbol", "sequence_number"),
+                        snapshot_id=snapshot_id).to_arrow()
+    if not stored.num_rows:
+        return {}
+    highest = stored.group_by("symbol").aggregate([("sequence_number", "max")])
+    return {(symbol, epoch_day): seq for symbol, seq in zip(highest["symbol"].to_pylist(),
+                                                           highest["sequence_number_max"].to_pylist(), strict=True)}
 
 
 def recorded_newest_tick_us(table: Table) -> int:

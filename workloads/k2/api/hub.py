@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from k2 import schemas, tables
 from k2.faults import Transient
 from k2.kafka import consume_available, coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_PUSH_DELAY, STREAM_SUBSCRIBERS, STREAM_TICKS
+from k2.quality import StoredSequences
 from k2.query.filters import TICK_KINDS, TickKind
 from k2.query.scope import Scope
 from k2.query.tail import KindTail
@@ -332,9 +334,13 @@ class TickHub:
         try:
             table = tables.load_table(tables.catalog(self.settings), self.settings.table_identifier(kind))
             snapshot = table.current_snapshot() if table is not None else None
-            recorded = (tables.recorded_offsets(table, snapshot).get(self.settings.topic(kind), {})
-                        if table is not None and snapshot is not None else {})
-            marks = tables.sequence_watermarks(table, snapshot) if table is not None else {}
+            recorded: dict[int, int] = {}
+            marks = StoredSequences(lambda day: {})  # nothing stored yet
+            if table is not None and snapshot is not None:
+                recorded = tables.recorded_offsets(table, snapshot).get(self.settings.topic(kind), {})
+                # Read a day at a time as ticks of that day arrive, from this snapshot (the tail's
+                # start): a whole-table read here grew the API's start-up time and memory with the data.
+                marks = StoredSequences(functools.partial(tables.day_sequence_marks, table, snapshot.snapshot_id))
         except Exception as exc:  # noqa: BLE001 - any failure: the push goes on without a tail, REST reads snapshots
             log.warning("hub.live_tail_unavailable", kind=kind, error=str(exc))
             return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2.observability import LIVE_TAIL_ROWS
-from k2.quality import new_sequence_numbers, raise_marks, sequence_keys
+from k2.quality import SequenceKey, new_sequence_numbers, raise_marks, sequence_keys
 from k2.query.filters import TickKind
 
 KEY_FIELDS = ("symbol", "exchange_date", "sequence_number")
@@ -56,9 +57,10 @@ class _Chunk:
 class KindTail:
     """The tail of one tick topic. The hub's thread adds; query threads read."""
 
-    def __init__(self, kind: TickKind, schema: pa.Schema, marks: dict[tuple[str, int], int], max_rows: int) -> None:
+    def __init__(self, kind: TickKind, schema: pa.Schema, marks: MutableMapping[SequenceKey, int],
+                 max_rows: int) -> None:
         self.kind, self.schema, self.max_rows = kind, schema, max_rows
-        self._marks = dict(marks)  # (symbol, epoch day) → highest sequence number seen
+        self._marks = marks  # (symbol, epoch day) → highest sequence number seen; raised as ticks are kept
         # partition → first offset from which every message is accounted for
         self._covered: dict[int, int] = {}
         self._reach: dict[int, int] = {}  # partition → next offset to be added
