@@ -7,16 +7,12 @@ import datetime as dt
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 
-from k2 import schemas, tables
+from k2 import schemas
 from k2.quality import StoredSequences
 from k2.query import tail as tail_module
-from k2.query.sample import load_asx
 from k2.query.tail import KindTail
-from k2.settings import Settings
-from k2_synthetic import generate
 
 pytestmark = pytest.mark.unit
 DAY = dt.date(2014, 3, 10)
@@ -94,19 +90,3 @@ def test_the_tables_marks_are_read_a_day_at_a_time_when_ticks_of_that_day_arrive
     assert loaded == [EPOCH_DAY], "a day's marks are read once, for every symbol of the day"
     assert _seqs(tail.after({0: 10})) == [4, 5, 7, 8]
 
-
-def test_a_days_marks_are_the_tables_highest_sequence_numbers_of_that_day(tmp_path):
-    settings = Settings(mode="dev", catalog_uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=str(tmp_path / "wh"),
-                        s3_endpoint=None)
-    load_asx(settings, generate(tmp_path / "ticks", symbols=3, days=3, seed=5), kinds=("trades",))
-    table = tables.load_table(tables.catalog(settings), settings.table_identifier("trades"))
-    snapshot_id = table.current_snapshot().snapshot_id
-    stored = table.scan().to_arrow()
-    days = pc.cast(stored["exchange_date"], pa.int32()).to_numpy()
-    for day in sorted(set(days.tolist())):
-        of_day = stored.filter(pa.array(days == day)).group_by("symbol").aggregate([("sequence_number", "max")])
-        expected = dict(zip(((s, day) for s in of_day["symbol"].to_pylist()),
-                            of_day["sequence_number_max"].to_pylist(), strict=True))
-        assert len(expected) == 3
-        assert tables.day_sequence_marks(table, snapshot_id, day) == expected
-    assert tables.day_sequence_marks(table, snapshot_id, int(days.max()) + 1) == {}, "a day the table lacks"

@@ -8,7 +8,7 @@ stops, because silently storing a day with hundreds of missing ticks is worse th
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -50,7 +50,7 @@ class GapDetector:
     stage: str
     alert: int = 10
     halt: int = 100
-    last_seen: dict[tuple[str, int], int] = field(default_factory=dict)
+    last_seen: MutableMapping[tuple[str, int], int] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
 
     def classify(self, missing: int) -> Severity:
@@ -178,6 +178,11 @@ class StoredSequences(MutableMapping[SequenceKey, int]):
             self._days.add(day)
             for key, seq in stored.items():
                 self._marks[key] = max(seq, self._marks.get(key, 0))
+
+    def load(self, days: Iterable[int]) -> None:
+        """Read these days now, where they have not been read (so that a failure comes here)."""
+        for day in days:
+            self._load(day)
 
     def __getitem__(self, key: SequenceKey) -> int:
         self._load(key[1])

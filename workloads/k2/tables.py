@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import pyarrow as pa
 import structlog
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
@@ -320,22 +319,6 @@ def recorded_offsets(table: Table, snapshot: Snapshot | None = None) -> dict[str
     raw = _recorded(table, OFFSETS_PROPERTY, snapshot)
     parsed = json.loads(raw) if raw else {}
     return {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in parsed.items()}
-
-
-def sequence_watermarks(table: Table, snapshot: Snapshot | None = None) -> dict[tuple[str, int], int]:
-    """The highest stored sequence number per (symbol, epoch day) in `snapshot` (default: the
-    current one): where deduplication of what follows it starts."""
-    snapshot = snapshot or table.current_snapshot()
-    if snapshot is None:
-        return {}
-    stored = table.scan(selected_fields=("symbol", "exchange_date", "sequence_number"),
-                        snapshot_id=snapshot.snapshot_id).to_arrow()
-    if not stored.num_rows:
-        return {}
-    stored = stored.set_column(1, "exchange_date", stored["exchange_date"].cast(pa.int32()))
-    grouped = stored.group_by(["symbol", "exchange_date"]).aggregate([("sequence_number", "max")])
-    return dict(zip(zip(grouped["symbol"].to_pylist(), grouped["exchange_date"].to_pylist(), strict=True),
-                    grouped["sequence_number_max"].to_pylist(), strict=True))
 
 
 def day_sequence_marks(table: Table, snapshot_id: int, epoch_day: int) -> dict[tuple[str, int], int]:

@@ -50,7 +50,7 @@ from k2.observability import (
     ROWS_WRITTEN,
     SNAPSHOTS,
 )
-from k2.quality import GapDetector, new_sequence_numbers, raise_marks, sequence_keys
+from k2.quality import GapDetector, SequenceKey, StoredSequences, new_sequence_numbers, raise_marks, sequence_keys
 from k2.schemas import columnar
 from k2.schemas.wire import AvroDecoder, PoisonMessage
 from k2.settings import Settings, TableKind
@@ -184,7 +184,7 @@ class TableWriter:
         self.assigned: set[int] = set()
         self.unrecorded: set[int] = set()
         self.batch = Batch()
-        self.watermarks: dict[tuple[str, int], int] = {}
+        self.watermarks = StoredSequences(lambda day: {})  # `_load_watermarks` on assignment
         self.dead_lettered: set[tuple[int, int]] = set()  # (partition, offset) already in the DLQ
         self.known_columns = {f.name for f in table.schema().fields}
         self.last_message_at = time.monotonic()
@@ -233,9 +233,22 @@ class TableWriter:
         consumer.incremental_unassign(partitions)
 
     def _load_watermarks(self) -> None:
-        """Highest stored sequence number per (symbol, exchange_date), read from the table."""
-        self.watermarks = tables.sequence_watermarks(self.table) if self.sequenced else {}
-        self.detector.last_seen = dict(self.watermarks)
+        """Highest stored sequence number per (symbol, exchange_date), from which dedup and the gap
+        detector go on: read from the table a day at a time, once for both, for the days of the
+        ticks that arrive (`_read_stored_days`). The table as it is then is right: a day's rows
+        reach it only through this writer's dedup, which reads the day first, since a symbol's
+        ticks are all in the partition (key = symbol) this writer holds."""
+        read_day = functools.cache(self._stored_day)
+        self.watermarks = StoredSequences(read_day)
+        self.detector.last_seen = StoredSequences(read_day)
+
+    def _stored_day(self, day: int) -> dict[SequenceKey, int]:
+        snapshot = self.table.current_snapshot()
+        return tables.day_sequence_marks(self.table, snapshot.snapshot_id, day) if snapshot is not None else {}
+
+    def _read_stored_days(self, data: pa.Table) -> None:
+        """Read the stored marks of the days `data` holds (storage is waited for, like any step)."""
+        self.watermarks.load(np.unique(_ints(data["exchange_date"].drop_null())).tolist())
 
     # consuming ----------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> int:
@@ -423,6 +436,8 @@ class TableWriter:
         what = f"flush {self.table_name}"
         decoded, schema_ids, letters = faults.retry(lambda: self._decode(batch), what=what)
         faults.retry(lambda: self._dead_letter(batch, letters), what=what)
+        if self.sequenced and decoded.num_rows:
+            faults.retry(lambda: self._read_stored_days(decoded), what=what)
         data = self._dedupe(decoded)
         dropped = decoded.num_rows - data.num_rows
         if dropped:
