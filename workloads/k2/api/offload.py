@@ -6,6 +6,12 @@ a second hop; each of those hops measured about 1 ms on this project's 2-core ma
 A route decorated with `offloaded` is a coroutine to FastAPI: its body runs in `ROUTE_THREADS`
 under a copy of the request's context (correlation id, structlog's bound values), and a model it
 returns is validated on the event loop, without a hop.
+
+A route decorated with `memory_first` is first run on the event loop under
+`k2.query.engine.memory_only()`: most point queries are answered from what the process holds
+(rollups, held ticks, cached plans and results) in well under a millisecond, less than the hop
+itself costs. Where the engine would wait on anything it raises `WouldBlock` and the route is run
+again on a worker thread, as `offloaded` runs it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar, cast
+
+from k2.query.engine import WouldBlock, memory_only
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -33,6 +41,21 @@ def offloaded(route: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     async def run(*args: P.args, **kwargs: P.kwargs) -> R:
         call = functools.partial(contextvars.copy_context().run, route, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(ROUTE_THREADS, call)
+
+    return run
+
+
+def memory_first(route: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+    """`route`, run on the event loop when the engine can answer from memory, else on a worker thread."""
+    on_thread = offloaded(route)
+
+    @functools.wraps(route)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            with memory_only():
+                return route(*args, **kwargs)
+        except WouldBlock:
+            return await on_thread(*args, **kwargs)
 
     return run
 

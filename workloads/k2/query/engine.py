@@ -21,6 +21,7 @@ to `query_cache_mb` (K2_QUERY_CACHE_MB) per process, least recently used out fir
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import importlib.abc
 import importlib.util
@@ -78,6 +79,30 @@ PLAN_CACHE_SIZE = 512
 V = TypeVar("V")
 STREAM_BATCH_ROWS = 65_536
 _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_MEMORY_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("k2_query_memory_only", default=False)
+
+
+class WouldBlock(Exception):
+    """Raised under `memory_only()` where answering would wait: on the catalog, on storage, on
+    another thread's metadata load or on DuckDB."""
+
+
+@contextmanager
+def memory_only() -> Iterator[None]:
+    """Answer from what the process holds (metadata, plans, cached results, rollups, held ticks,
+    the live tail) or raise `WouldBlock` before waiting on anything: for a caller on an event loop,
+    which then hands the request to a thread. Work done before the raise is only lookups, done
+    again by the thread (held files' "hit" counts count both)."""
+    token = _MEMORY_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _MEMORY_ONLY.reset(token)
+
+
+def _may_block() -> None:
+    if _MEMORY_ONLY.get():
+        raise WouldBlock
 
 
 class _AbsentModule(importlib.abc.MetaPathFinder):
@@ -284,6 +309,7 @@ class Engine:
 
     def _load(self, kind: TableKind, *, not_before: float) -> Table | None:
         """Reload unless a load that started at or after `not_before` already finished."""
+        _may_block()
         with self._tables_lock:
             lock = self._load_locks.setdefault(kind, threading.Lock())
         with lock:  # one load per table at a time: concurrent callers share its result
@@ -385,6 +411,7 @@ class Engine:
         return Scan(pin, row_filter, planned.files, planned.has_deletes, flt.scope, planned.time_bounds)
 
     def _plan_files(self, pin: Pin, row_filter: BooleanExpression) -> _Planned:
+        _may_block()
         if pin.since is not None:
             return _Planned(_appended_files(pin.kind, pin.existing_table, pin.since, pin.existing_snapshot,
                                             self.manifests))
@@ -409,6 +436,7 @@ class Engine:
             if cached is not None:
                 ROWS_RETURNED.labels(name).inc(cached.num_rows)
                 return cached
+        _may_block()
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -429,6 +457,7 @@ class Engine:
     def stream(self, name: str, sql: str, params: Mapping[str, Any], scans: Mapping[str, Scan],
                batch_rows: int = STREAM_BATCH_ROWS) -> ResultStream:
         """Start a query now (so errors surface before a response does); its batches come lazily."""
+        _may_block()
         started = time.perf_counter()
         cur = self._new_cursor()
         try:
@@ -621,6 +650,7 @@ class PerFile(Generic[S]):
         if self._too_large.get(key):
             self._files.labels("too_large").inc()
             return None
+        _may_block()
         found = make(Scan(replace(pin, since=None, tail=None), AlwaysTrue(), (file,)))
         if not self._held.fits(found):
             self._too_large.put(key, True)

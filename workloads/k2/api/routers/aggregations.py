@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from k2.api.deps import EngineDep, SettingsDep
 from k2.api.jsonrows import json_response
 from k2.api.models import AggregationRequest, Bar, Bars
-from k2.api.offload import offloaded
+from k2.api.offload import memory_first
 from k2.query import bars
 from k2.query.filters import exchange_zone
 
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/aggregations", tags=["aggregations"])
 
 
 @router.post("", response_model=Bars, response_model_exclude_unset=True)
-@offloaded
+@memory_first
 def aggregate(body: AggregationRequest, engine: EngineDep, settings: SettingsDep) -> Response:
     """Buckets are aligned to the exchange's local clock. TWAP weights each trade price by how long
     it prevailed: until the next trade in the bucket, or the bucket's end (cut at `end`)."""

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from k2.api.deps import EngineDep
 from k2.api.jsonrows import json_response
 from k2.api.models import Exchange, Instant, LatestQuotes, QuotePage, Symbol
-from k2.api.offload import offloaded
+from k2.api.offload import memory_first
 from k2.api.routers.ticks import add_tick_routes
 from k2.query import ticks
 from k2.query.filters import MAX_SYMBOLS, TickFilter
@@ -21,7 +21,7 @@ add_tick_routes(router, "quotes", QuotePage)
 
 
 @router.get("/latest", response_model=LatestQuotes)
-@offloaded
+@memory_first
 def latest_quotes(
     engine: EngineDep,
     symbol: Annotated[list[Symbol], Query(min_length=1, max_length=MAX_SYMBOLS, description="repeatable")],

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from k2.api.deps import EngineDep
 from k2.api.models import Day, Exchange, Summary, Symbol
-from k2.api.offload import offloaded
+from k2.api.offload import memory_first
 from k2.exchanges import DEFAULT_EXCHANGE
 from k2.query import bars
 from k2.query.errors import NotFound
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/summary", tags=["summary"])
 
 
 @router.get("/{symbol}/{date}", response_model=Summary)
-@offloaded
+@memory_first
 def daily_summary(symbol: Symbol, date: Day, engine: EngineDep,
                   exchange: Exchange = DEFAULT_EXCHANGE) -> Response:
     """Open, high, low, close, volume, trade count and VWAP of that exchange-local date."""

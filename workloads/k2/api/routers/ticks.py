@@ -11,7 +11,7 @@ from k2.api.deps import EngineDep, PageLimit
 from k2.api.export import EXPORT_RESPONSES, export
 from k2.api.jsonrows import json_response
 from k2.api.models import Exchange, Instant, Page, Symbol, TickQuery
-from k2.api.offload import offloaded
+from k2.api.offload import memory_first, offloaded
 from k2.query import ticks
 from k2.query.cursor import Cursor, fingerprint
 from k2.query.filters import TickFilter, TickKind, columns
@@ -19,7 +19,7 @@ from k2.query.filters import TickFilter, TickKind, columns
 
 def add_tick_routes(router: APIRouter, kind: TickKind, page_model: type[Page]) -> None:
     @router.get("", response_model=page_model, summary=f"Page through {kind} in time order")
-    @offloaded
+    @memory_first
     def list_ticks(engine: EngineDep, limit: PageLimit, symbol: Symbol | None = None,
                    exchange: Exchange | None = None,
                    start: Annotated[Instant | None, Query(description="inclusive")] = None,

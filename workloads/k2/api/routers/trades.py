@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from k2.api.deps import EngineDep, PageLimit
 from k2.api.jsonrows import json_response
 from k2.api.models import Exchange, Instant, QuotedTradePage, Symbol, TradePage
-from k2.api.offload import offloaded
+from k2.api.offload import memory_first
 from k2.api.routers.ticks import add_tick_routes
 from k2.query import ticks
 from k2.query.cursor import Cursor, fingerprint
@@ -22,7 +22,7 @@ add_tick_routes(router, "trades", TradePage)
 
 
 @router.get("/asof", response_model=QuotedTradePage)
-@offloaded
+@memory_first
 def trades_with_quotes(
     engine: EngineDep, limit: PageLimit, symbol: Symbol, exchange: Exchange | None = None,
     start: Instant | None = None, end: Instant | None = None,
