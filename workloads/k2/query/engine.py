@@ -92,7 +92,7 @@ def memory_only() -> Iterator[None]:
     """Answer from what the process holds (metadata, plans, cached results, rollups, held ticks,
     the live tail) or raise `WouldBlock` before waiting on anything: for a caller on an event loop,
     which then hands the request to a thread. Work done before the raise is only lookups, done
-    again by the thread (held files' "hit" counts count both)."""
+    again by the thread (and counted twice: held files' hits, the result cache's misses)."""
     token = _MEMORY_ONLY.set(True)
     try:
         yield
