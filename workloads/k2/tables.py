@@ -34,7 +34,7 @@ from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrd
 from pyiceberg.table.update import update_table_metadata
 from pyiceberg.transforms import BucketTransform, IdentityTransform, Transform
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from k2 import schemas
@@ -130,6 +130,11 @@ def builtin_definition(kind: TableKind, settings: Settings) -> TableDefinition:
                            default_properties(settings))
 
 
+_CATALOG_INIT_ATTEMPTS = 3
+# What SQLite and PostgreSQL say when a CREATE TABLE lost to another process's.
+_CREATED_MEANWHILE = ("already exists", "duplicate key value")
+
+
 def catalog(settings: Settings) -> Catalog:
     props: dict[str, Any] = {"type": "sql", "uri": settings.resolved_catalog_uri,
                              "warehouse": settings.warehouse_uri, "init_catalog_tables": "true"}
@@ -139,11 +144,21 @@ def catalog(settings: Settings) -> Catalog:
         if settings.s3_access_key and settings.s3_secret_key:
             props["s3.access-key-id"] = settings.s3_access_key.get_secret_value()
             props["s3.secret-access-key"] = settings.s3_secret_key.get_secret_value()
-    try:
-        return load_catalog(settings.catalog_name, **props)
-    except OperationalError as exc:  # the database did not answer (or a SQLite file cannot be opened)
-        raise Unreachable("The Iceberg catalog database", redacted(settings.resolved_catalog_uri), "K2_CATALOG_URI",
-                          str(exc.orig).strip().splitlines()[0]) from exc
+    for attempt in range(_CATALOG_INIT_ATTEMPTS):
+        try:
+            return load_catalog(settings.catalog_name, **props)
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            # pyiceberg checks that its tables exist, then creates them: processes opening a new
+            # catalog together (a stream's writers) can find them created between the two. They
+            # exist now, so opening again finds them.
+            if attempt + 1 < _CATALOG_INIT_ATTEMPTS and any(s in str(exc.orig) for s in _CREATED_MEANWHILE):
+                continue
+            if not isinstance(exc, OperationalError):
+                raise
+            # the database did not answer (or a SQLite file cannot be opened)
+            raise Unreachable("The Iceberg catalog database", redacted(settings.resolved_catalog_uri),
+                              "K2_CATALOG_URI", str(exc.orig).strip().splitlines()[0]) from exc
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 class EnsuredTable(NamedTuple):
