@@ -173,11 +173,9 @@ class StoredSequences(MutableMapping[SequenceKey, int]):
         self._days: set[int] = set()
 
     def _load(self, day: int) -> None:
-        if day not in self._days:
-            stored = self._load_day(day)
+        if day not in self._days:  # no key of the day is held before it is read (`__setitem__`)
+            self._marks.update(self._load_day(day))
             self._days.add(day)
-            for key, seq in stored.items():
-                self._marks[key] = max(seq, self._marks.get(key, 0))
 
     def load(self, days: Iterable[int]) -> None:
         """Read these days now, where they have not been read (so that a failure comes here)."""

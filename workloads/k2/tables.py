@@ -144,21 +144,24 @@ def catalog(settings: Settings) -> Catalog:
         if settings.s3_access_key and settings.s3_secret_key:
             props["s3.access-key-id"] = settings.s3_access_key.get_secret_value()
             props["s3.secret-access-key"] = settings.s3_secret_key.get_secret_value()
-    for attempt in range(_CATALOG_INIT_ATTEMPTS):
+    try:
+        return _opened(settings.catalog_name, props)
+    except OperationalError as exc:  # the database did not answer (or a SQLite file cannot be opened)
+        raise Unreachable("The Iceberg catalog database", redacted(settings.resolved_catalog_uri), "K2_CATALOG_URI",
+                          str(exc.orig).strip().splitlines()[0]) from exc
+
+
+def _opened(name: str, props: dict[str, Any]) -> Catalog:
+    """pyiceberg checks that its tables exist, then creates them: processes opening a new catalog
+    together (a stream's writers) can find them created between the two. They exist then, so
+    opening again finds them."""
+    for _ in range(_CATALOG_INIT_ATTEMPTS - 1):
         try:
-            return load_catalog(settings.catalog_name, **props)
+            return load_catalog(name, **props)
         except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            # pyiceberg checks that its tables exist, then creates them: processes opening a new
-            # catalog together (a stream's writers) can find them created between the two. They
-            # exist now, so opening again finds them.
-            if attempt + 1 < _CATALOG_INIT_ATTEMPTS and any(s in str(exc.orig) for s in _CREATED_MEANWHILE):
-                continue
-            if not isinstance(exc, OperationalError):
+            if not any(s in str(exc.orig) for s in _CREATED_MEANWHILE):
                 raise
-            # the database did not answer (or a SQLite file cannot be opened)
-            raise Unreachable("The Iceberg catalog database", redacted(settings.resolved_catalog_uri),
-                              "K2_CATALOG_URI", str(exc.orig).strip().splitlines()[0]) from exc
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return load_catalog(name, **props)
 
 
 class EnsuredTable(NamedTuple):
