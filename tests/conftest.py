@@ -57,9 +57,10 @@ def _run_order(item: pytest.Item) -> int:
     """Tests needing the apiserver after the others, then those running built images, then the
     kind suite: `make test` compiles their programs meanwhile (scripts/test.sh), and the kind
     cluster (a live feed replaying in it), deleted at the session's end, would take CPU from every
-    test after it."""
+    test after it. In the kind suite, the cluster's own checks come before K2 is deployed on it:
+    they judge the platform built here, not how it copes beside K2's pods and live feed."""
     if "kind" in item.keywords:
-        return 3
+        return 4 if "deployed" in getattr(item, "fixturenames", ()) else 3
     if "images" in item.keywords:
         return 2
     return int("kube" in getattr(item, "fixturenames", ()))

@@ -74,20 +74,49 @@ def test_pods_on_different_nodes_reach_each_other(cluster: Any) -> None:
                        p["status"]["phase"] == "Running", "get", "pod", "web")
     cluster.kubectl("expose", "pod", "web", "--port", "80", "--target-port", "8080")
     ip = server["status"]["podIP"]
-    # bash's /dev/tcp: busybox's wget crashes on a refused connection instead of exiting non-zero.
-    # Retried until the page comes back, not merely until a connection opens: on a busy machine the
-    # Service's name or rules can lag the pod, and a connection may open and answer nothing.
-    fetch = ('for i in $(seq 90); do body=$( (exec 3<>/dev/tcp/{0}/{1} && '
-             'printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3 && tail -n 1 <&3) 2>/dev/null); '
-             '[ -n "$body" ] && break; sleep 1; done; echo "$body"')
-    script = f"{fetch.format(ip, 8080)}; {fetch.format('web.default', 80)}"
-    run_pod(cluster, "client", f"{cluster.name}-worker", ["bash", "-c", script])
+    # The client starts once the Service has its endpoint, so that its tries time the data path
+    # (kube-proxy's rules, CoreDNS) and not the controller-manager writing the EndpointSlice.
+    wait_json(cluster, "the web Service's endpoint", lambda s: any(
+        ip in e["addresses"] for i in s["items"] for e in i.get("endpoints") or []),
+        "get", "endpointslices", "-l", "kubernetes.io/service-name=web")
+    run_pod(cluster, "client", f"{cluster.name}-worker", ["bash", "-c", f"{FETCH.format(ip, 8080)}; "
+                                                                       f"{FETCH.format('web.default', 80)}"])
 
     pod = wait_json(cluster, "the client to finish", lambda p: p["status"]["phase"] in ("Succeeded", "Failed"),
-                    "get", "pod", "client")
+                    "get", "pod", "client", timeout=600)
+    log = cluster.kubectl("logs", "client")
+    fetched = [line.split(" ", 2)[2] for line in log.splitlines() if line.startswith("fetched ")]
 
-    assert pod["status"]["phase"] == "Succeeded", cluster.kubectl("logs", "client")
-    assert cluster.kubectl("logs", "client").split() == ["k2-cross-node", "k2-cross-node"]
+    assert pod["status"]["phase"] == "Succeeded", log
+    assert fetched == ["k2-cross-node", "k2-cross-node"], f"{log}\n{network_diagnostics(cluster, 'web')}"
+
+
+# Fetches http://{0}:{1}/ with bash's /dev/tcp (busybox's wget crashes on a refused connection
+# instead of exiting non-zero), retried until the page comes back, not merely until a connection
+# opens: a Service's name or rules lag its pod, and a connection may open and answer nothing. Each
+# failed try logs what the name resolved to and what the connection said; the last line is
+# "fetched {0} <body>".
+FETCH = ('for i in $(seq 120); do body=$( (exec 3<>/dev/tcp/{0}/{1} && '
+         'printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3 && tail -n 1 <&3) 2>&1); '
+         '[ "$body" = k2-cross-node ] && break; '
+         'echo "try $i $(date +%T) {0}: resolved [$(getent hosts {0})] answered [$body]"; sleep 1; done; '
+         'echo "fetched {0} $body"')
+
+
+def network_diagnostics(cluster: Any, service: str) -> str:
+    """What a failed connection to `service` is checked against: its EndpointSlices, the
+    kube-system pods (CoreDNS, kube-proxy, the CNI agent) and the recent kube-proxy logs."""
+    checks = [("get", "endpointslices", "-l", f"kubernetes.io/service-name={service}", "-o", "wide"),
+              ("-n", "kube-system", "get", "pods", "-o", "wide"),
+              ("-n", "kube-system", "logs", "-l", "k8s-app=kube-proxy", "--tail", "30", "--prefix"),
+              ("-n", "kube-system", "logs", "-l", "k8s-app=kube-dns", "--tail", "30", "--prefix")]
+    shown = []
+    for args in checks:
+        try:
+            shown.append(f"$ kubectl {' '.join(args)}\n{cluster.kubectl(*args)}")
+        except Exception as error:  # noqa: BLE001 - a diagnostic must not hide the failure it explains
+            shown.append(f"$ kubectl {' '.join(args)}\n{error}")
+    return "\n".join(shown)
 
 
 def test_default_storage_class_binds_and_mounts_a_pvc(cluster: Any) -> None:
