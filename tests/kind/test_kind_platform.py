@@ -105,7 +105,8 @@ FETCH = ('for i in $(seq 120); do body=$( (exec 3<>/dev/tcp/{0}/{1} && '
 
 def network_diagnostics(cluster: Any, service: str) -> str:
     """What a failed connection to `service` is checked against: its EndpointSlices, the
-    kube-system pods (CoreDNS, kube-proxy, the CNI agent) and the recent kube-proxy logs."""
+    kube-system pods (CoreDNS, kube-proxy, the CNI agent) and the recent kube-proxy and CoreDNS
+    logs."""
     checks = [("get", "endpointslices", "-l", f"kubernetes.io/service-name={service}", "-o", "wide"),
               ("-n", "kube-system", "get", "pods", "-o", "wide"),
               ("-n", "kube-system", "logs", "-l", "k8s-app=kube-proxy", "--tail", "30", "--prefix"),

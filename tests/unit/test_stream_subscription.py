@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from k2.api.hub import LiveTick, Subscription
-from k2.observability import STREAM_DISCONNECTS
+from k2.observability import REGISTRY
 
 BUFFER = 4
 
@@ -35,7 +35,8 @@ def drained(sub: Subscription) -> list[int]:
 
 
 def disconnects() -> float:
-    return STREAM_DISCONNECTS.labels("trades", "slow_consumer")._value.get()
+    return REGISTRY.get_sample_value("k2_stream_disconnects_total",
+                                     {"kind": "trades", "reason": "slow_consumer"}) or 0.0
 
 
 def test_a_subscriber_that_stops_reading_is_given_up_on_and_the_others_get_every_tick(
