@@ -174,7 +174,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="k2-bench-peers-") as tmp:
             settings = Settings(catalog_uri=f"sqlite:///{tmp}/catalog.db", warehouse=f"{tmp}/warehouse",
-                                namespace="market", s3_endpoint=None, mode="dev", api_keys="", api_keys_file=None,
+                                namespace="market", s3_endpoint=None, mode="dev", api_keys=None, api_keys_file=None,
                                 rate_limit="1000000/minute", log_level="WARNING")
             started = time.perf_counter()
             counts = load_asx(settings, args.data, kinds=("trades", "quotes"))

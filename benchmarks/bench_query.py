@@ -311,7 +311,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
         # A private embedded lakehouse, whatever K2_* variables are set.
         settings = Settings(catalog_uri=f"sqlite:///{tmp}/catalog.db", warehouse=f"{tmp}/warehouse",
-                            namespace="market", s3_endpoint=None, mode="dev", api_keys="", api_keys_file=None,
+                            namespace="market", s3_endpoint=None, mode="dev", api_keys=None, api_keys_file=None,
                             rate_limit="1000000/minute", key_concurrency=1024,
                             log_level="WARNING")  # the load's many clients share one key
         loaded = time.perf_counter()

@@ -225,7 +225,7 @@ def bench_scale(scale: float, iterations: int, keep: Path | None = None) -> dict
             progress(scale, f"compacted in {maintain_s:.1f} s; k2 api (result cache off)")
 
             api = Api(process_env(settings.model_copy(update={
-                "query_cache_mb": 0, "log_level": "WARNING", "mode": "dev", "api_keys": "",
+                "query_cache_mb": 0, "log_level": "WARNING", "mode": "dev", "api_keys": None,
                 "rate_limit": "1000000/minute", "key_concurrency": 1024})), tmp / "api.log")
             try:
                 listed = [row["symbol"] for row in api.call("GET", "/v1/symbols")["data"]]

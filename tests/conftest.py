@@ -502,12 +502,21 @@ def catalog_secret_data(catalog_dir: Path) -> dict[str, str]:
     return {"catalog_uri": f"sqlite:///{catalog_dir}/catalog.db", "warehouse": str(catalog_dir / "warehouse")}
 
 
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    """The key of the samples' QueryService: only its digest is in the namespace's Secret."""
+    return "k2_" + uuid.uuid4().hex
+
+
 @pytest.fixture(scope="module")
-def namespace(cluster: Cluster, crds: list[str], catalog_dir: Path) -> Iterator[str]:
+def namespace(cluster: Cluster, crds: list[str], catalog_dir: Path, api_key: str) -> Iterator[str]:
     """A fresh namespace with the Secrets the samples name (catalog, API keys)."""
+    from k2.api.auth import Entitlement, document
+
     name = f"k2op-{uuid.uuid4().hex[:6]}"
     cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    secrets = {"k2-catalog": catalog_secret_data(catalog_dir), "k2-api-keys": {"api_keys": "test-key-1,test-key-2"}}
+    keys = document([Entitlement.of("tests", api_key, stream=True)])
+    secrets = {"k2-catalog": catalog_secret_data(catalog_dir), "k2-api-keys": {"api_keys": keys}}
     for secret, data in secrets.items():
         cluster.core.create_namespaced_secret(name, client.V1Secret(
             metadata=client.V1ObjectMeta(name=secret),

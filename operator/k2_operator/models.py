@@ -532,13 +532,13 @@ class IcebergTableSpec(_Model):
 
 # --- QueryService -------------------------------------------------------------------------------
 class AuthSpec(_Model):
-    """API keys for /v1 routes: unrestricted ones (comma-separated in one Secret key) and scoped ones."""
+    """API keys for /v1 routes, stored as SHA-256 digests only."""
 
-    api_keys_secret: SecretKeyRef = Field(SecretKeyRef(name="k2-api-keys", key="api_keys"),
-                                          description="Secret key holding the comma-separated API keys.")
-    entitlements_secret: SecretKeyRef | None = Field(
-        None, description="Secret key holding scoped API keys as SHA-256 digests (YAML: exchanges, symbols, "
-        "tables, stream per key; `k2 api-key` makes entries). Omitted: only the unrestricted keys above.")
+    api_keys_secret: SecretKeyRef = Field(
+        SecretKeyRef(name="k2-api-keys", key="api_keys"),
+        description="Secret key holding the API keys as SHA-256 digests, with each key's scopes (YAML: id, sha256, "
+        "and optionally exchanges, symbols, tables, stream; `k2 api-key` prints a key and its entry). Plain keys "
+        "are refused. Re-read when the Secret changes.")
 
 
 class IngressSpec(_Model):

@@ -33,7 +33,7 @@ def _expected_summary(asx_root: Path, company_id: str, day: dt.date) -> dict[str
 
 
 def test_samples_reconciled_then_run_as_processes_serve_exact_figures(
-        cluster, namespace, operator, asset_class, k2op, catalog, asx_root, tmp_path):
+        cluster, namespace, operator, asset_class, k2op, catalog, asx_root, tmp_path, api_key):
     for doc in k2op.load_samples(asset_class):
         if doc["kind"] == "IngestionPipeline" and doc["metadata"]["name"] == "asx":
             doc["spec"]["source"]["asxCsv"]["path"] = str(asx_root)  # the volume's content, here
@@ -73,10 +73,6 @@ def test_samples_reconciled_then_run_as_processes_serve_exact_figures(
     server = k2op.start_container(cluster, namespace, api.spec.template.spec, tmp_path / "api.log")
     try:
         port = api.spec.template.spec.containers[0].ports[0].container_port
-        keys_file = k2op.container_env(cluster, namespace, api.spec.template.spec.containers[0])["K2_API_KEYS_FILE"]
-        keys = k2op.mount_secrets(cluster, namespace, api.spec.template.spec, {"keys": keys_file},
-                              tmp_path / "api-secrets")["keys"]
-        key = Path(keys).read_text().replace("\n", ",").split(",")[0].strip()
         base = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
@@ -86,7 +82,7 @@ def test_samples_reconciled_then_run_as_processes_serve_exact_figures(
                 return False
 
         k2op.wait_for(healthy, "API up", timeout=60)
-        answer = httpx.get(f"{base}/v1/summary/BHP/2014-03-10", headers={"X-API-Key": key},
+        answer = httpx.get(f"{base}/v1/summary/BHP/2014-03-10", headers={"X-API-Key": api_key},
                            timeout=30).raise_for_status().json()
         expected = _expected_summary(asx_root, "7078", dt.date(2014, 3, 10))
         for field, value in expected.items():

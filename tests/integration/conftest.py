@@ -28,7 +28,7 @@ def lakehouse_settings(root: Path, **overrides: object) -> Settings:
     """Settings for a private embedded lakehouse; everything a K2_* variable could change is explicit."""
     values: dict[str, object] = {
         "mode": "dev", "catalog_uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "warehouse"),
-        "namespace": "market", "api_keys": "", "api_keys_file": None, "rate_limit": "100000/minute",
+        "namespace": "market", "api_keys": None, "api_keys_file": None, "rate_limit": "100000/minute",
         "max_rows": 10_000, "s3_endpoint": None, "log_level": "INFO",
     }
     values.update(overrides)

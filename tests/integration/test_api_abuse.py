@@ -23,9 +23,11 @@ from typing import IO
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from k2.api.auth import Entitlement, document
 from k2.query import metadata
 from k2.settings import Settings
 from k2.stack.base import free_port
@@ -33,6 +35,7 @@ from k2.stack.base import free_port
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 KEY_A, KEY_B = "key-a-flooding", "key-b-patient"
+KEYS = SecretStr(document([Entitlement.of("a", KEY_A, stream=True), Entitlement.of("b", KEY_B, stream=True)]))
 PATIENCE = 60.0  # how long a test waits for what must happen; never how long it should take
 TRADES_QUERY = "/v1/trades/query"
 
@@ -68,8 +71,7 @@ class Api:
 def serve(settings: Settings, **overrides: object) -> Iterator[Api]:
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")},
-           **settings.model_copy(update={"api_keys": f"{KEY_A},{KEY_B}", "log_level": "WARNING",
-                                         **overrides}).to_env()}
+           **settings.model_copy(update={"api_keys": KEYS, "log_level": "WARNING", **overrides}).to_env()}
     # The log goes to a file, not a pipe: a pipe nobody drains would block the server.
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen([str(BIN / "k2"), "api", "--port", str(port)], env=env,

@@ -16,13 +16,14 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from k2.api.app import create_app
-from k2.api.entitlements import digest
+from k2.api.auth import digest
 from k2.ingest.pipeline import ingest_files
 from k2.query.sample import load_asx
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.integration
 RIO_KEY, QUIET_KEY, QUOTES_KEY = "k2_rio_desk_key", "k2_rio_no_stream_key", "k2_quotes_only_key"
+UNRESTRICTED_KEY = "k2-unrestricted"
 DAY = "2014-03-10"
 START = f"{DAY}T00:00:00+11:00"
 
@@ -36,9 +37,9 @@ def scoped(tmp_path, embedded_settings):
         {"id": "desk-rio", "sha256": digest(RIO_KEY), "symbols": ["RIO"], "exchanges": ["ASX"], "stream": True},
         {"id": "rio-no-stream", "sha256": digest(QUIET_KEY), "symbols": ["RI*"]},
         {"id": "quotes-only", "sha256": digest(QUOTES_KEY), "tables": ["quotes"]},
+        {"id": "ops", "sha256": digest(UNRESTRICTED_KEY), "stream": True},
     ]}
-    settings = embedded_settings.model_copy(update={"api_entitlements": SecretStr(json.dumps(entitlements)),
-                                                    "api_keys": "k2-unrestricted"})
+    settings = embedded_settings.model_copy(update={"api_keys": SecretStr(json.dumps(entitlements))})
     with TestClient(create_app(settings)) as client:
         yield client, snapshots
 
@@ -59,7 +60,7 @@ def _symbols_of(rows) -> set[str]:
 
 def test_a_rio_key_sees_no_bhp_row_through_any_route(scoped):
     client, snapshots = scoped
-    answer = client.get("/v1/symbols", headers={"X-API-Key": "k2-unrestricted"})
+    answer = client.get("/v1/symbols", headers={"X-API-Key": UNRESTRICTED_KEY})
     assert answer.status_code == 200, answer.text
     everything = answer.json()["data"]
     assert _symbols_of(everything) == {"BHP", "RIO"}, "the unrestricted key sees both"
@@ -131,7 +132,7 @@ def test_the_stream_is_scoped_too(scoped):
     assert closed.value.code == 1008 and "may not stream" in closed.value.reason
     # every symbol asked for, from the start of the day: Iceberg then Kafka, only RIO
     expected = client.post("/v1/trades/query", json={"symbols": ["RIO"]},
-                           headers={"X-API-Key": "k2-unrestricted"}).json()["data"]
+                           headers={"X-API-Key": UNRESTRICTED_KEY}).json()["data"]
     with client.websocket_connect(f"{url}?from={START.replace('+', '%2B')}", headers={"X-API-Key": RIO_KEY}) as ws:
         received = [json.loads(ws.receive_text()) for _ in range(len(expected))]
     assert _symbols_of(received) == {"RIO"}
@@ -142,8 +143,7 @@ def test_prod_may_run_on_scoped_keys_alone(embedded_settings):
     from k2.settings import DEV_API_KEY
 
     entitlements = {"keys": [{"id": "desk-rio", "sha256": digest(RIO_KEY), "symbols": ["RIO"]}]}
-    settings = embedded_settings.model_copy(update={"mode": "prod", "api_keys": "",
-                                                    "api_entitlements": SecretStr(json.dumps(entitlements))})
+    settings = embedded_settings.model_copy(update={"mode": "prod", "api_keys": SecretStr(json.dumps(entitlements))})
     with TestClient(create_app(settings)) as client:
         assert client.get("/v1/symbols", headers={"X-API-Key": DEV_API_KEY}).status_code == 401
         assert client.get("/v1/symbols", headers={"X-API-Key": RIO_KEY}).status_code == 200

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 
 from k2 import tables
 from k2.api.app import create_app
-from k2.api.entitlements import digest
+from k2.api.auth import digest
 from k2.ingest.pipeline import ingest_files
 from k2.settings import Settings
 from k2.stream.runner import run as stream_run
@@ -26,7 +26,9 @@ from k2_synthetic import generate
 pytestmark = pytest.mark.integration
 KEY = ("symbol", "exchange_date", "sequence_number")
 RIO_KEY = "k2_rio_desk_key"
-ENTITLEMENTS = {"keys": [{"id": "desk-rio", "sha256": digest(RIO_KEY), "symbols": ["RIO"]}]}
+UNRESTRICTED_KEY = "k2-unrestricted"
+ENTITLEMENTS = {"keys": [{"id": "desk-rio", "sha256": digest(RIO_KEY), "symbols": ["RIO"]},
+                         {"id": "ops", "sha256": digest(UNRESTRICTED_KEY), "stream": True}]}
 
 
 def _stored(settings: Settings) -> list[dict]:
@@ -46,15 +48,14 @@ def _keys(rows: list[dict]) -> Counter:
 
 def test_rest_answers_uncommitted_ticks_as_the_stream_will_store_them(tmp_path, embedded_settings):
     settings = embedded_settings.model_copy(update={
-        "live_tail_rows": 1_000_000, "api_keys": "k2-unrestricted",
-        "api_entitlements": SecretStr(json.dumps(ENTITLEMENTS))})
+        "live_tail_rows": 1_000_000, "api_keys": SecretStr(json.dumps(ENTITLEMENTS))})
     day1 = generate(tmp_path / "day1", symbols=2, days=1, seed=21)
     ingest_files(day1, settings, kinds=("trades",))
     stream_run(settings, ("trades",), until_idle=1.0)
     committed = _stored(settings)
     symbols = sorted({r["symbol"] for r in committed})
     app = create_app(settings)
-    with TestClient(app, headers={"X-API-Key": "k2-unrestricted"}) as client:
+    with TestClient(app, headers={"X-API-Key": UNRESTRICTED_KEY}) as client:
         before = time.monotonic()
         while "trades" not in app.state.hub.tails and time.monotonic() - before < 60:
             time.sleep(0.1)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import pytest
 import structlog
+from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from k2.api.app import create_app
-from k2.api.auth import ApiKeyConfigError, key_id
+from k2.api.auth import DEV_KEY_ID, ApiKeyConfigError, Entitlement, document
 from k2.query.engine import Engine
 from k2.query.sample import load_asx
 from k2.settings import DEV_API_KEY, Settings
@@ -44,7 +45,7 @@ class Lakehouse:
 def lakehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lakehouse]:
     root = tmp_path_factory.mktemp("api-lakehouse")
     settings = Settings(mode="dev", catalog_uri=f"sqlite:///{root}/catalog.db", warehouse=str(root / "warehouse"),
-                        api_keys="", api_keys_file=None, rate_limit="100000/minute", s3_endpoint=None)
+                        api_keys=None, api_keys_file=None, rate_limit="100000/minute", s3_endpoint=None)
     load_asx(settings, generate(root / "ticks", symbols=2, days=1, seed=7))
     engine = Engine(settings)
     yield Lakehouse(settings, engine)
@@ -56,6 +57,11 @@ def api(lakehouse: Lakehouse) -> Iterator[TestClient]:
     with TestClient(create_app(lakehouse.settings, engine=lakehouse.engine),
                     headers={"X-API-Key": DEV_API_KEY}) as client:
         yield client
+
+
+def _keys(**keys: str) -> str:
+    """The stored form of unrestricted keys, by id: their digests."""
+    return document([Entitlement.of(key_id, key, stream=True) for key_id, key in keys.items()])
 
 
 def _app(lakehouse, **overrides):
@@ -85,7 +91,7 @@ def test_system_routes_need_no_key(lakehouse) -> None:
 
 
 def test_configured_keys_replace_the_dev_key(lakehouse) -> None:
-    with TestClient(_app(lakehouse, api_keys="alpha, beta")) as client:
+    with TestClient(_app(lakehouse, api_keys=SecretStr(_keys(a="alpha", b="beta")))) as client:
         for key, status in (("alpha", 200), ("beta", 200), (DEV_API_KEY, 401), ("alph", 401)):
             assert client.get("/v1/symbols", headers={"X-API-Key": key}).status_code == status, key
 
@@ -93,20 +99,40 @@ def test_configured_keys_replace_the_dev_key(lakehouse) -> None:
 def test_prod_mode_refuses_to_start_without_keys(lakehouse) -> None:
     with pytest.raises(ApiKeyConfigError, match="prod"):
         _app(lakehouse, mode="prod")
-    with TestClient(_app(lakehouse, mode="prod", api_keys="prod-key")) as client:
+    with TestClient(_app(lakehouse, mode="prod", api_keys=SecretStr(_keys(prod="prod-key")))) as client:
         assert client.get("/v1/symbols", headers={"X-API-Key": DEV_API_KEY}).status_code == 401
         assert client.get("/v1/symbols", headers={"X-API-Key": "prod-key"}).status_code == 200
 
 
 def test_keys_file_is_reread_when_rotated(lakehouse, tmp_path) -> None:
     secret = tmp_path / "api-keys"
-    secret.write_text("# mounted Secret\nfirst-key\n")
+    secret.write_text("# mounted Secret\n" + _keys(first="first-key"))
     with TestClient(_app(lakehouse, mode="prod", api_keys_file=secret)) as client:
         assert client.get("/v1/stats", headers={"X-API-Key": "first-key"}).status_code == 200
-        secret.write_text("second-key, third-key\n")
+        secret.write_text(_keys(second="second-key", third="third-key"))
         os.utime(secret, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a new mtime, however coarse
         assert client.get("/v1/stats", headers={"X-API-Key": "first-key"}).status_code == 401
         assert client.get("/v1/stats", headers={"X-API-Key": "third-key"}).status_code == 200
+    assert "first-key" not in secret.read_text() and "third-key" not in secret.read_text()
+
+
+@pytest.mark.parametrize("mode", ["prod", "dev"])
+@pytest.mark.parametrize("stored", [
+    "first-key\n",  # the former format: plain keys, one a line
+    "first-key, other-key",  # or comma-separated
+    "keys: [first-key]",
+    "keys: [{id: a, sha256: first-key}]",
+    "keys: [{id: a, key: first-key}]",
+])
+def test_a_stored_plain_key_is_refused_naming_the_fix(lakehouse, tmp_path, mode, stored) -> None:
+    secret = tmp_path / "api-keys"
+    secret.write_text(stored)
+    for source in ({"api_keys_file": secret}, {"api_keys": SecretStr(stored)}):
+        with pytest.raises(ApiKeyConfigError) as refused:
+            _app(lakehouse, mode=mode, **source)
+        message = str(refused.value)
+        assert "plain key" in message and "k2 api-key --id" in message, message
+        assert "first-key" not in message, "the refusal must not print the key it refuses"
 
 
 def test_an_unreadable_keys_file_stops_startup(lakehouse, tmp_path) -> None:
@@ -115,7 +141,7 @@ def test_an_unreadable_keys_file_stops_startup(lakehouse, tmp_path) -> None:
 
 
 def test_rate_limit_is_per_key_with_retry_after(lakehouse) -> None:
-    with TestClient(_app(lakehouse, api_keys="one,two", rate_limit="3/minute")) as client:
+    with TestClient(_app(lakehouse, api_keys=SecretStr(_keys(one="one", two="two")), rate_limit="3/minute")) as client:
         for _ in range(3):
             assert client.get("/v1/symbols", headers={"X-API-Key": "one"}).status_code == 200
         limited = client.get("/v1/symbols", headers={"X-API-Key": "one"})
@@ -137,7 +163,7 @@ def test_correlation_id_round_trip(api) -> None:
     assert failed.json()["error"]["correlation_id"] == "req-43"
     access = {e["correlation_id"]: e for e in logs if e["event"] == "http.request"}
     assert access["req-42.a"]["route"] == "/v1/symbols" and access["req-42.a"]["status"] == 200
-    assert access["req-42.a"]["api_key_id"] == key_id(DEV_API_KEY)
+    assert access["req-42.a"]["api_key_id"] == DEV_KEY_ID
     assert access["req-43"]["status"] == 404
 
     generated = api.get("/health").headers["X-Correlation-ID"]
@@ -204,3 +230,4 @@ def test_unhandled_errors_keep_the_shape_and_the_correlation_id(lakehouse) -> No
     assert response.json()["error"] == {"status": 500, "code": "internal_error", "correlation_id": "bug-1",
                                         "message": "internal error; quote the correlation id when reporting it",
                                         "details": []}
+

@@ -27,7 +27,7 @@ DAY = dt.date(2014, 3, 10)
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("memory-first")
     settings = Settings(mode="dev", catalog_uri=f"sqlite:///{root}/catalog.db", warehouse=str(root / "wh"),
-                        api_keys="", api_keys_file=None, s3_endpoint=None, query_cache_mb=0)
+                        api_keys=None, api_keys_file=None, s3_endpoint=None, query_cache_mb=0)
     load_asx(settings, generate(root / "ticks", symbols=2, days=1, seed=3))
     return settings
 

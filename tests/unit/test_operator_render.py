@@ -3,6 +3,7 @@ probes everywhere, and configuration that round-trips through `Settings` (CR →
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -225,19 +226,17 @@ def test_asx_csv_source_mounts_its_claim_read_only() -> None:
     assert {"name": "input", "persistentVolumeClaim": {"claimName": "ticks", "readOnly": True}} in pod(job)["volumes"]
 
 
-def test_query_service_mounts_its_entitlements_secret() -> None:
-    spec = QueryServiceSpec.model_validate({
-        "tables": [{"name": "market-trades"}],
-        "auth": {"apiKeysSecret": {"name": "keys", "key": "k"}, "entitlementsSecret": {"name": "scopes", "key": "e"}}})
-    objects = by_kind(render_query(API, spec, table_namespace="market", catalog_secret="cat", ctx=RenderContext()))
-    box = containers(objects["Deployment"])[0]
-    assert {"name": "api-entitlements-file", "mountPath": "/var/run/k2/api-entitlements-file",
-            "readOnly": True} in box["volumeMounts"]
-    assert {"name": "api-entitlements-file", "secret": {"secretName": "scopes", "items": [{"key": "e", "path": "e"}]}} \
-        in pod(objects["Deployment"])["volumes"]
-    data = objects["ConfigMap"]["data"]
-    assert data["K2_API_ENTITLEMENTS_FILE"] == "/var/run/k2/api-entitlements-file/e"
-    assert "K2_API_ENTITLEMENTS" not in data, "digests stay in the Secret"
+def test_query_service_keys_stay_in_their_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API reads its keys' digests from the mounted Secret; whatever keys the operator's own
+    environment holds never reach a rendered object."""
+    monkeypatch.setenv("K2_API_KEYS", "keys: [{id: operator, sha256: " + "ab" * 32 + "}]")
+    spec = QueryServiceSpec.model_validate({"tables": [{"name": "market-trades"}],
+                                            "auth": {"apiKeysSecret": {"name": "keys", "key": "k"}}})
+    objects = render_query(API, spec, table_namespace="market", catalog_secret="cat", ctx=RenderContext())
+
+    assert "ab" * 32 not in json.dumps(objects)
+    data = by_kind(objects)["ConfigMap"]["data"]
+    assert data["K2_API_KEYS_FILE"] == "/var/run/k2/api-keys-file/k" and "K2_API_KEYS" not in data
 
 
 def test_query_service_children() -> None:

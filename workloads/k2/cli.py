@@ -303,23 +303,22 @@ def api_key_cmd(
     tables: Annotated[str | None, typer.Option(help="comma-separated: trades,quotes,reference; default all")] = None,
     stream: Annotated[bool, typer.Option(help="may subscribe to /v1/stream/*")] = False,
 ) -> None:
-    """A new scoped API key: the key once on stdout, its entitlements entry (a digest, never the key)
-    on stderr, to add to the QueryService's entitlements Secret."""
+    """A new API key: the key once on stdout, its entry (a digest, never the key) on stderr, to add
+    to the QueryService's API keys Secret. No scope options: an unrestricted key (add --stream to let
+    it stream)."""
     import secrets
 
-    import yaml
-
-    from k2.api.entitlements import Entitlement, digest
+    from k2.api.auth import Entitlement, document
 
     def split(value: str | None) -> list[str] | None:
         return [v.strip() for v in value.split(",") if v.strip()] if value is not None else None
 
     key = "k2_" + secrets.token_urlsafe(32)
-    entry = Entitlement(id=key_id, sha256=digest(key), symbols=split(symbols), exchanges=split(exchanges),
-                        tables=split(tables), stream=stream)
+    entry = Entitlement.of(key_id, key, symbols=split(symbols), exchanges=split(exchanges), tables=split(tables),
+                           stream=stream)
     entry.scope()  # refuses unknown exchanges or tables now rather than at the API's start
     print(key)
-    console.print(yaml.safe_dump({"keys": [entry.model_dump(exclude_none=True)]}, sort_keys=False), end="")
+    typer.echo(document([entry]), err=True, nl=False)  # exact YAML: it goes into a Secret as it is
 
 
 # operator ---------------------------------------------------------------------------------------

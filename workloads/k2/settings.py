@@ -78,11 +78,10 @@ class Settings(BaseSettings):
                                       "for this long: reconnect; twice as long: the liveness probe fails")
 
     # query API
-    api_keys: str = Field("", description="comma-separated API keys")
-    api_keys_file: Path | None = None
-    api_entitlements: SecretStr | None = Field(None, description="scoped API keys as SHA-256 digests (YAML; see "
-                                               "k2.api.entitlements), e.g. from a Secret")
-    api_entitlements_file: Path | None = None
+    api_keys: SecretStr | None = Field(None, description="the API keys as SHA-256 digests, with their scopes (YAML; "
+                                       "see k2.api.auth), e.g. from a Secret; never plain keys")
+    api_keys_file: Path | None = Field(None, description="the same document in a mounted Secret, re-read when it "
+                                       "changes")
     rate_limit: str = "100/minute"
     max_rows: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1024**3, description="larger request bodies are refused "

@@ -37,15 +37,9 @@ class StreamTopics:
 def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: str,
                     ctx: RenderContext, topics: StreamTopics | None = None) -> WorkloadConfig:
     keys = spec.auth.api_keys_secret
-    # Keys as a mounted file: `k2 api` re-reads it when the kubelet updates it, so a rotation
-    # needs no restart.
+    # Keys as a mounted file: `k2 api` re-reads it when the kubelet updates it, so a rotation or a
+    # changed scope needs no restart.
     api_keys = SecretFile("api_keys_file", keys.name, keys.key)
-    files = [api_keys]
-    paths = {"api_keys_file": api_keys.path}
-    if spec.auth.entitlements_secret is not None:  # re-read on change too: scopes change without a restart
-        ref = spec.auth.entitlements_secret
-        files.append(SecretFile("api_entitlements_file", ref.name, ref.key))
-        paths["api_entitlements_file"] = files[-1].path
     streamed = {"asset_class": topics.asset_class, "exchange": topics.exchange} if topics else {}
     # The live stream's hub decodes the pipeline's Avro: it reads writer schemas from its registry.
     registry, registry_secrets = common.registry_settings(topics.registry if topics else None, ctx)
@@ -58,9 +52,10 @@ def workload_config(spec: QueryServiceSpec, *, namespace: str, catalog_secret: s
                                         max_body_bytes=spec.max_body_bytes,
                                         request_timeout_seconds=spec.request_timeout_seconds,
                                         write_timeout_seconds=spec.write_timeout_seconds,
-                                        key_concurrency=spec.key_concurrency, **paths)
+                                        key_concurrency=spec.key_concurrency,
+                                        api_keys_file=api_keys.path)
     return WorkloadConfig(settings, (*registry_secrets, *common.catalog_secret_env(catalog_secret)),
-                          files=tuple(files), unused=frozenset({"api_keys", "api_entitlements"}))
+                          files=(api_keys,))
 
 
 def url(owner: Owner, spec: QueryServiceSpec) -> str:

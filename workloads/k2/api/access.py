@@ -21,7 +21,6 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from k2.api.auth import ApiKeys
-from k2.api.entitlements import Entitlements
 from k2.api.errors import ApiError, error_response
 from k2.api.middleware import ROUTE_TEMPLATE
 from k2.api.ratelimit import ConcurrencyLimiter, RateLimiter
@@ -30,30 +29,26 @@ from k2.query.scope import Scope as KeyScope
 
 KEY_HEADER = "X-API-Key"
 _SCHEME = {"APIKeyHeader": {"type": "apiKey", "in": "header", "name": KEY_HEADER,
-                            "description": "K2_API_KEYS / K2_API_KEYS_FILE; dev mode without keys accepts the "
-                                           "built-in development key"}}
+                            "description": "K2_API_KEYS_FILE / K2_API_KEYS (digests); dev mode without keys "
+                                           "accepts the built-in development key"}}
 _KEY_HEADER_BYTES = KEY_HEADER.lower().encode()
 _GUARDED = "/v1/"
 
 
-def caller(api_keys: ApiKeys, entitlements: Entitlements, presented: str | None) -> tuple[str, KeyScope | None]:
-    """The key's id and, for an entitled key, its scope; a 401 without a valid key."""
-    identity = api_keys.identify(presented)
-    scope = entitlements.scope(presented) if identity is None else None
-    if scope is not None:
-        identity = scope.key_id
-    if identity is None:
+def caller(api_keys: ApiKeys, presented: str | None) -> tuple[str, KeyScope | None]:
+    """The key's id and scope (None: unrestricted); a 401 without a valid key."""
+    found = api_keys.identify(presented)
+    if found is None:
         raise ApiError(401, "unauthorized", f"missing or invalid {KEY_HEADER} header",
                        headers={"WWW-Authenticate": "ApiKey"})
-    return identity, scope
+    return found
 
 
 class AccessMiddleware:
-    def __init__(self, app: ASGIApp, *, api_keys: ApiKeys, entitlements: Entitlements,
-                 rate_limiter: RateLimiter, concurrency: ConcurrencyLimiter,
+    def __init__(self, app: ASGIApp, *, api_keys: ApiKeys, rate_limiter: RateLimiter, concurrency: ConcurrencyLimiter,
                  openapi: Callable[[], dict[str, Any]]) -> None:
         self.app = app
-        self.api_keys, self.entitlements = api_keys, entitlements
+        self.api_keys = api_keys
         self.rate_limiter, self.concurrency = rate_limiter, concurrency
         self._openapi = openapi
         self._templates: list[tuple[re.Pattern[str], str]] | None = None
@@ -63,7 +58,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            identity, key_scope = caller(self.api_keys, self.entitlements, _presented(scope))
+            identity, key_scope = caller(self.api_keys, _presented(scope))
             structlog.contextvars.bind_contextvars(api_key_id=identity)
             self.rate_limiter.hit(identity)
             self.concurrency.acquire(identity)

@@ -18,7 +18,6 @@ from fastapi import FastAPI
 from k2.api.access import AccessMiddleware, document_key
 from k2.api.auth import ApiKeys
 from k2.api.bodylimit import BodyLimitMiddleware
-from k2.api.entitlements import Entitlements
 from k2.api.errors import install_error_handlers
 from k2.api.middleware import ObservabilityMiddleware
 from k2.api.ratelimit import ConcurrencyLimiter, RateLimiter
@@ -52,7 +51,6 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     settings = settings or Settings()
     configure_logging(settings.log_level)
     api_keys = ApiKeys(settings)
-    entitlements = Entitlements(settings)
     owned = engine is None
     query_engine = engine or Engine(settings)
 
@@ -76,12 +74,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.settings = settings
     app.state.engine = query_engine
     app.state.api_keys = api_keys
-    app.state.entitlements = entitlements
     install_error_handlers(app)
     # Added last = outermost: the correlation id exists before anything else runs, and refused
     # keys and bodies are counted and logged like any other request.
-    app.add_middleware(AccessMiddleware, api_keys=api_keys, entitlements=entitlements,
-                       rate_limiter=RateLimiter(settings.rate_limit),
+    app.add_middleware(AccessMiddleware, api_keys=api_keys, rate_limiter=RateLimiter(settings.rate_limit),
                        concurrency=ConcurrencyLimiter(settings.key_concurrency), openapi=lambda: app.openapi())
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware)

@@ -1,73 +1,165 @@
-"""API keys: `X-API-Key` on every /v1 route.
+"""API keys: `X-API-Key` on every /v1 route, checked against SHA-256 digests only.
 
-Keys come from K2_API_KEYS (comma-separated) and K2_API_KEYS_FILE (a mounted Secret: keys
-separated by commas or newlines, `#` starts a comment). The file is re-read when it changes, so
-a rotated Secret takes effect without a restart. The built-in dev key is accepted only in dev
-mode with no key configured; prod mode without keys refuses to start.
+One key store, a YAML (or JSON) document, from `K2_API_KEYS` (a Secret's key in the environment)
+or `K2_API_KEYS_FILE` (a mounted Secret, as the operator renders a QueryService's
+`auth.apiKeysSecret`; re-read when it changes, so a rotated Secret takes effect without a restart):
 
-Presented keys are compared in constant time against every configured key (as SHA-256 digests,
-so not even a key's length leaks), and never logged: requests are attributed to a short hash.
+    keys:
+      - id: desk-rio              # how the key appears in logs, errors and rate-limit buckets
+        sha256: 5e88…             # hex digest of the key: `k2 api-key --id desk-rio` makes both
+        exchanges: [ASX]          # omitted: every exchange
+        symbols: [RIO, "BH*"]     # exact symbols or prefixes ending in *; omitted: every symbol
+        tables: [trades, quotes]  # omitted: every table
+        stream: true              # may use /v1/stream/*; default false
+
+A key never stored can never leak from a Secret, a backup or `kubectl get -o yaml`: anything that
+is not a digest (the old comma-separated plain keys, a `key:` field) is refused, naming the fix.
+The built-in dev key is accepted only in dev mode with no key configured (it is public, in the
+source); prod mode without keys refuses to start. Presented keys are compared in constant time
+against every digest and never logged: requests are attributed to the entry's id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
+from typing import Annotated, Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from k2.api.watched import WatchedFile
-from k2.settings import DEV_API_KEY, Settings
+from k2.exchanges import EXCHANGES
+from k2.query.scope import Scope
+from k2.settings import DEV_API_KEY, TABLE_KINDS, Settings
+
+SymbolPattern = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9.\-]{0,15}\*?$|^\*$")]
+DEV_KEY_ID = "dev"
+FIX = ("store only digests: `k2 api-key --id NAME` prints a new key once, and the entry (id and sha256) "
+       "to put in the Secret")
 
 
 class ApiKeyConfigError(RuntimeError):
-    """The configured keys are unusable: the API must not start."""
+    """The configured keys are unusable: the API must not start (or keeps the last good ones)."""
 
 
-def key_id(key: str) -> str:
-    """How a key appears in logs and rate-limit buckets."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _parse(text: str) -> list[str]:
-    keys: list[str] = []
-    for line in text.splitlines():
-        keys.extend(k.strip() for k in line.split("#", 1)[0].split(","))
-    return [k for k in keys if k]
+class Entitlement(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    exchanges: list[str] | None = None
+    symbols: list[SymbolPattern] | None = None
+    tables: list[str] | None = None
+    stream: bool = False
+
+    @classmethod
+    def of(cls, key_id: str, key: str, **scopes: Any) -> Self:
+        """The entry of `key`: its digest, never the key."""
+        return cls(id=key_id, sha256=digest(key), **scopes)
+
+    def scope(self) -> Scope | None:
+        """What the key may read; None when it may do everything (no query carries a filter for it)."""
+        unknown = sorted(set(self.exchanges or ()) - set(EXCHANGES)) + sorted(set(self.tables or ()) - set(TABLE_KINDS))
+        if unknown:
+            raise ApiKeyConfigError(f"key {self.id}: unknown exchanges or tables {unknown}")
+        symbols = None if self.symbols is None or "*" in self.symbols else tuple(sorted(self.symbols))
+        if symbols is None and self.exchanges is None and self.tables is None and self.stream:
+            return None
+        return Scope(self.id, frozenset(self.exchanges) if self.exchanges is not None else None, symbols,
+                     frozenset(self.tables) if self.tables is not None else None, self.stream)
+
+
+class Document(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[Entitlement] = Field(default_factory=list)
+
+
+def document(entries: list[Entitlement]) -> str:
+    """The YAML a Secret stores for these entries."""
+    return yaml.safe_dump({"keys": [e.model_dump(exclude_none=True) for e in entries]}, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    digest: bytes
+    key_id: str
+    scope: Scope | None
+
+
+def _errors(exc: ValidationError) -> str:
+    # Never str(exc): pydantic quotes the input, and the input may be a plain key.
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def parse(text: str) -> list[StoredKey]:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ApiKeyConfigError(f"API keys are not valid YAML ({type(exc).__name__}); {FIX}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ApiKeyConfigError(f"API keys must be a document of digests (`keys:` with id and sha256 per key), "
+                                f"not plain keys; {FIX}")
+    entries = (loaded or {}).get("keys") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ApiKeyConfigError(f"API keys: each entry of `keys` is a mapping with id and sha256, not a plain key; "
+                                f"{FIX}")
+    if any("key" in e or ("sha256" in e and not _is_digest(e["sha256"])) for e in entries):
+        raise ApiKeyConfigError(f"API keys: a plain key is stored (a `key` field, or a sha256 that is not 64 "
+                                f"lowercase hex digits); {FIX}")
+    try:
+        keys = Document.model_validate(loaded or {}).keys
+    except ValidationError as exc:
+        raise ApiKeyConfigError(f"API keys are not valid: {_errors(exc)}") from None
+    ids = [k.id for k in keys]
+    if len(set(ids)) != len(ids):
+        raise ApiKeyConfigError("API keys: ids must be unique")
+    return [StoredKey(bytes.fromhex(k.sha256), k.id, k.scope()) for k in keys]
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 class ApiKeys:
     def __init__(self, settings: Settings) -> None:
-        self._inline = _parse(settings.api_keys)
-        self._mode = settings.mode
-        self._file: WatchedFile[list[str]] | None = None
+        inline = settings.api_keys.get_secret_value() if settings.api_keys else ""
+        try:
+            self._inline = parse(inline)
+        except ApiKeyConfigError as exc:
+            raise ApiKeyConfigError(f"K2_API_KEYS: {exc}") from None
+        self._file: WatchedFile[list[StoredKey]] | None = None
         if settings.api_keys_file is not None:
             try:
-                self._file = WatchedFile(settings.api_keys_file, _parse, "api keys")
+                self._file = WatchedFile(settings.api_keys_file, parse, "api keys")
             except OSError as exc:
                 raise ApiKeyConfigError(f"K2_API_KEYS_FILE {settings.api_keys_file} is not readable: {exc}") from exc
-        scoped = settings.api_entitlements is not None or settings.api_entitlements_file is not None
-        if not self._configured() and self._mode == "prod" and not scoped:
-            raise ApiKeyConfigError("K2_MODE=prod needs API keys: set K2_API_KEYS, K2_API_KEYS_FILE or scoped keys "
-                                    "(K2_API_ENTITLEMENTS_FILE)")
-        self._digests = self._compute_digests()
+            except ApiKeyConfigError as exc:
+                raise ApiKeyConfigError(f"K2_API_KEYS_FILE {settings.api_keys_file}: {exc}") from None
+        self._dev = [StoredKey(hashlib.sha256(DEV_API_KEY.encode()).digest(), DEV_KEY_ID, None)] \
+            if settings.mode == "dev" else []
+        if not self._stored() and settings.mode == "prod":
+            raise ApiKeyConfigError("K2_MODE=prod needs API keys: set K2_API_KEYS_FILE (a mounted Secret) or "
+                                    f"K2_API_KEYS; {FIX}")
 
-    def _configured(self) -> list[str]:
-        return self._inline + (self._file.value if self._file else [])
+    def _stored(self) -> list[StoredKey]:
+        if self._file is not None:
+            self._file.refresh()
+        return [*self._inline, *(self._file.value if self._file else [])]
 
-    def _compute_digests(self) -> list[bytes]:
-        keys = self._configured() or ([DEV_API_KEY] if self._mode == "dev" else [])
-        return [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    def _refresh(self) -> None:
-        if self._file is not None and self._file.refresh():
-            self._digests = self._compute_digests()
-
-    def identify(self, presented: str | None) -> str | None:
-        """The key's id when `presented` is a valid key, else None."""
+    def identify(self, presented: str | None) -> tuple[str, Scope | None] | None:
+        """The key's id and scope (None: unrestricted) when `presented` is a valid key, else None."""
         if not presented:
             return None
-        self._refresh()
-        digest = hashlib.sha256(presented.encode()).digest()
-        matched = False
-        for candidate in self._digests:  # no early exit: timing does not tell which key matched
-            matched |= hmac.compare_digest(digest, candidate)
-        return key_id(presented) if matched else None
+        candidates = self._stored() or self._dev
+        presented_digest = hashlib.sha256(presented.encode()).digest()
+        found = None
+        for candidate in candidates:  # no early exit: timing does not tell which key matched
+            if hmac.compare_digest(presented_digest, candidate.digest):
+                found = candidate
+        return (found.key_id, found.scope) if found else None

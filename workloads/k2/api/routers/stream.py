@@ -88,7 +88,7 @@ def _instant(text: str | None) -> dt.datetime | None:
 
 
 async def _identify(ws: WebSocket) -> tuple[str, Scope | None]:
-    """The key's id and, for an entitled key, its scope."""
+    """The key's id and scope (None: unrestricted)."""
     presented = ws.headers.get("x-api-key")
     if presented is None:
         try:
@@ -97,8 +97,7 @@ async def _identify(ws: WebSocket) -> tuple[str, Scope | None]:
         except (TimeoutError, ValueError, AttributeError):
             presented = None
     try:
-        return caller(ws.app.state.api_keys, ws.app.state.entitlements,
-                      presented if isinstance(presented, str) else None)
+        return caller(ws.app.state.api_keys, presented if isinstance(presented, str) else None)
     except ApiError:
         raise Refused(POLICY_VIOLATION, "unauthorized: send X-API-Key or {\"api_key\": …} first") from None
 
