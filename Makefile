@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 KUBE ?=
 ASX ?= $(firstword $(wildcard ../shared/data/asx-2014-03))
 
-.PHONY: help install demo test test-fast dev-up dev-down bench bench-scale lint operator kind-up kind-down tilt clean
+.PHONY: help install demo test test-fast dev-up dev-down bench bench-scale lint operator kind-up kind-api-key kind-down tilt clean
 
 help:
 	@echo "make demo      - the guided tour on embedded defaults (Kafka + registry + SQLite/local Iceberg)"
@@ -73,7 +73,7 @@ kind-up: $(STAMP)
 	$(BIN)/python -m k2.stack.images build
 	$(BIN)/python -m k2.stack.kindcluster load --name $(KIND_CLUSTER) $$($(BIN)/python -m k2.stack.images list)
 	$(BIN)/python -m k2.stack.addons --kube-context $(KCTX)
-	$$($(KUBECTL)) --context $(KCTX) create namespace k2 --dry-run=client -o yaml | $$($(KUBECTL)) --context $(KCTX) apply -f -
+	@$(MAKE) --no-print-directory kind-api-key
 	$$($(KUBECTL)) --context $(KCTX) label namespace k2 pod-security.kubernetes.io/enforce=restricted --overwrite
 	# With the ASX sample beside the checkout the samples read it (the nodes mount it); else synthetic ticks.
 	$(if $(ASX),$$($(KUBECTL)) --context $(KCTX) apply -f manifests/kind-data/asx-sample.yaml)
@@ -81,7 +81,17 @@ kind-up: $(STAMP)
 		-f charts/k2/ci/kind-values.yaml $(if $(ASX),-f charts/k2/ci/kind-asx-values.yaml) --wait --timeout 15m
 	$$($(KUBECTL)) --context $(KCTX) apply -f manifests/kind-data/live-feed.yaml
 	$$($(KUBECTL)) --context $(KCTX) -n k2 wait --for=condition=Ready --all ingestionpipelines,icebergtables,queryservices --timeout=20m
-	@echo "API: http://k2.localtest.me/docs (or curl -H 'Host: k2.localtest.me' http://127.0.0.1/health)  Prometheus: kubectl --context $(KCTX) -n monitoring port-forward svc/prometheus-operated 9091:9090"
+	@echo "API: http://k2.localtest.me/docs (or curl -H 'Host: k2.localtest.me' -H \"X-API-Key: \$$K2_API_KEY\" http://127.0.0.1/v1/symbols, with the key printed above)  Prometheus: kubectl --context $(KCTX) -n monitoring port-forward svc/prometheus-operated 9091:9090"
+
+# A new API key for the QueryServices on kind (Secret k2-api-keys): the cluster stores only its
+# digest, the key is printed once. Each run replaces the key (rotation: the old one stops working).
+kind-api-key: $(STAMP)
+	$$($(KUBECTL)) --context $(KCTX) create namespace k2 --dry-run=client -o yaml | $$($(KUBECTL)) --context $(KCTX) apply -f -
+	@entry=$$(mktemp) && trap 'rm -f "$$entry"' EXIT && \
+	key=$$($(K2) api-key --id kind --stream 2>"$$entry") && \
+	$$($(KUBECTL)) --context $(KCTX) -n k2 create secret generic k2-api-keys --from-file=api_keys="$$entry" \
+		--dry-run=client -o yaml | $$($(KUBECTL)) --context $(KCTX) apply -f - && \
+	echo "API key (shown once; the cluster stores only its digest):  export K2_API_KEY=$$key"
 
 # Deletes the kind cluster, and stops the Docker engine if K2 started it and no kind cluster is left
 # (its images stay cached under ~/.cache/k2/docker).
@@ -90,6 +100,7 @@ kind-down: $(STAMP)
 
 tilt: $(STAMP)
 	$(BIN)/python -m k2.stack.kindcluster up --name $(KIND_CLUSTER)
+	@$$($(KUBECTL)) --context $(KCTX) -n k2 get secret k2-api-keys >/dev/null 2>&1 || $(MAKE) --no-print-directory kind-api-key
 	$$($(KUBECTL)) config use-context $(KCTX)
 	tilt up
 

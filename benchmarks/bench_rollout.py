@@ -9,16 +9,17 @@ then `kubectl rollout restart` of the consumer Deployment, measured from the res
 log (GET /v1/snapshots on the QueryService live-api, port-forwarded); a pause is the longest time
 between consecutive commits of a table (window edges included), reported beside the baseline's.
 
-    make kind-up && .venv/bin/python benchmarks/bench_rollout.py [--context kind-k2] > report.md
+    make kind-up   # prints the API key: export K2_API_KEY=…
+    .venv/bin/python benchmarks/bench_rollout.py [--context kind-k2] > report.md
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import datetime as dt
 import itertools
+import os
 import statistics
 import subprocess
 import time
@@ -39,9 +40,13 @@ class Cluster:
         cmd = [str(kube.kube_bin_dir() / "kubectl"), "--context", self.context, "-n", NAMESPACE, *args]
         return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
-    def api_key(self) -> str:
-        encoded = self.kubectl("get", "secret", "k2-api-keys", "-o", "jsonpath={.data.api_keys}")
-        return base64.b64decode(encoded).decode().split(",")[0]
+    @staticmethod
+    def api_key() -> str:
+        """The key `make kind-up` printed: the cluster stores only its digest."""
+        key = os.environ.get("K2_API_KEY")
+        if not key:
+            raise SystemExit("export K2_API_KEY=<the key `make kind-up` printed> (`make kind-api-key` makes a new one)")
+        return key
 
     def port_forward(self, target: str, remote_port: int) -> contextlib.AbstractContextManager[str]:
         return kube.port_forward(target, remote_port, namespace=NAMESPACE, kubectl_args=["--context", self.context])

@@ -14,10 +14,10 @@ query answers with a series."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +29,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from k2.api.auth import digest
 from k2.stack import addons, helm, kube
 
 pytestmark = [pytest.mark.kind, pytest.mark.asx, pytest.mark.timeout(3600)]
@@ -47,6 +48,8 @@ ASX_VOLUME = REPO / "manifests" / "kind-data" / "asx-sample.yaml"
 ASX_VALUES = CHART / "ci" / "kind-asx-values.yaml"
 LIVE_FEED = REPO / "manifests" / "kind-data" / "live-feed.yaml"
 LIVE_TABLES = {"live.trades": "trades", "live.quotes": "quotes"}
+# The samples' key: the chart stores only its digest (samples.api.keyDigest), the tests hold the key.
+API_KEY = "k2_" + secrets.token_urlsafe(32)
 # Grafana's variables, as the dashboard's namespace selector would set them for this release.
 GRAFANA_VARIABLES = {"$__rate_interval": "2m", "${namespace}": NAMESPACE, "$namespace": NAMESPACE,
                      "${table}": ".*", "$table": ".*"}
@@ -84,7 +87,8 @@ def deployed(cluster: Any, asx_root: Path) -> Any:
     proc = helm.run_helm(
         "upgrade", "--install", "k2", str(CHART), "--namespace", NAMESPACE,
         "--kubeconfig", str(cluster.kubeconfig_path), "--values", str(CHART / "ci/kind-values.yaml"),
-        "--values", str(ASX_VALUES), "--wait", "--timeout", "15m", timeout=1200)
+        "--values", str(ASX_VALUES), "--set", f"samples.api.keyDigest={digest(API_KEY)}",
+        "--wait", "--timeout", "15m", timeout=1200)
     assert proc.returncode == 0, proc.stderr
     return cluster
 
@@ -93,17 +97,12 @@ def deployed(cluster: Any, asx_root: Path) -> Any:
 def api(deployed: Any) -> Iterator[httpx.Client]:
     """The API through Traefik's Ingress on the host port kind maps to the node's port 80."""
     with httpx.Client(base_url=f"http://127.0.0.1:{deployed.http_port}", timeout=60,
-                      headers={"Host": HOST, "X-API-Key": api_key(deployed)}) as client:
+                      headers={"Host": HOST, "X-API-Key": API_KEY}) as client:
         yield client
 
 
 def kubectl_json(cluster: Any, *args: str) -> Any:
     return json.loads(cluster.kubectl(*args, "-n", NAMESPACE, "-o", "json"))
-
-
-def api_key(cluster: Any) -> str:
-    encoded = cluster.kubectl("get", "secret", "k2-api-keys", "-n", NAMESPACE, "-o", "jsonpath={.data.api_keys}")
-    return base64.b64decode(encoded).decode().split(",")[0]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def live_api(cluster: Any) -> Iterator[httpx.Client]:
     """A client of the live QueryService through a port-forward of its own: a port-forward stays
     on the pod it picked, so tests that replace the API pods open a new one."""
     with port_forward(cluster, "svc/live-api", 80, NAMESPACE) as url, httpx.Client(
-            base_url=url, timeout=60, headers={"X-API-Key": api_key(cluster)}) as client:
+            base_url=url, timeout=60, headers={"X-API-Key": API_KEY}) as client:
         yield client
 
 

@@ -351,3 +351,7 @@ def test_helm_install_dry_run_renders_the_notes(kube: Path, crds: None, namespac
     assert f"kubectl -n {namespace} rollout status deployment/h{RUN}-k2-operator" in notes
     assert "kubectl -n" in notes and "/v1/symbols" in notes
     assert "{{" not in notes and "<no value>" not in notes
+    # K2 stores keys only as digests: the notes make a key and store its digest, never read a key back.
+    assert "KEY=$(k2 api-key --id samples --stream 2>api-keys.yaml)" in notes
+    assert f"kubectl -n {namespace} create secret generic k2-api-keys --from-file=api_keys=api-keys.yaml" in notes
+    assert "get secret" not in notes

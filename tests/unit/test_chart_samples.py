@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from k2.api.auth import digest, parse
 from k2.stack import helm
 from k2_operator.models import KINDS
 
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.unit, pytest.mark.helm]
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"
+SAMPLE_KEY = "k2_the-samples-key"
 SPECS = {info.kind: info.spec for info in KINDS}
 # What the chart sets from values instead of copying: (kind, dotted path).
 FROM_VALUES = {
@@ -70,7 +72,8 @@ def test_chart_samples_are_valid_for_the_operator_models(set_values: dict[str, s
 
 
 def test_samples_wire_the_catalog_and_api_key_secrets_of_the_release() -> None:
-    objects = helm.template(CHART, set_values={"samples.enabled": "true", "catalog.secretName": "desk-catalog"})
+    objects = helm.template(CHART, set_values={"samples.enabled": "true", "catalog.secretName": "desk-catalog",
+                                               "samples.api.keyDigest": digest(SAMPLE_KEY)})
     secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
     samples = {(o["kind"], o["metadata"]["name"]): o for o in objects if o["apiVersion"].startswith("k2.io/")}
 
@@ -78,8 +81,24 @@ def test_samples_wire_the_catalog_and_api_key_secrets_of_the_release() -> None:
         if kind == "IcebergTable":
             assert obj["spec"]["catalogRef"] == {"name": "desk-catalog"}
     keys = samples[("QueryService", "k2-api")]["spec"]["auth"]["apiKeysSecret"]
-    assert keys["key"] in secrets[keys["name"]]["stringData"]
+    (stored,) = parse(secrets[keys["name"]]["stringData"][keys["key"]])  # as the API reads it: digests only
+    assert stored.digest == bytes.fromhex(digest(SAMPLE_KEY)) and stored.scope is None, "unrestricted, may stream"
     assert "desk-catalog" in secrets
+
+
+@pytest.mark.parametrize("set_values", [{}, {"samples.api.keyDigest": digest(SAMPLE_KEY)}],
+                         ids=["existing-secret", "digest"])
+def test_the_chart_stores_no_api_key(set_values: dict[str, str]) -> None:
+    """Only digests: without one the chart creates no key Secret at all (the operator of the
+    cluster makes the key and stores its digest), and every key Secret it renders parses as the
+    API reads keys, which refuses anything that is not a digest."""
+    objects = helm.template(CHART, set_values={"samples.enabled": "true", **set_values})
+    rendered = [o for o in objects if o["kind"] == "Secret" and "api_keys" in o.get("stringData", {})]
+
+    assert len(rendered) == len(set_values)
+    for secret in rendered:
+        assert [k.key_id for k in parse(secret["stringData"]["api_keys"])] == ["samples"]
+    assert SAMPLE_KEY not in yaml.safe_dump_all(objects)
 
 
 def test_asx_csv_source_needs_a_claim() -> None:
