@@ -13,6 +13,7 @@ import pytest
 import structlog
 from pydantic import SecretStr
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from k2.api.app import create_app
 from k2.api.auth import DEV_KEY_ID, ApiKeyConfigError, Entitlement, document
@@ -231,3 +232,33 @@ def test_unhandled_errors_keep_the_shape_and_the_correlation_id(lakehouse) -> No
                                         "message": "internal error; quote the correlation id when reporting it",
                                         "details": []}
 
+
+def test_refusals_are_logged_with_the_correlation_id_and_key_id_never_the_key(lakehouse) -> None:
+    """A 403 and a refused WebSocket subscription: each logged once with the correlation id and the
+    key's id, as the production chain (with structlog's context) renders it; the key itself never."""
+    keys = document([Entitlement.of("desk-rio", "k2_rio_secret", symbols=["RIO"], stream=True),
+                     Entitlement.of("batch", "k2_batch_secret", symbols=["RIO"])])
+    refusals = [  # (how, correlation id, key, event)
+        (lambda c, h: c.get("/v1/trades", params={"symbol": "BHP"}, headers=h), "rest-1", "k2_rio_secret",
+         "api.forbidden"),
+        (lambda c, h: c.websocket_connect("/v1/stream/trades?symbols=BHP", headers=h), "ws-1", "k2_rio_secret",
+         "stream.forbidden"),
+        (lambda c, h: c.websocket_connect("/v1/stream/trades?symbols=RIO", headers=h), "ws-2", "k2_batch_secret",
+         "stream.forbidden"),
+    ]
+    with TestClient(_app(lakehouse, api_keys=SecretStr(keys))) as client:
+        for refuse, correlation, key, event in refusals:
+            headers = {"X-API-Key": key, "X-Correlation-ID": correlation}
+            with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+                answer = refuse(client, headers)
+                if event == "api.forbidden":
+                    assert answer.status_code == 403
+                else:
+                    with answer as ws, pytest.raises(WebSocketDisconnect) as closed:
+                        ws.receive_text()
+                    assert closed.value.code == 1008 and "forbidden" in closed.value.reason
+            refused = [e for e in logs if e["event"] == event]
+            assert len(refused) == 1, (correlation, logs)
+            expected_id = "desk-rio" if key == "k2_rio_secret" else "batch"
+            assert refused[0]["correlation_id"] == correlation and refused[0]["api_key_id"] == expected_id, refused
+            assert key not in repr(logs), "the key itself is never logged"

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import structlog
+from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic_core import to_json
 from starlette.websockets import WebSocketState
@@ -176,6 +177,8 @@ async def _incoming(ws: WebSocket) -> None:
 async def stream_ticks(ws: WebSocket, kind: str) -> None:
     """Live trades or quotes: `?symbols=BHP,RIO` (default: all), `from=<ISO instant>` to catch up first."""
     await ws.accept()
+    # The HTTP middleware that binds it skips WebSockets: refusals are logged with it too.
+    structlog.contextvars.bind_contextvars(correlation_id=correlation_id.get())
     sub: Subscription | None = None
     try:
         if kind not in TICK_KINDS:
