@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
 
@@ -35,6 +36,7 @@ from k2.query.scope import Scope
 from k2.settings import DEV_API_KEY, TABLE_KINDS, Settings
 
 SymbolPattern = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9.\-]{0,15}\*?$|^\*$")]
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 DEV_KEY_ID = "dev"
 FIX = ("store only digests: `k2 api-key --id NAME` prints a new key once, and the entry (id and sha256) "
        "to put in the Secret")
@@ -52,7 +54,7 @@ class Entitlement(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, StringConstraints(pattern=SHA256_HEX.pattern)]
     exchanges: list[str] | None = None
     symbols: list[SymbolPattern] | None = None
     tables: list[str] | None = None
@@ -109,7 +111,7 @@ def parse(text: str) -> list[StoredKey]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ApiKeyConfigError(f"API keys: each entry of `keys` is a mapping with id and sha256, not a plain key; "
                                 f"{FIX}")
-    if any("key" in e or ("sha256" in e and not _is_digest(e["sha256"])) for e in entries):
+    if any("key" in e or ("sha256" in e and not SHA256_HEX.fullmatch(str(e["sha256"]))) for e in entries):
         raise ApiKeyConfigError(f"API keys: a plain key is stored (a `key` field, or a sha256 that is not 64 "
                                 f"lowercase hex digits); {FIX}")
     try:
@@ -120,10 +122,6 @@ def parse(text: str) -> list[StoredKey]:
     if len(set(ids)) != len(ids):
         raise ApiKeyConfigError("API keys: ids must be unique")
     return [StoredKey(bytes.fromhex(k.sha256), k.id, k.scope()) for k in keys]
-
-
-def _is_digest(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 class ApiKeys:
