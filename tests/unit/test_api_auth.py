@@ -136,6 +136,20 @@ def test_a_stored_plain_key_is_refused_naming_the_fix(lakehouse, tmp_path, mode,
         assert "first-key" not in message, "the refusal must not print the key it refuses"
 
 
+def test_a_second_keys_block_is_refused_not_silently_dropped(lakehouse, tmp_path) -> None:
+    # YAML keeps the last of two equal mapping keys: an appended `keys:` block would revoke every
+    # key of the first one without a word.
+    first, second = _keys(one="one"), _keys(two="two")
+    secret = tmp_path / "api-keys"
+    secret.write_text(first + second)
+    with pytest.raises(ApiKeyConfigError, match="'keys' more than once"):
+        _app(lakehouse, api_keys_file=secret)
+    secret.write_text(first + "k2_pasted: 1\nk2_pasted: 2\n")  # a name that is no field may be a key
+    with pytest.raises(ApiKeyConfigError, match="more than once") as refused:
+        _app(lakehouse, api_keys_file=secret)
+    assert "k2_pasted" not in str(refused.value)
+
+
 def test_an_unreadable_keys_file_stops_startup(lakehouse, tmp_path) -> None:
     with pytest.raises(ApiKeyConfigError, match="not readable"):
         _app(lakehouse, api_keys_file=tmp_path / "missing")

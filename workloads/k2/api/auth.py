@@ -99,9 +99,26 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
+_FIELDS = frozenset({"keys", *Entitlement.model_fields})
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal mapping keys: an appended second `keys:` block would
+    silently revoke every key of the first. Refused instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        names = [self.construct_object(key, deep=True) for key, _ in node.value]
+        repeated = {n for n in names if names.count(n) > 1}
+        if repeated:  # named only if a field's name: an unknown name could be a pasted key
+            said = ", ".join(sorted(repr(n) if n in _FIELDS else "a name" for n in repeated))
+            raise ApiKeyConfigError(f"API keys: {said} more than once in one mapping; put every entry in one "
+                                    "`keys:` list")
+        return super().construct_mapping(node, deep)
+
+
 def parse(text: str) -> list[StoredKey]:
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ApiKeyConfigError(f"API keys are not valid YAML ({type(exc).__name__}); {FIX}") from None
     if loaded is not None and not isinstance(loaded, dict):
