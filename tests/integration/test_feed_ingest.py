@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect
 
 from k2 import topics
 from k2.dlq import FileDeadLetters
@@ -175,3 +176,52 @@ def test_sequence_gaps_follow_the_policy(folder, embedded_settings, file_records
         feed.handle(json.dumps(encode_tick("trades", dict(records[30]))))  # 17 missing > halt 10
     feed.producer.flush()
     assert sum(feed.producer.delivered.values()) == len(sent), "the halting tick is not produced"
+
+
+# the simulator's side of the protocol (docs/feed-protocol.md) --------------------------------------
+def _paced_folder(root: Path, folder: Path, offsets: list[int]) -> Path:
+    """An ASX-format folder of BHP trades `offsets` exchange seconds after the open."""
+    (root / "reference-data").mkdir(parents=True)
+    (root / "trades").mkdir()
+    (root / "reference-data" / "company_info.csv").write_text(
+        (folder / "reference-data" / "company_info.csv").read_text())
+    rows = [f"03/10/2014,10:00:{s:02d}.000,36.7,100,0,," for s in offsets]
+    (root / "trades" / "7078.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _frames(ws, until, timeout: float = 30) -> list[dict]:
+    """Frames read until `until(frames)` holds."""
+    frames: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not until(frames):
+        frames.append(json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01))))
+    return frames
+
+
+def _sending_offsets(url: str, count: int) -> list[float]:
+    """Seconds from the first trade's sending to each later one's, by the server's `sent` clock."""
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "subscribe", "channels": ["trades"]}))
+        frames = _frames(ws, lambda got: sum(f["type"] == "trade" for f in got) == count)
+    sent = [f["sent"] for f in frames if f["type"] == "trade"]
+    return [s - sent[0] for s in sent[1:]]
+
+
+def test_the_simulator_paces_ticks_by_exchange_time_divided_by_the_speed(folder, simulators, tmp_path):
+    """--speed N: a tick is sent (gap in exchange time) / N after the previous one. The schedule is
+    kept from the first tick, so a late wake-up on a loaded machine delays one tick, never the rest;
+    a tick is never early, and the bands above allow a busy machine's delays."""
+    offsets = [0, 2, 8, 10, 14]  # exchange seconds: gaps of 2, 6, 2 and 4
+    paced = _paced_folder(tmp_path / "paced", folder, offsets)
+    measured = {}
+    for speed in (4, 16):
+        sim = simulators(paced, free_port(), "--speed", str(speed), "--max-idle", "60")
+        measured[speed] = _sending_offsets(sim.url, len(offsets))
+        expected = [s / speed for s in offsets[1:]]
+        assert all(e - 0.05 <= m <= e + 0.75 for m, e in zip(measured[speed], expected, strict=True)), \
+            f"speed {speed}: sent at {measured[speed]}, the exchange times say {expected}"
+    slow, fast = measured[4], measured[16]
+    assert slow[-1] >= 3.45 and fast[-1] < slow[-1] / 2, "four times the speed: the same ticks in a quarter of the time"
+    gaps = [b - a for a, b in zip([0.0, *slow], slow, strict=False)]
+    assert max(gaps) == gaps[1], f"the longest exchange gap is the longest wait: {gaps}"
