@@ -195,7 +195,10 @@ def _frames(ws, until, timeout: float = 30) -> list[dict]:
     frames: list[dict] = []
     deadline = time.monotonic() + timeout
     while not until(frames):
-        frames.append(json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01))))
+        try:
+            frames.append(json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01))))
+        except TimeoutError:
+            raise AssertionError(f"timed out after {len(frames)} frames, the last {frames[-3:]}") from None
     return frames
 
 
@@ -225,3 +228,49 @@ def test_the_simulator_paces_ticks_by_exchange_time_divided_by_the_speed(folder,
     assert slow[-1] >= 3.45 and fast[-1] < slow[-1] / 2, "four times the speed: the same ticks in a quarter of the time"
     gaps = [b - a for a, b in zip([0.0, *slow], slow, strict=False)]
     assert max(gaps) == gaps[1], f"the longest exchange gap is the longest wait: {gaps}"
+
+
+def _ticks_after(frames: list[dict], reply: str) -> list[dict]:
+    """The ticks among `frames` that came after the server's `reply` (ticks queued before the
+    command was read may still precede it); none before the reply came."""
+    at = next((i for i, f in enumerate(frames) if f["type"] == reply), len(frames))
+    return [f for f in frames[at + 1:] if f["type"] in ("trade", "quote")]
+
+
+def _streams(ticks: list[dict]) -> set[tuple[str, str]]:
+    return {(f["type"], f["symbol"]) for f in ticks}
+
+
+def _after_reply(ws, reply: str, count: int) -> list[dict]:
+    """Frames until `count` ticks have come after `reply`."""
+    return _frames(ws, lambda got: len(_ticks_after(got, reply)) >= count)
+
+
+def test_an_unsubscribed_symbol_or_channel_stops_while_the_rest_flows(folder, simulators):
+    """docs/feed-protocol.md: unsubscribe answers with the resulting sets; from that answer on no
+    tick of what was unsubscribed arrives, and the rest goes on. An unsubscribe names what stops:
+    symbols on every channel, or channels of every symbol."""
+    sim = simulators(folder, free_port(), "--speed", "500", "--max-idle", "0.02")
+    with connect(sim.url) as ws:
+        ws.send(json.dumps({"type": "subscribe", "symbols": ["BHP", "RIO"]}))
+        both = {(t, s) for t in ("trade", "quote") for s in ("BHP", "RIO")}
+        frames = _frames(ws, lambda got: _streams(_ticks_after(got, "subscribed")) == both)
+        assert next(f for f in frames if f["type"] == "subscribed") == {
+            "type": "subscribed", "channels": ["quotes", "trades"], "symbols": ["BHP", "RIO"]}
+
+        ws.send(json.dumps({"type": "unsubscribe", "symbols": ["RIO"]}))
+        after = _ticks_after(_after_reply(ws, "unsubscribed", 200), "unsubscribed")
+        assert _streams(after) == {("trade", "BHP"), ("quote", "BHP")}, "RIO stopped, BHP goes on in both channels"
+
+        ws.send(json.dumps({"type": "unsubscribe", "channels": ["quotes"]}))
+        frames = _after_reply(ws, "unsubscribed", 50)
+        assert next(f for f in frames if f["type"] == "unsubscribed") == {
+            "type": "unsubscribed", "channels": ["trades"], "symbols": ["BHP"]}
+        assert _streams(_ticks_after(frames, "unsubscribed")) == {("trade", "BHP")}
+
+    with connect(sim.url) as ws:  # every symbol, then no quotes: the trades of every symbol go on
+        ws.send(json.dumps({"type": "subscribe"}))
+        ws.send(json.dumps({"type": "unsubscribe", "channels": ["quotes"]}))
+        after = _ticks_after(_after_reply(ws, "unsubscribed", 300), "unsubscribed")
+        assert _streams(after) == {("trade", "BHP"), ("trade", "RIO")}
+

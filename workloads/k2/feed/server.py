@@ -120,9 +120,14 @@ class Market:
             sub.channels |= channels
             sub.symbols |= symbols
             self.opened.set()
+        elif not message.get("channels") and not message.get("symbols"):
+            sub.channels.clear()
+            sub.symbols.clear()
         else:
-            sub.channels -= channels if message.get("channels") else set(CHANNELS)
-            sub.symbols -= symbols
+            # An unsubscribe stops what it names and leaves the rest: `{"symbols": ["RIO"]}` used to
+            # take every channel away too (its default), so the other symbols stopped with RIO.
+            sub.channels -= channels if message.get("channels") else set()
+            sub.symbols -= symbols if message.get("symbols") else set()
         self._offer(sub, control(op + "d", channels=sorted(sub.channels), symbols=sorted(sub.symbols)))
         if self.ended and op == "subscribe":
             self._offer(sub, control("end"))
