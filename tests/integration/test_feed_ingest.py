@@ -4,6 +4,7 @@ resubscription after the feed dies, and SIGTERM flushing what was received."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -179,13 +180,13 @@ def test_sequence_gaps_follow_the_policy(folder, embedded_settings, file_records
 
 
 # the simulator's side of the protocol (docs/feed-protocol.md) --------------------------------------
-def _paced_folder(root: Path, folder: Path, offsets: list[int]) -> Path:
-    """An ASX-format folder of BHP trades `offsets` exchange seconds after the open."""
+def _trades_folder(root: Path, folder: Path, offsets: list[int]) -> Path:
+    """An ASX-format folder of BHP trades `offsets` exchange seconds after 10:00."""
     (root / "reference-data").mkdir(parents=True)
     (root / "trades").mkdir()
     (root / "reference-data" / "company_info.csv").write_text(
         (folder / "reference-data" / "company_info.csv").read_text())
-    rows = [f"03/10/2014,10:00:{s:02d}.000,36.7,100,0,," for s in offsets]
+    rows = [f"03/10/2014,{10 + s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}.000,36.7,100,0,," for s in offsets]
     (root / "trades" / "7078.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -216,7 +217,7 @@ def test_the_simulator_paces_ticks_by_exchange_time_divided_by_the_speed(folder,
     kept from the first tick, so a late wake-up on a loaded machine delays one tick, never the rest;
     a tick is never early, and the bands above allow a busy machine's delays."""
     offsets = [0, 2, 8, 10, 14]  # exchange seconds: gaps of 2, 6, 2 and 4
-    paced = _paced_folder(tmp_path / "paced", folder, offsets)
+    paced = _trades_folder(tmp_path / "paced", folder, offsets)
     measured = {}
     for speed in (4, 16):
         sim = simulators(paced, free_port(), "--speed", str(speed), "--max-idle", "60")
@@ -274,3 +275,33 @@ def test_an_unsubscribed_symbol_or_channel_stops_while_the_rest_flows(folder, si
         after = _ticks_after(_after_reply(ws, "unsubscribed", 300), "unsubscribed")
         assert _streams(after) == {("trade", "BHP"), ("trade", "RIO")}
 
+
+
+def test_heartbeats_come_every_interval_before_during_and_after_the_ticks(folder, simulators, tmp_path):
+    """docs/feed-protocol.md: `hello` says `heartbeat_seconds`, and a heartbeat follows every
+    interval whether or not ticks flow, its `state` saying where the market is and `sent` how many
+    ticks were sent so far (at --speed 0 the ticks flow for as long as this client takes to read them)."""
+    ticks = _trades_folder(tmp_path / "day", folder, list(range(6000)))
+    sim = simulators(ticks, free_port(), "--speed", "0", "--heartbeat", "0.05")
+    with connect(sim.url) as ws:
+        hello = json.loads(ws.recv(timeout=30))
+        assert hello["type"] == "hello" and hello["heartbeat_seconds"] == 0.05
+        started = time.monotonic()
+        waiting = _frames(ws, lambda got: time.monotonic() - started > 1)  # idle: nobody subscribed yet
+        assert {f["type"] for f in waiting} == {"heartbeat"}
+        assert {(f["state"], f["sent"]) for f in waiting} == {("waiting", 0)}
+        assert 10 <= len(waiting) <= 24, f"{len(waiting)} heartbeats in 1 s at one per 0.05 s"
+        gaps = sorted(b["time"] - a["time"] for a, b in itertools.pairwise(waiting))
+        assert 0.045 <= gaps[len(gaps) // 2] <= 0.1, f"heartbeat spacing {gaps}"
+
+        ws.send(json.dumps({"type": "subscribe"}))
+        frames = _frames(ws, lambda got: bool(got) and got[-1]["type"] == "end", timeout=120)
+        received = 0
+        for frame in frames:
+            if frame["type"] == "trade":
+                received += 1
+            elif frame["type"] == "heartbeat":
+                assert frame["state"] == "open" and frame["sent"] == received, "sent: the ticks sent so far"
+        assert received == 6000 and any(f["type"] == "heartbeat" for f in frames), "heartbeats while ticks flow"
+        ended = _frames(ws, lambda got: len(got) == 3)
+        assert {(f["type"], f["state"], f["sent"]) for f in ended} == {("heartbeat", "ended", received)}

@@ -174,6 +174,9 @@ class Market:
                 await self._broadcast(kind, record["symbol"], self._corrupt(kind, record))
             await self._broadcast(kind, record["symbol"], json.dumps(encode_tick(kind, record, time.time())))
             self.sent += 1
+            # Heartbeats and writers run here, between ticks, once `sent` counts the tick just queued
+            # (a heartbeat run inside the broadcast said one tick fewer than its reader had).
+            await asyncio.sleep(0)
         self.ended = True
         log.info("feed.end", ticks=self.sent)
         for sub in list(self.subscribers):
@@ -194,7 +197,6 @@ class Market:
                 await sub.queue.put(frame)  # as fast as the slowest reader
             else:
                 self._offer(sub, frame)
-        await asyncio.sleep(0)  # let the writers and heartbeats run between ticks
 
     async def heartbeats(self) -> None:
         while True:
