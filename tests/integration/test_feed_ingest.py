@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -305,3 +307,62 @@ def test_heartbeats_come_every_interval_before_during_and_after_the_ticks(folder
         assert received == 6000 and any(f["type"] == "heartbeat" for f in frames), "heartbeats while ticks flow"
         ended = _frames(ws, lambda got: len(got) == 3)
         assert {(f["type"], f["state"], f["sent"]) for f in ended} == {("heartbeat", "ended", received)}
+
+
+def _livez(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:  # the metrics server is not up yet
+        return 0, ""
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def _until_livez(port: int, status: int, proc: subprocess.Popen, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while (answer := _livez(port))[0] != status:
+        assert proc.poll() is None, f"k2 ingest feed exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"/livez never answered {status}: {answer}"
+        time.sleep(0.1)
+    return answer[1]
+
+
+def test_livez_fails_while_the_feed_is_silent_and_recovers_when_it_speaks(folder, simulators, embedded_settings):
+    """`k2 ingest feed`'s liveness is feed progress: healthy while heartbeats arrive, though no tick
+    comes for longer than the bound (twice K2_FEED_STALE_SECONDS); failing, with the reason, once
+    nothing has arrived for longer than that (the simulator frozen); healthy again when it speaks."""
+    sim = simulators(folder, free_port(), "--speed", "1", "--heartbeat", "0.2")  # pre-open: a tick a minute
+    port = free_port()
+    env = {**os.environ, **embedded_settings.to_env(), "K2_METRICS_PORT": str(port), "K2_FEED_STALE_SECONDS": "1"}
+    proc = subprocess.Popen([*K2, "ingest", "feed", sim.url], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _until_livez(port, 200, proc)
+        deadline = time.monotonic() + 60
+        while "k2_feed_connected 1.0" not in _metrics(port):
+            assert time.monotonic() < deadline, "the ingest never connected"
+            time.sleep(0.1)
+        healthy_until = time.monotonic() + 4  # twice the bound, on heartbeats alone
+        while time.monotonic() < healthy_until:
+            assert _livez(port)[0] == 200, "heartbeats are feed progress"
+            time.sleep(0.2)
+
+        sim.proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        reason = _until_livez(port, 503, proc, timeout=30)
+        assert time.monotonic() - stopped >= 1.5, "failing before the bound"
+        assert "last feed message" in reason and "limit 2s" in reason, reason
+
+        sim.proc.send_signal(signal.SIGCONT)
+        _until_livez(port, 200, proc)
+    finally:
+        sim.proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.wait(30)
+
