@@ -4,6 +4,7 @@ resubscription after the feed dies, and SIGTERM flushing what was received."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from k2 import topics
@@ -366,3 +368,40 @@ def test_livez_fails_while_the_feed_is_silent_and_recovers_when_it_speaks(folder
         proc.terminate()
         proc.wait(30)
 
+
+
+@pytest.fixture
+def silent_feed():
+    """A WebSocket server that accepts every connection and never sends a frame: a venue whose
+    gateway is up while nothing behind it is."""
+    from websockets.sync.server import serve
+
+    def handler(ws) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            for _ in ws:  # the client's subscribe frames go unanswered
+                pass
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        server.shutdown()
+    thread.join(10)
+
+
+def test_livez_fails_on_a_feed_that_accepts_connections_and_says_nothing(silent_feed, embedded_settings):
+    """Connecting is not progress: reconnecting to a silent feed must not keep /livez healthy
+    (it did: each connect reset the clock of the last message, so the age never reached the bound)."""
+    port = free_port()
+    env = {**os.environ, **embedded_settings.to_env(), "K2_METRICS_PORT": str(port), "K2_FEED_STALE_SECONDS": "2"}
+    proc = subprocess.Popen([*K2, "ingest", "feed", silent_feed], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _until_livez(port, 200, proc)
+        reason = _until_livez(port, 503, proc, timeout=30)
+        assert "last feed message" in reason, reason
+        assert float(_metrics(port).split("\nk2_feed_reconnects_total ")[1].split()[0]) >= 1, \
+            "the ingest reconnected meanwhile, as a silent feed asks"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -46,6 +46,7 @@ def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
 @dataclass
 class FeedState:
     last_message: float = 0.0  # monotonic clock
+    connected_at: float = 0.0  # monotonic clock: a session is stale once both are old
     connected: bool = False
     ended: bool = False
 
@@ -95,7 +96,9 @@ class FeedIngest:
         for frame in self.adapter.subscribe(self.channels, self.symbols):
             ws.send(frame)
         self.state.connected = True
-        self.state.last_message = time.monotonic()
+        # Only the stale timer starts again: liveness waits for a message, as a feed that accepts
+        # connections and says nothing kept /livez healthy by being reconnected to.
+        self.state.connected_at = time.monotonic()
         FEED_CONNECTED.set(1)
         log.info("feed.connected", url=self.url, channels=self.channels, symbols=self.symbols)
 
@@ -104,7 +107,8 @@ class FeedIngest:
             try:
                 frame = ws.recv(timeout=_POLL_SECONDS)
             except TimeoutError:
-                if time.monotonic() - self.state.last_message > self.settings.feed_stale_seconds:
+                heard = max(self.state.last_message, self.state.connected_at)
+                if time.monotonic() - heard > self.settings.feed_stale_seconds:
                     raise FeedStale(f"no message for {self.settings.feed_stale_seconds}s") from None
                 self.producer.producer.poll(0)
                 continue
