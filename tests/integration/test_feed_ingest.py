@@ -326,6 +326,10 @@ def _metrics(port: int) -> str:
         return resp.read().decode()
 
 
+def _reconnects(port: int) -> float:
+    return float(_metrics(port).split("\nk2_feed_reconnects_total ")[1].split()[0])
+
+
 def _until_livez(port: int, status: int, proc: subprocess.Popen, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while (answer := _livez(port))[0] != status:
@@ -339,7 +343,8 @@ def test_livez_fails_while_the_feed_is_silent_and_recovers_when_it_speaks(folder
     """`k2 ingest feed`'s liveness is feed progress: healthy while heartbeats arrive, though no tick
     comes for longer than the bound (twice K2_FEED_STALE_SECONDS); failing, with the reason, once
     nothing has arrived for longer than that (the simulator frozen); healthy again when it speaks."""
-    sim = simulators(folder, free_port(), "--speed", "1", "--heartbeat", "0.2")  # pre-open: a tick a minute
+    # pre-open at --speed 1: ticks a minute or so apart, heartbeats in between
+    sim = simulators(folder, free_port(), "--speed", "1", "--max-idle", "60", "--heartbeat", "0.2")
     port = free_port()
     env = {**os.environ, **embedded_settings.to_env(), "K2_METRICS_PORT": str(port), "K2_FEED_STALE_SECONDS": "1"}
     proc = subprocess.Popen([*K2, "ingest", "feed", sim.url], env=env, stdout=subprocess.DEVNULL,
@@ -350,10 +355,12 @@ def test_livez_fails_while_the_feed_is_silent_and_recovers_when_it_speaks(folder
         while "k2_feed_connected 1.0" not in _metrics(port):
             assert time.monotonic() < deadline, "the ingest never connected"
             time.sleep(0.1)
+        reconnects = _reconnects(port)
         healthy_until = time.monotonic() + 4  # twice the bound, on heartbeats alone
         while time.monotonic() < healthy_until:
             assert _livez(port)[0] == 200, "heartbeats are feed progress"
             time.sleep(0.2)
+        assert _reconnects(port) == reconnects, "heartbeats keep the connection from going stale"
 
         sim.proc.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
@@ -400,8 +407,7 @@ def test_livez_fails_on_a_feed_that_accepts_connections_and_says_nothing(silent_
         _until_livez(port, 200, proc)
         reason = _until_livez(port, 503, proc, timeout=30)
         assert "last feed message" in reason, reason
-        assert float(_metrics(port).split("\nk2_feed_reconnects_total ")[1].split()[0]) >= 1, \
-            "the ingest reconnected meanwhile, as a silent feed asks"
+        assert _reconnects(port) >= 1, "the ingest reconnected meanwhile, as a silent feed asks"
     finally:
         proc.terminate()
         proc.wait(30)
