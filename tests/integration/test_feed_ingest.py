@@ -26,7 +26,7 @@ from k2.dlq import FileDeadLetters
 from k2.ingest.feed import FeedIngest, ingest_feed
 from k2.ingest.pipeline import register_schemas
 from k2.ingest.producer import TickProducer
-from k2.observability import FEED_RECONNECTS
+from k2.observability import FEED_RECONNECTS, REGISTRY
 from k2.quality import SequenceGapHalt
 from k2.schemas.registry import client
 from k2.schemas.wire import AvroDecoder
@@ -165,14 +165,23 @@ def test_sigterm_flushes_what_was_received(folder, simulators, embedded_settings
     assert 0 < len(stored) == summary["produced"] < len(file_records(folder)), "stopped mid-day, nothing lost"
 
 
-def test_sequence_gaps_follow_the_policy(folder, embedded_settings, file_records):
-    settings = embedded_settings.model_copy(update={"gap_alert": 3, "gap_halt": 10})
-    records = sorted((r for k, r in file_records(folder).items() if k[0] == "trades" and k[1] == "BHP"),
-                     key=lambda r: r["sequence_number"])[:40]
+def _bhp_trades_ingest(settings) -> FeedIngest:
+    """A feed ingest on the real Kafka + registry, handed frames by the test."""
     topics.ensure_pipeline_topics(settings, ("trades",))
-    feed = FeedIngest("ws://test", settings, channels=["trades"], symbols=["BHP"], adapter=K2FeedAdapter(),
+    return FeedIngest("ws://test", settings, channels=["trades"], symbols=["BHP"], adapter=K2FeedAdapter(),
                       dlq=FileDeadLetters(Path(settings.dlq_path)), producer=TickProducer(settings.kafka_bootstrap),
                       encoders=register_schemas(settings, ("trades",)))
+
+
+def _bhp_trades(folder: Path, file_records) -> list[dict]:
+    return sorted((r for k, r in file_records(folder).items() if k[0] == "trades" and k[1] == "BHP"),
+                  key=lambda r: r["sequence_number"])
+
+
+def test_sequence_gaps_follow_the_policy(folder, embedded_settings, file_records):
+    settings = embedded_settings.model_copy(update={"gap_alert": 3, "gap_halt": 10})
+    records = _bhp_trades(folder, file_records)[:40]
+    feed = _bhp_trades_ingest(settings)
     sent = [records[i] for i in (4, 5, 7, 12)]  # baseline at 5, then a gap of 1 (warning), of 4 (alert)
     for record in sent:
         feed.handle(json.dumps(encode_tick("trades", dict(record))))
@@ -181,6 +190,29 @@ def test_sequence_gaps_follow_the_policy(folder, embedded_settings, file_records
         feed.handle(json.dumps(encode_tick("trades", dict(records[30]))))  # 17 missing > halt 10
     feed.producer.flush()
     assert sum(feed.producer.delivered.values()) == len(sent), "the halting tick is not produced"
+
+
+def test_the_feed_lag_is_the_time_from_the_servers_sent_stamp_to_receipt(folder, embedded_settings, file_records):
+    """k2_feed_lag_seconds: how long the latest tick took from the server's `sent` to this process,
+    the delay a venue's backlog or a slow network adds (exchange time says nothing of it)."""
+    feed = _bhp_trades_ingest(embedded_settings)
+    first, second, third = _bhp_trades(folder, file_records)[:3]
+
+    feed.handle(json.dumps(encode_tick("trades", dict(first), time.time() - 5.0)))  # held up 5 s on the way
+    assert 5.0 <= _feed_lag() < 6.5
+    feed.handle(json.dumps(encode_tick("trades", dict(second), time.time())))
+    fresh = _feed_lag()
+    assert 0.0 <= fresh < 1.0, "a fresh tick"
+    feed.handle(json.dumps(encode_tick("trades", dict(third))))  # a server that does not say when it sent
+    assert _feed_lag() == fresh, "no `sent`: the lag stays the last one measured"
+    feed.producer.flush()
+    assert sum(feed.producer.delivered.values()) == 3
+
+
+def _feed_lag() -> float:
+    value = REGISTRY.get_sample_value("k2_feed_lag_seconds")
+    assert value is not None
+    return value
 
 
 # the simulator's side of the protocol (docs/feed-protocol.md) --------------------------------------
