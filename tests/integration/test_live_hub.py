@@ -6,20 +6,25 @@ answer; what is produced afterwards reaches the subscriber."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import json
 import threading
 import time
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from starlette.testclient import TestClient
 
-from k2 import schemas, topics
+from k2 import schemas, tables, topics
 from k2.api import hub as hub_module
+from k2.api.app import create_app
 from k2.api.hub import Subscription, TickHub
 from k2.ingest.pipeline import ingest_files, register_schemas
 from k2.kafka import consume_available
 from k2.observability import REGISTRY
 from k2.query.tail import KindTail
+from k2.settings import DEV_API_KEY
 from k2.sources.asx import unscaled_bytes
 from k2_synthetic import generate
 
@@ -115,13 +120,24 @@ def test_the_hub_decodes_only_what_its_subscribers_may_want(tmp_path, embedded_s
     assert [t.offset for t in received] == [t.offset for t in decoded], "every tick of the symbol, in order"
 
 
+def _produce_trades(settings, encoder, ticks: list[tuple[str, int]]) -> None:
+    """(symbol, sequence number) trades of one day to the trades topic, keyed by symbol as K2 does."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for symbol, seq in ticks:
+        record = {"symbol": symbol, "exchange": "ASX", "exchange_timestamp": 1_394_400_000_000_000 + seq,
+                  "exchange_date": 16139, "sequence_number": seq, "price": unscaled_bytes(36_700_000),
+                  "volume": 100, "qualifiers": None, "venue": None, "buyer_id": None,
+                  "ingest_timestamp": 1_394_400_000_000_000, "source_id": "test"}
+        producer.produce(settings.topic("trades"), encoder.encode(record), symbol.encode())
+    producer.flush(30)
+
+
 def test_a_registry_outage_is_waited_out_and_every_tick_then_pushed_once(embedded_settings, registry,
                                                                         event_loop_thread):
     """The hub fetches a writer schema the first time it sees its id: with the registry away it
     keeps the messages and decodes them once it is back (it used to stop for good)."""
     topics.ensure_pipeline_topics(embedded_settings, ("trades",))
     encoder = register_schemas(embedded_settings, ("trades",))["trades"]
-    topic = embedded_settings.topic("trades")
     hub = TickHub(embedded_settings, kinds=["trades"])
     sub = Subscription("trades", frozenset(), buffer=1_000_000, loop=event_loop_thread)
     try:
@@ -131,14 +147,7 @@ def test_a_registry_outage_is_waited_out_and_every_tick_then_pushed_once(embedde
         while not hub.subscribe(sub) and time.monotonic() < deadline:
             time.sleep(0.5)
         registry.stop()
-        producer = Producer({"bootstrap.servers": embedded_settings.kafka_bootstrap})
-        for seq in range(1, 51):
-            record = {"symbol": "BHP", "exchange": "ASX", "exchange_timestamp": 1_394_400_000_000_000 + seq,
-                      "exchange_date": 16139, "sequence_number": seq, "price": unscaled_bytes(36_700_000),
-                      "volume": 100, "qualifiers": None, "venue": None, "buyer_id": None,
-                      "ingest_timestamp": 1_394_400_000_000_000, "source_id": "test"}
-            producer.produce(topic, encoder.encode(record), b"BHP")
-        producer.flush(30)
+        _produce_trades(embedded_settings, encoder, [("BHP", seq) for seq in range(1, 51)])
         time.sleep(5)  # the hub meets the outage
         assert _received(sub, event_loop_thread) == []
         registry.start()
@@ -233,3 +242,50 @@ def test_each_push_records_the_delay_since_its_oldest_tick_was_produced(tmp_path
     hub.unsubscribe(sub)
     hub._dispatch(messages)
     assert _push_delay() == (now_count, now_total), "a poll nobody was pushed is no push"
+
+
+@pytest.mark.timeout(180)
+def test_one_consumer_feeds_every_subscriber_and_the_push_never_reads_iceberg(tmp_path, embedded_settings,
+                                                                             monkeypatch):
+    """Many WebSocket subscribers of one API process share the hub's one Kafka consumer, and the
+    push reads Kafka only: with the catalog unreadable, subscribers without `from` get every live
+    tick, and the catalog is never opened."""
+    topics.ensure_pipeline_topics(embedded_settings, ("trades",))
+    encoder = register_schemas(embedded_settings, ("trades",))["trades"]
+    gone = tmp_path / "a-file-not-a-folder"
+    gone.write_text("")
+    settings = embedded_settings.model_copy(update={"catalog_uri": f"sqlite:///{gone}/catalog.db",
+                                                    "warehouse": str(gone / "warehouse")})
+    consumers: list[Consumer] = []
+
+    class Counted(Consumer):
+        def __init__(self, config: dict) -> None:
+            super().__init__(config)
+            consumers.append(self)
+
+    catalogs: list[object] = []
+    opened = tables.catalog
+    monkeypatch.setattr(hub_module, "Consumer", Counted)
+    monkeypatch.setattr(tables, "catalog", lambda s: (catalogs.append(s), opened(s))[1])
+    with pytest.raises(NotADirectoryError):
+        opened(settings)  # unreadable indeed
+
+    copies = {"symbols=BHP": 3, "symbols=BHP,RIO": 2, "": 1}  # subscribers per query
+    with TestClient(create_app(settings), headers={"X-API-Key": DEV_API_KEY}) as client, \
+            contextlib.ExitStack() as sockets:
+        subscribers = [(sockets.enter_context(client.websocket_connect(f"/v1/stream/trades?{query}")), query)
+                       for query, n in copies.items() for _ in range(n)]
+        deadline = time.monotonic() + 60
+        while REGISTRY.get_sample_value("k2_stream_subscribers", {"kind": "trades"}) != len(subscribers):
+            assert len(consumers) <= 1, f"{len(consumers)} Kafka consumers for {len(subscribers)} subscribers"
+            assert time.monotonic() < deadline, "the subscribers never all joined the hub"
+            time.sleep(0.1)
+        ticks = [(symbol, seq) for seq in range(1, 11) for symbol in ("BHP", "RIO", "WOW")]
+        _produce_trades(embedded_settings, encoder, ticks)
+        for ws, query in subscribers:
+            symbols = set(query.removeprefix("symbols=").split(",")) if query else {"BHP", "RIO", "WOW"}
+            got = [json.loads(ws.receive_text()) for _ in range(10 * len(symbols))]
+            assert sorted((t["symbol"], t["sequence_number"]) for t in got) == sorted(
+                t for t in ticks if t[0] in symbols), query
+    assert len(consumers) == 1, f"{len(consumers)} Kafka consumers for {len(subscribers)} subscribers"
+    assert catalogs == [], "the push opened the Iceberg catalog"
