@@ -275,6 +275,34 @@ def drain():
     return drain_topic
 
 
+def produce_trades(settings: Settings, ticks: list[tuple[str, int]], encoder: Any = None) -> None:
+    """(symbol, sequence number) trades of one ASX day to the trades topic, keyed by symbol as
+    K2's producers key them (the topic and subject are made if missing, unless an encoder made
+    earlier is given: one registered before a registry outage, say)."""
+    from confluent_kafka import Producer
+
+    from k2 import topics
+    from k2.ingest.pipeline import register_schemas
+    from k2.sources.asx import unscaled_bytes
+
+    if encoder is None:
+        topics.ensure_pipeline_topics(settings, ("trades",))
+        encoder = register_schemas(settings, ("trades",))["trades"]
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for symbol, seq in ticks:
+        record = {"symbol": symbol, "exchange": "ASX", "exchange_timestamp": 1_394_400_000_000_000 + seq,
+                  "exchange_date": 16139, "sequence_number": seq, "price": unscaled_bytes(36_700_000),
+                  "volume": 100, "qualifiers": None, "venue": None, "buyer_id": None,
+                  "ingest_timestamp": 1_394_400_000_000_000, "source_id": "test"}
+        producer.produce(settings.topic("trades"), encoder.encode(record), symbol.encode())
+    producer.flush(30)
+
+
+@pytest.fixture
+def trades_producer() -> Callable[..., None]:
+    return produce_trades
+
+
 # --- the operator on the real control plane (tests/operator, tests/e2e) -------------------------------
 
 CRD_DIR = REPO / "manifests" / "base" / "crds"

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from starlette.testclient import TestClient
 
 from k2 import schemas, tables, topics
@@ -25,7 +25,6 @@ from k2.kafka import consume_available
 from k2.observability import REGISTRY
 from k2.query.tail import KindTail
 from k2.settings import DEV_API_KEY
-from k2.sources.asx import unscaled_bytes
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.integration
@@ -120,20 +119,8 @@ def test_the_hub_decodes_only_what_its_subscribers_may_want(tmp_path, embedded_s
     assert [t.offset for t in received] == [t.offset for t in decoded], "every tick of the symbol, in order"
 
 
-def _produce_trades(settings, encoder, ticks: list[tuple[str, int]]) -> None:
-    """(symbol, sequence number) trades of one day to the trades topic, keyed by symbol as K2 does."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-    for symbol, seq in ticks:
-        record = {"symbol": symbol, "exchange": "ASX", "exchange_timestamp": 1_394_400_000_000_000 + seq,
-                  "exchange_date": 16139, "sequence_number": seq, "price": unscaled_bytes(36_700_000),
-                  "volume": 100, "qualifiers": None, "venue": None, "buyer_id": None,
-                  "ingest_timestamp": 1_394_400_000_000_000, "source_id": "test"}
-        producer.produce(settings.topic("trades"), encoder.encode(record), symbol.encode())
-    producer.flush(30)
-
-
 def test_a_registry_outage_is_waited_out_and_every_tick_then_pushed_once(embedded_settings, registry,
-                                                                        event_loop_thread):
+                                                                        event_loop_thread, trades_producer):
     """The hub fetches a writer schema the first time it sees its id: with the registry away it
     keeps the messages and decodes them once it is back (it used to stop for good)."""
     topics.ensure_pipeline_topics(embedded_settings, ("trades",))
@@ -147,7 +134,7 @@ def test_a_registry_outage_is_waited_out_and_every_tick_then_pushed_once(embedde
         while not hub.subscribe(sub) and time.monotonic() < deadline:
             time.sleep(0.5)
         registry.stop()
-        _produce_trades(embedded_settings, encoder, [("BHP", seq) for seq in range(1, 51)])
+        trades_producer(embedded_settings, [("BHP", seq) for seq in range(1, 51)], encoder)
         time.sleep(5)  # the hub meets the outage
         assert _received(sub, event_loop_thread) == []
         registry.start()
@@ -246,12 +233,11 @@ def test_each_push_records_the_delay_since_its_oldest_tick_was_produced(tmp_path
 
 @pytest.mark.timeout(180)
 def test_one_consumer_feeds_every_subscriber_and_the_push_never_reads_iceberg(tmp_path, embedded_settings,
-                                                                             monkeypatch):
+                                                                             monkeypatch, trades_producer):
     """Many WebSocket subscribers of one API process share the hub's one Kafka consumer, and the
     push reads Kafka only: with the catalog unreadable, subscribers without `from` get every live
     tick, and the catalog is never opened."""
-    topics.ensure_pipeline_topics(embedded_settings, ("trades",))
-    encoder = register_schemas(embedded_settings, ("trades",))["trades"]
+    topics.ensure_pipeline_topics(embedded_settings, ("trades",))  # there at the start: read from its end
     gone = tmp_path / "a-file-not-a-folder"
     gone.write_text("")
     settings = embedded_settings.model_copy(update={"catalog_uri": f"sqlite:///{gone}/catalog.db",
@@ -281,7 +267,7 @@ def test_one_consumer_feeds_every_subscriber_and_the_push_never_reads_iceberg(tm
             assert time.monotonic() < deadline, "the subscribers never all joined the hub"
             time.sleep(0.1)
         ticks = [(symbol, seq) for seq in range(1, 11) for symbol in ("BHP", "RIO", "WOW")]
-        _produce_trades(embedded_settings, encoder, ticks)
+        trades_producer(embedded_settings, ticks)
         for ws, query in subscribers:
             symbols = set(query.removeprefix("symbols=").split(",")) if query else {"BHP", "RIO", "WOW"}
             got = [json.loads(ws.receive_text()) for _ in range(10 * len(symbols))]
