@@ -275,10 +275,11 @@ def drain():
     return drain_topic
 
 
-def produce_trades(settings: Settings, ticks: list[tuple[str, int]], encoder: Any = None) -> None:
+def produce_trades(settings: Settings, ticks: list[tuple[str, int]], encoder: Any = None, every: float = 0.0) -> None:
     """(symbol, sequence number) trades of one ASX day to the trades topic, keyed by symbol as
     K2's producers key them (the topic and subject are made if missing, unless an encoder made
-    earlier is given: one registered before a registry outage, say)."""
+    earlier is given: one registered before a registry outage, say). With `every`, one tick per
+    `every` seconds, each delivered before the next, as a live feed comes."""
     from confluent_kafka import Producer
 
     from k2 import topics
@@ -295,6 +296,9 @@ def produce_trades(settings: Settings, ticks: list[tuple[str, int]], encoder: An
                   "volume": 100, "qualifiers": None, "venue": None, "buyer_id": None,
                   "ingest_timestamp": 1_394_400_000_000_000, "source_id": "test"}
         producer.produce(settings.topic("trades"), encoder.encode(record), symbol.encode())
+        if every:
+            producer.flush(30)
+            time.sleep(every)
     producer.flush(30)
 
 

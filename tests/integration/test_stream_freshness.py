@@ -10,9 +10,11 @@ collectors' series, which the dashboard's and alerts' process panels rely on.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,9 +25,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from k2 import tables
+from k2.dlq import open_sink
 from k2.ingest.pipeline import ingest_files
 from k2.settings import Settings
 from k2.stack.base import free_port
+from k2.stream.runner import build_writers
 from k2_synthetic import generate
 
 pytestmark = pytest.mark.integration
@@ -127,3 +131,38 @@ def test_a_restarted_stream_reports_its_tables_newest_tick_before_anything_new(e
         table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
         snapshots.append(table.current_snapshot().snapshot_id)
     assert snapshots[0] == snapshots[1], "the second run committed something"
+
+
+def test_a_sub_second_time_bound_commits_partial_batches_while_ticks_flow(embedded_settings: Settings, tmp_path: Path,
+                                                                         trades_producer):
+    """batch_seconds=0.3 with a size bound never reached: while ticks arrive (50 a second at most,
+    for a few seconds) the writer commits what it holds each time the bound elapses, each commit
+    a part of the flow and a snapshot of its own, not the whole at the end."""
+    settings = embedded_settings.model_copy(update={"batch_seconds": 0.3, "batch_rows": 1_000_000})
+    trades_producer(settings, [])  # the topic and subject
+    (writer,) = build_writers(settings, ("trades",), open_sink(settings, tmp_path / "dlq.jsonl"))
+    writer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not writer.assigned:
+            assert time.monotonic() < deadline, "the writer was never assigned its partitions"
+            writer.poll(timeout=0.1)
+        total = 150
+        feed = threading.Thread(target=trades_producer, args=(settings, [("BHP", s) for s in range(1, total + 1)]),
+                                kwargs={"every": 0.02})
+        feed.start()
+        commits: list[tuple[float, int]] = []  # (when, rows committed so far)
+        deadline = time.monotonic() + 60
+        while writer.rows_committed < total:
+            assert time.monotonic() < deadline, f"{writer.rows_committed} of {total} rows committed"
+            writer.poll(timeout=0.05)
+            if writer.rows_committed > (commits[-1][1] if commits else 0):
+                commits.append((time.monotonic(), writer.rows_committed))
+        feed.join(30)
+    finally:
+        writer.close()
+    gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(commits))
+    assert len(commits) >= 4, f"commits (when, rows so far): {commits}"
+    assert gaps[len(gaps) // 2] < 1.5, f"a commit every {gaps} s, with a time bound of 0.3 s"
+    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
+    assert table.scan().count() == total and len(table.snapshots()) >= len(commits)
