@@ -601,13 +601,17 @@ def schema_registry(registry: Any) -> Any:
 
 
 def load_samples(asset_class: str) -> list[dict[str, Any]]:
-    """Every sample resource, moved to a private asset class (topic names and subjects follow)."""
+    """Every sample resource, moved to private asset classes (topic names and subjects follow):
+    equities to `asset_class`, the synthetic sample's own to `asset_class` + "syn"."""
+    private = {"equities": asset_class, "synthetic": f"{asset_class}syn"}
     docs = []
     for path in sorted(SAMPLES.glob("*.yaml")):
-        text = path.read_text().replace("market.equities.", f"market.{asset_class}.")
+        text = path.read_text()
+        for original, moved in private.items():
+            text = text.replace(f"market.{original}.", f"market.{moved}.")
         for doc in yaml.safe_load_all(text):
             if doc["kind"] == "IngestionPipeline":
-                doc["spec"]["assetClass"] = asset_class
+                doc["spec"]["assetClass"] = private[doc["spec"].get("assetClass", "equities")]
             docs.append(doc)
     return docs
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from pydantic.alias_generators import to_camel
 
 from k2 import tables
-from k2.exchanges import SYMBOL_PATTERN
+from k2.exchanges import SLUGS, SYMBOL_PATTERN
 from k2.settings import TABLE_KINDS, Compatibility, Settings
 from k2.sources import SOURCES
 from k2.sources.feed import ADAPTERS, CHANNELS
@@ -50,10 +50,12 @@ if TYPE_CHECKING:
     FeedProtocol = str
     FeedChannel = str
     SourceType = str
-else:  # enums in the CRD schema, from the registries of sources, feed adapters and channels
+    ExchangeSlug = str
+else:  # enums in the CRD schema, from the registries of sources, feed adapters, channels and exchanges
     FeedProtocol = Literal[tuple(ADAPTERS)]
     FeedChannel = Literal[tuple(CHANNELS)]
     SourceType = Literal[(*SOURCES, "none")]
+    ExchangeSlug = Literal[SLUGS]
 
 
 def _cel(rule: str, message: str | None = None, *, message_expression: str | None = None,
@@ -336,9 +338,11 @@ class IngestionPipelineSpec(_Model):
              "gets no partition and idles (grow topics.partitions first)", field_path=".consumer.replicas"),
     ))
 
-    exchange: str = _setting("exchange", "Exchange code; part of every topic name.", max_length=32, default=...,
-                             json_schema_extra=_immutable("exchange", "it names the pipeline's Kafka topics; "
-                                                          "create a new IngestionPipeline instead"))
+    exchange: ExchangeSlug = _setting(
+        "exchange", "Exchange: the lower-case slug of a code in K2's exchange registry (k2.exchanges); part of "
+        "every topic name.", default=...,
+        json_schema_extra=_immutable("exchange", "it names the pipeline's Kafka topics; create a new "
+                                     "IngestionPipeline instead"))
     asset_class: str = _setting("asset_class", "Asset class; part of every topic name.", max_length=32,
                                 json_schema_extra=_immutable("assetClass", "it names the pipeline's Kafka "
                                                              "topics; create a new IngestionPipeline instead"))

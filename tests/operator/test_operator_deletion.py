@@ -43,7 +43,7 @@ def test_retain_resources_and_their_namespace_delete_with_the_operator_stopped(
     dropped = {**iceberg, "metadata": {"name": "dropped"},
                "spec": {**iceberg["spec"], "name": "dropped", "deletionPolicy": "Delete"}}
     pipeline = {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline", "metadata": {"name": "feed"},
-                "spec": {"exchange": ex, "assetClass": f"t{ex}", "topics": {"kinds": ["trades", "quotes"]}}}
+                "spec": {"exchange": "asx", "assetClass": f"t{ex}", "topics": {"kinds": ["trades", "quotes"]}}}
 
     with KopfRunner(k2op.operator_args(ns), timeout=60) as runner:
         for body in (iceberg, dropped, pipeline):

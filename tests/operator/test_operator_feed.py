@@ -13,10 +13,11 @@ from kubernetes.client.rest import ApiException
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(180)]
 
 
-def _pipeline(name: str, exchange: str, asset_class: str, source: dict[str, Any],
+def _pipeline(name: str, ex: str, asset_class: str, source: dict[str, Any],
               kinds: tuple[str, ...] = ("trades", "quotes")) -> dict[str, Any]:
+    """An ASX pipeline whose topics are its own: `ex` makes its asset class private."""
     return {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline", "metadata": {"name": name},
-            "spec": {"exchange": exchange, "assetClass": asset_class, "topics": {"kinds": list(kinds)},
+            "spec": {"exchange": "asx", "assetClass": f"{asset_class}{ex}", "topics": {"kinds": list(kinds)},
                      "source": source}}
 
 
@@ -75,7 +76,7 @@ def test_the_feed_pod_starts_before_its_tables_resolve_and_stays(cluster: Any, n
 
     cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "IcebergTable", "metadata": {"name": f"t-{ex}"},
                                "spec": {"namespace": f"ns_{ex}", "name": "trades",
-                                        "schema": {"fromSubject": f"market.{asset_class}.trades.{ex}-value"}}})
+                                        "schema": {"fromSubject": f"market.{asset_class}{ex}.trades.asx-value"}}})
     cluster.wait_condition(namespace, "IngestionPipeline", name, "TablesResolved", timeout=120)
     k2op.wait_for(lambda: cluster.deployment(namespace, f"{name}-consumer"), "the consumer Deployment", 60)
 

@@ -24,10 +24,10 @@ def _resources(namespace: str, cluster: Any, asset_class: str, ex: str, **spec: 
     cluster.create(namespace, {
         "apiVersion": "k2.io/v1alpha1", "kind": "IcebergTable", "metadata": {"name": f"t-{ex}"},
         "spec": {"namespace": f"ns_{ex}", "name": "trades",
-                 "schema": {"fromSubject": f"market.{asset_class}.trades.{ex}-value"}}})
+                 "schema": {"fromSubject": f"market.{asset_class}{ex}.trades.asx-value"}}})
     cluster.create(namespace, {
         "apiVersion": "k2.io/v1alpha1", "kind": PIPELINE, "metadata": {"name": name},
-        "spec": {"exchange": ex, "assetClass": asset_class, "tables": [{"name": f"t-{ex}"}], **spec}})
+        "spec": {"exchange": "asx", "assetClass": f"{asset_class}{ex}", "tables": [{"name": f"t-{ex}"}], **spec}})
     return name
 
 
@@ -54,7 +54,7 @@ def _stop(proc: Any, log: Path) -> None:
 def test_ready_waits_until_the_consumers_catch_up(cluster: Any, namespace: str, operator: Any, admin: Any,
                                                    asset_class: str, k2op: Any, tmp_path: Path) -> None:
     ex = f"x{uuid.uuid4().hex[:6]}"
-    topic = f"market.{asset_class}.trades.{ex}"
+    topic = f"market.{asset_class}{ex}.trades.asx"
     name = _resources(namespace, cluster, asset_class, ex,
                       source={"type": "synthetic", "synthetic": {"symbols": 1, "days": 1}},
                       consumer={"replicas": 1, "readyMaxLag": 10})
@@ -99,7 +99,7 @@ def test_scaled_to_zero_with_a_backlog_is_not_ready_unless_lag_is_not_gated(
     cluster.wait_condition(namespace, PIPELINE, name, timeout=90)
     producer = Producer({"bootstrap.servers": kafka.bootstrap})
     for i in range(20):  # what is in them does not matter: nothing reads them
-        producer.produce(f"market.{asset_class}.trades.{ex}", f"tick {i}".encode())
+        producer.produce(f"market.{asset_class}{ex}.trades.asx", f"tick {i}".encode())
     assert producer.flush(30) == 0
 
     obj = cluster.wait_condition(namespace, PIPELINE, name, "Ready", "False", "ConsumerLagging", timeout=60)

@@ -17,9 +17,10 @@ from kubernetes.client.rest import ApiException
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(180)]
 
 
-def pipeline(name: str, exchange: str, asset_class: str, **spec: Any) -> dict[str, Any]:
+def pipeline(name: str, ex: str, asset_class: str, **spec: Any) -> dict[str, Any]:
+    """An ASX pipeline whose topics are its own: `ex` (from `unique()`) makes its asset class private."""
     return {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline", "metadata": {"name": name},
-            "spec": {"exchange": exchange, "assetClass": asset_class, "topics": {"kinds": ["trades", "quotes"]},
+            "spec": {"exchange": "asx", "assetClass": f"{asset_class}{ex}", "topics": {"kinds": ["trades", "quotes"]},
                      **spec}}
 
 
@@ -28,18 +29,19 @@ def table(name: str, namespace: str, subject: str, **spec: Any) -> dict[str, Any
             "spec": {"namespace": namespace, "name": "trades", "schema": {"fromSubject": subject}, **spec}}
 
 
-def exchange() -> str:
+def unique() -> str:
+    """Makes a test's asset class, and so its topics, private."""
     return f"x{uuid.uuid4().hex[:6]}"
 
 
-def topic(asset_class: str, exchange: str, kind: str = "trades") -> str:
-    return f"market.{asset_class}.{kind}.{exchange}"
+def topic(asset_class: str, ex: str, kind: str = "trades") -> str:
+    return f"market.{asset_class}{ex}.{kind}.asx"
 
 
 @pytest.fixture
 def with_consumers(cluster: Any, namespace: str, operator: Any, asset_class: str) -> tuple[str, str]:
     """A Ready pipeline writing one Ready IcebergTable, so it has a consumer Deployment."""
-    ex = exchange()
+    ex = unique()
     name = f"p-{ex}"
     cluster.create(namespace, table(f"t-{ex}", f"ns_{ex}", f"{topic(asset_class, ex)}-value"))
     cluster.create(namespace, pipeline(name, ex, asset_class, tables=[{"name": f"t-{ex}"}],
@@ -86,7 +88,7 @@ def test_consumers_scale_through_the_scale_subresource_up_to_the_partitions(
 
 
 def test_shrinking_is_refused_by_the_apiserver(cluster: Any, namespace: str, operator: Any, asset_class: str) -> None:
-    name = f"p-{exchange()}"
+    name = f"p-{unique()}"
     cluster.create(namespace, pipeline(name, name[2:], asset_class, topics={"partitions": 4}))
     cluster.wait_condition(namespace, "IngestionPipeline", name)
 
@@ -101,7 +103,7 @@ def test_shrinking_is_refused_by_the_apiserver(cluster: Any, namespace: str, ope
 
 def test_a_topic_larger_than_asked_is_reported_not_shrunk(cluster: Any, namespace: str, operator: Any,
                                                          admin: Any, asset_class: str, k2op: Any) -> None:
-    ex = exchange()
+    ex = unique()
     admin.create_topics([NewTopic(topic(asset_class, ex), num_partitions=8, replication_factor=1)])[
         topic(asset_class, ex)].result(10)
     name = f"p-{ex}"
@@ -117,7 +119,7 @@ def test_a_topic_larger_than_asked_is_reported_not_shrunk(cluster: Any, namespac
 def test_incompatible_schema_is_reported_and_nothing_changes(cluster: Any, namespace: str, operator: Any,
                                                               schema_registry: Any, asset_class: str,
                                                               k2op: Any) -> None:
-    ex = exchange()
+    ex = unique()
     subject = f"{topic(asset_class, ex)}-value"
     foreign = {"type": "record", "name": "Trade", "namespace": "elsewhere",
                "fields": [{"name": "symbol", "type": "long"}, {"name": "venue_code", "type": "string"}]}
@@ -138,7 +140,7 @@ def test_incompatible_schema_is_reported_and_nothing_changes(cluster: Any, names
 
 def test_two_pipelines_on_one_topic_the_newer_gets_a_conflict(cluster: Any, namespace: str, operator: Any,
                                                               asset_class: str, k2op: Any) -> None:
-    ex = exchange()
+    ex = unique()
     cluster.create(namespace, pipeline(f"first-{ex}", ex, asset_class))
     cluster.wait_condition(namespace, "IngestionPipeline", f"first-{ex}")
     cluster.create(namespace, pipeline(f"second-{ex}", ex, asset_class, topics={"partitions": 12}))
@@ -179,7 +181,7 @@ def test_hand_scaled_deployment_is_put_back(cluster: Any, namespace: str, with_c
 
 def test_hand_changed_topic_config_is_repaired(cluster: Any, namespace: str, operator: Any, admin: Any,
                                                asset_class: str, k2op: Any) -> None:
-    ex = exchange()
+    ex = unique()
     name = f"p-{ex}"
     cluster.create(namespace, pipeline(name, ex, asset_class, topics={"config": {"retention.ms": "86400000"}}))
     cluster.wait_condition(namespace, "IngestionPipeline", name)
@@ -195,7 +197,7 @@ def test_hand_changed_topic_config_is_repaired(cluster: Any, namespace: str, ope
 
 def test_retain_keeps_topics_and_subjects(cluster: Any, namespace: str, operator: Any, admin: Any,
                                           schema_registry: Any, asset_class: str, k2op: Any) -> None:
-    ex = exchange()
+    ex = unique()
     name = f"p-{ex}"
     cluster.create(namespace, pipeline(name, ex, asset_class))
     cluster.wait_condition(namespace, "IngestionPipeline", name)
@@ -209,7 +211,7 @@ def test_retain_keeps_topics_and_subjects(cluster: Any, namespace: str, operator
 
 def test_delete_removes_topics_and_subjects(cluster: Any, namespace: str, operator: Any, admin: Any,
                                             schema_registry: Any, asset_class: str, k2op: Any) -> None:
-    ex = exchange()
+    ex = unique()
     name = f"p-{ex}"
     cluster.create(namespace, pipeline(name, ex, asset_class, deletionPolicy="Delete"))
     cluster.wait_condition(namespace, "IngestionPipeline", name)
@@ -226,7 +228,7 @@ def test_delete_removes_topics_and_subjects(cluster: Any, namespace: str, operat
 
 def _deleted_while_the_registry_is_gone(cluster: Any, namespace: str, asset_class: str) -> str:
     """A Delete-policy pipeline whose registry does not answer, then deleted; returns its name."""
-    ex = exchange()
+    ex = unique()
     name = f"p-{ex}"
     cluster.create(namespace, pipeline(name, ex, asset_class, deletionPolicy="Delete",
                                        schemaRegistry={"url": "http://127.0.0.1:9/apis/ccompat/v7"}))
@@ -261,7 +263,7 @@ def test_the_ingest_job_waits_for_topics_and_schemas(cluster: Any, namespace: st
     """A Job started before its schemas exist fails its pods on them (seen on kind while the
     in-cluster registry was still starting) and can exhaust its backoff limit: it is created once
     the topics and schemas are in place."""
-    ex = exchange()
+    ex = unique()
     name = f"p-{ex}"
     source = {"type": "synthetic", "synthetic": {"symbols": 1, "days": 1}}
     body = pipeline(name, ex, asset_class, source=source,

@@ -246,7 +246,7 @@ def test_the_api_streams_the_topics_of_the_pipeline_writing_its_tables(cluster: 
                                "spec": {"namespace": f"live_{ex}", "name": "trades", "schema": {"fields": FIELDS}}})
     cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline",
                                "metadata": {"name": f"p-{ex}"}, "spec": {
-                                   "exchange": f"x{ex}", "assetClass": "crypto", "source": {"type": "none"},
+                                   "exchange": "crypto", "assetClass": f"x{ex}", "source": {"type": "none"},
                                    "topics": {"kinds": ["trades"]}, "tables": [{"name": f"t-{ex}"}]}})
     cluster.create(namespace, {"apiVersion": "k2.io/v1alpha1", "kind": "QueryService", "metadata": {"name": f"q-{ex}"},
                                "spec": {"tables": [{"name": f"t-{ex}"}]}})
@@ -257,4 +257,4 @@ def test_the_api_streams_the_topics_of_the_pipeline_writing_its_tables(cluster: 
         except Exception:  # noqa: BLE001 - not rendered yet
             return None
     data = k2op.wait_for(settings, "the QueryService's settings", 60)
-    assert (data["K2_ASSET_CLASS"], data["K2_EXCHANGE"]) == ("crypto", f"x{ex}")
+    assert (data["K2_ASSET_CLASS"], data["K2_EXCHANGE"]) == (f"x{ex}", "crypto")

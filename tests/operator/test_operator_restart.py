@@ -15,12 +15,12 @@ pytestmark = [pytest.mark.operator, pytest.mark.timeout(180)]
 def test_restart_mid_reconcile_converges(cluster: Any, namespace: str, operator_env: dict, admin: Any,
                                          asset_class: str, k2op: Any) -> None:
     ex = f"r{uuid.uuid4().hex[:6]}"
-    trades_subject = f"market.{asset_class}.trades.{ex}-value"
+    trades_subject = f"market.{asset_class}{ex}.trades.asx-value"
     table = {"apiVersion": "k2.io/v1alpha1", "kind": "IcebergTable", "metadata": {"name": "restart-trades"},
              "spec": {"namespace": f"r_{ex}", "name": "trades", "schema": {"fromSubject": trades_subject},
                       "partitionBy": [{"column": "exchange_date"}]}}
     pipeline = {"apiVersion": "k2.io/v1alpha1", "kind": "IngestionPipeline", "metadata": {"name": "restart"},
-                "spec": {"exchange": ex, "assetClass": asset_class, "source": {"type": "synthetic"},
+                "spec": {"exchange": "asx", "assetClass": f"{asset_class}{ex}", "source": {"type": "synthetic"},
                          "topics": {"kinds": ["trades", "quotes", "reference"]},
                          "tables": [{"name": "restart-trades"}]}}
 
@@ -47,7 +47,7 @@ def test_restart_mid_reconcile_converges(cluster: Any, namespace: str, operator_
 
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"] == 2
     assert cluster.deployment(namespace, "restart-consumer").spec.replicas == 2
-    assert k2op.topic_partitions(admin, f"market.{asset_class}.trades.{ex}") == 8
+    assert k2op.topic_partitions(admin, f"market.{asset_class}{ex}.trades.asx") == 8
     assert cluster.core.read_namespaced_config_map("restart-settings", namespace).data["K2_TOPIC_PARTITIONS"] == "8"
     selector = "k2.io/ingestionpipeline=restart"
     assert len(cluster.apps.list_namespaced_deployment(namespace, label_selector=selector).items) == 1

@@ -65,7 +65,7 @@ def test_topics_are_created_as_specified(applied: dict, admin: Any, asset_class:
         assert topic_partitions(admin, topic) == spec["topics"]["partitions"] == 6
         config = topic_config(admin, topic)
         assert config["retention.ms"] == "604800000" and config["compression.type"] == "zstd"
-    assert topic_partitions(admin, f"market.{asset_class}.trades.syn") == 3
+    assert topic_partitions(admin, f"market.{asset_class}syn.trades.asx") == 3
     assert topic_partitions(admin, f"market.{asset_class}.dlq") == 1
     status_topics = applied[("IngestionPipeline", "asx")]["status"]["topics"]
     assert {t["name"]: t["partitions"] for t in status_topics} == {
@@ -156,7 +156,8 @@ def test_printer_columns(applied: dict, cluster: Any, namespace: str) -> None:
 
 INVALID = [
     ("IngestionPipeline", {"source": {"type": "asx-csv"}}, "source.asxCsv (path, optional claimName) is required"),
-    ("IngestionPipeline", {"exchange": "ASX"}, "should match '^[a-z][a-z0-9-]*$'"),
+    ("IngestionPipeline", {"exchange": "ASX"}, 'Unsupported value: "ASX": supported values: "asx", "nasdaq", "crypto"'),
+    ("IngestionPipeline", {"exchange": "lse"}, 'Unsupported value: "lse"'),
     ("IngestionPipeline", {"topics": {"partitions": 0}}, "should be greater than or equal to 1"),
     ("IngestionPipeline", {"consumer": {"gapAlert": 500}}, "consumer.gapAlert must not exceed consumer.gapHalt"),
     ("IngestionPipeline", {"deletionPolicy": "Maybe"}, 'supported values: "Retain", "Delete"'),
@@ -170,7 +171,7 @@ INVALID = [
      "set properties.compression instead"),
 ]
 VALID = {
-    "IngestionPipeline": {"exchange": "xx"},
+    "IngestionPipeline": {"exchange": "crypto"},
     "IcebergTable": {"name": "custom", "schema": {"fromSubject": "s-value"}},
     "QueryService": {"tables": [{"name": "t"}]},
 }

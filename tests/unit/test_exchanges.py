@@ -84,3 +84,37 @@ def test_no_stage_imports_ingest(stage):
     sideways = {path: sorted(n for n in names if n == "k2.ingest" or n.startswith("k2.ingest."))
                 for path, names in _imports(stage).items()}
     assert not {p: n for p, n in sideways.items() if n}
+
+
+def test_a_workload_starts_only_for_an_exchange_the_registry_knows(monkeypatch):
+    from k2.settings import Settings
+
+    monkeypatch.setenv("K2_EXCHANGE", "nasdaq")
+    assert exchanges.get(Settings().exchange).code == "NASDAQ"
+    monkeypatch.setenv("K2_EXCHANGE", "lse")
+    with pytest.raises(ValidationError, match="unknown exchange 'lse'; known: asx, nasdaq, crypto"):
+        Settings()
+    with pytest.raises(ValidationError, match="unknown exchange 'ASX'"):  # the slug, as in topic names
+        Settings(exchange="ASX")
+
+
+def _us(instant: dt.datetime) -> int:
+    return (instant - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+
+
+@pytest.mark.parametrize(("code", "symbol", "instant", "day", "reason"), [
+    # 23:00 UTC on 9 March 2014 is 10:00 on 10 March in Sydney (AEDT, +11)
+    ("ASX", "BHP", dt.datetime(2014, 3, 9, 23, 0, tzinfo=dt.UTC), dt.date(2014, 3, 10), None),
+    ("ASX", "BHP", dt.datetime(2014, 3, 9, 23, 0, tzinfo=dt.UTC), dt.date(2014, 3, 9), "wrong_exchange_date"),
+    ("ASX", "BHP", dt.datetime(2014, 3, 9, 12, 59, 59, 999_999, tzinfo=dt.UTC), dt.date(2014, 3, 9), None),
+    ("ASX", "BHP", dt.datetime(2014, 3, 9, 13, 0, tzinfo=dt.UTC), dt.date(2014, 3, 9), "wrong_exchange_date"),
+    ("CRYPTO", "BTC-USD", dt.datetime(2014, 3, 9, 23, 0, tzinfo=dt.UTC), dt.date(2014, 3, 9), None),
+    ("CRYPTO", "BTC-USD", dt.datetime(2014, 3, 9, 23, 0, tzinfo=dt.UTC), dt.date(2014, 3, 10),
+     "wrong_exchange_date"),
+    ("ASX", "BTC-USD", dt.datetime(2014, 3, 9, 23, 0, tzinfo=dt.UTC), dt.date(2014, 3, 10), "bad_symbol"),
+    # the day Sydney's clocks go back (6 April 2014, 25 hours): its last hour is still that day
+    ("ASX", "BHP", dt.datetime(2014, 4, 6, 13, 30, tzinfo=dt.UTC), dt.date(2014, 4, 6), None),
+])
+def test_a_tick_fits_its_exchange_by_symbol_and_local_date(code, symbol, instant, day, reason):
+    misfit = exchanges.get(code).misfit(symbol, _us(instant), (day - dt.date(1970, 1, 1)).days)
+    assert (misfit.reason if misfit else None) == reason

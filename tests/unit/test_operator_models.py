@@ -14,9 +14,9 @@ pytestmark = pytest.mark.unit
 
 
 def test_topic_names_follow_the_workloads_convention() -> None:
-    spec = IngestionPipelineSpec.model_validate({"exchange": "chix", "assetClass": "fx",
+    spec = IngestionPipelineSpec.model_validate({"exchange": "nasdaq", "assetClass": "fx",
                                                  "topics": {"kinds": ["trades", "quotes"]}})
-    settings = Settings(exchange="chix", asset_class="fx")
+    settings = Settings(exchange="nasdaq", asset_class="fx")
 
     assert spec.topic_names() == {"trades": settings.topic("trades"), "quotes": settings.topic("quotes")}
     assert spec.dlq_topic() == settings.dlq_topic
@@ -32,7 +32,8 @@ def test_defaults_fill_a_minimal_pipeline() -> None:
 
 
 @pytest.mark.parametrize(("spec", "fragment"), [
-    ({"exchange": "ASX"}, "pattern"),
+    ({"exchange": "ASX"}, "Input should be 'asx', 'nasdaq' or 'crypto'"),
+    ({"exchange": "lse"}, "Input should be 'asx'"),
     ({"exchange": "asx", "topics": {"partitions": 0}}, "greater than or equal to 1"),
     ({"exchange": "asx", "topics": {"kinds": ["trades", "bonds"]}}, "trades"),
     ({"exchange": "asx", "consumer": {"batchSeconds": 0}}, "greater than 0"),

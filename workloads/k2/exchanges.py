@@ -62,6 +62,42 @@ class Exchange:
     def local_date(self, instant: dt.datetime) -> dt.date:
         return instant.astimezone(self.timezone).date()
 
+    def day_bounds_us(self, epoch_day: int) -> tuple[int, int]:
+        """The UTC instants (µs since epoch) from which and until which local day `epoch_day`
+        (days since 1970-01-01) lasts: an instant is of that day iff start <= instant < end."""
+        day = _EPOCH_DATE + dt.timedelta(days=epoch_day)
+        start, end = (dt.datetime.combine(d, dt.time(), self.timezone) for d in (day, day + dt.timedelta(days=1)))
+        return _micros(start), _micros(end)
+
+    def misfit(self, symbol: str, instant_us: int, epoch_day: int) -> Misfit | None:
+        """Why a tick of this exchange cannot be as it says (its symbol, or its date is not the
+        local date of its instant), or None: the one check feed adapters and the stream share."""
+        if not self.valid_symbol(symbol):
+            return Misfit("bad_symbol", f"{symbol!r} is not a {self.code} symbol ({self.symbol_pattern})")
+        start, end = self.day_bounds_us(epoch_day)
+        if not start <= instant_us < end:
+            day = _EPOCH_DATE + dt.timedelta(days=epoch_day)
+            instant = _EPOCH + dt.timedelta(microseconds=instant_us)
+            return Misfit("wrong_exchange_date", f"date {day} is not {self.code}'s local date of "
+                          f"{instant.isoformat()} ({self.timezone.key})")
+        return None
+
+
+@dataclass(frozen=True)
+class Misfit:
+    """A tick that does not fit its exchange; `reason` is the DLQ's short code."""
+
+    reason: str
+    detail: str
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_EPOCH_DATE = _EPOCH.date()
+
+
+def _micros(instant: dt.datetime) -> int:
+    return (instant - _EPOCH) // dt.timedelta(microseconds=1)
+
 
 _REGISTRY: tuple[Exchange, ...] = (
     Exchange("ASX", "Australian Securities Exchange", ZoneInfo("Australia/Sydney"), "AUD",
@@ -77,6 +113,7 @@ _REGISTRY: tuple[Exchange, ...] = (
                              session_close=dt.time(23, 59, 59, 999_999))),
 )
 EXCHANGES: dict[str, Exchange] = {x.code: x for x in _REGISTRY}
+SLUGS: tuple[str, ...] = tuple(x.slug for x in _REGISTRY)  # what K2_EXCHANGE and the CRD accept
 DEFAULT_EXCHANGE = "ASX"
 
 

@@ -11,8 +11,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from k2 import exchanges
 
 DEV_API_KEY = "k2-dev-api-key-2026"
 TableKind = Literal["trades", "quotes", "reference"]
@@ -32,7 +34,8 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     registry_url: str = "http://127.0.0.1:8081/apis/ccompat/v7"  # the local stack's registry (Apicurio's Confluent API)
     asset_class: str = Field("equities", pattern=r"^[a-z][a-z0-9-]*$")
-    exchange: str = Field("asx", pattern=r"^[a-z][a-z0-9-]*$")
+    exchange: str = Field("asx", description="the exchange's slug in "
+                          "k2.exchanges (asx): its topics' names, and the facts its ticks are checked against")
     topic_partitions: int = Field(6, ge=1, le=1000)
     topic_replication: int = Field(1, ge=1, le=7)
     compatibility: Compatibility = "BACKWARD"
@@ -115,6 +118,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     metrics_port: int = Field(0, ge=0, le=65535, description="0: no separate metrics server")
+
+    @field_validator("exchange")
+    @classmethod
+    def _known_exchange(cls, slug: str) -> str:
+        """Every workload starts only for an exchange the registry knows (an unknown one fails here, at start)."""
+        if slug not in exchanges.SLUGS:
+            raise ValueError(f"unknown exchange {slug!r}; known: {', '.join(exchanges.SLUGS)}")
+        return slug
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> Settings:

@@ -125,8 +125,6 @@ def _common(message: dict[str, Any]) -> dict[str, Any]:
     except exchanges.UnknownExchange as exc:
         raise MalformedMessage("unknown_exchange", str(exc)) from None
     symbol = _field(message, "symbol", str)
-    if not exchange.valid_symbol(symbol):
-        raise MalformedMessage("bad_symbol", f"{symbol!r} is not a {exchange.code} symbol ({exchange.symbol_pattern})")
     seq = _field(message, "seq", int)
     if seq < 1:
         raise MalformedMessage("bad_sequence", f"seq must be 1 or more, got {seq}")
@@ -137,11 +135,12 @@ def _common(message: dict[str, Any]) -> dict[str, Any]:
         raise MalformedMessage("bad_time", f"time/date: {exc}") from None
     if instant.tzinfo is None:
         raise MalformedMessage("bad_time", "time must carry a UTC offset")
-    if exchange.local_date(instant) != day:
-        raise MalformedMessage("bad_time", f"date {day} is not {exchange.code}'s local date of {instant.isoformat()}")
-    return {"symbol": symbol, "exchange": exchange.code,
-            "exchange_timestamp": (instant - _EPOCH) // dt.timedelta(microseconds=1),
-            "exchange_date": (day - _EPOCH_DAY).days, "sequence_number": seq}
+    record = {"symbol": symbol, "exchange": exchange.code,
+              "exchange_timestamp": (instant - _EPOCH) // dt.timedelta(microseconds=1),
+              "exchange_date": (day - _EPOCH_DAY).days, "sequence_number": seq}
+    if misfit := exchange.misfit(symbol, record["exchange_timestamp"], record["exchange_date"]):
+        raise MalformedMessage(misfit.reason, misfit.detail)
+    return record
 
 
 def _trade(message: dict[str, Any]) -> dict[str, Any]:
