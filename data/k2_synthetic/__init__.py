@@ -2,8 +2,9 @@
 
 Same layout and traps as the real sample (`trades/ID.csv`, `quotes/ID.csv`,
 `reference-data/company_info.csv`, CRLF, no header, MM/DD/YYYY, local Sydney time): pre-open
-quotes with a zero ask and crossed books, auction trades outside 10:00-16:00, bursts of fills
-with identical timestamp, price and volume. Prices follow a random walk on the ASX tick grid,
+quotes with a zero ask and crossed books, auction trades outside the main session, bursts of fills
+with identical timestamp, price and volume. Trading days and the session (10:00-16:00) are those of
+ASX in the exchange registry (`k2.exchanges`). Prices follow a random walk on the ASX tick grid,
 spreads are one to a few ticks, sizes are log-normal round lots. Same seed, same bytes.
 
 Beyond the 12 fixed LISTINGS, `symbols` may ask for more: further listings are derived from their
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
+
+from k2 import exchanges
 
 __all__ = ["LISTINGS", "MAX_SYMBOLS", "Listing", "expected_rows", "generate", "listings", "plan_scale"]
 
@@ -58,7 +61,15 @@ LISTINGS = (
 _CODES = [code for code in ("".join(c) for c in itertools.product(string.ascii_uppercase, repeat=3))
           if code not in {x.symbol for x in LISTINGS}]
 MAX_SYMBOLS = len(LISTINGS) + len(_CODES)
-SESSION = (10 * 3600, 16 * 3600)  # continuous trading, local seconds since midnight
+ASX = exchanges.get("ASX")  # the venue whose format, calendar and session the ticks follow
+
+
+def _seconds(time: dt.time) -> int:
+    return time.hour * 3600 + time.minute * 60 + time.second
+
+
+# continuous trading, local seconds since midnight: the registry's main session
+SESSION = (_seconds(ASX.calendar.session_open), _seconds(ASX.calendar.session_close))
 
 
 def _derived_listing(index: int) -> Listing:
@@ -114,16 +125,6 @@ def _lot(rng: random.Random, price: float) -> int:
     return max(1, round(math.exp(rng.gauss(1.5, 1.1)))) * lot
 
 
-def _weekdays(start: dt.date, days: int) -> list[dt.date]:
-    out: list[dt.date] = []
-    day = start
-    while len(out) < days:
-        if day.weekday() < 5:
-            out.append(day)
-        day += dt.timedelta(days=1)
-    return out
-
-
 def _clock(date: dt.date, seconds: float) -> tuple[str, str]:
     whole = int(seconds)
     millis = round((seconds - whole) * 1000) % 1000
@@ -133,9 +134,9 @@ def _clock(date: dt.date, seconds: float) -> tuple[str, str]:
 def _session(rng: random.Random, listing: Listing, date: dt.date, price: float,
              quotes: list[str], trades: list[str], shape: Callable[[float], float] = _flat) -> float:
     """One trading day; returns the closing price."""
-    # Pre-open (07:00-10:00): indicative books, some one-sided (zero ask), some crossed.
+    # Pre-open (07:00 to the open): indicative books, some one-sided (zero ask), some crossed.
     t = 7 * 3600 + rng.uniform(0, 600)
-    while t < 10 * 3600:
+    while t < SESSION[0]:
         mid = _on_grid(price)
         step = tick_size(price)
         bid, ask = mid - step, mid + step
@@ -148,14 +149,14 @@ def _session(rng: random.Random, listing: Listing, date: dt.date, price: float,
                                 str(_lot(rng, price)), str(_lot(rng, price) if ask else 0)]))
         t += rng.expovariate(1 / 240)
     # Opening auction: a burst of identical fills at one timestamp and price.
-    t = 10 * 3600 + rng.uniform(0, 90)
+    t = SESSION[0] + rng.uniform(0, 90)
     open_px, open_size = _on_grid(price), _lot(rng, price)
     for _ in range(rng.randint(2, 6)):
         trades.append(",".join([*_clock(date, t), _fmt_price(open_px), str(open_size), "0", "", ""]))
-    # Continuous trading (10:00-16:00): random walk, quotes and trades interleaved.
+    # Continuous trading (the session): random walk, quotes and trades interleaved.
     mean_gap = 6.0 / max(listing.activity, 0.005)
     sigma = 0.0004
-    while t < 16 * 3600:
+    while t < SESSION[1]:
         t += rng.expovariate(1 / mean_gap) / shape(t)  # flat: / 1.0, the exact bytes of before
         price = max(float(tick_size(price)), price * math.exp(rng.gauss(0, sigma)))
         mid = _on_grid(price)
@@ -171,8 +172,8 @@ def _session(rng: random.Random, listing: Listing, date: dt.date, price: float,
             venue = "X" if rng.random() < 0.002 else ""
             for _ in range(1 if rng.random() < 0.9 else rng.randint(2, 4)):  # split fills
                 trades.append(",".join([*_clock(date, t), _fmt_price(fill_px), str(size), qualifier, venue, ""]))
-    # Closing auction trades after 16:00.
-    t = 16 * 3600 + 600 + rng.uniform(0, 60)
+    # Closing auction trades after the close.
+    t = SESSION[1] + 600 + rng.uniform(0, 60)
     close_px = _on_grid(price)
     for _ in range(rng.randint(1, 4)):
         trades.append(",".join([*_clock(date, t), _fmt_price(close_px), str(_lot(rng, price)), "0", "", ""]))
@@ -210,7 +211,7 @@ def generate(out: Path, *, symbols: int = 4, days: int = 2, seed: int = 42,
         raise ValueError(f"intraday must be one of {', '.join(_SHAPES)}")
     for folder in ("trades", "quotes", "reference-data"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    dates = _weekdays(start, days)
+    dates = ASX.calendar.trading_days(start, days)
     for listing in chosen:
         rng = random.Random(f"{seed}:{listing.symbol}")
         quotes: list[str] = []

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 from pathlib import Path
 
 import pytest
 
+import k2_synthetic
+from k2 import exchanges
 from k2.sources.asx import RecordBuilder, discover
 from k2_synthetic import LISTINGS, generate, listings, plan_scale
 
@@ -97,3 +101,15 @@ def test_generated_files_parse_cleanly_and_contain_the_real_traps(tmp_path: Path
                 flags["identical_fills"] += fields[:4] == previous
                 previous = fields[:4]
     assert all(count > 0 for count in flags.values()), flags
+
+
+def test_trading_days_and_the_session_are_the_registrys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The generator keeps no calendar of its own: a holiday added to ASX's calendar is skipped."""
+    asx = exchanges.get("ASX")
+    assert k2_synthetic.SESSION == (10 * 3600, 16 * 3600)
+    holiday = dt.date(2014, 3, 11)
+    monkeypatch.setattr(k2_synthetic, "ASX", dataclasses.replace(
+        asx, calendar=dataclasses.replace(asx.calendar, holidays=frozenset({holiday}))))
+    root = generate(tmp_path, symbols=1, days=3)  # from Monday 10 March 2014
+    days = {line.split(",")[0] for line in (root / "trades" / "7078.csv").read_text().splitlines()}
+    assert days == {"03/10/2014", "03/12/2014", "03/13/2014"}
