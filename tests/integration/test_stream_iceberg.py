@@ -22,6 +22,7 @@ from pyiceberg.io.pyarrow import PyArrowFileIO
 
 from k2 import schemas, tables, topics
 from k2.ingest.pipeline import ingest_files, register_schemas
+from k2.observability import REGISTRY
 from k2.schemas.registry import client, register, value_subject
 from k2.schemas.wire import AvroEncoder
 from k2.settings import Settings
@@ -192,6 +193,41 @@ def test_poison_messages_go_to_the_dlq_and_never_block(tmp_path, embedded_settin
     stream_letters = [x for x in letters if x["stage"] == "stream"]
     assert sorted(x["reason"] for x in stream_letters) == sorted(poison.values())
     assert all(x["source"] == topic and x["offset"] >= 0 and "partition" in x for x in stream_letters)
+
+
+def test_ticks_that_do_not_fit_their_exchange_go_to_the_dlq_counted(embedded_settings, drain):
+    """The registry's facts are checked where every source's ticks meet: a date that is not the
+    exchange's local date of the instant, a symbol not of the exchange's shape, an exchange the
+    registry does not know. The ticks beside them in the batch are stored."""
+    encoder = register_schemas(embedded_settings, ("trades",))["trades"]
+    at = 1_394_406_000_000_000  # 2014-03-09 23:00 UTC: 10 March in Sydney, 9 March in UTC
+
+    def tick(symbol: str, exchange: str, day: int) -> bytes:
+        return encoder.encode({"symbol": symbol, "exchange": exchange, "exchange_timestamp": at,
+                               "exchange_date": day, "sequence_number": 1, "price": (1).to_bytes(1, "big"),
+                               "volume": 1, "qualifiers": None, "venue": None, "buyer_id": None,
+                               "ingest_timestamp": 0, "source_id": "test"})
+
+    unfit = {tick("BHP", "ASX", 16138): "wrong_exchange_date", tick("BTC-USD", "ASX", 16139): "bad_symbol",
+             tick("RIO", "LSE", 16139): "unknown_exchange"}
+    fits = [tick("BHP", "ASX", 16139), tick("BTC-USD", "CRYPTO", 16138)]
+    counted = {reason: REGISTRY.get_sample_value("k2_rows_rejected_total", {"stage": "stream", "reason": reason})
+               or 0.0 for reason in unfit.values()}
+    producer = Producer({"bootstrap.servers": embedded_settings.kafka_bootstrap})
+    for payload in [*fits[:1], *unfit, *fits[1:]]:
+        producer.produce(embedded_settings.topic("trades"), payload, b"one-partition")
+    producer.flush(10)
+    stream_run(embedded_settings, ("trades",), until_idle=1.0)
+
+    stored = _table(embedded_settings, "trades").scan(selected_fields=("symbol", "exchange")).to_arrow()
+    assert sorted(zip(stored["symbol"].to_pylist(), stored["exchange"].to_pylist(), strict=True)) == [
+        ("BHP", "ASX"), ("BTC-USD", "CRYPTO")]
+    letters = [json.loads(m.value()) for m in drain(embedded_settings.kafka_bootstrap, embedded_settings.dlq_topic)]
+    assert sorted(x["reason"] for x in letters if x["stage"] == "stream") == sorted(unfit.values())
+    assert any("is not ASX's local date of 2014-03-09T23:00:00+00:00" in x["detail"] for x in letters)
+    for reason in unfit.values():
+        after = REGISTRY.get_sample_value("k2_rows_rejected_total", {"stage": "stream", "reason": reason})
+        assert after == counted[reason] + 1, reason
 
 
 def test_a_poison_tick_of_a_schema_beyond_the_codec_goes_to_the_dlq(embedded_settings, drain):

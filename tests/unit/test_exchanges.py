@@ -118,3 +118,23 @@ def _us(instant: dt.datetime) -> int:
 def test_a_tick_fits_its_exchange_by_symbol_and_local_date(code, symbol, instant, day, reason):
     misfit = exchanges.get(code).misfit(symbol, _us(instant), (day - dt.date(1970, 1, 1)).days)
     assert (misfit.reason if misfit else None) == reason
+
+
+def test_the_stream_finds_each_misfit_row_even_inside_a_group_that_mostly_fits():
+    import pyarrow as pa
+
+    from k2.stream.writer import _misfits
+
+    at = _us(dt.datetime(2014, 3, 9, 23, 0, tzinfo=dt.UTC))  # 10 March in Sydney
+    hour = 3_600_000_000
+    data = pa.table({
+        "symbol": ["BHP", "BHP", "BHP", "BHP", "ZZ-Z", "BTC-USD"],
+        "exchange": ["ASX", "ASX", "ASX", "ASX", "ASX", "NYSE"],
+        # the group BHP/ASX/10 March: in the day, its last instant, the next day's first, in the day
+        "exchange_timestamp": pa.array([at, at + 14 * hour - 1, at + 14 * hour, at + hour], pa.int64()).cast(
+            pa.timestamp("us", tz="UTC")).to_pylist() + [dt.datetime(2014, 3, 9, 23, tzinfo=dt.UTC)] * 2,
+        "exchange_date": [dt.date(2014, 3, 10)] * 6,
+    })
+    found = {row: m.reason for row, m in _misfits(data).items()}
+    assert found == {2: "wrong_exchange_date", 4: "bad_symbol", 5: "unknown_exchange"}
+

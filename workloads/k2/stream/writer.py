@@ -34,7 +34,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pyiceberg.expressions import AlwaysFalse, AlwaysTrue, And, BooleanExpression, EqualTo, Or
 from pyiceberg.table import Table
 
-from k2 import faults, schemas, tables
+from k2 import exchanges, faults, schemas, tables
 from k2.crash_points import CrashPoints
 from k2.dlq import DeadLetter, DeadLetterSink
 from k2.kafka import consume_available
@@ -162,6 +162,39 @@ def _ints(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if pa.types.is_date32(column.type):
         column = column.cast(pa.int32())
     return column.to_numpy().astype(np.int64)
+
+
+def _misfits(data: pa.Table) -> dict[int, exchanges.Misfit]:
+    """Ticks that do not fit their exchange in the registry (unknown exchange, a symbol not of its
+    shape, an exchange_date that is not the local date of exchange_timestamp), by row.
+
+    `Exchange.misfit` is checked once per (exchange, symbol, date) at its earliest and latest
+    instant: a local day is one interval of instants, so when both ends fit every row between does,
+    and only a group that does not is looked at row by row."""
+    if not {"exchange", "symbol", "exchange_date", TICK_TIME} <= set(data.column_names) or not data.num_rows:
+        return {}
+    stamps = data[TICK_TIME].cast(pa.int64())
+    days = data["exchange_date"].cast(pa.int32()) if pa.types.is_date32(data["exchange_date"].type) \
+        else data["exchange_date"]
+    keyed = pa.table({"exchange": data["exchange"], "symbol": data["symbol"], "day": days, "at": stamps})
+    groups = keyed.group_by(["exchange", "symbol", "day"]).aggregate([("at", "min"), ("at", "max")])
+    unfit: dict[int, exchanges.Misfit] = {}
+    for code, symbol, day, first, last in zip(*(groups[c].to_pylist() for c in
+                                                ("exchange", "symbol", "day", "at_min", "at_max")), strict=True):
+        if None in (code, symbol, day, first):
+            continue  # an optional column of a custom table: nothing to check it against
+        exchange = exchanges.EXCHANGES.get(code)  # the record's code, exactly (not a slug)
+        if exchange is not None and exchange.misfit(symbol, first, day) is None \
+                and exchange.misfit(symbol, last, day) is None:
+            continue
+        rows = pc.and_(pc.and_(pc.equal(keyed["exchange"], code), pc.equal(keyed["symbol"], symbol)),
+                       pc.equal(keyed["day"], day))
+        for row in np.flatnonzero(rows.to_numpy(zero_copy_only=False)).tolist():
+            misfit = (exchange.misfit(symbol, stamps[row].as_py(), day) if exchange is not None
+                      else exchanges.Misfit("unknown_exchange", str(exchanges.UnknownExchange(code))))
+            if misfit is not None:
+                unfit[row] = misfit
+    return unfit
 
 
 class TableWriter:
@@ -334,6 +367,11 @@ class TableWriter:
                     absent = [k for k in self.keys if row[k] is None]
                     letters.append((int(good[i]), "missing_key", f"record lacks key fields {absent}"))
                 table, good = table.filter(pa.array(~gone)), good[~gone]
+            if unfit := _misfits(table):
+                letters.extend((int(good[row]), m.reason, m.detail) for row, m in unfit.items())
+                keep = np.ones(table.num_rows, bool)
+                keep[list(unfit)] = False
+                table, good = table.filter(pa.array(keep)), good[keep]
             if table.num_rows:
                 parts.append(table)
                 positions.append(good)
