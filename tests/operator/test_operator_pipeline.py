@@ -222,7 +222,7 @@ def test_delete_removes_topics_and_subjects(cluster: Any, namespace: str, operat
 
     k2op.wait_for(lambda: k2op.topic_partitions(admin, topic(asset_class, ex)) is None, "topics deleted", 20)
     assert not [s for s in schema_registry.get_subjects() if s.startswith(topic(asset_class, ex))]
-    assert k2op.topic_partitions(admin, f"market.{asset_class}.dlq") == 1  # shared: never deleted
+    assert k2op.topic_partitions(admin, f"market.{asset_class}{ex}.dlq") == 1  # shared: never deleted
     assert k2op.wait_for(lambda: cluster.events(namespace, name, "CleanedUp"), "a CleanedUp event", 15)
 
 
