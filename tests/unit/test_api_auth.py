@@ -72,7 +72,7 @@ def _app(lakehouse, **overrides):
 def test_every_v1_route_needs_a_key(lakehouse) -> None:
     app = _app(lakehouse)
     routes = _v1_routes(app)
-    assert len(routes) == 13
+    assert len(routes) == 14
     with TestClient(app) as client:
         for method, path in routes:
             for headers in ({}, {"X-API-Key": "not-a-key"}):

@@ -138,3 +138,23 @@ def test_the_stream_finds_each_misfit_row_even_inside_a_group_that_mostly_fits()
     found = {row: m.reason for row, m in _misfits(data).items()}
     assert found == {2: "wrong_exchange_date", 4: "bad_symbol", 5: "unknown_exchange"}
 
+
+def test_the_api_lists_the_registry(tmp_path):
+    from starlette.testclient import TestClient
+
+    from k2.api.app import create_app
+    from k2.settings import DEV_API_KEY, Settings
+
+    settings = Settings(mode="dev", catalog_uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=str(tmp_path / "w"),
+                        api_keys="", api_keys_file=None, s3_endpoint=None)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/exchanges").status_code == 401  # a /v1 route like the others
+        answer = client.get("/v1/exchanges", headers={"X-API-Key": DEV_API_KEY})
+    assert answer.status_code == 200
+    listed = {x["code"]: x for x in answer.json()["data"]}
+    assert set(listed) == set(exchanges.EXCHANGES)
+    assert listed["ASX"] == {"code": "ASX", "name": "Australian Securities Exchange", "timezone": "Australia/Sydney",
+                             "currency": "AUD", "session_open": "10:00:00", "session_close": "16:00:00",
+                             "trading_weekdays": [0, 1, 2, 3, 4],
+                             "symbol_pattern": exchanges.get("ASX").symbol_pattern}
+    assert listed["CRYPTO"]["trading_weekdays"] == list(range(7)) and listed["NASDAQ"]["currency"] == "USD"

@@ -242,6 +242,23 @@ class Stats(BaseModel):
     data: list[TableStats]
 
 
+class ExchangeInfo(BaseModel):
+    """One exchange of K2's registry (`k2.exchanges`): how its ticks are dated, quoted and named."""
+
+    code: str = Field(description="As in every record's `exchange` column and the `exchange` parameters")
+    name: str
+    timezone: str = Field(description="IANA zone of `exchange_date` and of bars' local days")
+    currency: str = Field(description="ISO 4217 code of the prices")
+    session_open: dt.time = Field(description="Main session's local open; auctions may trade outside it")
+    session_close: dt.time
+    trading_weekdays: list[int] = Field(description="Local weekdays that trade (Monday = 0)")
+    symbol_pattern: str = Field(description="Regular expression every symbol of the exchange matches")
+
+
+class ExchangeList(BaseModel):
+    data: list[ExchangeInfo]
+
+
 class SnapshotList(BaseModel):
     data: list[SnapshotInfo]
 
