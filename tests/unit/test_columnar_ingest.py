@@ -17,10 +17,13 @@ from k2 import schemas
 from k2.ingest import columnar, pipeline
 from k2.quality import GapDetector
 from k2.schemas.wire import AvroEncoder
+from k2.sources import folder_source
 from k2.sources.asx import RecordBuilder, RowError, TickFile, discover
 from k2.stopping import StopFlag
 from k2.stream.writer import rows_to_arrow
 from k2_synthetic import generate
+
+ASX = folder_source("asx-csv")
 
 pytestmark = pytest.mark.unit
 ENCODERS = {kind: AvroEncoder(40 + i, schemas.physical_schema(kind)) for i, kind in enumerate(("trades", "quotes"))}
@@ -54,8 +57,8 @@ def _ingest(files: list[TickFile], *, use_columnar: bool, monkeypatch) -> tuple:
     detector, summary = GapDetector("ingest"), pipeline.IngestSummary()
     flag = StopFlag("test.stopping")
     for tick_file in files:
-        pipeline._ingest_file(tick_file, f"topic.{tick_file.kind}", ENCODERS[tick_file.kind], producer, letters,
-                              detector, summary, 1_394_000_000_000_000, flag, lambda _n: None)
+        pipeline._ingest_file(ASX, tick_file, f"topic.{tick_file.kind}", ENCODERS[tick_file.kind], producer,
+                              letters, detector, summary, 1_394_000_000_000_000, flag, lambda _n: None)
     return producer.sent, letters.letters, summary.rows_read, summary.rejected, detector.last_seen, detector.counts
 
 

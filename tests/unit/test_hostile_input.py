@@ -18,6 +18,7 @@ from k2.ingest import columnar, pipeline
 from k2.quality import GapDetector
 from k2.schemas import columnar as codec
 from k2.schemas.wire import AvroEncoder
+from k2.sources import folder_source
 from k2.sources.asx import RecordBuilder, RowError, TickFile
 from k2.stopping import StopFlag
 
@@ -79,9 +80,9 @@ def _run(tmp_path: Path, kind: str, data: bytes, *, use_columnar: bool, monkeypa
     path.write_bytes(data)
     monkeypatch.setattr(columnar, "available", lambda: use_columnar)
     producer, letters, summary = _Producer(), _Letters(), pipeline.IngestSummary()
-    pipeline._ingest_file(TickFile(kind, path, "BHP"), kind, AvroEncoder(7, schemas.physical_schema(kind)), producer,
-                          letters, GapDetector("ingest"), summary, 1_394_000_000_000_000, StopFlag("test.stopping"),
-                          lambda _n: None)
+    pipeline._ingest_file(folder_source("asx-csv"), TickFile(kind, path, "BHP"), kind,
+                          AvroEncoder(7, schemas.physical_schema(kind)), producer, letters, GapDetector("ingest"),
+                          summary, 1_394_000_000_000_000, StopFlag("test.stopping"), lambda _n: None)
     return producer.sent, letters.letters, summary
 
 

@@ -147,11 +147,36 @@ def ingest_asx(
     progress: bool = True,
 ) -> None:
     """Ingest ASX CSV ticks into Kafka (Avro, Confluent wire format)."""
+    _ingest_folder("asx-csv", path, symbols, topics, dlq_file, progress)
+
+
+@ingest_app.command("folder")
+def ingest_folder_cmd(
+    path: Annotated[Path, typer.Argument(help="a folder the source reads")],
+    source: Annotated[str, typer.Option(help="a registered folder source (k2.sources.SOURCES)")] = "asx-csv",
+    symbols: Annotated[str | None, typer.Option(help="comma-separated symbols (default: all)")] = None,
+    topics: Annotated[str | None, typer.Option(help="kinds to ingest: trades,quotes")] = None,
+    dlq_file: Annotated[Path | None, typer.Option(help="local mode: rejected rows to this JSONL file")] = None,
+    progress: bool = True,
+) -> None:
+    """Ingest a folder of any registered folder source into Kafka (asx-csv: as `k2 ingest asx`)."""
+    from k2.sources import folder_source
+
+    try:
+        folder_source(source)
+    except (KeyError, TypeError) as exc:
+        raise typer.BadParameter(str(exc).strip("'\""), param_hint="--source") from None
+    _ingest_folder(source, path, symbols, topics, dlq_file, progress)
+
+
+def _ingest_folder(source: str, path: Path, symbols: str | None, topics: str | None, dlq_file: Path | None,
+                   progress: bool) -> None:
     from k2.ingest.pipeline import ingest_files
 
     settings = _settings()
     summary = ingest_files(path, settings, symbols=set(symbols.split(",")) if symbols else None,
-                           kinds=_kinds(topics, ("trades", "quotes")), dlq_file=dlq_file, show_progress=progress)
+                           kinds=_kinds(topics, ("trades", "quotes")), dlq_file=dlq_file, show_progress=progress,
+                           source=source)
     _print_ingest(summary)
     if summary.interrupted:
         raise typer.Exit(130)
@@ -168,12 +193,15 @@ def ingest_synthetic(
 ) -> None:
     """Generate deterministic realistic ticks (data/k2_synthetic) and ingest them."""
     from k2.ingest.pipeline import ingest_files
-    from k2_synthetic import generate
+    from k2.sources import SOURCES
+    from k2.sources.synthetic import SyntheticSource
 
     settings = _settings()
+    source = SOURCES["synthetic"]
+    assert isinstance(source, SyntheticSource)
     with tempfile.TemporaryDirectory(prefix="k2-synthetic-") as tmp:
-        folder = generate(out or Path(tmp), symbols=symbols, days=days, seed=seed)
-        summary = ingest_files(folder, settings, dlq_file=dlq_file, show_progress=progress)
+        folder = source.generate(out or Path(tmp), symbols=symbols, days=days, seed=seed)
+        summary = ingest_files(folder, settings, dlq_file=dlq_file, show_progress=progress, source=source.name)
     _print_ingest(summary)
 
 

@@ -130,13 +130,17 @@ def consumer_deployment(owner: Owner, spec: IngestionPipelineSpec, *, binding: T
 
 
 def ingest_args(spec: IngestionPipelineSpec) -> list[str]:
+    """The `k2` command of the source's registration (`k2.sources.SOURCES`), with this spec's options."""
     source = spec.source
+    if source.type not in SOURCES:
+        raise ValueError(f"source type {source.type!r} has no ingest command")
+    command = list(SOURCES[source.type].command)
     if source.type == "synthetic":
         synthetic = source.synthetic or SyntheticSource()
-        return ["ingest", "synthetic", "--symbols", str(synthetic.symbols), "--days", str(synthetic.days),
+        return [*command, "--symbols", str(synthetic.symbols), "--days", str(synthetic.days),
                 "--seed", str(synthetic.seed), "--no-progress"]
     if source.type == "asx-csv" and source.asx_csv is not None:
-        args = ["ingest", "asx", source.asx_csv.path, "--no-progress"]
+        args = [*command, source.asx_csv.path, "--no-progress"]
         data_kinds = [k for k in spec.topics.kinds if k != "reference"]
         if data_kinds:
             args += ["--topics", ",".join(data_kinds)]
@@ -144,7 +148,7 @@ def ingest_args(spec: IngestionPipelineSpec) -> list[str]:
             args += ["--symbols", ",".join(source.asx_csv.symbols)]
         return args
     if source.type == "feed" and source.feed is not None:
-        return ["ingest", "feed", source.feed.url, "--protocol", source.feed.protocol,
+        return [*command, source.feed.url, "--protocol", source.feed.protocol,
                 "--channels", ",".join(source.feed.channels), "--symbols", ",".join(source.feed.symbols) or "*"]
     raise ValueError(f"source type {source.type!r} has no ingest command")
 

@@ -1,4 +1,7 @@
-"""CSV files → Kafka: parse, number, validate, encode, produce; rejects to the DLQ.
+"""A folder source's files → Kafka: parse, number, validate, encode, produce; rejects to the DLQ.
+
+Any source registered in `k2.sources.SOURCES` that reads folders (`FolderSource`) goes this way;
+ASX-format CSV files are parsed a chunk at a time by the columnar parser.
 
 Invariant, checked at the end of every run: rows read = messages produced + rows rejected.
 """
@@ -26,7 +29,8 @@ from k2.schemas.registry import client as registry_client
 from k2.schemas.registry import reachable, register, value_subject
 from k2.schemas.wire import AvroEncoder
 from k2.settings import Settings, TableKind
-from k2.sources.asx import RecordBuilder, RowError, TickFile, discover, reference_records
+from k2.sources import folder_source
+from k2.sources.base import FolderSource, RecordReader, RowError, TickFile
 from k2.stopping import StopFlag
 
 log = structlog.get_logger("k2.ingest")
@@ -85,9 +89,12 @@ def ingest_files(
     dlq_file: Path | None = None,
     show_progress: bool = False,
     producer_config: dict | None = None,
+    source: str = "asx-csv",
 ) -> IngestSummary:
-    """Ingest an ASX-format folder (trades/, quotes/, reference-data/) into Kafka."""
-    files = discover(root, symbols, kinds)
+    """Ingest a folder of the registered folder source `source` (by default an ASX-format folder:
+    trades/, quotes/, reference-data/) into Kafka."""
+    folder = folder_source(source)
+    files = folder.discover(root, symbols, kinds)
     all_kinds = (*kinds, "reference") if with_reference else kinds
     topics.ensure_pipeline_topics(settings, all_kinds)
     encoders = register_schemas(settings, all_kinds)
@@ -111,15 +118,15 @@ def ingest_files(
 
         if with_reference:
             topic, encoder = settings.topic("reference"), encoders["reference"]
-            for record in reference_records(root, ingest_us, symbols):
+            for record in folder.reference_records(root, ingest_us, symbols):
                 summary.rows_read += 1
                 producer.produce(topic, record["symbol"].encode(), encoder.encode(record))
         for tick_file in files:
             if flag.stop:
                 summary.interrupted = True
                 break
-            _ingest_file(tick_file, settings.topic(tick_file.kind), encoders[tick_file.kind], producer, dlq,
-                         detector, summary, ingest_us, flag, advance)
+            _ingest_file(folder, tick_file, settings.topic(tick_file.kind), encoders[tick_file.kind], producer,
+                         dlq, detector, summary, ingest_us, flag, advance)
         producer.flush()
         dlq.flush()
     summary.produced = Counter(producer.delivered)
@@ -134,16 +141,17 @@ def ingest_files(
     return summary
 
 
-def _ingest_file(tick_file: TickFile, topic: str, encoder: AvroEncoder, producer: TickProducer,
-                 dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary, ingest_us: int,
-                 flag: StopFlag, advance) -> None:
-    """Parse the file a chunk at a time into Arrow, encode each chunk at once, then produce.
+def _ingest_file(source: FolderSource, tick_file: TickFile, topic: str, encoder: AvroEncoder,
+                 producer: TickProducer, dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary,
+                 ingest_us: int, flag: StopFlag, advance) -> None:
+    """Parse an ASX-format file a chunk at a time into Arrow, encode each chunk at once, then produce.
 
-    `RecordBuilder` decides every line the columnar parser does not take itself, so records,
-    sequence numbers, rejections and their line numbers are those of the row-by-row path, which
-    still runs where the columnar one cannot (a locale that is not UTF-8, bytes that are not UTF-8)."""
-    builder = RecordBuilder(tick_file, ingest_us)
-    if not columnar.available():
+    The source's reader (`RecordBuilder` for ASX) decides every line the columnar parser does not
+    take itself, so records, sequence numbers, rejections and their line numbers are those of the
+    row-by-row path, which still runs where the columnar one cannot (a locale that is not UTF-8,
+    bytes that are not UTF-8) and for every source whose files are not ASX-format CSV."""
+    builder = source.reader(tick_file, ingest_us)
+    if not (source.columnar and columnar.available()):
         with tick_file.path.open(newline="", errors="surrogateescape") as fh:
             _ingest_rows(enumerate(fh, start=1), builder, tick_file, topic, encoder, producer, dlq, detector,
                          summary, flag, advance)
@@ -200,7 +208,7 @@ def _produce_chunk(chunk: columnar.ParsedChunk, payloads: list[bytes], tick_file
     return False
 
 
-def _ingest_rows(lines, builder: RecordBuilder, tick_file: TickFile, topic: str, encoder: AvroEncoder,
+def _ingest_rows(lines, builder: RecordReader, tick_file: TickFile, topic: str, encoder: AvroEncoder,
                  producer: TickProducer, dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary,
                  flag: StopFlag, advance) -> bool:
     """The row-by-row path over (line number, line) pairs; True if stopped."""

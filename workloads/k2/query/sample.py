@@ -1,7 +1,8 @@
-"""Load an ASX-format folder straight into K2's Iceberg tables, without Kafka.
+"""Load a folder (ASX-format, or of any registered folder source) straight into K2's Iceberg
+tables, without Kafka.
 
-For tests, benchmarks and offline analysis of a sample. Records are built by the same
-`RecordBuilder` as `k2 ingest asx` and laid out as the stream writer lays them out (sorted by
+For tests, benchmarks and offline analysis of a sample. Records are built by the same source
+reader as `k2 ingest` uses and laid out as the stream writer lays them out (sorted by
 symbol, time and sequence number), with one append per table and local day, so the tables get a
 history of snapshots to time-travel through. The production path is `k2 ingest` → Kafka →
 `k2 stream run`.
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 
 from k2 import tables
 from k2.settings import Settings, TableKind
-from k2.sources.asx import RecordBuilder, discover, reference_records
+from k2.sources import folder_source
 from k2.stream.writer import rows_to_arrow
 
 _EPOCH_DATE = dt.date(1970, 1, 1)
@@ -29,9 +30,12 @@ _SORT = [("symbol", "ascending"), ("exchange_timestamp", "ascending"), ("sequenc
 
 def load_asx(settings: Settings, root: Path, *, symbols: Collection[str] | None = None,
              days: Collection[dt.date] | None = None,
-             kinds: tuple[TableKind, ...] = ("trades", "quotes", "reference")) -> dict[TableKind, list[int]]:
+             kinds: tuple[TableKind, ...] = ("trades", "quotes", "reference"),
+             source: str = "asx-csv") -> dict[TableKind, list[int]]:
     """Append the folder's ticks (optionally only some symbols and local days); returns the
-    snapshot ids committed per table, oldest first."""
+    snapshot ids committed per table, oldest first. `source`: the registered folder source
+    that reads it."""
+    folder = folder_source(source)
     cat = tables.catalog(settings)
     ingest_us = time.time_ns() // 1000
     wanted_symbols = set(symbols) if symbols is not None else None
@@ -41,11 +45,11 @@ def load_asx(settings: Settings, root: Path, *, symbols: Collection[str] | None 
         table = tables.ensure_table(cat, tables.builtin_definition(kind, settings))
         schema = table.schema().as_arrow()
         if kind == "reference":
-            batches = [list(reference_records(root, ingest_us, wanted_symbols))]
+            batches = [list(folder.reference_records(root, ingest_us, wanted_symbols))]
         else:
             by_day: dict[int, list[dict]] = defaultdict(list)
-            for tick_file in discover(root, wanted_symbols, (kind,)):
-                builder = RecordBuilder(tick_file, ingest_us)
+            for tick_file in folder.discover(root, wanted_symbols, (kind,)):
+                builder = folder.reader(tick_file, ingest_us)
                 with tick_file.path.open() as fh:
                     for line in fh:
                         # Built before filtering, so sequence numbers match a full load's.

@@ -1,26 +1,42 @@
 """Where ticks come from: one module per source, one registration here.
 
-A source module turns its input into canonical K2 records (`k2.schemas`): `asx` reads ASX-format
-CSV folders (the synthetic generator writes that format too), `feed` speaks the K2 feed protocol
-and holds the adapter seam for vendor feeds. `SOURCES` tells the CLI and the operator how each
-is run: to completion (a Job) or until stopped (a Deployment).
+Each source implements `k2.sources.base.Source` (how it is run: its `k2` sub-command, to completion
+as a Job or until stopped as a Deployment); a source read from a folder of files implements
+`FolderSource` too (its files, line by line, into canonical K2 records, `k2.schemas`). `asx` reads
+ASX-format CSV folders, `synthetic` generates one (data/k2_synthetic) and reads it the same way,
+`feed` speaks the K2 feed protocol and holds the adapter seam for vendor feeds (`ADAPTERS`).
+
+`SOURCES` is what the CLI, `k2 ingest` (`k2.ingest.pipeline`), the sample loader
+(`k2.query.sample`) and the operator (the IngestionPipeline `source.type` enum) read: a new source
+is its module and one `register` call, nothing else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from k2.sources.asx import AsxFolder
+from k2.sources.base import FolderSource, Source
+from k2.sources.feed import FeedSource
+from k2.sources.synthetic import SyntheticSource
+
+SOURCES: dict[str, Source] = {}
 
 
-@dataclass(frozen=True)
-class SourceType:
-    name: str  # IngestionPipeline `source.type`
-    command: tuple[str, ...]  # the `k2` sub-command that runs it
-    continuous: bool  # runs until stopped: a Deployment, not a Job
-    description: str
+def register(source: Source) -> Source:
+    if source.name in SOURCES:
+        raise ValueError(f"source {source.name!r} is already registered")
+    SOURCES[source.name] = source
+    return source
 
 
-SOURCES: dict[str, SourceType] = {s.name: s for s in (
-    SourceType("asx-csv", ("ingest", "asx"), False, "ASX-format CSV folders (trades/, quotes/, reference-data/)"),
-    SourceType("synthetic", ("ingest", "synthetic"), False, "K2's deterministic synthetic tick generator"),
-    SourceType("feed", ("ingest", "feed"), True, "a live WebSocket feed (the K2 feed protocol or a vendor adapter)"),
-)}
+def folder_source(name: str) -> FolderSource:
+    """The registered source `name`, which must read folders of files."""
+    source = SOURCES.get(name)
+    if source is None:
+        raise KeyError(f"unknown source {name!r}; registered: {', '.join(SOURCES)}")
+    if not isinstance(source, FolderSource):
+        raise TypeError(f"source {name!r} does not read folders of files")
+    return source
+
+
+for _source in (AsxFolder(), SyntheticSource(), FeedSource()):
+    register(_source)

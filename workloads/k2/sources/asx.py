@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import datetime as dt
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from k2 import exchanges
 from k2.schemas import PRICE_PRECISION, PRICE_SCALE
 from k2.settings import TableKind
+from k2.sources.base import RowError, TickFile
 
 EXCHANGE = "ASX"
 EXCHANGE_TZ = exchanges.get(EXCHANGE).timezone
@@ -31,14 +31,6 @@ _PRICE_MAX = 10**PRICE_PRECISION - 1
 FIRST_DATE, END_DATE = dt.date(1900, 1, 1), dt.date(2262, 1, 1)
 TRADE_COLUMNS = 7  # date, time, price, volume, qualifier, venue, buyer id
 QUOTE_COLUMNS = 6  # date, time, bid, ask, bid volume, ask volume (in that order)
-
-
-class RowError(ValueError):
-    """A malformed row; `reason` is the short code that lands in the DLQ."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @lru_cache(maxsize=4096)
@@ -118,19 +110,6 @@ def unscaled_bytes(value: int) -> bytes:
 def micros_to_decimal_str(value: int) -> str:
     whole, frac = divmod(value, _PRICE_FACTOR)
     return f"{whole}.{frac:0{PRICE_SCALE}d}".rstrip("0").rstrip(".")
-
-
-@dataclass(frozen=True, slots=True)
-class TickFile:
-    """One source file of one kind for one listing."""
-
-    kind: TableKind
-    path: Path
-    symbol: str
-
-    @property
-    def source_id(self) -> str:
-        return f"{self.path.parent.name}/{self.path.name}"
 
 
 def read_company_symbols(root: Path) -> dict[str, str]:
@@ -232,3 +211,23 @@ class RecordBuilder:
         record["is_one_sided"] = bid == 0 or ask == 0
         record["is_crossed"] = bid > ask > 0
         return record
+
+
+class AsxFolder:
+    """ASX-format CSV folders (trades/, quotes/, reference-data/): `k2 ingest asx`."""
+
+    name = "asx-csv"
+    command: tuple[str, ...] = ("ingest", "asx")
+    continuous = False
+    description = "ASX-format CSV folders (trades/, quotes/, reference-data/)"
+    columnar = True
+
+    def discover(self, root: Path, symbols: set[str] | None = None,
+                 kinds: tuple[TableKind, ...] = ("trades", "quotes")) -> list[TickFile]:
+        return discover(root, symbols, kinds)
+
+    def reference_records(self, root: Path, ingest_us: int, symbols: set[str] | None = None) -> Iterator[dict]:
+        return reference_records(root, ingest_us, symbols)
+
+    def reader(self, tick_file: TickFile, ingest_us: int) -> RecordBuilder:
+        return RecordBuilder(tick_file, ingest_us)

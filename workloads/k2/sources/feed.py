@@ -190,3 +190,12 @@ class K2FeedAdapter:
 
 
 ADAPTERS: dict[str, type[FeedAdapter]] = {"k2": K2FeedAdapter}
+
+
+class FeedSource:
+    """`k2 ingest feed`: a live WebSocket feed, run until stopped, read through an adapter of `ADAPTERS`."""
+
+    name = "feed"
+    command: tuple[str, ...] = ("ingest", "feed")
+    continuous = True
+    description = "a live WebSocket feed (the K2 feed protocol or a vendor adapter)"
