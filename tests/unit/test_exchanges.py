@@ -158,3 +158,15 @@ def test_the_api_lists_the_registry(tmp_path):
                              "trading_weekdays": [0, 1, 2, 3, 4],
                              "symbol_pattern": exchanges.get("ASX").symbol_pattern}
     assert listed["CRYPTO"]["trading_weekdays"] == list(range(7)) and listed["NASDAQ"]["currency"] == "USD"
+
+
+def test_the_stream_refuses_to_start_for_an_unknown_exchange(monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from k2.cli import app
+
+    monkeypatch.setenv("K2_EXCHANGE", "lse")
+    result = CliRunner().invoke(app, ["stream", "run"])
+    said = result.output + capsys.readouterr().err
+    assert result.exit_code == 2, said
+    assert "invalid K2_* settings" in said and "unknown exchange 'lse'; known: asx, nasdaq, crypto" in said

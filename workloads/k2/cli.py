@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table as RichTable
 
@@ -33,7 +34,11 @@ console = Console(stderr=True)
 
 
 def _settings() -> Settings:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a K2_* variable is wrong: say which and why, not a traceback
+        console.print(f"invalid K2_* settings: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     serve_metrics(settings.metrics_port)
     return settings
