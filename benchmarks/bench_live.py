@@ -46,7 +46,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from k2 import tables, topics
+from k2 import exchanges, tables, topics
 from k2.feed.server import ticks
 from k2.ingest.pipeline import register_schemas
 from k2.kafka import PRODUCER_DEFAULTS, consume_available
@@ -57,8 +57,7 @@ from k2_synthetic import expected_rows, generate
 
 K2 = str(Path(sys.executable).with_name("k2"))
 PROBE = "ZPROBE"
-DAY = dt.date(2026, 1, 5)
-EPOCH_DAY = (DAY - dt.date(1970, 1, 1)).days
+ASX = exchanges.get("ASX")
 
 
 def _peak_mb(pid: int) -> float:
@@ -76,7 +75,9 @@ def _cpu_seconds(pid: int) -> float:
 
 def _record(symbol: str, seq: int) -> dict:
     now_us = time.time_ns() // 1000
-    return {"symbol": symbol, "exchange": "ASX", "exchange_timestamp": now_us, "exchange_date": EPOCH_DAY,
+    # The exchange's local date of the instant: the stream refuses any other (wrong_exchange_date).
+    day = (ASX.local_date(dt.datetime.fromtimestamp(now_us / 1e6, dt.UTC)) - dt.date(1970, 1, 1)).days
+    return {"symbol": symbol, "exchange": ASX.code, "exchange_timestamp": now_us, "exchange_date": day,
             "sequence_number": seq, "price": unscaled_bytes(36_700_000), "volume": 100, "qualifiers": None,
             "venue": None, "buyer_id": None, "ingest_timestamp": now_us, "source_id": "bench"}
 
