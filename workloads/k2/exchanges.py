@@ -9,6 +9,7 @@ the shape of its symbols, and the currency its prices are in. A new venue is one
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
@@ -56,12 +57,17 @@ class Exchange:
         """The lower-case form used in topic names (`K2_EXCHANGE`)."""
         return self.code.lower()
 
+    @functools.cached_property
+    def _symbol_re(self) -> re.Pattern[str]:
+        return re.compile(self.symbol_pattern)
+
     def valid_symbol(self, symbol: str) -> bool:
-        return re.fullmatch(self.symbol_pattern, symbol) is not None
+        return self._symbol_re.fullmatch(symbol) is not None
 
     def local_date(self, instant: dt.datetime) -> dt.date:
         return instant.astimezone(self.timezone).date()
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - exchanges live as long as the process; a feed checks every tick
     def day_bounds_us(self, epoch_day: int) -> tuple[int, int]:
         """The UTC instants (µs since epoch) from which and until which local day `epoch_day`
         (days since 1970-01-01) lasts: an instant is of that day iff start <= instant < end."""
