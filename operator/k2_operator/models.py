@@ -15,13 +15,14 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from k2 import tables
 from k2.exchanges import SLUGS, SYMBOL_PATTERN
 from k2.settings import TABLE_KINDS, Compatibility, Settings
 from k2.sources import SOURCES
+from k2.sources.base import FolderSource
 from k2.sources.feed import ADAPTERS, CHANNELS
 
 GROUP = "k2.io"
@@ -194,8 +195,8 @@ class SchemaRegistryRef(_Model):
 
 
 # --- IngestionPipeline --------------------------------------------------------------------------
-class AsxCsvSource(_Model):
-    """ASX-format CSV folders (trades/, quotes/, reference-data/)."""
+class FolderInput(_Model):
+    """A folder of files that a folder source (`k2.sources.base.FolderSource`) reads to completion."""
 
     path: str = Field(max_length=1024, pattern=r"^/\S*$",
                       description="Folder inside the ingest container (under mountPath when claimName is set).")
@@ -230,13 +231,26 @@ class SyntheticSource(_Model):
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Random seed (same seed, same ticks).")
 
 
+# Registered folder sources the operator runs with `k2 ingest folder` from `source.folder` (asx-csv
+# also from its own spelling, `source.asxCsv`); synthetic generates its folder from `source.synthetic`.
+FOLDER_TYPES = tuple(name for name, source in SOURCES.items()
+                     if isinstance(source, FolderSource) and name != "synthetic")
+_FOLDER_TYPES_CEL = "[" + ", ".join(f"'{name}'" for name in FOLDER_TYPES) + "]"
+FOLDER_REQUIRED = ("source.folder (path, optional claimName) is required when source.type is a folder source "
+                   "(asx-csv: source.folder or source.asxCsv)")
+FOLDER_NOT_ALLOWED = f"source.folder is only allowed with a folder source type: {', '.join(FOLDER_TYPES)}"
+ASX_CSV_NOT_ALLOWED = "source.asxCsv is only allowed with type asx-csv"
+FOLDER_TWICE = "source.asxCsv and source.folder are two spellings of one input: give one"
+
+
 class SourceSpec(_Model):
     """Where ticks come from. `none`: external producers write to the topics."""
 
     model_config = ConfigDict(json_schema_extra=_validations(
-        _cel("self.type != 'asx-csv' || has(self.asxCsv)",
-             "source.asxCsv (path, optional claimName) is required when source.type is asx-csv"),
-        _cel("self.type == 'asx-csv' || !has(self.asxCsv)", "source.asxCsv is only allowed with type asx-csv"),
+        _cel(f"!(self.type in {_FOLDER_TYPES_CEL}) || has(self.folder) || has(self.asxCsv)", FOLDER_REQUIRED),
+        _cel(f"self.type in {_FOLDER_TYPES_CEL} || !has(self.folder)", FOLDER_NOT_ALLOWED),
+        _cel("!has(self.folder) || !has(self.asxCsv)", FOLDER_TWICE),
+        _cel("self.type == 'asx-csv' || !has(self.asxCsv)", ASX_CSV_NOT_ALLOWED),
         _cel("self.type == 'synthetic' || !has(self.synthetic)",
              "source.synthetic is only allowed with type synthetic"),
         _cel("self.type != 'feed' || has(self.feed)", "source.feed (url) is required when source.type is feed"),
@@ -244,11 +258,31 @@ class SourceSpec(_Model):
     ))
 
     type: SourceType = Field("none", description="Kind of source.")
-    asx_csv: AsxCsvSource | None = Field(None, description="ASX CSV input (type asx-csv).")
+    asx_csv: FolderInput | None = Field(None, description="ASX CSV input (type asx-csv): its spelling of folder.")
+    folder: FolderInput | None = Field(None, description="The input of a folder source (any of them: "
+                                       "`k2 ingest folder PATH --source TYPE`).")
     synthetic: SyntheticSource | None = Field(None, description="Generator options (type synthetic).")
     feed: FeedSource | None = Field(None, description="Live feed (type feed): a Deployment, not a Job.")
     resources: Resources = _resources("250m", "512Mi", "2Gi")
     pod: PodOverrides = Field(default_factory=PodOverrides, description="Placement and metadata of ingest pods.")
+
+    # The CEL rules above, for what reaches the operator without the apiserver's checks: the
+    # InvalidSpec condition then says the same thing.
+    @model_validator(mode="after")
+    def _one_folder_input(self) -> SourceSpec:
+        if self.folder is not None and self.asx_csv is not None:
+            raise ValueError(FOLDER_TWICE)
+        if self.type in FOLDER_TYPES and self.folder_input is None:
+            raise ValueError(FOLDER_REQUIRED)
+        if self.type not in FOLDER_TYPES and self.folder is not None:
+            raise ValueError(FOLDER_NOT_ALLOWED)
+        if self.type != "asx-csv" and self.asx_csv is not None:
+            raise ValueError(ASX_CSV_NOT_ALLOWED)
+        return self
+
+    @property
+    def folder_input(self) -> FolderInput | None:
+        return self.folder or self.asx_csv
 
 
 class TopicsSpec(_Model):
@@ -327,9 +361,10 @@ class IngestionPipelineSpec(_Model):
         _cel("self.source.type != 'synthetic' || size(self.topics.kinds) == 3",
              "a synthetic source produces trades, quotes and reference: topics.kinds must list all three",
              field_path=".topics.kinds"),
-        _cel("self.source.type != 'asx-csv' || ('reference' in self.topics.kinds && size(self.topics.kinds) >= 2)",
-             "an asx-csv source produces reference data and trades and/or quotes: topics.kinds must include "
-             "reference and at least one of them", field_path=".topics.kinds"),
+        _cel(f"!(self.source.type in {_FOLDER_TYPES_CEL}) || "
+             "('reference' in self.topics.kinds && size(self.topics.kinds) >= 2)",
+             "a folder source (asx-csv, …) produces reference data and trades and/or quotes: topics.kinds must "
+             "include reference and at least one of them", field_path=".topics.kinds"),
         _cel("self.source.type != 'feed' || self.source.feed.channels.all(c, c in self.topics.kinds)",
              "a feed source produces its channels (trades, quotes): topics.kinds must list them",
              field_path=".topics.kinds"),

@@ -155,7 +155,13 @@ def test_printer_columns(applied: dict, cluster: Any, namespace: str) -> None:
 
 
 INVALID = [
-    ("IngestionPipeline", {"source": {"type": "asx-csv"}}, "source.asxCsv (path, optional claimName) is required"),
+    ("IngestionPipeline", {"source": {"type": "asx-csv"}}, "source.folder (path, optional claimName) is required"),
+    ("IngestionPipeline", {"source": {"type": "asx-csv", "asxCsv": {"path": "/a"}, "folder": {"path": "/a"}}},
+     "two spellings of one input: give one"),
+    ("IngestionPipeline", {"source": {"type": "synthetic", "folder": {"path": "/a"}}},
+     "source.folder is only allowed with a folder source type"),
+    ("IngestionPipeline", {"source": {"type": "asx-csv", "folder": {"path": "/a"}}, "topics": {"kinds": ["trades"]}},
+     "a folder source (asx-csv, …) produces reference data"),
     ("IngestionPipeline", {"exchange": "ASX"}, 'Unsupported value: "ASX": supported values: "asx", "nasdaq", "crypto"'),
     ("IngestionPipeline", {"exchange": "lse"}, 'Unsupported value: "lse"'),
     ("IngestionPipeline", {"topics": {"partitions": 0}}, "should be greater than or equal to 1"),

@@ -39,6 +39,13 @@ def test_defaults_fill_a_minimal_pipeline() -> None:
     ({"exchange": "asx", "consumer": {"batchSeconds": 0}}, "greater than 0"),
     ({"exchange": "asx", "compatibility": "SOMETIMES"}, "BACKWARD"),
     ({"exchange": "asx", "unknown": 1}, "Extra inputs"),
+    ({"exchange": "asx", "source": {"type": "asx-csv"}}, "source.folder (path, optional claimName) is required"),
+    ({"exchange": "asx", "source": {"type": "asx-csv", "asxCsv": {"path": "/a"}, "folder": {"path": "/a"}}},
+     "two spellings of one input: give one"),
+    ({"exchange": "asx", "source": {"type": "synthetic", "folder": {"path": "/a"}}},
+     "source.folder is only allowed with a folder source type"),
+    ({"exchange": "asx", "source": {"type": "feed", "feed": {"url": "ws://f"}, "asxCsv": {"path": "/a"}}},
+     "source.asxCsv is only allowed with type asx-csv"),
 ])
 def test_invalid_pipelines_are_rejected(spec: dict, fragment: str) -> None:
     with pytest.raises(ValidationError) as error:

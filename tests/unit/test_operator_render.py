@@ -4,6 +4,8 @@ probes everywhere, and configuration that round-trips through `Settings` (CR →
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -224,6 +226,85 @@ def test_asx_csv_source_mounts_its_claim_read_only() -> None:
                            "--symbols", "BHP,CBA"]
     assert {"name": "input", "mountPath": "/data", "readOnly": True} in box["volumeMounts"]
     assert {"name": "input", "persistentVolumeClaim": {"claimName": "ticks", "readOnly": True}} in pod(job)["volumes"]
+
+
+def test_asx_csv_source_runs_as_any_folder_source_when_given_folder() -> None:
+    spec = pipeline_spec(source={"type": "asx-csv", "folder": {"path": "/data/asx", "claimName": "ticks"}})
+    job = by_kind(render_pipeline(ASX, spec, binding=BINDING, ctx=CTX))["Job"]
+
+    assert containers(job)[0]["args"] == ["ingest", "folder", "/data/asx", "--source", "asx-csv", "--no-progress",
+                                          "--topics", "trades,quotes"]
+    assert {"name": "input", "persistentVolumeClaim": {"claimName": "ticks", "readOnly": True}} in pod(job)["volumes"]
+
+
+# A folder source defined and registered here and nowhere else. The operator's models take their
+# enums and CEL rules from the registry when first imported (as the CRD generator does), so the
+# source is registered in a fresh interpreter before `k2_operator` is imported.
+_TOY_PIPELINE = """
+import json, sys
+from k2.sources import register
+
+class Toy:
+    name, command, columnar = "toy", ("ingest", "toy"), False
+    continuous = sys.argv[2] == "continuous"
+    description = "a toy venue"
+    def discover(self, root, symbols=None, kinds=("trades", "quotes")): return []
+    def reference_records(self, root, ingest_us, symbols=None): return iter(())
+    def reader(self, tick_file, ingest_us): raise NotImplementedError
+
+register(Toy())
+from pydantic import ValidationError
+from k2_operator.models import IngestionPipelineSpec
+from k2_operator.render import Owner, RenderContext, TableBinding, render_pipeline
+
+spec = {"exchange": "crypto", "topics": {"kinds": ["trades", "reference"]}, "source": json.loads(sys.argv[1])}
+try:
+    model = IngestionPipelineSpec.model_validate(spec)
+except ValidationError as exc:
+    print(json.dumps({"error": str(exc)}))
+else:
+    print(json.dumps(render_pipeline(Owner(kind="IngestionPipeline", name="toy", namespace="k2"), model,
+                                     binding=TableBinding(kinds=("trades",), namespace="market", catalog_secret="c"),
+                                     ctx=RenderContext(image="k2:test"))))
+"""
+
+
+def _render_with_toy_source(source: dict[str, Any], run: str = "to-completion") -> Any:
+    done = subprocess.run([sys.executable, "-c", _TOY_PIPELINE, json.dumps(source), run], capture_output=True,
+                          text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+def test_a_registered_folder_source_runs_as_a_job_reading_its_claim() -> None:
+    objects = _render_with_toy_source({"type": "toy", "folder": {"path": "/in/toy", "claimName": "toy-files",
+                                                                 "mountPath": "/in", "symbols": ["BTC-USD"]}})
+    job = by_kind(objects)["Job"]
+    box = containers(job)[0]
+
+    assert box["args"] == ["ingest", "folder", "/in/toy", "--source", "toy", "--no-progress", "--topics", "trades",
+                           "--symbols", "BTC-USD"]
+    params = _parse_with_the_real_cli(box["args"])
+    assert (params["source"], str(params["path"]), params["symbols"]) == ("toy", "/in/toy", "BTC-USD")
+    assert {"name": "input", "mountPath": "/in", "readOnly": True} in box["volumeMounts"]
+    claim = {"name": "input", "persistentVolumeClaim": {"claimName": "toy-files", "readOnly": True}}
+    assert claim in pod(job)["volumes"]
+
+
+def test_a_continuous_folder_source_is_a_deployment_reading_its_claim() -> None:
+    objects = _render_with_toy_source({"type": "toy", "folder": {"path": "/data/toy", "claimName": "toy-files"}},
+                                      run="continuous")
+    assert "Job" not in {o["kind"] for o in objects}
+    feed = next(o for o in objects if o["metadata"]["name"] == "toy-feed")
+
+    assert containers(feed)[0]["args"][:5] == ["ingest", "folder", "/data/toy", "--source", "toy"]
+    claim = {"name": "input", "persistentVolumeClaim": {"claimName": "toy-files", "readOnly": True}}
+    assert claim in pod(feed)["volumes"]
+
+
+def test_a_registered_folder_source_without_its_folder_is_refused() -> None:
+    refused = _render_with_toy_source({"type": "toy"})
+
+    assert "source.folder (path, optional claimName) is required" in refused["error"]
 
 
 def test_query_service_keys_stay_in_their_secret(monkeypatch: pytest.MonkeyPatch) -> None:

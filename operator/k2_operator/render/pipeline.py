@@ -1,6 +1,7 @@
 """IngestionPipeline → settings ConfigMap, consumer Deployment (`k2 stream run`), its metrics
 Service, PodDisruptionBudget and ServiceMonitor, and the ingest: a Job for sources that run to
-completion (csv, synthetic), a Deployment for continuous ones (feed)."""
+completion (folder sources such as asx-csv, synthetic), a Deployment for continuous ones (feed),
+as the source's registration (`k2.sources.SOURCES`) says."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from k2.sources import SOURCES
-from k2_operator.models import IngestionPipelineSpec, SyntheticSource, TableKind
+from k2_operator.models import FolderInput, IngestionPipelineSpec, SyntheticSource, TableKind
 from k2_operator.render import common
 from k2_operator.render.common import Owner, RenderContext, WorkloadConfig
 
@@ -130,7 +131,8 @@ def consumer_deployment(owner: Owner, spec: IngestionPipelineSpec, *, binding: T
 
 
 def ingest_args(spec: IngestionPipelineSpec) -> list[str]:
-    """The `k2` command of the source's registration (`k2.sources.SOURCES`), with this spec's options."""
+    """The `k2` command of the source's registration (`k2.sources.SOURCES`), with this spec's options;
+    any folder source given `source.folder` runs as `k2 ingest folder PATH --source TYPE`."""
     source = spec.source
     if source.type not in SOURCES:
         raise ValueError(f"source type {source.type!r} has no ingest command")
@@ -139,28 +141,38 @@ def ingest_args(spec: IngestionPipelineSpec) -> list[str]:
         synthetic = source.synthetic or SyntheticSource()
         return [*command, "--symbols", str(synthetic.symbols), "--days", str(synthetic.days),
                 "--seed", str(synthetic.seed), "--no-progress"]
+    if source.folder is not None:
+        return ["ingest", "folder", source.folder.path, "--source", source.type, *_folder_options(spec, source.folder)]
     if source.type == "asx-csv" and source.asx_csv is not None:
-        args = [*command, source.asx_csv.path, "--no-progress"]
-        data_kinds = [k for k in spec.topics.kinds if k != "reference"]
-        if data_kinds:
-            args += ["--topics", ",".join(data_kinds)]
-        if source.asx_csv.symbols:
-            args += ["--symbols", ",".join(source.asx_csv.symbols)]
-        return args
+        return [*command, source.asx_csv.path, *_folder_options(spec, source.asx_csv)]
     if source.type == "feed" and source.feed is not None:
         return [*command, source.feed.url, "--protocol", source.feed.protocol,
                 "--channels", ",".join(source.feed.channels), "--symbols", ",".join(source.feed.symbols) or "*"]
     raise ValueError(f"source type {source.type!r} has no ingest command")
 
 
+def _folder_options(spec: IngestionPipelineSpec, folder: FolderInput) -> list[str]:
+    args = ["--no-progress"]
+    data_kinds = [k for k in spec.topics.kinds if k != "reference"]
+    if data_kinds:
+        args += ["--topics", ",".join(data_kinds)]
+    if folder.symbols:
+        args += ["--symbols", ",".join(folder.symbols)]
+    return args
+
+
+def _input_volume(spec: IngestionPipelineSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The folder source's claim, mounted read-only (its mounts, its volumes): the ingest never writes it."""
+    folder = spec.source.folder_input
+    if folder is None or not folder.claim_name:
+        return [], []
+    return ([{"name": "input", "mountPath": folder.mount_path, "readOnly": True}],
+            [{"name": "input", "persistentVolumeClaim": {"claimName": folder.claim_name, "readOnly": True}}])
+
+
 def ingest_job(owner: Owner, spec: IngestionPipelineSpec, *, workload: WorkloadConfig,
                ctx: RenderContext) -> dict[str, Any]:
-    mounts: list[dict[str, Any]] = []
-    volumes: list[dict[str, Any]] = []
-    csv = spec.source.asx_csv
-    if spec.source.type == "asx-csv" and csv is not None and csv.claim_name:
-        mounts.append({"name": "input", "mountPath": csv.mount_path, "readOnly": True})
-        volumes.append({"name": "input", "persistentVolumeClaim": {"claimName": csv.claim_name, "readOnly": True}})
+    mounts, volumes = _input_volume(spec)
     probes = _metrics_probes(ctx)
     box = common.container(name="ingest", ctx=ctx, args=ingest_args(spec), config_map=Names.of(owner.name).settings,
                            workload=workload, resources=spec.source.resources,
@@ -187,11 +199,14 @@ def feed_deployment(owner: Owner, spec: IngestionPipelineSpec, *, workload: Work
     the feed's entitlement is usually for one connection). Liveness is feed progress (`/livez`:
     a message, even a heartbeat, within twice the stale period), so a hung session is restarted."""
     n = Names.of(owner.name)
+    mounts, volumes = _input_volume(spec)  # a continuous folder source
     box = common.container(name="feed", ctx=ctx, args=ingest_args(spec), config_map=n.settings, workload=workload,
                            resources=spec.source.resources, ports=[("metrics", ctx.workload_metrics_port)],
                            liveness=common.http_probe("/livez", "metrics", period=15, failure=2, initial=10),
-                           readiness=common.http_probe("/metrics", "metrics", period=10, initial=5))
-    template = common.pod_template(owner=owner, component="feed", spec=common.pod_spec([box], ctx),
+                           readiness=common.http_probe("/metrics", "metrics", period=10, initial=5),
+                           extra_mounts=mounts)
+    pod = common.pod_spec([box], ctx, extra_volumes=volumes)
+    template = common.pod_template(owner=owner, component="feed", spec=pod,
                                    workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port,
                                    pod=spec.source.pod)
     template["spec"]["terminationGracePeriodSeconds"] = 60  # SIGTERM flushes the producer and the DLQ
