@@ -19,11 +19,15 @@ python benchmarks/bench_peers.py --data "$DATA"  # starts and stops QuestDB (K2_
 K2_CONNECT_TESTS=1 python -m pytest -q tests/integration/test_iceberg_connect_peer.py
 python benchmarks/bench_connect.py --data "$DATA"  # starts and stops Iceberg's Kafka Connect sink (K2_CONNECT_PORT)
 python benchmarks/bench_operator.py
+# The whole live path's processes: k2 feed serve → k2 ingest feed → Kafka → stream / API (each one's memory)
 python benchmarks/bench_live.py --rate 20000 --seconds 60
-python benchmarks/bench_live.py --rate 20000 --seconds 60 --batch-seconds 0.2  # sub-second commits: more, smaller files
-python benchmarks/bench_live.py --rate 2000 --seconds 60  # a tenth: where the 2 cores are not the bound
-python benchmarks/bench_live.py --rate 2000 --seconds 60 --batch-seconds 0.2 --live-tail-rows 0  # no live tail: REST waits for commits
-python benchmarks/bench_live.py --rate 2000 --seconds 60 --batch-seconds 0.2 --compact-interval-seconds 0  # no compaction: a query opens every small file
+python benchmarks/bench_live.py --rate 5000 --seconds 60  # what the feed processes sustain beside the rest on 2 cores
+# From Kafka on: the benchmark produces exactly --rate (no feed processes on the 2 cores)
+python benchmarks/bench_live.py --source producer --rate 20000 --seconds 60
+python benchmarks/bench_live.py --source producer --rate 20000 --seconds 60 --batch-seconds 0.2  # sub-second commits: more, smaller files
+python benchmarks/bench_live.py --source producer --rate 2000 --seconds 60  # a tenth: where the 2 cores are not the bound
+python benchmarks/bench_live.py --source producer --rate 2000 --seconds 60 --batch-seconds 0.2 --live-tail-rows 0  # no live tail: REST waits for commits
+python benchmarks/bench_live.py --source producer --rate 2000 --seconds 60 --batch-seconds 0.2 --compact-interval-seconds 0  # no compaction: a query opens every small file
 # On the cluster of `make kind-up` only (building and creating one takes long): a rolling update
 # of the stream consumers while the live feed flows.
 if [ -z "${K2_API_KEY:-}" ]; then
