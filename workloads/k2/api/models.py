@@ -242,6 +242,9 @@ class Stats(BaseModel):
     data: list[TableStats]
 
 
+LOCAL_TIME = r"^([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?$"
+
+
 class ExchangeInfo(BaseModel):
     """One exchange of K2's registry (`k2.exchanges`): how its ticks are dated, quoted and named."""
 
@@ -249,8 +252,12 @@ class ExchangeInfo(BaseModel):
     name: str
     timezone: str = Field(description="IANA zone of `exchange_date` and of bars' local days")
     currency: str = Field(description="ISO 4217 code of the prices")
-    session_open: dt.time = Field(description="Main session's local open; auctions may trade outside it")
-    session_close: dt.time
+    # Wall-clock times of the exchange's zone, not RFC 3339 times (which carry an offset, and an
+    # offset is not fixed across DST): plain HH:MM:SS[.ffffff] strings.
+    session_open: str = Field(pattern=LOCAL_TIME, description="Main session's local open (HH:MM:SS in `timezone`); "
+                              "auctions may trade outside it")
+    session_close: str = Field(pattern=LOCAL_TIME, description="Main session's local close (HH:MM:SS[.ffffff] in "
+                               "`timezone`)")
     trading_weekdays: list[int] = Field(description="Local weekdays that trade (Monday = 0)")
     symbol_pattern: str = Field(description="Regular expression every symbol of the exchange matches")
 

@@ -16,6 +16,7 @@ def list_exchanges() -> ExchangeList:
     weekdays and symbol pattern. Facts, not data: every key may read them."""
     return ExchangeList(data=[
         ExchangeInfo(code=x.code, name=x.name, timezone=x.timezone.key, currency=x.currency,
-                     session_open=x.calendar.session_open, session_close=x.calendar.session_close,
+                     session_open=x.calendar.session_open.isoformat(),
+                     session_close=x.calendar.session_close.isoformat(),
                      trading_weekdays=sorted(x.calendar.weekdays), symbol_pattern=x.symbol_pattern)
         for x in exchanges.EXCHANGES.values()])
