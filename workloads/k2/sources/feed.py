@@ -24,12 +24,9 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _EPOCH_DAY = dt.date(1970, 1, 1)
 
 
-class MalformedMessage(ValueError):
-    """A message the adapter cannot turn into a record; `reason` is the DLQ's short code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+class MalformedMessage(RowError):
+    """A message the adapter cannot turn into a record; `reason` is the DLQ's short code (a file
+    row's RowError, said of a feed's message)."""
 
 
 @dataclass(frozen=True, slots=True)
