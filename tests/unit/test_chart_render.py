@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from k2.stack import helm
+from k2.stack.kafka import KAFKA_JVM_PERFORMANCE_OPTS
 
 pytestmark = [pytest.mark.unit, pytest.mark.helm, pytest.mark.timeout(900, func_only=False)]
 
@@ -279,6 +280,19 @@ def test_kafka_quorum_lists_every_node_and_replication_follows_the_node_count() 
     assert properties["offsets.topic.replication.factor"] == "3"
     assert properties["transaction.state.log.min.isr"] == "2"
     assert len(env["CLUSTER_ID"]) == 22
+
+
+def test_in_cluster_kafka_runs_with_the_local_stacks_gc_options() -> None:
+    """The chart's broker and the local stack's (k2.stack.kafka) collect garbage alike: the
+    options are given to the broker's `java`, not only declared."""
+    kafka = next(o for o in render() if o["kind"] == "StatefulSet"
+                 and o["metadata"]["labels"]["app.kubernetes.io/component"] == "kafka")
+    box = kafka["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in box["env"]}
+
+    assert env["KAFKA_JVM_PERFORMANCE_OPTS"].split() == list(KAFKA_JVM_PERFORMANCE_OPTS)
+    broker_start = next(line for line in box["args"][0].splitlines() if "kafka.Kafka" in line)
+    assert "$KAFKA_JVM_PERFORMANCE_OPTS" in broker_start
 
 
 def test_third_party_containers_set_their_command_explicitly(rendered: list[dict[str, Any]]) -> None:
