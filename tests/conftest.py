@@ -98,6 +98,20 @@ class _Stack:
 
 
 @pytest.fixture(scope="session")
+def docker_engine() -> Iterator[None]:
+    """A Docker engine (started on demand) for the image, docker and kind tests, or a skip with the
+    reason. One the session started is stopped at its end, whichever test started it last: a test
+    may stop and start it. One that answered before is someone else's and keeps running."""
+    from k2.stack import docker
+
+    if reason := docker.engine_unavailable_reason():
+        pytest.skip(reason)
+    with docker.engine_left_as_found():
+        docker.ensure_engine()
+        yield
+
+
+@pytest.fixture(scope="session")
 def stack() -> Iterator[_Stack]:
     running = _Stack()
     yield running

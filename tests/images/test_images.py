@@ -46,11 +46,8 @@ def docker_cli(*args: str, timeout: float = 120, check: bool = True) -> subproce
 
 
 @pytest.fixture(scope="module")
-def engine() -> None:
-    reason = docker.engine_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    docker.ensure_engine()
+def engine(docker_engine: None) -> None:
+    docker.ensure_engine()  # a test elsewhere may have stopped the session's engine
 
 
 def ensure(tag: str) -> str:

@@ -1,9 +1,8 @@
 """The Docker engine K2 starts on demand, and the Debian base images it imports.
 
-Needs root (or an engine that already answers); otherwise skipped with the reason. An engine that
-already answered before the test (someone else's, or one K2 started for another session) is used
-but never stopped: only the test that starts the engine itself checks that stopping it by its PID
-leaves nothing behind."""
+Needs root (or an engine that already answers); otherwise skipped with the reason (the session's
+`docker_engine` fixture, which stops at the session's end the engine it started). An engine that
+already answered before the test and that K2 did not start is used but never stopped."""
 
 from __future__ import annotations
 
@@ -15,11 +14,7 @@ import pytest
 
 from k2.stack import docker
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
-
-reason = docker.engine_unavailable_reason()
-if reason:
-    pytestmark.append(pytest.mark.skip(reason=reason))
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800), pytest.mark.usefixtures("docker_engine")]
 
 TAG = "k2-test/busybox:stack-docker"
 
@@ -89,6 +84,26 @@ def test_engine_started_on_demand_stops_by_its_pid_leaving_nothing() -> None:
     assert not Path(f"/proc/{pid}").exists()
     assert not docker.engine_answers()
     assert engine_processes() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting dockerd needs root")
+def test_engine_left_as_found_stops_only_an_engine_started_within() -> None:
+    """What the session's `docker_engine` fixture relies on: a run of the image, docker and kind
+    tests once left the dockerd it had started running after the session ended."""
+    docker.stop_engine()  # K2's own, the session's (a later test starts it again); never another's
+    if docker.engine_answers():
+        pytest.skip("an engine K2 did not start answers: it is not stopped under whoever uses it")
+
+    with docker.engine_left_as_found():
+        docker.ensure_engine()
+        assert docker.engine_answers()
+
+    assert not docker.engine_answers()
+    assert engine_processes() == []
+    docker.ensure_engine()
+    with docker.engine_left_as_found():
+        pass
+    assert docker.engine_answers(), "an engine that answered before was stopped"
 
 
 def _rebuild(tag: str, label: str, content: str, tmp_path: Path) -> str:

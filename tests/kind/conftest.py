@@ -20,7 +20,7 @@ CLUSTER = "k2-test"
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine: None) -> Iterator[Any]:
     """The one cluster of the kind suite (creating one takes minutes): kind-config.yaml on the node
     image built here, named k2-test with free host ports (a `make kind-up` cluster can stay up
     alongside), every image of k2.stack.images loaded; `.http_port` is the host port of the
@@ -38,10 +38,10 @@ def _kind_cluster(name: str, kubeconfig: Path, *, load: Sequence[str] = (),
                   http_port: int | None = None) -> Iterator[Any]:
     """A cluster of kind-config.yaml named `name` (host ports 80/443 moved to free ones, 80 to
     `http_port` if given) with the images of k2.stack.images named in `load`, as pytest-kind's
-    KindCluster; deleted afterwards, and the engine stopped if this started it."""
+    KindCluster; deleted afterwards (the session's `docker_engine` stops the engine it started)."""
     from pytest_kind import KindCluster
 
-    engine_was_running = docker.engine_answers()
+    docker.ensure_engine()
     try:
         kindcluster.up(name, host_ports={80: http_port or free_port(), 443: free_port()}, kubeconfig=kubeconfig)
         chosen = images.select(load) if load else []
@@ -55,5 +55,3 @@ def _kind_cluster(name: str, kubeconfig: Path, *, load: Sequence[str] = (),
     finally:
         if docker.engine_answers():
             kindcluster.delete(name)
-        if not engine_was_running:
-            docker.stop_engine()

@@ -30,6 +30,7 @@ it as `tag`, with ENV/ENTRYPOINT/… given as `docker import --change` instructi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -40,7 +41,7 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,18 @@ def ensure_engine() -> None:
 def stop_engine() -> None:
     """Stop the dockerd K2 started (by its PID); an engine started by others is left alone."""
     DockerEngine().stop(timeout=60)
+
+
+@contextlib.contextmanager
+def engine_left_as_found() -> Iterator[None]:
+    """Whatever starts an engine within (on demand, maybe several times), none is left running
+    after that had not answered before: one that had is someone else's, and stays."""
+    answered = engine_answers()
+    try:
+        yield
+    finally:
+        if not answered:
+            stop_engine()
 
 
 def engine_unavailable_reason() -> str | None:
