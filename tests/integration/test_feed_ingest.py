@@ -209,6 +209,44 @@ def test_the_feed_lag_is_the_time_from_the_servers_sent_stamp_to_receipt(folder,
     assert sum(feed.producer.delivered.values()) == 3
 
 
+def test_a_tick_of_another_exchange_or_unfit_for_its_own_goes_to_the_dlq(folder, embedded_settings, file_records):
+    """The feed writes the pipeline's topics (Settings.exchange, asx here): a tick of another known
+    exchange is refused as the stream refuses it (`wrong_exchange`), beside an unknown exchange and
+    the symbol and date misfits, each counted (whatever the adapter, the check is the ingest's); the
+    ticks around them are produced, so messages in = produced + rejected."""
+    assert embedded_settings.exchange == "asx"
+    feed = _bhp_trades_ingest(embedded_settings)
+    first, second = (encode_tick("trades", dict(r)) for r in _bhp_trades(folder, file_records)[:2])
+    unfit = [("wrong_exchange", {**first, "symbol": "AAPL", "exchange": "NASDAQ"}),
+             # a tick that fits CRYPTO (its UTC date), just not this pipeline
+             ("wrong_exchange", {**first, "symbol": "BTC-USD", "exchange": "CRYPTO", "date": first["time"][:10]}),
+             ("unknown_exchange", {**first, "exchange": "LSE"}),
+             ("bad_symbol", {**first, "symbol": "BTC-USD"}),
+             ("wrong_exchange_date", {**first, "date": "2014-03-09"})]  # not Sydney's date of that instant
+    reasons = sorted(reason for reason, _ in unfit)
+    before = _rejected_at_ingest(reasons)
+
+    for message in (first, *(m for _, m in unfit), second):
+        feed.handle(json.dumps(message))
+    feed.producer.flush()
+    feed.dlq.flush()
+
+    letters = [json.loads(line) for line in Path(embedded_settings.dlq_path).read_text().splitlines()]
+    assert sorted(x["reason"] for x in letters) == reasons
+    produced = sum(feed.producer.delivered.values())
+    assert produced == 2 and feed.summary.rows_read == produced + feed.summary.rejected_total == 2 + len(unfit)
+    wrong = sorted(x["detail"] for x in letters if x["reason"] == "wrong_exchange")
+    assert [("CRYPTO" in d, "NASDAQ" in d, "ASX" in d) for d in wrong] == [(True, False, True), (False, True, True)]
+    assert all(json.loads(x["line"])["seq"] == first["seq"] for x in letters), "the refused message itself"
+    after = _rejected_at_ingest(reasons)
+    assert {r: after[r] - before[r] for r in after} == {r: reasons.count(r) for r in reasons}
+
+
+def _rejected_at_ingest(reasons: list[str]) -> dict[str, float]:
+    return {r: REGISTRY.get_sample_value("k2_rows_rejected_total", {"stage": "ingest", "reason": r}) or 0.0
+            for r in reasons}
+
+
 def _feed_lag() -> float:
     value = REGISTRY.get_sample_value("k2_feed_lag_seconds")
     assert value is not None

@@ -198,7 +198,8 @@ def test_poison_messages_go_to_the_dlq_and_never_block(tmp_path, embedded_settin
 def test_ticks_that_do_not_fit_their_exchange_go_to_the_dlq_counted(embedded_settings, drain):
     """The registry's facts are checked where every source's ticks meet: a date that is not the
     exchange's local date of the instant, a symbol not of the exchange's shape, an exchange the
-    registry does not know. The ticks beside them in the batch are stored."""
+    registry does not know, and a known exchange that is not the pipeline's own (Settings.exchange:
+    these are the asx topics). The ticks beside them in the batch are stored."""
     encoder = register_schemas(embedded_settings, ("trades",))["trades"]
     at = 1_394_406_000_000_000  # 2014-03-09 23:00 UTC: 10 March in Sydney, 9 March in UTC
 
@@ -208,9 +209,11 @@ def test_ticks_that_do_not_fit_their_exchange_go_to_the_dlq_counted(embedded_set
                                "volume": 1, "qualifiers": None, "venue": None, "buyer_id": None,
                                "ingest_timestamp": 0, "source_id": "test"})
 
+    assert embedded_settings.exchange == "asx"
     unfit = {tick("BHP", "ASX", 16138): "wrong_exchange_date", tick("BTC-USD", "ASX", 16139): "bad_symbol",
-             tick("RIO", "LSE", 16139): "unknown_exchange"}
-    fits = [tick("BHP", "ASX", 16139), tick("BTC-USD", "CRYPTO", 16138)]
+             tick("RIO", "LSE", 16139): "unknown_exchange", tick("AAPL", "NASDAQ", 16138): "wrong_exchange",
+             tick("BTC-USD", "CRYPTO", 16138): "wrong_exchange"}
+    fits = [tick("BHP", "ASX", 16139), tick("RIO", "ASX", 16139)]
     counted = {reason: REGISTRY.get_sample_value("k2_rows_rejected_total", {"stage": "stream", "reason": reason})
                or 0.0 for reason in unfit.values()}
     producer = Producer({"bootstrap.servers": embedded_settings.kafka_bootstrap})
@@ -221,13 +224,17 @@ def test_ticks_that_do_not_fit_their_exchange_go_to_the_dlq_counted(embedded_set
 
     stored = _table(embedded_settings, "trades").scan(selected_fields=("symbol", "exchange")).to_arrow()
     assert sorted(zip(stored["symbol"].to_pylist(), stored["exchange"].to_pylist(), strict=True)) == [
-        ("BHP", "ASX"), ("BTC-USD", "CRYPTO")]
+        ("BHP", "ASX"), ("RIO", "ASX")]
     letters = [json.loads(m.value()) for m in drain(embedded_settings.kafka_bootstrap, embedded_settings.dlq_topic)]
-    assert sorted(x["reason"] for x in letters if x["stage"] == "stream") == sorted(unfit.values())
+    rejected = [x for x in letters if x["stage"] == "stream"]
+    assert sorted(x["reason"] for x in rejected) == sorted(unfit.values())
+    assert len(fits) + len(unfit) == stored.num_rows + len(rejected), "counts in = stored + rejected"
     assert any("is not ASX's local date of 2014-03-09T23:00:00+00:00" in x["detail"] for x in letters)
-    for reason in unfit.values():
+    wrong = sorted(x["detail"] for x in rejected if x["reason"] == "wrong_exchange")
+    assert [("CRYPTO" in d, "NASDAQ" in d, "ASX" in d) for d in wrong] == [(True, False, True), (False, True, True)]
+    for reason in set(unfit.values()):
         after = REGISTRY.get_sample_value("k2_rows_rejected_total", {"stage": "stream", "reason": reason})
-        assert after == counted[reason] + 1, reason
+        assert after == counted[reason] + list(unfit.values()).count(reason), reason
 
 
 def test_a_poison_tick_of_a_schema_beyond_the_codec_goes_to_the_dlq(embedded_settings, drain):

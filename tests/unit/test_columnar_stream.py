@@ -9,7 +9,7 @@ import types
 import fastavro
 import pytest
 
-from k2 import schemas
+from k2 import exchanges, schemas
 from k2.schemas.wire import AvroEncoder, PoisonMessage
 from k2.stream.writer import Batch, TableWriter
 
@@ -49,7 +49,7 @@ def test_batch_decoding_routes_poison_and_keeps_arrival_order():
     batch.extend([offset % 2 for offset in range(len(payloads))], [100 + offset for offset in range(len(payloads))],
                  payloads)
     writer = types.SimpleNamespace(decoder=_Registry(), keys=("symbol", "exchange_date", "sequence_number"),
-                                   topic="t.trades")
+                                   topic="t.trades", exchange=exchanges.get("ASX"))
     writer._decode_group = lambda *args: TableWriter._decode_group(writer, *args)
     data, schema_ids, letters = TableWriter._decode(writer, batch)
 

@@ -116,8 +116,25 @@ def _us(instant: dt.datetime) -> int:
     ("ASX", "BHP", dt.datetime(2014, 4, 6, 13, 30, tzinfo=dt.UTC), dt.date(2014, 4, 6), None),
 ])
 def test_a_tick_fits_its_exchange_by_symbol_and_local_date(code, symbol, instant, day, reason):
-    misfit = exchanges.get(code).misfit(symbol, _us(instant), (day - dt.date(1970, 1, 1)).days)
+    misfit = exchanges.get(code).misfit(code, symbol, _us(instant), (day - dt.date(1970, 1, 1)).days)
     assert (misfit.reason if misfit else None) == reason
+
+
+@pytest.mark.parametrize(("pipeline", "code", "symbol", "reason"), [
+    ("ASX", "NASDAQ", "AAPL", "wrong_exchange"),  # fits NASDAQ, but these are ASX topics
+    ("ASX", "CRYPTO", "BTC-USD", "wrong_exchange"),
+    ("CRYPTO", "ASX", "BHP", "wrong_exchange"),
+    ("ASX", "LSE", "RIO", "unknown_exchange"),
+    ("ASX", "asx", "BHP", "unknown_exchange"),  # a record carries the code, not the slug
+])
+def test_a_tick_of_another_exchange_does_not_fit_the_pipeline(pipeline, code, symbol, reason):
+    at = _us(dt.datetime(2014, 3, 10, 5, 0, tzinfo=dt.UTC))  # 10 March in Sydney, New York and UTC alike
+    day = (dt.date(2014, 3, 10) - dt.date(1970, 1, 1)).days
+    misfit = exchanges.get(pipeline).misfit(code, symbol, at, day)
+    assert misfit is not None and misfit.reason == reason
+    if reason == "wrong_exchange":
+        assert exchanges.get(code).misfit(code, symbol, at, day) is None, "a tick its own pipeline stores"
+    assert code in misfit.detail and (reason == "unknown_exchange" or pipeline in misfit.detail)
 
 
 def test_the_stream_finds_each_misfit_row_even_inside_a_group_that_mostly_fits():
@@ -128,15 +145,15 @@ def test_the_stream_finds_each_misfit_row_even_inside_a_group_that_mostly_fits()
     at = _us(dt.datetime(2014, 3, 9, 23, 0, tzinfo=dt.UTC))  # 10 March in Sydney
     hour = 3_600_000_000
     data = pa.table({
-        "symbol": ["BHP", "BHP", "BHP", "BHP", "ZZ-Z", "BTC-USD"],
-        "exchange": ["ASX", "ASX", "ASX", "ASX", "ASX", "NYSE"],
+        "symbol": ["BHP", "BHP", "BHP", "BHP", "ZZ-Z", "BTC-USD", "AAPL"],
+        "exchange": ["ASX", "ASX", "ASX", "ASX", "ASX", "NYSE", "NASDAQ"],
         # the group BHP/ASX/10 March: in the day, its last instant, the next day's first, in the day
         "exchange_timestamp": pa.array([at, at + 14 * hour - 1, at + 14 * hour, at + hour], pa.int64()).cast(
-            pa.timestamp("us", tz="UTC")).to_pylist() + [dt.datetime(2014, 3, 9, 23, tzinfo=dt.UTC)] * 2,
-        "exchange_date": [dt.date(2014, 3, 10)] * 6,
+            pa.timestamp("us", tz="UTC")).to_pylist() + [dt.datetime(2014, 3, 9, 23, tzinfo=dt.UTC)] * 3,
+        "exchange_date": [dt.date(2014, 3, 10)] * 7,
     })
-    found = {row: m.reason for row, m in _misfits(data).items()}
-    assert found == {2: "wrong_exchange_date", 4: "bad_symbol", 5: "unknown_exchange"}
+    found = {row: m.reason for row, m in _misfits(data, exchanges.get("ASX")).items()}
+    assert found == {2: "wrong_exchange_date", 4: "bad_symbol", 5: "unknown_exchange", 6: "wrong_exchange"}
 
 
 def test_the_api_lists_the_registry(tmp_path):

@@ -75,9 +75,16 @@ class Exchange:
         start, end = (dt.datetime.combine(d, dt.time(), self.timezone) for d in (day, day + dt.timedelta(days=1)))
         return _micros(start), _micros(end)
 
-    def misfit(self, symbol: str, instant_us: int, epoch_day: int) -> Misfit | None:
-        """Why a tick of this exchange cannot be as it says (its symbol, or its date is not the
-        local date of its instant), or None: the one check feed adapters and the stream share."""
+    def misfit(self, code: str, symbol: str, instant_us: int, epoch_day: int) -> Misfit | None:
+        """Why a tick that says it is of exchange `code` cannot be stored in this exchange's
+        pipeline (its topics, `Settings.exchange`), or None: it is of another exchange, known or
+        not, its symbol is not of this exchange's shape, or its date is not the local date of its
+        instant. The one check the feed ingest and the stream share."""
+        if code != self.code:
+            if code not in EXCHANGES:
+                return Misfit("unknown_exchange", str(UnknownExchange(code)))
+            return Misfit("wrong_exchange", f"{code} tick in the {self.code} pipeline, whose topics hold "
+                          f"{self.code} ticks only")
         if not self.valid_symbol(symbol):
             return Misfit("bad_symbol", f"{symbol!r} is not a {self.code} symbol ({self.symbol_pattern})")
         start, end = self.day_bounds_us(epoch_day)

@@ -4,8 +4,10 @@ The connection is kept up: on any failure (refused, dropped, no message within
 `feed_stale_seconds`) it reconnects with exponential backoff and full jitter, and subscribes
 again. Ticks are checked against the gap policy per (symbol, exchange date); the first tick of a
 key seen by this process is its baseline, since nothing before it can be known here (the stream
-checks the stored day against its own watermark). Messages the adapter cannot read go to the DLQ
-with the reason, so counts in = produced + rejected. SIGTERM flushes the producer and the DLQ.
+checks the stored day against its own watermark). Messages the adapter cannot read, and ticks that
+do not fit the pipeline's exchange (`Exchange.misfit`, as the stream checks them: another exchange,
+a symbol not of its shape, a date not the local date of the instant), go to the DLQ with the
+reason, so counts in = produced + rejected. SIGTERM flushes the producer and the DLQ.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import structlog
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from k2 import topics
+from k2 import exchanges, topics
 from k2.dlq import DeadLetter, DeadLetterSink, open_sink
 from k2.ingest.pipeline import IngestSummary, register_schemas
 from k2.ingest.producer import TickProducer
@@ -58,6 +60,7 @@ class FeedIngest:
         self.url, self.settings = url, settings
         self.channels, self.symbols = list(channels), list(symbols)
         self.adapter, self.dlq, self.producer, self.encoders = adapter, dlq, producer, encoders
+        self.exchange = exchanges.get(settings.exchange)  # it writes this exchange's topics: its ticks only
         self.detector = GapDetector("ingest", settings.gap_alert, settings.gap_halt)
         self.summary = IngestSummary()
         self.state = FeedState(last_message=time.monotonic())
@@ -123,17 +126,23 @@ class FeedIngest:
         try:
             events = self.adapter.decode(frame)
         except MalformedMessage as exc:
-            self.summary.rows_read += 1
-            self.summary.rejected[exc.reason] += 1
-            text = frame if isinstance(frame, str) else frame.decode(errors="replace")
-            self.dlq.send(DeadLetter(stage="ingest", reason=exc.reason, detail=str(exc), source=self.source_id,
-                                     line=text[:64_000]))
+            self._reject(exc.reason, str(exc), frame)
             return
         for event in events:
-            if isinstance(event, Tick):
-                self._tick(event)
-            else:
+            if not isinstance(event, Tick):
                 self._control(event)
+            elif misfit := self.exchange.misfit(event.record["exchange"], event.record["symbol"],
+                                                event.record["exchange_timestamp"], event.record["exchange_date"]):
+                self._reject(misfit.reason, misfit.detail, frame)
+            else:
+                self._tick(event)
+
+    def _reject(self, reason: str, detail: str, frame: str | bytes) -> None:
+        self.summary.rows_read += 1
+        self.summary.rejected[reason] += 1
+        text = frame if isinstance(frame, str) else frame.decode(errors="replace")
+        self.dlq.send(DeadLetter(stage="ingest", reason=reason, detail=detail, source=self.source_id,
+                                 line=text[:64_000]))
 
     def _tick(self, tick: Tick) -> None:
         record = tick.record

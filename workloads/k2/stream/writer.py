@@ -164,13 +164,14 @@ def _ints(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.to_numpy().astype(np.int64)
 
 
-def _misfits(data: pa.Table) -> dict[int, exchanges.Misfit]:
-    """Ticks that do not fit their exchange in the registry (unknown exchange, a symbol not of its
-    shape, an exchange_date that is not the local date of exchange_timestamp), by row.
+def _misfits(data: pa.Table, pipeline: exchanges.Exchange) -> dict[int, exchanges.Misfit]:
+    """Ticks that cannot be stored in `pipeline`'s tables (`Exchange.misfit`: another exchange,
+    known or not, a symbol not of its shape, an exchange_date that is not the local date of
+    exchange_timestamp), by row.
 
-    `Exchange.misfit` is checked once per (exchange, symbol, date) at its earliest and latest
-    instant: a local day is one interval of instants, so when both ends fit every row between does,
-    and only a group that does not is looked at row by row."""
+    The check runs once per (exchange, symbol, date) at its earliest and latest instant: a local
+    day is one interval of instants, so when both ends fit every row between does, and only a group
+    that does not is looked at row by row."""
     if not {"exchange", "symbol", "exchange_date", TICK_TIME} <= set(data.column_names) or not data.num_rows:
         return {}
     stamps = data[TICK_TIME].cast(pa.int64())
@@ -183,16 +184,12 @@ def _misfits(data: pa.Table) -> dict[int, exchanges.Misfit]:
                                                 ("exchange", "symbol", "day", "at_min", "at_max")), strict=True):
         if None in (code, symbol, day, first):
             continue  # an optional column of a custom table: nothing to check it against
-        exchange = exchanges.EXCHANGES.get(code)  # the record's code, exactly (not a slug)
-        if exchange is not None and exchange.misfit(symbol, first, day) is None \
-                and exchange.misfit(symbol, last, day) is None:
+        if pipeline.misfit(code, symbol, first, day) is None and pipeline.misfit(code, symbol, last, day) is None:
             continue
         rows = pc.and_(pc.and_(pc.equal(keyed["exchange"], code), pc.equal(keyed["symbol"], symbol)),
                        pc.equal(keyed["day"], day))
         for row in np.flatnonzero(rows.to_numpy(zero_copy_only=False)).tolist():
-            misfit = (exchange.misfit(symbol, stamps[row].as_py(), day) if exchange is not None
-                      else exchanges.Misfit("unknown_exchange", str(exchanges.UnknownExchange(code))))
-            if misfit is not None:
+            if (misfit := pipeline.misfit(code, symbol, stamps[row].as_py(), day)) is not None:
                 unfit[row] = misfit
     return unfit
 
@@ -207,6 +204,7 @@ class TableWriter:
         self.table = table
         self.topic = settings.topic(kind)
         self.table_name = settings.table_identifier(kind)
+        self.exchange = exchanges.get(settings.exchange)  # its topics hold this exchange's ticks only
         self.dlq = dlq
         self.decoder = AvroDecoder(_registry(settings))
         self.keys = tables.KEY_COLUMNS[kind]
@@ -367,7 +365,7 @@ class TableWriter:
                     absent = [k for k in self.keys if row[k] is None]
                     letters.append((int(good[i]), "missing_key", f"record lacks key fields {absent}"))
                 table, good = table.filter(pa.array(~gone)), good[~gone]
-            if unfit := _misfits(table):
+            if unfit := _misfits(table, self.exchange):
                 letters.extend((int(good[row]), m.reason, m.detail) for row, m in unfit.items())
                 keep = np.ones(table.num_rows, bool)
                 keep[list(unfit)] = False
