@@ -252,7 +252,11 @@ class Toy:
     def reference_records(self, root, ingest_us, symbols=None): return iter(())
     def reader(self, tick_file, ingest_us): raise NotImplementedError
 
-register(Toy())
+try:
+    register(Toy())
+except ValueError as exc:
+    print(json.dumps({"error": str(exc)}))
+    sys.exit()
 from pydantic import ValidationError
 from k2_operator.models import IngestionPipelineSpec
 from k2_operator.render import Owner, RenderContext, TableBinding, render_pipeline
@@ -290,15 +294,15 @@ def test_a_registered_folder_source_runs_as_a_job_reading_its_claim() -> None:
     assert claim in pod(job)["volumes"]
 
 
-def test_a_continuous_folder_source_is_a_deployment_reading_its_claim() -> None:
-    objects = _render_with_toy_source({"type": "toy", "folder": {"path": "/data/toy", "claimName": "toy-files"}},
+def test_a_continuous_folder_source_is_refused_at_registration() -> None:
+    """`k2 ingest folder` reads the files its source finds once and exits, so a Deployment of it
+    would re-read the folder on every restart: such a registration is refused before the operator
+    (or its CRD enum) ever sees the source."""
+    refused = _render_with_toy_source({"type": "toy", "folder": {"path": "/data/toy", "claimName": "toy-files"}},
                                       run="continuous")
-    assert "Job" not in {o["kind"] for o in objects}
-    feed = next(o for o in objects if o["metadata"]["name"] == "toy-feed")
 
-    assert containers(feed)[0]["args"][:5] == ["ingest", "folder", "/data/toy", "--source", "toy"]
-    claim = {"name": "input", "persistentVolumeClaim": {"claimName": "toy-files", "readOnly": True}}
-    assert claim in pod(feed)["volumes"]
+    assert "'toy': a folder source is read to completion" in refused["error"]
+    assert "cannot be continuous" in refused["error"]
 
 
 def test_a_registered_folder_source_without_its_folder_is_refused() -> None:

@@ -1,7 +1,8 @@
 """IngestionPipeline → settings ConfigMap, consumer Deployment (`k2 stream run`), its metrics
 Service, PodDisruptionBudget and ServiceMonitor, and the ingest: a Job for sources that run to
 completion (folder sources such as asx-csv, synthetic), a Deployment for continuous ones (feed),
-as the source's registration (`k2.sources.SOURCES`) says."""
+as the source's registration (`k2.sources.SOURCES`) says; a folder source is never continuous
+(`k2.sources.register` refuses it)."""
 
 from __future__ import annotations
 
@@ -199,13 +200,11 @@ def feed_deployment(owner: Owner, spec: IngestionPipelineSpec, *, workload: Work
     the feed's entitlement is usually for one connection). Liveness is feed progress (`/livez`:
     a message, even a heartbeat, within twice the stale period), so a hung session is restarted."""
     n = Names.of(owner.name)
-    mounts, volumes = _input_volume(spec)  # a continuous folder source
     box = common.container(name="feed", ctx=ctx, args=ingest_args(spec), config_map=n.settings, workload=workload,
                            resources=spec.source.resources, ports=[("metrics", ctx.workload_metrics_port)],
                            liveness=common.http_probe("/livez", "metrics", period=15, failure=2, initial=10),
-                           readiness=common.http_probe("/metrics", "metrics", period=10, initial=5),
-                           extra_mounts=mounts)
-    pod = common.pod_spec([box], ctx, extra_volumes=volumes)
+                           readiness=common.http_probe("/metrics", "metrics", period=10, initial=5))
+    pod = common.pod_spec([box], ctx)
     template = common.pod_template(owner=owner, component="feed", spec=pod,
                                    workload=workload, ctx=ctx, metrics_port=ctx.workload_metrics_port,
                                    pod=spec.source.pod)

@@ -24,6 +24,12 @@ SOURCES: dict[str, Source] = {}
 def register(source: Source) -> Source:
     if source.name in SOURCES:
         raise ValueError(f"source {source.name!r} is already registered")
+    if isinstance(source, FolderSource) and source.continuous:
+        # `k2 ingest folder` reads the files `discover` finds once and exits: as a Deployment it
+        # would read the same folder again on every restart, never a live source.
+        raise ValueError(f"source {source.name!r}: a folder source is read to completion (`k2 ingest folder` "
+                         "exits once its files are read), so it cannot be continuous; a live source is a feed "
+                         "adapter (k2.sources.feed.ADAPTERS)")
     SOURCES[source.name] = source
     return source
 

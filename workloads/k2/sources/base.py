@@ -53,7 +53,7 @@ class RecordReader(Protocol):
 class Source(Protocol):
     name: str  # IngestionPipeline `source.type`
     command: tuple[str, ...]  # the `k2` sub-command that runs it
-    continuous: bool  # runs until stopped: a Deployment, not a Job
+    continuous: bool  # runs until stopped: a Deployment, not a Job (never a FolderSource: `register` refuses)
     description: str
 
 
