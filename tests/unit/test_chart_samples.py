@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from k2.api.auth import digest, parse
+from k2.sources import SOURCES
+from k2.sources.base import FolderSource
 from k2.stack import helm
 from k2_operator.models import KINDS
 
@@ -21,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2"
 SAMPLE_KEY = "k2_the-samples-key"
 SPECS = {info.kind: info.spec for info in KINDS}
+FOLDER_SOURCES = [name for name, source in SOURCES.items() if isinstance(source, FolderSource)]
 # What the chart sets from values instead of copying: (kind, dotted path).
 FROM_VALUES = {
     ("IngestionPipeline", "source"), ("IngestionPipeline", "topics.replicationFactor"),
@@ -104,3 +107,41 @@ def test_the_chart_stores_no_api_key(set_values: dict[str, str]) -> None:
 def test_asx_csv_source_needs_a_claim() -> None:
     with pytest.raises(helm.StackError, match=r"samples\.source\.asxCsv\.claimName"):
         chart_samples(**{"samples.source.type": "asx-csv"})
+
+
+def sample_source(**set_values: str) -> dict[str, Any]:
+    return chart_samples(**set_values)[("IngestionPipeline", "asx")]["spec"]["source"]
+
+
+def test_the_sample_source_types_are_the_registered_folder_sources() -> None:
+    """values.schema.json's samples.source.type enum is the registry's folder sources
+    (`k2.sources.SOURCES`), as the CRD's source.type enum is: a new one is offered, a removed one
+    is not."""
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    offered = schema["properties"]["samples"]["properties"]["source"]["properties"]["type"]["enum"]
+
+    assert sorted(offered) == sorted(FOLDER_SOURCES)
+
+
+@pytest.mark.parametrize("name", [n for n in FOLDER_SOURCES if n != "synthetic"])
+def test_every_registered_folder_source_is_a_sample_source_read_from_its_claim(name: str) -> None:
+    source = sample_source(**{"samples.source.type": name, "samples.source.folder.claimName": "ticks",
+                              "samples.source.folder.path": "/data/day-1"})
+
+    assert source == {"type": name, "folder": {"claimName": "ticks", "path": "/data/day-1"}}
+    SPECS["IngestionPipeline"].model_validate({"exchange": "asx", "source": source})
+
+
+def test_a_folder_sample_source_needs_a_claim() -> None:
+    with pytest.raises(helm.StackError, match=r"samples\.source\.folder\.claimName"):
+        chart_samples(**{"samples.source.type": "asx-csv"})
+
+
+def test_asx_csv_keeps_its_own_spelling_but_not_beside_folder() -> None:
+    """Existing values (samples.source.asxCsv) render as before; given with folder too, the chart
+    refuses them as the CRD would (two spellings of one input)."""
+    assert sample_source(**{"samples.source.type": "asx-csv", "samples.source.asxCsv.claimName": "asx-data"}) == {
+        "type": "asx-csv", "asxCsv": {"claimName": "asx-data", "path": "/data/asx-2014-03"}}
+    with pytest.raises(helm.StackError, match="give one"):
+        chart_samples(**{"samples.source.type": "asx-csv", "samples.source.asxCsv.claimName": "asx-data",
+                         "samples.source.folder.claimName": "ticks"})
