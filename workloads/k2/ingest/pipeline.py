@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from k2 import schemas, topics
 from k2.crash_points import CrashPoints
 from k2.dlq import DeadLetter, DeadLetterSink, open_sink
 from k2.ingest import columnar
+from k2.ingest.ahead import Ahead, Fallback, FileJob, PreparedChunk
 from k2.ingest.producer import TickProducer
 from k2.quality import GapDetector
 from k2.schemas import columnar as columnar_avro
@@ -98,37 +101,42 @@ def ingest_files(
     all_kinds = (*kinds, "reference") if with_reference else kinds
     topics.ensure_pipeline_topics(settings, all_kinds)
     encoders = register_schemas(settings, all_kinds)
-    producer = TickProducer(settings.kafka_bootstrap, producer_config, bulk=True)
-    dlq = open_sink(settings, dlq_file, producer.producer)
-    detector = GapDetector("ingest", settings.gap_alert, settings.gap_halt)
-    crash = CrashPoints(settings)  # test-only; inert unless K2_TEST_CRASH_AT is set
-    summary = IngestSummary()
     ingest_us = time.time_ns() // 1000
     started = time.perf_counter()
     total_bytes = sum(f.path.stat().st_size for f in files)
+    jobs = [FileJob(f, schemas.avro_schema(f.kind), encoders[f.kind].header) for f in files] \
+        if folder.columnar and columnar.available() else []
+    # forked before any Kafka client of this run exists
+    with Ahead(jobs, ingest_us, settings.ingest_workers) as ahead:
+        producer = TickProducer(settings.kafka_bootstrap, producer_config, bulk=True)
+        dlq = open_sink(settings, dlq_file, producer.producer)
+        detector = GapDetector("ingest", settings.gap_alert, settings.gap_halt)
+        crash = CrashPoints(settings)  # test-only; inert unless K2_TEST_CRASH_AT is set
+        summary = IngestSummary()
 
-    with StopFlag("ingest.stopping") as flag, _progress(show_progress) as progress:
-        task = progress.add_task("ingest", total=total_bytes, rate="")
+        with StopFlag("ingest.stopping") as flag, _progress(show_progress) as progress:
+            task = progress.add_task("ingest", total=total_bytes, rate="")
 
-        def advance(nbytes: int) -> None:
-            """At each checkpoint of a file's lines, handed to the producer."""
-            rate = summary.rows_read / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=nbytes, rate=f"{rate:,.0f} rows/s")
-            crash.reach("ingest_checkpoint")
+            def advance(nbytes: int) -> None:
+                """At each checkpoint of a file's lines, handed to the producer."""
+                rate = summary.rows_read / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, advance=nbytes, rate=f"{rate:,.0f} rows/s")
+                crash.reach("ingest_checkpoint")
 
-        if with_reference:
-            topic, encoder = settings.topic("reference"), encoders["reference"]
-            for record in folder.reference_records(root, ingest_us, symbols):
-                summary.rows_read += 1
-                producer.produce(topic, record["symbol"].encode(), encoder.encode(record))
-        for tick_file in files:
-            if flag.stop:
-                summary.interrupted = True
-                break
-            _ingest_file(folder, tick_file, settings.topic(tick_file.kind), encoders[tick_file.kind], producer,
-                         dlq, detector, summary, ingest_us, flag, advance)
-        producer.flush()
-        dlq.flush()
+            if with_reference:
+                topic, encoder = settings.topic("reference"), encoders["reference"]
+                for record in folder.reference_records(root, ingest_us, symbols):
+                    summary.rows_read += 1
+                    producer.produce(topic, record["symbol"].encode(), encoder.encode(record))
+            for tick_file in files:
+                if flag.stop:
+                    summary.interrupted = True
+                    break
+                prepared = ahead.chunks(tick_file) if ahead.workers else None
+                _ingest_file(folder, tick_file, settings.topic(tick_file.kind), encoders[tick_file.kind], producer,
+                             dlq, detector, summary, ingest_us, flag, advance, prepared)
+            producer.flush()
+            dlq.flush()
     summary.produced = Counter(producer.delivered)
     summary.seconds = time.perf_counter() - started
     log.info("ingest.summary", rows_read=summary.rows_read, produced=summary.produced_total,
@@ -143,8 +151,10 @@ def ingest_files(
 
 def _ingest_file(source: FolderSource, tick_file: TickFile, topic: str, encoder: AvroEncoder,
                  producer: TickProducer, dlq: DeadLetterSink, detector: GapDetector, summary: IngestSummary,
-                 ingest_us: int, flag: StopFlag, advance) -> None:
-    """Parse an ASX-format file a chunk at a time into Arrow, encode each chunk at once, then produce.
+                 ingest_us: int, flag: StopFlag, advance,
+                 prepared: Iterator[PreparedChunk | Fallback] | None = None) -> None:
+    """Parse an ASX-format file a chunk at a time into Arrow, encode each chunk at once, then produce
+    (or produce the chunks `prepared` by an ingest worker, see `k2.ingest.ahead`).
 
     The source's reader (`RecordBuilder` for ASX) decides every line the columnar parser does not
     take itself, so records, sequence numbers, rejections and their line numbers are those of the
@@ -158,8 +168,19 @@ def _ingest_file(source: FolderSource, tick_file: TickFile, topic: str, encoder:
         return
     parser = columnar.ChunkParser(tick_file, ingest_us)
     avro_schema = schemas.avro_schema(tick_file.kind)
-    first_line = 1
-    for data in columnar.read_chunks(tick_file.path):
+    first_line, skip = 1, 0
+    for item in prepared or ():
+        if isinstance(item, Fallback):  # the worker stopped there: on from it in process
+            first_line, skip, parser.sequences = item.first_line, item.index, item.sequences
+            break
+        if _produce_chunk(item.chunk, item.payloads(), tick_file, topic, producer, dlq, detector, summary, flag,
+                          advance):
+            return
+        first_line += item.chunk.lines
+    else:
+        if prepared is not None:
+            return
+    for data in islice(columnar.read_chunks(tick_file.path), skip, None):
         try:
             chunk = parser.parse(first_line, data)
         except columnar.NotColumnar:

@@ -225,10 +225,21 @@ def encode(table: pa.Table, avro_schema: dict[str, Any], header: bytes = b"") ->
 
     Columns are matched by name and cast to the schema's Arrow type where they differ (e.g.
     large_string); a null in a field that is not a [null, T] union raises ValueError."""
+    return split(*encode_joined(table, avro_schema, header))
+
+
+def split(blob: bytes, bounds: np.ndarray) -> list[bytes]:
+    """Concatenated messages → the messages; message i is blob[bounds[i]:bounds[i + 1]]."""
+    return [blob[s:e] for s, e in itertools.pairwise(bounds.tolist())]
+
+
+def encode_joined(table: pa.Table, avro_schema: dict[str, Any], header: bytes = b"") -> tuple[bytes, np.ndarray]:
+    """`encode`'s messages concatenated, with their bounds (m + 1 offsets): one object to pickle
+    instead of one per message."""
     fields = _compile(avro_schema)
     m = table.num_rows
     if not m:
-        return []
+        return b"", np.zeros(1, np.int64)
     bands: list[_Band] = []
     if header:
         bands.append((np.broadcast_to(np.frombuffer(header, np.uint8), (m, len(header))), None))
@@ -259,8 +270,7 @@ def encode(table: pa.Table, avro_schema: dict[str, Any], header: bytes = b"") ->
             row_lengths += lengths
         at += w
     blob = rows[used].tobytes()  # row-major: message after message
-    bounds = np.concatenate([[0], np.cumsum(row_lengths)]).tolist()
-    return [blob[s:e] for s, e in itertools.pairwise(bounds)]
+    return blob, np.concatenate([[0], np.cumsum(row_lengths)])
 
 
 # --- decoding -----------------------------------------------------------------------------

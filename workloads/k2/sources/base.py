@@ -25,6 +25,10 @@ class RowError(ValueError):
         super().__init__(detail)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # pickled with both arguments: a dead letter prepared in an ingest worker process
+        return type(self), (self.reason, str(self))
+
 
 @dataclass(frozen=True, slots=True)
 class TickFile:
