@@ -136,10 +136,11 @@ class Ahead:
                              f"{process.exitcode} while preparing {tick_file.path}") from None
         if tag == "error":
             raise value
-        try:
-            conn.send(None)  # a credit: the worker may prepare one more chunk
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it has prepared all of its files and ended (if not, the next receive says so)
+        if isinstance(value[1], PreparedChunk):
+            try:
+                conn.send(None)  # a credit: the worker may send one more chunk
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it has prepared all of its files and ended (if not, the next receive says so)
         return value
 
     def close(self) -> None:
@@ -178,14 +179,15 @@ def _work(conn: Connection, inherited: list[Connection], jobs: list[FileJob], in
 
     def send(tag: str, value: Any) -> None:
         nonlocal credits
-        while not credits:
+        chunk = tag == "chunk" and isinstance(value[1], PreparedChunk)  # the rest is small: no credit
+        while chunk and not credits:
             ready = wait([conn] if sentinel is None else [conn, sentinel])
             if conn not in ready:
                 raise SystemExit(0)  # the main process died
             conn.recv()  # EOFError once the main process closed the pipe
             credits += 1
         _dump(conn, (tag, value))
-        credits -= 1
+        credits -= chunk
 
     try:
         for job in jobs:
