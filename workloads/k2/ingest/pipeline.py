@@ -106,7 +106,7 @@ def ingest_files(
     total_bytes = sum(f.path.stat().st_size for f in files)
     jobs = [FileJob(f, schemas.avro_schema(f.kind), encoders[f.kind].header) for f in files] \
         if folder.columnar and columnar.available() else []
-    # forked before any Kafka client of this run exists
+    # the workers are forked before the producer exists
     with Ahead(jobs, ingest_us, settings.ingest_workers) as ahead:
         producer = TickProducer(settings.kafka_bootstrap, producer_config, bulk=True)
         dlq = open_sink(settings, dlq_file, producer.producer)
