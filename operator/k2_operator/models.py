@@ -263,6 +263,9 @@ class SourceSpec(_Model):
                                        "`k2 ingest folder PATH --source TYPE`).")
     synthetic: SyntheticSource | None = Field(None, description="Generator options (type synthetic).")
     feed: FeedSource | None = Field(None, description="Live feed (type feed): a Deployment, not a Job.")
+    workers: int = _setting("ingest_workers", "Processes of a file ingest that parse and encode the next files while "
+                            "it produces (0: all in its own process). Each wants a core of its own: with one "
+                            "core, 0 is faster.")
     resources: Resources = _resources("250m", "512Mi", "2Gi")
     pod: PodOverrides = Field(default_factory=PodOverrides, description="Placement and metadata of ingest pods.")
 

@@ -83,7 +83,7 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
         "history_detail_seconds": spec.consumer.history_detail_seconds,
         "history_interval_seconds": spec.consumer.history_interval_seconds,
         "gap_alert": spec.consumer.gap_alert, "gap_halt": spec.consumer.gap_halt,
-        "metrics_port": ctx.workload_metrics_port,
+        "metrics_port": ctx.workload_metrics_port, "ingest_workers": spec.source.workers,
     }
     if spec.source.feed is not None:
         values["feed_stale_seconds"] = spec.source.feed.stale_seconds
@@ -101,7 +101,7 @@ def feed_workload(spec: IngestionPipelineSpec, ctx: RenderContext) -> WorkloadCo
     """The feed's part of the pipeline's configuration: no catalog (it only writes to Kafka) and
     nothing only the consumers read, so changing those never restarts it: a restarted feed misses
     what the venue sends meanwhile."""
-    return replace(workload_config(spec, None, ctx), unused=STREAM_ONLY_SETTINGS)
+    return replace(workload_config(spec, None, ctx), unused=STREAM_ONLY_SETTINGS | {"ingest_workers"})
 
 
 def _metrics_probes(ctx: RenderContext) -> dict[str, Any]:
