@@ -49,34 +49,45 @@ def process_env(settings: Settings) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")}, **settings.to_env()}
 
 
+def encoded(data: Path, settings: Settings) -> list[tuple[str, bytes, bytes]]:
+    """(topic, key, Confluent-Avro value) of every good row of the ASX folder, encoded as K2 does."""
+    encoders = register_schemas(settings, KINDS)
+    messages = []
+    for tick_file in discover(data):
+        builder = RecordBuilder(tick_file, 0)
+        for line in tick_file.path.open(newline=""):
+            try:
+                messages.append((settings.topic(tick_file.kind), tick_file.symbol.encode(),
+                                 encoders[tick_file.kind].encode(builder.build(line))))
+            except RowError:
+                pass
+    return messages
+
+
+def produce_all(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> None:
+    """A bare idempotent producer sending `messages` as fast as it goes, until all are acknowledged."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
+    for topic, key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+
+
 def bench_ingest(data: Path, tmp: Path) -> dict[str, float]:
     settings = bench_settings(tmp, uuid.uuid4().hex[:6])
     summary = ingest_files(data, settings, with_reference=False)
     k2_rate = summary.produced_total / summary.seconds
 
     # ceiling: the same number of pre-serialized payloads through a bare producer
-    encoders = register_schemas(settings, ("trades", "quotes"))
-    payloads = []
-    for tick_file in discover(data):
-        builder = RecordBuilder(tick_file, 0)
-        for line in tick_file.path.open(newline=""):
-            try:
-                payloads.append((settings.topic(tick_file.kind), tick_file.symbol.encode(),
-                                 encoders[tick_file.kind].encode(builder.build(line))))
-            except RowError:
-                pass
     bare_topic = f"bench.bare.{uuid.uuid4().hex[:6]}"
+    payloads = [(bare_topic, key, value) for _topic, key, value in encoded(data, settings)]
     topics.ensure_topic(topics.admin_client(settings.kafka_bootstrap), topics.TopicSpec(bare_topic, 6))
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, **PRODUCER_DEFAULTS})
     started = time.perf_counter()
-    for _topic, key, value in payloads:
-        while True:
-            try:
-                producer.produce(bare_topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    producer.flush(120)
+    produce_all(settings, payloads)
     bare_rate = len(payloads) / (time.perf_counter() - started)
     return {"messages": summary.produced_total, "k2_msgs_per_s": k2_rate, "bare_msgs_per_s": bare_rate,
             "ratio": bare_rate / k2_rate}
@@ -112,14 +123,14 @@ def bench_stream(data: Path, tmp: Path) -> dict[str, float]:
             "ratio_stream_to_bare_parquet": stream_seconds / bare}
 
 
-def wait_joined(settings: Settings, groups: list[str], timeout: float = 60.0) -> None:
-    """Until every group is Stable with a member holding partitions: the stream is consuming."""
+def wait_joined(settings: Settings, groups: list[str], timeout: float = 60.0, members: int = 1) -> None:
+    """Until every group is Stable with `members` members holding partitions: the stream is consuming."""
     admin = topics.admin_client(settings.kafka_bootstrap)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         described = [f.result(10) for f in admin.describe_consumer_groups(groups).values()]
-        if all(g.state == ConsumerGroupState.STABLE and any(m.assignment.topic_partitions for m in g.members)
-               for g in described):
+        if all(g.state == ConsumerGroupState.STABLE
+               and sum(bool(m.assignment.topic_partitions) for m in g.members) >= members for g in described):
             return
         time.sleep(0.1)
     raise TimeoutError(f"stream groups {groups} not joined within {timeout}s")
