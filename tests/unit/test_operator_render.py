@@ -626,7 +626,7 @@ def test_a_feed_pod_restarts_only_for_what_the_feed_uses() -> None:
 
 def test_a_file_ingest_gets_its_worker_count_and_the_feed_never_restarts_for_it() -> None:
     """`source.workers` reaches the ingest Job as K2_INGEST_WORKERS (0 where the Job has one core);
-    the feed, which never parses files, does not restart when it changes."""
+    the feed and the consumers, which never parse files, do not restart when it changes."""
     def ingest_env(workers: int | None) -> dict[str, str]:
         source = {"type": "synthetic", "synthetic": {"symbols": 3, "days": 1, "seed": 7}}
         if workers is not None:
@@ -636,10 +636,11 @@ def test_a_file_ingest_gets_its_worker_count_and_the_feed_never_restarts_for_it(
         return {k: v for ref in containers(by_kind(objects)["Job"])[0]["envFrom"]
                 for k, v in config_maps[ref["configMapRef"]["name"]].items()}
 
-    def feed_template(workers: int) -> dict[str, Any]:
+    def templates(workers: int) -> dict[str, dict[str, Any]]:
         objects = render_pipeline(LIVE, pipeline_spec(source={**FEED, "workers": workers}), binding=BINDING, ctx=CTX)
-        return next(o for o in objects if o["metadata"]["name"] == "live-feed")["spec"]["template"]
+        return {o["metadata"]["name"]: o["spec"]["template"] for o in objects if o["kind"] == "Deployment"}
 
     assert ingest_env(0)["K2_INGEST_WORKERS"] == "0"
     assert ingest_env(None)["K2_INGEST_WORKERS"] == str(Settings.model_fields["ingest_workers"].default)
-    assert feed_template(0) == feed_template(3)
+    assert sorted(templates(0)) == ["live-consumer", "live-feed"]
+    assert templates(0) == templates(3)

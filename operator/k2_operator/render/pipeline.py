@@ -20,6 +20,8 @@ FINISHED_JOB_TTL_SECONDS = 24 * 3600
 STREAM_ONLY_SETTINGS = frozenset({"batch_rows", "batch_bytes", "batch_seconds", "compact_interval_seconds",
                                   "compact_min_files", "compact_max_bytes", "history_detail_seconds",
                                   "history_interval_seconds", "namespace", "target_file_size_bytes"})
+# What only a file ingest (`k2 ingest folder`, a Job) reads: changing it restarts no Deployment.
+FILE_INGEST_ONLY_SETTINGS = frozenset({"ingest_workers"})
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def feed_workload(spec: IngestionPipelineSpec, ctx: RenderContext) -> WorkloadCo
     """The feed's part of the pipeline's configuration: no catalog (it only writes to Kafka) and
     nothing only the consumers read, so changing those never restarts it: a restarted feed misses
     what the venue sends meanwhile."""
-    return replace(workload_config(spec, None, ctx), unused=STREAM_ONLY_SETTINGS | {"ingest_workers"})
+    return replace(workload_config(spec, None, ctx), unused=STREAM_ONLY_SETTINGS | FILE_INGEST_ONLY_SETTINGS)
 
 
 def _metrics_probes(ctx: RenderContext) -> dict[str, Any]:
@@ -223,7 +225,8 @@ def render_pipeline(owner: Owner, spec: IngestionPipelineSpec, *, binding: Table
     objects = [common.config_map(owner=owner, name=n.settings, component="pipeline", workload=workload)]
     if binding is not None and binding.kinds:
         objects += [
-            consumer_deployment(owner, spec, binding=binding, workload=workload, ctx=ctx),
+            consumer_deployment(owner, spec, binding=binding, ctx=ctx,
+                                workload=replace(workload, unused=FILE_INGEST_ONLY_SETTINGS)),
             common.service(owner=owner, name=n.metrics, component="consumer", headless=True,
                            meta=spec.consumer.service, ports=[
                 {"name": "metrics", "port": ctx.workload_metrics_port, "targetPort": "metrics", "protocol": "TCP"}]),
