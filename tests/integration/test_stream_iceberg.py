@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -21,12 +22,14 @@ from pyarrow.fs import FileSelector, FileType
 from pyiceberg.io.pyarrow import PyArrowFileIO
 
 from k2 import schemas, tables, topics
+from k2.dlq import open_sink
 from k2.ingest.pipeline import ingest_files, register_schemas
 from k2.observability import REGISTRY
 from k2.schemas.registry import client, register, value_subject
 from k2.schemas.wire import AvroEncoder
 from k2.settings import Settings
 from k2.stream.maintenance import file_stats, files_per_partition, maintain
+from k2.stream.runner import build_writers
 from k2.stream.runner import run as stream_run
 from k2_synthetic import generate
 
@@ -153,22 +156,51 @@ def test_writers_in_one_group_store_each_row_once(configuration, n_writers, requ
 def test_kafka_broker_restart_while_writing(tmp_path, embedded_settings, kafka, drain):
     n_trades, n_quotes = _synthetic(tmp_path, embedded_settings, days=3)
     slow = embedded_settings.model_copy(update={"batch_rows": 2000})
-    proc = _stream_cli(slow, "--tables", "trades,quotes", "--until-idle", "5")
+    stream_log = tmp_path / "stream.log"
+    with stream_log.open("wb") as log_file:
+        proc = _stream_cli(slow, "--tables", "trades,quotes", "--until-idle", "5", stderr=log_file)
     _wait_for_first_commit(embedded_settings, "trades", proc)  # the broker goes away mid-stream, not at start
     kafka.stop()
     time.sleep(2)
     kafka.start()
     try:
-        assert proc.wait(timeout=240) == 0
+        code = proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        code = None
     finally:  # a hung writer must not outlive the test (it would keep running after make test)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert code == 0, f"stream exit code {code}; its log ends:\n{stream_log.read_text()[-6000:]}"
     assert _table(embedded_settings, "trades").scan().count() == n_trades
     assert _table(embedded_settings, "quotes").scan().count() == n_quotes
     _keys_unique(_table(embedded_settings, "trades"))
     letters = [json.loads(m.value()) for m in drain(embedded_settings.kafka_bootstrap, embedded_settings.dlq_topic)]
     assert not [x for x in letters if x["stage"] == "stream"], "a broker restart is not poison"
+
+
+def test_a_table_commit_does_not_wait_for_the_group_coordinator(tmp_path, embedded_settings, kafka):
+    """Group offsets only feed lag monitoring. A synchronous group commit waited for librdkafka to
+    find the coordinator again (45 s a batch after a broker restart, in the poll loop), and so
+    stalled every table behind it while the broker was away or the group was being reloaded."""
+    n_trades, _ = _synthetic(tmp_path, embedded_settings)
+    held = embedded_settings.model_copy(update={"batch_rows": 10**9, "batch_seconds": 3600.0})
+    writer, = build_writers(held, ("trades",), open_sink(held, tmp_path / "dlq.jsonl"))
+    writer.start()
+    deadline = time.monotonic() + 90
+    while writer.batch.messages < n_trades and time.monotonic() < deadline:
+        writer.poll(0.1)
+    assert writer.batch.messages == n_trades
+    kafka.stop()
+    try:
+        flushing = threading.Thread(target=writer.flush, daemon=True)
+        flushing.start()
+        flushing.join(timeout=20)
+        assert not flushing.is_alive(), "the batch waited for the broker to commit group offsets"
+    finally:
+        kafka.start()
+    assert _table(embedded_settings, "trades").scan().count() == n_trades
+    writer.close()
 
 
 def test_poison_messages_go_to_the_dlq_and_never_block(tmp_path, embedded_settings, drain):

@@ -211,7 +211,8 @@ class TableWriter:
         self.sequenced = "sequence_number" in self.keys
         self.detector = GapDetector("stream", settings.gap_alert, settings.gap_halt)
         self.consumer_group = group_id or f"k2-stream-{self.table_name}"
-        self.consumer = Consumer(stream_consumer_config(settings, self.consumer_group, consumer_config))
+        self.consumer = Consumer({**stream_consumer_config(settings, self.consumer_group, consumer_config),
+                                  "on_commit": self._group_committed})
         self.assigned: set[int] = set()
         self.unrecorded: set[int] = set()
         self.batch = Batch()
@@ -588,11 +589,20 @@ class TableWriter:
         self._on_assign(self.consumer, held)
 
     def _commit_group_offsets(self, batch: Batch) -> None:
+        """Group offsets only feed lag monitoring, so they are committed without waiting: a
+        synchronous commit waits for librdkafka to find the group coordinator, which took 45 s a
+        batch after a broker restart, with every table of the process stalled behind it."""
         try:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in batch.end.items()],
-                                 asynchronous=False)
-        except Exception as exc:  # noqa: BLE001 - group offsets only feed lag monitoring
-            log.warning("stream.group_commit_failed", table=self.table_name, error=str(exc))
+                                 asynchronous=True)
+        except KafkaException as exc:
+            self._group_committed(exc.args[0], [])
+
+    def _group_committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's report of an asynchronous group commit, served by the next poll."""
+        failed = [tp.partition for tp in partitions if tp.error is not None]
+        if error is not None or failed:
+            log.warning("stream.group_commit_failed", table=self.table_name, error=str(error), partitions=failed)
 
     # lag ----------------------------------------------------------------------------------
     def lag(self) -> int:
