@@ -253,24 +253,36 @@ def asx_companies() -> Callable[[Path, Path, tuple[str, ...]], Path]:
     return copy_asx_companies
 
 
+def _watermarks(consumer, partition, deadline: float) -> tuple[int, int]:
+    """A partition's watermarks, asked again while its leader is being elected (a broker just
+    restarted answers NOT_LEADER_FOR_PARTITION for a moment)."""
+    from k2.faults import transient_dependency
+
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=10)
+        except Exception as exc:
+            if transient_dependency(exc) != "kafka" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
     """Every message of `topic` from the beginning up to its current end (real consumer)."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-drain-{uuid.uuid4().hex[:6]}",
                          "enable.auto.commit": False})
+    deadline = time.monotonic() + timeout
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]
         ends = {}
         for p in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low, high = _watermarks(consumer, TopicPartition(topic, p), deadline)
             if high > low:
                 ends[p] = high
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
         messages, remaining = [], dict(ends)
-        import time
-
-        deadline = time.monotonic() + timeout
         while remaining and time.monotonic() < deadline:
             for msg in consumer.consume(10_000, timeout=1.0):
                 if msg.error():

@@ -22,12 +22,21 @@ from k2.observability import DEPENDENCY_ERRORS, DEPENDENCY_RETRY_SECONDS
 log = structlog.get_logger("k2.faults")
 T = TypeVar("T")
 BACKOFF_FIRST, BACKOFF_CAP = 0.5, 10.0  # seconds
-# librdkafka's local error codes that mean "the cluster is not reachable or not ready yet"
-# (broker-side codes say so themselves through KafkaError.retriable()).
+# Error codes that mean "the cluster is not reachable or not ready yet": librdkafka's local ones,
+# and the broker's while a restarted broker elects partition leaders and reloads groups. The
+# broker's cannot be told by KafkaError.retriable(): confluent-kafka raises them from calls such as
+# get_watermark_offsets built from the bare code, without the retriable flag.
 _KAFKA_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
                     KafkaError._TIMED_OUT_QUEUE, KafkaError._MSG_TIMED_OUT, KafkaError._QUEUE_FULL,
                     KafkaError._RESOLVE, KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_BROKER,
-                    KafkaError._WAIT_COORD}
+                    KafkaError._WAIT_COORD,
+                    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                    KafkaError.PREFERRED_LEADER_NOT_AVAILABLE, KafkaError.FENCED_LEADER_EPOCH,
+                    KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError.NOT_COORDINATOR,
+                    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError.NOT_ENOUGH_REPLICAS,
+                    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.KAFKA_STORAGE_ERROR,
+                    KafkaError.OFFSET_NOT_AVAILABLE}
 
 
 class Transient(RuntimeError):
