@@ -5,6 +5,9 @@ assignment a writer keeps the partitions it is not asked to give up, and its bat
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,5 +126,39 @@ def test_writers_rolled_in_over_an_eager_group_take_over_once_its_members_leave(
         new.poll(0.05)
         new.flush()
     new.close()
+    table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
+    assert table.scan().count() == n_trades
+
+
+def test_a_killed_writers_partitions_are_taken_over_within_seconds(tmp_path: Path,
+                                                                    embedded_settings: Settings) -> None:
+    """A writer that dies without leaving its group (SIGKILL, the OOM killer, a lost node) holds its
+    partitions until the coordinator stops hearing its heartbeats: session.timeout.ms, 45 s by
+    Kafka's default, in which its share of every table stands still."""
+    summary = ingest_files(generate(tmp_path / "ticks", symbols=6, days=1, seed=8), embedded_settings,
+                           kinds=("trades",), with_reference=False)
+    n_trades = summary.produced[embedded_settings.topic("trades")]
+    dlq = open_sink(embedded_settings, tmp_path / "dlq.jsonl")
+    every = set(range(embedded_settings.topic_partitions))
+    dying = subprocess.Popen([str(Path(sys.executable).with_name("k2")), "stream", "run", "--tables", "trades"],
+                             env={**os.environ, **embedded_settings.to_env(), "K2_LOG_LEVEL": "WARNING"})
+    try:
+        survivor, = build_writers(embedded_settings, ("trades",), dlq)
+        survivor.start()
+        _poll_until([survivor], lambda: bool(survivor.assigned) and survivor.assigned != every,
+                    "the dying writer and the survivor to share the partitions")
+    finally:
+        dying.kill()
+        dying.wait()
+    killed = time.monotonic()
+    _poll_until([survivor], lambda: survivor.assigned == every, "the survivor to take every partition")
+    took = time.monotonic() - killed
+    assert took < 20, f"the killed writer's partitions stood still for {took:.0f}s"
+    deadline = time.monotonic() + 120
+    while not (survivor.batch.empty and survivor.lag() == 0):
+        assert time.monotonic() < deadline, "the survivor did not catch up"
+        survivor.poll(0.05)
+        survivor.flush()
+    survivor.close()
     table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
     assert table.scan().count() == n_trades

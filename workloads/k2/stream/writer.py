@@ -84,6 +84,12 @@ def stream_consumer_config(settings: Settings, group_id: str, overrides: dict[st
         # A joining or leaving writer (a rolling update) moves only the partitions it must:
         # the others keep consuming and keep the batches they are building.
         "partition.assignment.strategy": "cooperative-sticky",
+        # A writer killed without leaving the group (SIGKILL, the OOM killer, a lost node) holds its
+        # partitions until the coordinator misses its heartbeats for this long: Kafka's default of
+        # 45 s left its share of every table unwritten for 45 s. librdkafka heartbeats from its own
+        # thread, so a long flush in Python does not count against it (max.poll.interval.ms does).
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 3_000,
         **(overrides or {}),
     }
 
