@@ -10,6 +10,7 @@ k2 stack up --kube
 trap 'k2 stack down' EXIT
 eval "$(k2 stack env --kube)"
 python benchmarks/bench_pipeline.py --data "$DATA"
+python benchmarks/bench_consume.py --data "$DATA"  # the stream's consumer on a backlog: K2's fetch pacing vs librdkafka's
 python benchmarks/bench_stream_scale.py --data "$DATA"  # stream rows/s with 1 and 2 processes of one group, already joined
 python benchmarks/bench_scale.py --scales 1,10  # synthetic data; `make bench-scale` adds 100x
 python benchmarks/bench_row_groups.py  # why point queries stay flat as days grow (synthetic files)

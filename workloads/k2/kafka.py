@@ -1,5 +1,6 @@
-"""Kafka client settings shared by every K2 process that produces (ingest, the stream's DLQ, feeds),
-and the consumer group names the stream and the operator agree on."""
+"""Kafka client settings shared by every K2 process that produces (ingest, the stream's DLQ, feeds)
+or reads a backlog (the stream, the API's catch-up), and the consumer group names the stream and
+the operator agree on."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "queue.buffering.max.kbytes": 1_048_576,
     "message.timeout.ms": 120_000,
 }
+
+# How librdkafka paces its fetches, for the consumers that read a backlog (the stream, the API's
+# catch-up). With its defaults the stream's consumer read the ASX sample's trades at 124k msg/s,
+# which bounded the stream's rows/s; with these at 0.5-1.0M (benchmarks/bench_consume.py).
+# - `fetch.queue.backoff.ms` (1 s) is how long it waits to fetch again once a partition's local
+#   queue held its fill (`queued.min.messages`), however soon the consumer drains it.
+# - `fetch.wait.max.ms` (500 ms) is how long the broker holds a fetch of partitions with nothing
+#   new. A fresh assignment's first fetch is of the partitions whose start offsets resolved first,
+#   often the empty ones, so the first message came 0.5 s after every assignment.
+# An idle consumer asks the broker 20 times a second instead of twice.
+FETCH_PACING: dict[str, Any] = {"fetch.queue.backoff.ms": 50, "fetch.wait.max.ms": 50}
 
 
 def coordinates(msg: Message) -> tuple[str, int, int]:

@@ -33,7 +33,7 @@ from pydantic_core import to_json
 
 from k2 import schemas, tables
 from k2.faults import Transient
-from k2.kafka import consume_available, coordinates
+from k2.kafka import FETCH_PACING, consume_available, coordinates
 from k2.observability import STREAM_DISCONNECTS, STREAM_PUSH_DELAY, STREAM_SUBSCRIBERS, STREAM_TICKS
 from k2.quality import StoredSequences
 from k2.query.filters import TICK_KINDS, TickKind
@@ -478,7 +478,7 @@ def read_range(settings: Settings, topic: str, ranges: dict[int, tuple[int, int]
         return
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "k2-api-catchup",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "auto.offset.reset": "earliest"})  # offset 0 of a partition compacted past it
+                         "auto.offset.reset": "earliest", **FETCH_PACING})  # offset 0: a partition compacted past it
     try:
         consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in pending])
         deadline = time.monotonic() + timeout

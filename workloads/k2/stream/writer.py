@@ -37,7 +37,7 @@ from pyiceberg.table import Table
 from k2 import exchanges, faults, schemas, tables
 from k2.crash_points import CrashPoints
 from k2.dlq import DeadLetter, DeadLetterSink
-from k2.kafka import consume_available
+from k2.kafka import FETCH_PACING, consume_available
 from k2.observability import (
     BATCH_ROWS,
     COMMIT_DURATION,
@@ -81,6 +81,7 @@ def stream_consumer_config(settings: Settings, group_id: str, overrides: dict[st
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         **PREFETCH,
+        **FETCH_PACING,
         # A joining or leaving writer (a rolling update) moves only the partitions it must:
         # the others keep consuming and keep the batches they are building.
         "partition.assignment.strategy": "cooperative-sticky",
