@@ -36,6 +36,17 @@ def _poll_until(writers: list[TableWriter], condition: Callable[[], bool], what:
     raise AssertionError(f"timed out waiting for {what}: {[sorted(w.assigned) for w in writers]}")
 
 
+def _catch_up_and_close(writers: list[TableWriter], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(w.batch.empty and w.lag() == 0 for w in writers):
+        assert time.monotonic() < deadline, f"the writers did not catch up: lag {[w.lag() for w in writers]}"
+        for writer in writers:
+            writer.poll(0.05)
+            writer.flush()
+    for writer in writers:
+        writer.close()
+
+
 def _recording_revocations(writer: TableWriter) -> list[int]:
     revoked: list[int] = []
     handler = writer._on_revoke
@@ -79,14 +90,7 @@ def test_a_joining_writer_takes_partitions_without_stopping_the_others(tmp_path:
         "the batch for the partitions it kept was dropped"
     assert set(revoked_from_first) == every - kept
 
-    deadline = time.monotonic() + 120
-    while not all(w.batch.empty and w.lag() == 0 for w in writers):
-        assert time.monotonic() < deadline, "the writers did not catch up"
-        for writer in writers:
-            writer.poll(0.05)
-            writer.flush()
-    for writer in writers:
-        writer.close()
+    _catch_up_and_close(writers)
     table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
     keys = table.scan(selected_fields=("symbol", "exchange_date", "sequence_number")).to_arrow()
     assert keys.num_rows == n_trades
@@ -120,12 +124,7 @@ def test_writers_rolled_in_over_an_eager_group_take_over_once_its_members_leave(
     old.close()
     every = set(range(embedded_settings.topic_partitions))
     _poll_until([new], lambda: new.assigned == every, "the new writer to take every partition")
-    deadline = time.monotonic() + 120
-    while not (new.batch.empty and new.lag() == 0):
-        assert time.monotonic() < deadline, "the writer did not catch up"
-        new.poll(0.05)
-        new.flush()
-    new.close()
+    _catch_up_and_close([new])
     table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
     assert table.scan().count() == n_trades
 
@@ -154,11 +153,6 @@ def test_a_killed_writers_partitions_are_taken_over_within_seconds(tmp_path: Pat
     _poll_until([survivor], lambda: survivor.assigned == every, "the survivor to take every partition")
     took = time.monotonic() - killed
     assert took < 20, f"the killed writer's partitions stood still for {took:.0f}s"
-    deadline = time.monotonic() + 120
-    while not (survivor.batch.empty and survivor.lag() == 0):
-        assert time.monotonic() < deadline, "the survivor did not catch up"
-        survivor.poll(0.05)
-        survivor.flush()
-    survivor.close()
+    _catch_up_and_close([survivor])
     table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
     assert table.scan().count() == n_trades
