@@ -41,6 +41,16 @@ class StreamResult:
     rows_written: dict[str, int]
     dead_letters: int
     seconds: float
+    # From the first assignment to the last commit: no start-up. With `until_idle` the last partial
+    # batches are committed once the stream has been idle that long, so the wait is in it.
+    consuming_seconds: float
+
+    @classmethod
+    def of(cls, writers: list[TableWriter], dead_letters: int, seconds: float) -> StreamResult:
+        assigned = [w.first_assigned_at for w in writers if w.first_assigned_at is not None]
+        committed = [w.last_committed_at for w in writers if w.last_committed_at is not None]
+        consuming = max(committed) - min(assigned) if assigned and committed else 0.0
+        return cls({w.table_name: w.rows_committed for w in writers}, dead_letters, seconds, max(consuming, 0.0))
 
 
 def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLetterSink,
@@ -77,10 +87,9 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
         finally:
             for writer in writers:
                 writer.close()
-    result = StreamResult({w.table_name: w.rows_committed for w in writers}, getattr(dlq, "count", 0),
-                          time.monotonic() - started)
+    result = StreamResult.of(writers, getattr(dlq, "count", 0), time.monotonic() - started)
     log.info("stream.done", rows_written=result.rows_written, dead_letters=result.dead_letters,
-             seconds=round(result.seconds, 2))
+             seconds=round(result.seconds, 2), consuming_seconds=round(result.consuming_seconds, 2))
     return result
 
 

@@ -228,6 +228,8 @@ class TableWriter:
         self.known_columns = {f.name for f in table.schema().fields}
         self.last_message_at = time.monotonic()
         self.rows_committed = 0
+        self.first_assigned_at: float | None = None  # monotonic: how long it took to consume (StreamResult)
+        self.last_committed_at: float | None = None
         self.newest_tick = 0.0  # Unix seconds of the table's newest tick (k2_table_newest_tick_timestamp_seconds)
         self._publish_newest_tick()
         self.crash = CrashPoints(settings)  # test-only; inert unless K2_TEST_CRASH_AT is set
@@ -240,6 +242,8 @@ class TableWriter:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions added to those the writer keeps (cooperative assignment is incremental)."""
         faults.retry(lambda: self._resume(partitions), what=f"assign {self.table_name}")
+        if partitions and self.first_assigned_at is None:
+            self.first_assigned_at = time.monotonic()
         log.info("stream.assigned", table=self.table_name, topic=self.topic,
                  offsets={tp.partition: tp.offset for tp in partitions})
         consumer.incremental_assign(partitions)
@@ -572,6 +576,7 @@ class TableWriter:
         LAST_COMMIT.labels(self.table_name).set_to_current_time()
         self._publish_newest_tick()
         self.rows_committed += data.num_rows
+        self.last_committed_at = time.monotonic()
         log.info("stream.committed", table=self.table_name, rows=data.num_rows, files=added_files,
                  snapshot_id=snapshot.snapshot_id if snapshot else None, offsets=batch.end,
                  seconds=round(elapsed, 3))
