@@ -116,11 +116,9 @@ def summary(engine: Engine, symbol: str, day: dt.date, exchange: str = DEFAULT_E
     zone = exchange_zone(exchange)
     start, end = local_midnight(day, zone), local_midnight(day + dt.timedelta(days=1), zone)
     scan = engine.plan(engine.pin("trades", live=True), TickFilter((symbol,), exchange, start, end))
-    rolled = _rolled_up(engine, scan, BarQuery((symbol,), "1d", start, end, exchange=exchange))
+    rolled = rollups.summary(engine, scan, _bar_request(BarQuery((symbol,), "1d", start, end, exchange=exchange)))
     if rolled is not None:
-        return ({"symbol": symbol, "exchange": exchange, "date": day,
-                 **rolled.drop_columns(["symbol", "bucket_start", "bucket_end"]).to_pylist()[0]}
-                if rolled.num_rows else None)
+        return {"symbol": symbol, "exchange": exchange, "date": day, **rolled} if rolled["trade_count"] else None
     found = engine.run("summary", _SUMMARY, {"symbol": symbol, "exchange": exchange, "day": day},
                        {"trades": scan}).to_pylist()[0]
     if not found["trade_count"]:
@@ -133,11 +131,14 @@ def _rolled_up(engine: Engine, scan: Scan, q: BarQuery) -> pa.Table | None:
     """The bars from files' partial aggregates (k2.query.rollups), or None where they cannot answer."""
     if q.metric == "twap" or q.fill != "none":
         return None
-    zone = exchange_zone(q.exchange)
-    request = rollups.BarRequest(q.symbols, q.exchange, q.interval, q.start, q.end, zone,
-                                 micros(_INTRADAY_ORIGIN.replace(tzinfo=zone)))
-    result = rollups.bars(engine, scan, request)
+    result = rollups.bars(engine, scan, _bar_request(q))
     return None if result is None else result.select(["symbol", "bucket_start", "bucket_end", *q.fields])
+
+
+def _bar_request(q: BarQuery) -> rollups.BarRequest:
+    zone = exchange_zone(q.exchange)
+    return rollups.BarRequest(q.symbols, q.exchange, q.interval, q.start, q.end, zone,
+                              micros(_INTRADAY_ORIGIN.replace(tzinfo=zone)))
 
 
 # The 1d bar of one symbol as one ungrouped aggregate over its `exchange_date` (the local day), the

@@ -22,6 +22,8 @@ import datetime as dt
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -84,6 +86,41 @@ class BarRequest:
 def bars(engine: Engine, scan: Scan, request: BarRequest) -> pa.Table | None:
     """OHLCV and VWAP bars as `k2.query.bars` computes them with fill none (`COLUMNS`, by symbol
     and time), from partials; None when partials cannot answer exactly."""
+    started = time.perf_counter()
+    by_symbol = _symbol_minutes(engine, scan, request)
+    if by_symbol is None:
+        return None
+    symbols = [_bars(symbol, parts, request) for symbol, parts in by_symbol.items()]
+    record_query("rollup_bars", "ok", started)
+    if not symbols:
+        return pa.table({c: pa.array([], t) for c, t in _TYPES.items()})
+    return pa.concat_tables(symbols)
+
+
+def summary(engine: Engine, scan: Scan, request: BarRequest) -> dict[str, Any] | None:
+    """The one 1d bar of `request`'s single symbol over its one local day (a daily summary): open,
+    high, low, close, volume, trade_count and vwap; trade_count 0 and the prices None when it did not
+    trade; None when partials cannot answer exactly. Reduced in numpy straight to Python values
+    (`_totals`): building a table of bars cost three times as much for its one row."""
+    started = time.perf_counter()
+    (symbol,) = request.symbols
+    by_symbol = _symbol_minutes(engine, scan, request)
+    if by_symbol is None:
+        return None
+    parts = by_symbol.get(symbol)
+    if not parts:
+        totals: dict[str, Any] = dict.fromkeys(("open", "high", "low", "close", "vwap")) | {"volume": 0,
+                                                                                          "trade_count": 0}
+    else:
+        totals = _totals(pa.concat_tables(parts) if len(parts) > 1 else parts[0]) or \
+            _bars(symbol, parts, request).drop_columns(["symbol", "bucket_start", "bucket_end"]).to_pylist()[0]
+    record_query("rollup_summary", "ok", started)
+    return totals
+
+
+def _symbol_minutes(engine: Engine, scan: Scan, request: BarRequest) -> dict[str, list[pa.Table]] | None:
+    """Per symbol asked for that traded in the range (in symbol order), its partials' minutes in the
+    range from every file and the live tail; None when partials cannot answer exactly."""
     if engine.rollups is None or scan.has_deletes or scan.pin.since is not None:
         return None
     start_us, end_us = micros(request.start), micros(request.end)
@@ -91,23 +128,19 @@ def bars(engine: Engine, scan: Scan, request: BarRequest) -> pa.Table | None:
         return None
     if scan.scope is not None and not all(scan.scope.allows(s, request.exchange) for s in request.symbols):
         return None
-    started = time.perf_counter()
     held = [engine.rollups.get(scan.pin, f, lambda one: _computed(engine, one)) for f in scan.files]
     files = [partials for partials in held if partials is not None]
     if len(files) < len(held):
         return None  # a file's partials are larger than the whole budget
     sources = [*files, *_tail_partials(engine, scan.pin, request.symbols, request.exchange)]
-    symbols = []
+    by_symbol = {}
     for symbol in sorted(set(request.symbols)):
         key = (symbol, request.exchange)
         parts = [_minutes(s.by_key[key], start_us, end_us) for s in sources if key in s.by_key]
         parts = [p for p in parts if p.num_rows]
         if parts:
-            symbols.append(_bars(symbol, parts, request))
-    record_query("rollup_bars", "ok", started)
-    if not symbols:
-        return pa.table({c: pa.array([], t) for c, t in _TYPES.items()})
-    return pa.concat_tables(symbols)
+            by_symbol[symbol] = parts
+    return by_symbol
 
 
 _TYPES = {"symbol": pa.string(), "bucket_start": _INSTANT, "bucket_end": _INSTANT, "open": _PRICE, "high": _PRICE,
@@ -188,10 +221,13 @@ def _grouped(rows: pa.Table, buckets: np.ndarray) -> tuple[np.ndarray, pa.Table]
     })
 
 
-def _combined(rows: pa.Table, firsts: np.ndarray) -> dict[str, pa.Array] | None:
-    """High, low, volume, count and notional per run of `rows` starting at `firsts`, summed on 64-bit
-    integers (a fraction of a group-by's fixed cost); None where a value or a sum may not fit."""
-    columns = {name: rows[name].combine_chunks() for name in ("high", "low", "volume", "trade_count", "notional")}
+_SUMMED = ("high", "low", "volume", "trade_count", "notional")
+
+
+def _summable(rows: pa.Table) -> tuple[dict[str, np.ndarray], dict[str, pa.DataType]] | None:
+    """`_SUMMED`'s columns as int64 (decimals unscaled) with their types, when none holds a null and
+    no sum of them can pass 64 bits; None otherwise."""
+    columns = {name: rows[name].combine_chunks() for name in _SUMMED}
     if any(column.null_count for column in columns.values()):
         return None
     notional = _words(columns["notional"])
@@ -199,11 +235,41 @@ def _combined(rows: pa.Table, firsts: np.ndarray) -> dict[str, pa.Array] | None:
         return None
     high, low = _words(columns["high"]), _words(columns["low"])
     assert high is not None and low is not None  # decimal(18, _) always fits 64 bits
-    return {"high": _decimal(np.maximum.reduceat(high, firsts), columns["high"].type),
-            "low": _decimal(np.minimum.reduceat(low, firsts), columns["low"].type),
-            "volume": pa.array(np.add.reduceat(columns["volume"].to_numpy(), firsts)),
-            "trade_count": pa.array(np.add.reduceat(columns["trade_count"].to_numpy(), firsts)),
-            "notional": _decimal(np.add.reduceat(notional, firsts), columns["notional"].type)}
+    values = {"high": high, "low": low, "volume": columns["volume"].to_numpy(),
+              "trade_count": columns["trade_count"].to_numpy(), "notional": notional}
+    return values, {name: column.type for name, column in columns.items()}
+
+
+def _combined(rows: pa.Table, firsts: np.ndarray) -> dict[str, pa.Array] | None:
+    """High, low, volume, count and notional per run of `rows` starting at `firsts`, summed on 64-bit
+    integers (a fraction of a group-by's fixed cost); None where a value or a sum may not fit."""
+    if (summable := _summable(rows)) is None:
+        return None
+    values, types = summable
+    return {"high": _decimal(np.maximum.reduceat(values["high"], firsts), types["high"]),
+            "low": _decimal(np.minimum.reduceat(values["low"], firsts), types["low"]),
+            "volume": pa.array(np.add.reduceat(values["volume"], firsts)),
+            "trade_count": pa.array(np.add.reduceat(values["trade_count"], firsts)),
+            "notional": _decimal(np.add.reduceat(values["notional"], firsts), types["notional"])}
+
+
+def _totals(rows: pa.Table) -> dict[str, Any] | None:
+    """`_grouped`'s combination for a single bucket, as Python values; None where `_combined` would
+    not sum on 64 bits either (the caller then takes the general path)."""
+    if (summable := _summable(rows)) is None:
+        return None
+    values, types = summable
+    first = np.lexsort((rows["open_seq"].to_numpy(), rows["open_us"].to_numpy()))[0]
+    last = np.lexsort((rows["close_seq"].to_numpy(), rows["close_us"].to_numpy()))[-1]
+    volume = int(values["volume"].sum())
+
+    def scaled(unscaled: np.int64, name: str) -> Decimal:
+        return Decimal(int(unscaled)).scaleb(-cast(pa.Decimal128Type, types[name]).scale)
+
+    return {"open": rows["open"][int(first)].as_py(), "high": scaled(values["high"].max(), "high"),
+            "low": scaled(values["low"].min(), "low"), "close": rows["close"][int(last)].as_py(),
+            "volume": volume, "trade_count": int(values["trade_count"].sum()),
+            "vwap": exact_ratio(scaled(values["notional"].sum(), "notional"), volume)}
 
 
 def _words(decimals: pa.Array) -> np.ndarray | None:
