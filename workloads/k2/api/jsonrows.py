@@ -42,18 +42,19 @@ def _text(value: str) -> pa.Scalar:
     return pa.scalar(value, pa.large_string())
 
 
-_NULL, _QUOTE, _QUOTE_Z, _EMPTY, _ROW_END = _text("null"), _text('"'), _text('Z"'), _text(""), _text("},")
+_NULL, _EMPTY = _text("null"), _text("")
 
 
 @functools.lru_cache(maxsize=1024)
-def _key(name: str, *, first: bool) -> pa.Scalar:
-    """A column's key as a row writes it, with the brace or comma before it (kept: each kernel
-    scalar built costs microseconds, and a page's columns are the same every time)."""
-    return _text(("{" if first else ",") + to_json(name).decode() + ":")
+def _key(name: str, *, first: bool) -> str:
+    """A column's key as a row writes it, with the brace or comma before it."""
+    return ("{" if first else ",") + to_json(name).decode() + ":"
 
 
-def _quoted(strings: pa.Array) -> pa.Array:
-    return pc.binary_join_element_wise(_QUOTE, strings, _QUOTE, _EMPTY)
+@functools.lru_cache(maxsize=1024)
+def _literal(text: str) -> pa.Scalar:
+    """Kept: each kernel scalar built costs microseconds, and a page's columns are the same every time."""
+    return _text(text)
 
 
 def _slow(column: pa.Array) -> pa.Array:
@@ -64,10 +65,10 @@ def _slow(column: pa.Array) -> pa.Array:
 
 
 def _four_digit_years(column: pa.Array) -> bool:
-    """Years 1000-9999, whose ISO form is the plain one (others take the exact, slow path)."""
-    bounds = pc.min_max(column.cast(pa.int64()))
-    low, high = bounds["min"].as_py(), bounds["max"].as_py()
-    return low is None or (low >= _YEAR_1000_US and high < _YEAR_10000_US)
+    """Years 1000-9999, whose ISO form is the plain one (others take the exact, slow path). Read
+    from the values buffer: a null's slot holds any value, which can only send it the slow way."""
+    values = np.frombuffer(column.buffers()[1], np.int64, count=len(column), offset=column.offset * 8)
+    return not len(values) or (values.min() >= _YEAR_1000_US and values.max() < _YEAR_10000_US)
 
 
 def _may_need_escapes(strings: pa.Array) -> bool:
@@ -78,29 +79,27 @@ def _may_need_escapes(strings: pa.Array) -> bool:
     return data is not None and _NEEDS_ESCAPE.search(memoryview(data)) is not None
 
 
-def _encode(column: pa.Array) -> pa.Array:
-    """Each value of `column` as JSON text (null where the value is null)."""
+def _encode(column: pa.Array) -> tuple[str, pa.Array, str]:
+    """Each value of `column` as JSON text (null where the value is null) once written between the
+    two literals returned with it: a quote and a quote for strings, nothing for numbers. The row
+    writes the literals, so a column costs no kernel call for its quotes."""
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         if _may_need_escapes(column):
-            return _slow(column)
-        return _quoted(column.cast(pa.large_string()))
-    if pa.types.is_integer(kind):
-        return column.cast(pa.large_string())
-    if pa.types.is_boolean(kind):
-        return column.cast(pa.large_string())  # "true" / "false"
-    if pa.types.is_decimal(kind) and 0 <= kind.scale <= 6:
+            return "", _slow(column), ""
+        return '"', column.cast(pa.large_string()), '"'
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):  # booleans: "true" / "false"
+        return "", column.cast(pa.large_string()), ""
+    if (pa.types.is_decimal(kind) and 0 <= kind.scale <= 6) or pa.types.is_date32(kind):
         # Python's Decimal writes these without an exponent too, so the texts agree.
-        return _quoted(column.cast(pa.large_string()))
-    if pa.types.is_date32(kind):
-        return _quoted(column.cast(pa.large_string()))
+        return '"', column.cast(pa.large_string()), '"'
     if pa.types.is_timestamp(kind) and kind.unit == "us" and kind.tz is not None and _four_digit_years(column):
         # Arrow's instants are UTC whatever the zone label: format the UTC wall clock, which Arrow
-        # writes as "2014-03-12 00:00:01.000120" (always six decimals, the only "." and " ").
-        text = column.cast(pa.timestamp("us")).cast(pa.large_string())
-        text = pc.replace_substring(pc.replace_substring(text, " ", "T"), ".000000", "")
-        return pc.binary_join_element_wise(_QUOTE, text, _QUOTE_Z, _EMPTY)
-    return _slow(column)
+        # writes as "2014-03-12 00:00:01.000120" (four-digit years: the space is always the 11th
+        # byte, replaced in place, a quarter of the time of a search; six decimals, the only ".").
+        text = pc.binary_replace_slice(column.cast(pa.timestamp("us")).cast(pa.large_string()), 10, 11, "T")
+        return '"', pc.replace_substring(text, ".000000", ""), 'Z"'
+    return "", _slow(column), ""
 
 
 def rows_json(data: pa.Table | pa.RecordBatch) -> bytes:
@@ -114,11 +113,20 @@ def rows_text(data: pa.Table | pa.RecordBatch) -> bytes:
         return to_json(to_rows(data))[1:-1]
     table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
     parts: list[Any] = []
+    literal = ""  # text between two columns' values, written once per row by the join
     for i, name in enumerate(table.column_names):
         column = table.column(i).combine_chunks() if table.column(i).num_chunks != 1 else table.column(i).chunk(0)
-        parts.append(_key(name, first=i == 0))
-        parts.append(pc.fill_null(_encode(column), _NULL) if column.null_count else _encode(column))
-    parts.append(_ROW_END)
+        before, text, after = _encode(column)
+        literal += _key(name, first=i == 0)
+        if column.null_count:  # a null is written bare: its column carries its own literals
+            if before or after:
+                text = pc.binary_join_element_wise(_literal(before), text, _literal(after), _EMPTY)
+            parts += [_literal(literal), pc.fill_null(text, _NULL)]
+            literal = ""
+        else:
+            parts += [_literal(literal + before), text]
+            literal = after
+    parts.append(_literal(literal + "},"))
     rows = pc.binary_join_element_wise(*parts, _EMPTY).cast(pa.large_string())  # int64 offsets, read below
     # A new array of rows that each end in "},": its data buffer is the rows joined, a comma too many.
     offsets = np.frombuffer(rows.buffers()[1], np.int64, count=len(rows) + 1, offset=rows.offset * 8)
