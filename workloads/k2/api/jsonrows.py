@@ -102,13 +102,10 @@ def _encode(column: pa.Array) -> tuple[str, pa.Array, str]:
     return "", _slow(column), ""
 
 
-def rows_json(data: pa.Table | pa.RecordBatch) -> bytes:
-    """The rows as a JSON array of objects, keys in column order."""
-    return b"[" + rows_text(data) + b"]"
-
-
-def rows_text(data: pa.Table | pa.RecordBatch) -> bytes:
-    """The rows' JSON objects separated by commas, without the array's brackets (an export's chunk)."""
+def rows_text(data: pa.Table | pa.RecordBatch) -> bytes | memoryview:
+    """The rows' JSON objects separated by commas, without the array's brackets (an export's chunk).
+    A view of Arrow's buffer, not a copy: the caller's join into the response body is the one copy
+    (an export's chunk is megabytes)."""
     if data.num_rows < _FEW:  # a handful of rows: fixed costs of the kernels would dominate
         return to_json(to_rows(data))[1:-1]
     table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
@@ -131,18 +128,18 @@ def rows_text(data: pa.Table | pa.RecordBatch) -> bytes:
     # A new array of rows that each end in "},": its data buffer is the rows joined, a comma too many.
     offsets = np.frombuffer(rows.buffers()[1], np.int64, count=len(rows) + 1, offset=rows.offset * 8)
     start, end = int(offsets[0]), int(offsets[-1])
-    return rows.buffers()[2][start:end - 1].to_pybytes()
+    return memoryview(rows.buffers()[2])[start:end - 1]
 
 
 def model_json(model: type[BaseModel], data: pa.Table | pa.RecordBatch, **fields: Any) -> bytes:
-    """`model(data=rows, **fields)` as JSON, the rows encoded by `rows_json`.
+    """`model(data=rows, **fields)` as JSON, the rows encoded by `rows_text`.
 
     The other fields go through the model (validated and serialised as usual) with an empty
     `data`, whose text is then replaced: inside a JSON string a quote is always escaped, so
     `"data":[]` can only be the key itself.
     """
-    envelope = model(data=[], **fields).model_dump_json().encode()
-    return envelope.replace(b'"data":[]', b'"data":' + rows_json(data), 1)
+    head, tail = model(data=[], **fields).model_dump_json().encode().split(b'"data":[]', 1)
+    return b"".join((head, b'"data":[', rows_text(data), b"]", tail))
 
 
 def json_response(model: type[BaseModel], data: pa.Table | pa.RecordBatch, **fields: Any) -> Response:
