@@ -15,7 +15,6 @@ by pydantic instead: slower, never different.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 import numpy as np
@@ -26,10 +25,6 @@ from pydantic import BaseModel
 from pydantic_core import to_json
 
 from k2.rows import to_rows
-
-# Characters JSON strings must escape (serde_json escapes exactly these).
-_NEEDS_ESCAPE = re.compile(rb'["\\\x00-\x1f]')
-
 
 _YEAR_1000_US = -30_610_224_000_000_000  # 1000-01-01T00:00:00Z, microseconds since 1970
 _YEAR_10000_US = 253_402_300_800_000_000  # 10000-01-01T00:00:00Z
@@ -72,11 +67,17 @@ def _four_digit_years(column: pa.Array) -> bool:
 
 
 def _may_need_escapes(strings: pa.Array) -> bool:
-    """Whether a string of the column may hold a character JSON escapes. The column's whole data
-    buffer is searched at once (a quarter of the time of Arrow's regex kernel, measured): bytes of
-    a sliced column's neighbours can only raise a false alarm, which takes the exact, slow path."""
+    """Whether a string of the column holds a character JSON escapes (a quote, a backslash, a
+    control character: serde_json escapes exactly these). Only the column's own bytes are read, by
+    numpy at once (a fourteenth of the time of a `re` search, measured on 100 kB): a page is a
+    slice of a file's whole column."""
     data = strings.buffers()[2]
-    return data is not None and _NEEDS_ESCAPE.search(memoryview(data)) is not None
+    if data is None or not len(strings):
+        return False
+    offsets = np.frombuffer(strings.buffers()[1], np.int64 if pa.types.is_large_string(strings.type) else np.int32)
+    first, last = int(offsets[strings.offset]), int(offsets[strings.offset + len(strings)])
+    octets = np.frombuffer(data, np.uint8, count=last - first, offset=first)
+    return bool(octets.size and (octets.min() < 0x20 or np.count_nonzero((octets == 0x22) | (octets == 0x5C))))
 
 
 def _encode(column: pa.Array) -> tuple[str, pa.Array, str]:
