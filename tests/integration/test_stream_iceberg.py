@@ -205,6 +205,22 @@ def test_a_table_commit_does_not_wait_for_the_group_coordinator(tmp_path, embedd
     writer.close()
 
 
+def test_a_bounded_run_commits_as_soon_as_it_has_read_everything(tmp_path, embedded_settings):
+    """`--until-idle` waits out its idle period before it returns, but there is nothing to wait for
+    before committing: the last rows are queryable once read, not an idle period later."""
+    n_trades, n_quotes = _synthetic(tmp_path, embedded_settings)
+    idle = 4.0
+    result = stream_run(embedded_settings.model_copy(update={"batch_seconds": 3600.0}), ("trades", "quotes"),
+                        until_idle=idle, dlq_file=tmp_path / "dlq.jsonl")
+    returned = time.time()
+    assert result.rows_written == {embedded_settings.table_identifier("trades"): n_trades,
+                                   embedded_settings.table_identifier("quotes"): n_quotes}
+    for kind in ("trades", "quotes"):
+        committed = _table(embedded_settings, kind).current_snapshot().timestamp_ms / 1000
+        # The idle period runs after the last commit, not before it (an hour's batch bound otherwise).
+        assert returned - committed >= idle - 1.0, (kind, returned - committed)
+
+
 def test_poison_messages_go_to_the_dlq_and_never_block(tmp_path, embedded_settings, drain):
     n_trades, _ = _synthetic(tmp_path, embedded_settings)
     topic = embedded_settings.topic("trades")

@@ -1,7 +1,8 @@
 """`k2 stream run`: one writer per table, polled in turn by one loop.
 
 Long-running by default. With `until_idle` it returns once every table has committed everything
-up to the log end and nothing new arrived for that many seconds (demo, batch jobs, tests).
+up to the log end and nothing new arrived for that many seconds (demo, batch jobs, tests); a
+writer that has read everything commits at once rather than after its batch's time bound.
 SIGTERM flushes and commits the open batches, then returns.
 """
 
@@ -41,8 +42,8 @@ class StreamResult:
     rows_written: dict[str, int]
     dead_letters: int
     seconds: float
-    # From the first assignment to the last commit: no start-up. With `until_idle` the last partial
-    # batches are committed once the stream has been idle that long, so the wait is in it.
+    # From the first assignment to the last commit: no start-up, and with `until_idle` no idle wait
+    # (a writer that has read everything commits at once).
     consuming_seconds: float
 
     @classmethod
@@ -204,6 +205,9 @@ def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | Non
         stalls.check(writers)
         if until_idle is None:
             continue
+        for w in writers:  # a bounded run holds no batch once it has read everything: nothing more is coming
+            if not w.batch.empty and w.read_everything():
+                w.flush()
         now = time.monotonic()
         if now - max(w.last_message_at for w in writers) < until_idle or now - last_lag_check < 0.5:
             continue

@@ -617,6 +617,21 @@ class TableWriter:
             log.warning("stream.group_commit_failed", table=self.table_name, error=str(error), partitions=failed)
 
     # lag ----------------------------------------------------------------------------------
+    def read_everything(self) -> bool:
+        """Whether this writer has read every message of its partitions up to the log end, by the
+        watermarks its fetches carry (no request to the broker); False while any is unknown."""
+        if not self.assigned:
+            return False
+        recorded = tables.recorded_offsets(self.table).get(self.topic, {})
+        for tp in self.consumer.position([TopicPartition(self.topic, p) for p in sorted(self.assigned)]):
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            # No position yet: nothing fetched since the assignment, which starts where the table's
+            # offsets say (or at the log start).
+            following = tp.offset if tp.offset >= 0 else recorded.get(tp.partition, low)
+            if high < 0 or following < high:
+                return False
+        return True
+
     def lag(self) -> int:
         """Messages between what is committed to the table and the log end, summed."""
         total = 0
