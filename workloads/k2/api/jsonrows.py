@@ -33,23 +33,20 @@ _YEAR_10000_US = 253_402_300_800_000_000  # 10000-01-01T00:00:00Z
 _FEW = 16
 
 
-def _text(value: str) -> pa.Scalar:
-    return pa.scalar(value, pa.large_string())
+@functools.lru_cache(maxsize=1024)
+def _literal(text: str) -> pa.Scalar:
+    """Text every row writes, as a kernel scalar. Kept: each one built costs microseconds, and a
+    page's columns are the same every time."""
+    return pa.scalar(text, pa.large_string())
 
 
-_NULL, _EMPTY = _text("null"), _text("")
+_NULL, _EMPTY = _literal("null"), _literal("")
 
 
 @functools.lru_cache(maxsize=1024)
 def _key(name: str, *, first: bool) -> str:
     """A column's key as a row writes it, with the brace or comma before it."""
     return ("{" if first else ",") + to_json(name).decode() + ":"
-
-
-@functools.lru_cache(maxsize=1024)
-def _literal(text: str) -> pa.Scalar:
-    """Kept: each kernel scalar built costs microseconds, and a page's columns are the same every time."""
-    return _text(text)
 
 
 def _slow(column: pa.Array) -> pa.Array:
