@@ -100,6 +100,58 @@ def test_pages_of_held_ticks_equal_sql(engines, kind: str):
     assert _held_files() > used, "pages were answered from held ticks"
 
 
+def _exported(engine: Engine, kind: str, flt: TickFilter, limit: int | None, pin: Pin | None = None,
+              **bounds) -> pa.Table:
+    rel = ticks.tick_relation(engine, pin or engine.pin(kind), flt)
+    result = ticks.stream(engine, rel, fields=columns(kind), limit=limit, **bounds)  # type: ignore[arg-type]
+    return pa.Table.from_batches(list(result.batches), schema=result.schema)
+
+
+def _exports(query: str) -> float:
+    return REGISTRY.get_sample_value("k2_query_executions_total", {"query": query, "outcome": "ok"}) or 0.0
+
+
+@pytest.mark.parametrize("kind", ["trades", "quotes"])
+def test_exports_of_held_ticks_equal_sql(engines, kind: str):
+    held, plain = engines
+    answered = _exports("held_ticks_export")
+    for flt in _filters(_symbols(plain)):
+        for limit in (None, 7, 1999):
+            expected = _exported(plain, kind, flt, limit)
+            got = _exported(held, kind, flt, limit)
+            assert got.schema == expected.schema and got.equals(expected), (flt, limit)
+    assert _exports("held_ticks_export") > answered, "exports were answered from held ticks"
+
+
+def test_an_export_larger_than_held_ticks_answer_streams_from_sql_and_equals_it(engines):
+    held, plain = engines
+    flt = TickFilter(tuple(_symbols(plain)[:2]))
+    everything = _exported(plain, "trades", flt, None)
+    assert everything.num_rows > 1000
+    by_sql, by_held = _exports("trades_export"), _exports("held_ticks_export")
+    for limit in (None, everything.num_rows, 1001):  # over the bound: SQL; at it (1000): held ticks
+        assert _exported(held, "trades", flt, limit, held_up_to=1000).equals(everything.slice(0, limit))
+    assert _exported(held, "trades", flt, 1000, held_up_to=1000).equals(everything.slice(0, 1000))
+    assert _exports("trades_export") == by_sql + 3
+    assert _exports("held_ticks_export") == by_held + 1
+
+
+def test_exports_of_held_ticks_add_the_live_tail(engines):
+    held, plain = engines
+    symbols = _symbols(plain)
+    stored = plain.table("trades", fresh=True).scan().to_arrow()
+    some = stored.filter(pc.is_in(stored["symbol"], pa.array(symbols[:1]))).slice(0, 300)
+    later = some.set_column(some.schema.get_field_index("sequence_number"), "sequence_number",
+                            pc.add(some["sequence_number"], 10_000_000))
+    tail = TailRows(later, ())
+    flt = TickFilter((symbols[0],))
+    answered = _exports("held_ticks_export")
+    got, expected = (_exported(e, "trades", flt, None, pin=replace(e.pin("trades"), tail=tail)) for e in engines)
+    assert got.equals(expected)
+    assert got.num_rows == _exported(plain, "trades", flt, None).num_rows + 300
+    assert _exports("held_ticks_export") == answered + 1
+
+
 def test_pages_of_held_ticks_add_the_live_tail(engines):
     _, plain = engines
     symbols = _symbols(plain)

@@ -48,9 +48,10 @@ class _HeldFile:
 
 
 def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, ...], wanted: int,
-               after: Position | None) -> pa.Table | None:
+               after: Position | None, *, query: str | None = "held_ticks_page") -> pa.Table | None:
     """The first `wanted` ticks of `flt` after `after`, in tick order: `fields` then `KEY_COLUMNS`,
-    as a page's SQL gives them; None when held ticks cannot answer exactly."""
+    as a page's SQL gives them; None when held ticks cannot answer exactly. Counted as `query`
+    (None: the caller counts it, once it knows the rows answer)."""
     if not _answerable(engine, scan, flt):
         return None
     assert scan.time_bounds is not None
@@ -72,7 +73,8 @@ def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, .
     tail = window.tail_rows(scan.pin, fields, wanted)
     if tail is not None:
         found = _first(found, [tail.cast(found.schema)], wanted)
-    record_query("held_ticks_page", "ok", started)
+    if query is not None:
+        record_query(query, "ok", started)
     return found
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +19,7 @@ from pyiceberg.manifest import DataFile
 
 from k2.query import heldticks
 from k2.query.cursor import Cursor, Position
-from k2.query.engine import Engine, Pin, ResultStream, Scan
+from k2.query.engine import Engine, Pin, ResultStream, Scan, record_query
 from k2.query.filters import TickFilter, columns
 from k2.query.heldticks import KEY_COLUMNS
 from k2.query.sql import Where, ident, select_list
@@ -26,6 +27,9 @@ from k2.query.sql import Where, ident, select_list
 ORDER_BY = "exchange_timestamp, symbol, sequence_number"
 QUOTE_FIELDS = ("bid_price", "ask_price", "bid_size", "ask_size")
 QUOTED_TRADE_COLUMNS = (*columns("trades"), "quote_timestamp", *QUOTE_FIELDS)
+# An export of named symbols up to this many rows is sliced from held ticks (a sixth of SQL's time on
+# 6,446 rows); a larger one streams from DuckDB, so what it holds per export stays a chunk.
+HELD_STREAM_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -184,14 +188,33 @@ def _holding(files: list[DataFile], wanted: int, at_least: int = 1) -> int:
     return count
 
 
-def stream(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int | None) -> ResultStream:
-    """Every matching row in tick order (up to `limit`), as Arrow batches."""
+def stream(engine: Engine, rel: Relation, *, fields: tuple[str, ...], limit: int | None,
+           held_up_to: int = HELD_STREAM_ROWS) -> ResultStream:
+    """Every matching row in tick order (up to `limit`), as Arrow batches: from held ticks when they
+    are at most `held_up_to` rows, else streamed by DuckDB."""
+    held = _held_stream(engine, rel, fields, limit, held_up_to)
+    if held is not None:
+        return held
     params = dict(rel.params)
     sql = f"SELECT {select_list(fields)} FROM ({rel.text()}) ORDER BY {ORDER_BY}"
     if limit is not None:
         sql += " LIMIT $limit"
         params["limit"] = limit
     return engine.stream(f"{rel.name}_export", sql, params, rel.scans)
+
+
+def _held_stream(engine: Engine, rel: Relation, fields: tuple[str, ...], limit: int | None,
+                 held_up_to: int) -> ResultStream | None:
+    if rel.ticks is None or rel.quotes_within is not None:
+        return None
+    started = time.perf_counter()
+    wanted = held_up_to + 1 if limit is None else min(limit, held_up_to + 1)  # one more: too many to hold
+    rows = heldticks.first_rows(engine, rel.scans[rel.paged], rel.ticks, fields, wanted, None, query=None)
+    if rows is None or rows.num_rows > held_up_to:
+        return None
+    rows = rows.drop_columns(list(KEY_COLUMNS)).combine_chunks()
+    record_query("held_ticks_export", "ok", started)
+    return ResultStream(rows.schema, iter(rows.to_batches()))
 
 
 def latest_quotes(engine: Engine, pin: Pin, flt: TickFilter, as_of: dt.datetime, *, cacheable: bool = True) -> pa.Table:
