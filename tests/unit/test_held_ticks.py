@@ -137,7 +137,7 @@ def test_an_export_larger_than_held_ticks_answer_streams_from_sql_and_equals_it(
 
 
 def test_exports_of_held_ticks_add_the_live_tail(engines):
-    held, plain = engines
+    _, plain = engines
     symbols = _symbols(plain)
     stored = plain.table("trades", fresh=True).scan().to_arrow()
     some = stored.filter(pc.is_in(stored["symbol"], pa.array(symbols[:1]))).slice(0, 300)
