@@ -65,3 +65,14 @@ async def test_an_offloaded_iterator_yields_every_item_in_order_from_route_threa
 
     assert [item async for item in offloaded_iter(chunks())] == [0, 1, 2, 3, 4]
     assert all(name.startswith("k2-route") and tag == "exporting" for name, tag in seen)
+
+
+async def test_items_already_produced_come_first_without_a_thread():
+    seen: list[str] = []
+
+    def more():
+        seen.append(threading.current_thread().name)
+        yield "later"
+
+    assert [item async for item in offloaded_iter(more(), ready=("first", "second"))] == ["first", "second", "later"]
+    assert len(seen) == 1 and seen[0].startswith("k2-route")

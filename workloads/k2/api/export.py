@@ -2,7 +2,9 @@
 
 Rows go from DuckDB's Arrow batches to the socket a slice at a time, so an export's memory
 does not grow with its size: the server holds a chunk being encoded and at most one waiting for the
-client (uvicorn writes no more while its send buffer is full). JSON values are encoded exactly as
+client (uvicorn writes no more while its send buffer is full), and DuckDB's batch being sliced (two
+at a batch's end, where a JSON export looks ahead for the end of the rows). Exports of named symbols
+small enough are sliced from held ticks instead (`k2.query.ticks.stream`). JSON values are encoded exactly as
 the models encode them (decimals as strings, instants as ISO-8601 UTC; column at a time by
 `k2.api.jsonrows`), CSV by Arrow (decimals at their stored scale), and Parquet keeps the stored
 types, decimal(18,6) included.
@@ -44,19 +46,25 @@ def export(engine: Engine, pin: Pin, body: TickSelection) -> StreamingResponse:
     result = ticks.stream(engine, ticks.tick_relation(engine, pin, flt), fields=fields, limit=body.limit)
     headers = {SNAPSHOT_HEADER: str(pin.snapshot_id)} if pin.snapshot_id is not None else {}
     chunks = _ENCODERS[body.format](result, pin.snapshot_id)
-    return StreamingResponse(offloaded_iter(chunks), media_type=MEDIA_TYPES[body.format], headers=headers)
+    # The first chunk on the route's thread: no hop of its own, and a small export is whole (its end
+    # included) before the response starts.
+    first = next(chunks)
+    return StreamingResponse(offloaded_iter(chunks, ready=(first,)), media_type=MEDIA_TYPES[body.format],
+                             headers=headers)
 
 
 def _json(result: ResultStream, snapshot_id: int | None) -> Iterator[bytes]:
     # Each chunk costs the server a thread hop (`offloaded_iter`): the envelope travels with the first
-    # and last rows.
+    # and last rows, which the next slice tells (a batch's last slice waits for DuckDB's next batch).
     pending = b'{"snapshot_id":' + to_json(snapshot_id) + b',"data":['
-    separator = b""
-    for batch in _slices(result.batches):
-        if batch.num_rows:
-            yield b"".join((pending, separator, rows_text(batch)))  # one copy of the rows' text
-            pending, separator = b"", b","
-    yield pending + b"]}"
+    rows = (batch for batch in _slices(result.batches) if batch.num_rows)
+    batch = next(rows, None)
+    while batch is not None:
+        following = next(rows, None)
+        yield b"".join((pending, rows_text(batch), b"]}" if following is None else b""))  # one copy of the rows
+        pending, batch = b",", following
+    if pending != b",":
+        yield pending + b"]}"  # no rows
 
 
 def _slices(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

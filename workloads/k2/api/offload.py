@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar, cast
 
@@ -60,8 +60,11 @@ def memory_first(route: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     return run
 
 
-async def offloaded_iter(items: Iterator[T]) -> AsyncIterator[T]:
-    """Each item of a blocking iterator (an export's chunks), produced on a worker thread."""
+async def offloaded_iter(items: Iterator[T], *, ready: Iterable[T] = ()) -> AsyncIterator[T]:
+    """The items already produced (`ready`), then each further item of a blocking iterator (an
+    export's chunks), produced on a worker thread."""
+    for produced in ready:
+        yield produced
     loop, step = asyncio.get_running_loop(), functools.partial(contextvars.copy_context().run, _next, items)
     while (item := await loop.run_in_executor(ROUTE_THREADS, step)) is not _DONE:
         yield cast(T, item)
