@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 from k2 import tables, topics
 from k2.dlq import open_sink
 from k2.ingest.pipeline import ingest_files
+from k2.observability import REGISTRY
 from k2.settings import Settings
 from k2.stream.runner import build_writers
 from k2.stream.writer import TableWriter
@@ -156,3 +159,51 @@ def test_a_killed_writers_partitions_are_taken_over_within_seconds(tmp_path: Pat
     _catch_up_and_close([survivor])
     table = tables.catalog(embedded_settings).load_table(embedded_settings.table_identifier("trades"))
     assert table.scan().count() == n_trades
+
+
+def test_a_batch_fenced_on_the_write_thread_is_reread_by_the_polling_thread(tmp_path: Path,
+                                                                          embedded_settings: Settings) -> None:
+    """`k2 stream run` writes full batches on a thread of their own while it goes on consuming. A
+    batch found fenced there (another writer committed its offsets first) is dropped, and the
+    writer seeks again from the table's offsets on the polling thread, which owns the consumer."""
+    summary = ingest_files(generate(tmp_path / "ticks", symbols=4, days=1, seed=5), embedded_settings,
+                           kinds=("trades",), with_reference=False)
+    n_trades = summary.produced[embedded_settings.topic("trades")]
+    settings = embedded_settings.model_copy(update={"batch_rows": 10**9, "batch_seconds": 3600.0})
+    topics.ensure_pipeline_topics(settings, ("trades",))
+    dlq = open_sink(settings, tmp_path / "dlq.jsonl")
+    fenced_before = REGISTRY.get_sample_value("k2_commits_total",
+                                              {"table": settings.table_identifier("trades"), "outcome": "fenced"}) or 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-test-write") as flusher:
+        late, = build_writers(settings, ("trades",), dlq, flusher=flusher)
+        threads: dict[str, list[str]] = {"write": [], "reseek": []}
+        for name in threads:
+            method = getattr(late, f"_{name}" if name == "write" else name)
+
+            def recording(*args, _method=method, _name=name):
+                threads[_name].append(threading.current_thread().name)
+                return _method(*args)
+
+            setattr(late, f"_{name}" if name == "write" else name, recording)
+        late.start()
+        _poll_until([late], lambda: late.batch.messages == n_trades, "the late writer to buffer every trade")
+
+        early, = build_writers(settings, ("trades",), dlq, group_id="k2-test-early")
+        early.start()
+        _poll_until([early], lambda: early.batch.messages == n_trades, "the early writer to buffer every trade")
+        assert early.flush() == n_trades
+        early.close()
+
+        late.settings = settings.model_copy(update={"batch_seconds": 0.0})  # its batch is due now
+        late.poll(0)
+        assert late.batch.empty and threads["write"] == ["k2-test-write_0"], "handed to the write thread"
+        late.settle()
+        assert threads["reseek"] == [threading.current_thread().name]
+        _catch_up_and_close([late])
+    fenced = REGISTRY.get_sample_value("k2_commits_total",
+                                       {"table": settings.table_identifier("trades"), "outcome": "fenced"})
+    assert fenced == fenced_before + 1
+    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
+    keys = table.scan(selected_fields=("symbol", "exchange_date", "sequence_number")).to_arrow()
+    assert keys.num_rows == n_trades
+    assert keys.group_by(["symbol", "exchange_date", "sequence_number"]).aggregate([]).num_rows == n_trades

@@ -1,4 +1,5 @@
-"""`k2 stream run`: one writer per table, polled in turn by one loop.
+"""`k2 stream run`: one writer per table, polled in turn by one loop; their full batches are
+decoded and committed on one thread of their own while the loop goes on consuming.
 
 Long-running by default. With `until_idle` it returns once every table has committed everything
 up to the log end and nothing new arrived for that many seconds (demo, batch jobs, tests); a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,7 @@ class StreamResult:
 
 
 def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLetterSink,
-                  group_id: str | None = None) -> list[TableWriter]:
+                  group_id: str | None = None, flusher: Executor | None = None) -> list[TableWriter]:
     cat = tables.catalog(settings)
     writers = []
     for kind in kinds:
@@ -68,7 +70,7 @@ def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLet
                     f"table {settings.table_identifier(kind)} does not exist; K2_CREATE_RESOURCES is off, so it "
                     "must come from its IcebergTable (is it Ready?)")
             table = loaded
-        writers.append(TableWriter(kind, settings, table, dlq,
+        writers.append(TableWriter(kind, settings, table, dlq, flusher=flusher,
                                    group_id=table_group(group_id, kind) if group_id else None))
     return writers
 
@@ -78,7 +80,10 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
         ) -> StreamResult:
     topics.ensure_pipeline_topics(settings, kinds)
     dlq = open_sink(settings, dlq_file)
-    writers = build_writers(settings, kinds, dlq, group_id)
+    # One thread writes every table's full batches, one at a time as before (the DLQ and the catalog
+    # see one batch at a time), while this one goes on consuming.
+    flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-stream-write")
+    writers = build_writers(settings, kinds, dlq, group_id, flusher)
     started = time.monotonic()
     progress = Progress(settings.stream_stall_seconds)
     with StopFlag("stream.stopping") as flag, observability.liveness(progress.check):
@@ -88,6 +93,7 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
         finally:
             for writer in writers:
                 writer.close()
+            flusher.shutdown()
     result = StreamResult.of(writers, getattr(dlq, "count", 0), time.monotonic() - started)
     log.info("stream.done", rows_written=result.rows_written, dead_letters=result.dead_letters,
              seconds=round(result.seconds, 2), consuming_seconds=round(result.consuming_seconds, 2))
@@ -136,6 +142,7 @@ class HistoryThinner:
         if time.monotonic() - self.last < max(settings.history_detail_seconds, 1.0):
             return
         for writer in self.writers:
+            writer.settle()  # the table it thins is the one its last batch committed
             writer.table, expired = maintenance.thin_history(
                 writer.table, detail=dt.timedelta(seconds=settings.history_detail_seconds),
                 interval=dt.timedelta(seconds=settings.history_interval_seconds))
