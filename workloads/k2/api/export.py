@@ -56,15 +56,17 @@ def export(engine: Engine, pin: Pin, body: TickSelection) -> StreamingResponse:
 def _json(result: ResultStream, snapshot_id: int | None) -> Iterator[bytes]:
     # Each chunk costs the server a thread hop (`offloaded_iter`): the envelope travels with the first
     # and last rows, which the next slice tells (a batch's last slice waits for DuckDB's next batch).
-    pending = b'{"snapshot_id":' + to_json(snapshot_id) + b',"data":['
+    head = b'{"snapshot_id":' + to_json(snapshot_id) + b',"data":['
     rows = (batch for batch in _slices(result.batches) if batch.num_rows)
     batch = next(rows, None)
+    if batch is None:
+        yield head + b"]}"
+        return
+    pending = head
     while batch is not None:
         following = next(rows, None)
         yield b"".join((pending, rows_text(batch), b"]}" if following is None else b""))  # one copy of the rows
         pending, batch = b",", following
-    if pending != b",":
-        yield pending + b"]}"  # no rows
 
 
 def _slices(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
