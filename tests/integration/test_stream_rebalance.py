@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from k2 import tables, topics
-from k2.dlq import open_sink
+from k2.dlq import DeadLetterSink, open_sink
 from k2.ingest.pipeline import ingest_files
 from k2.observability import REGISTRY
 from k2.settings import Settings
@@ -62,15 +62,27 @@ def _recording_revocations(writer: TableWriter) -> list[int]:
     return revoked
 
 
-def test_a_joining_writer_takes_partitions_without_stopping_the_others(tmp_path: Path,
-                                                                       embedded_settings: Settings) -> None:
-    summary = ingest_files(generate(tmp_path / "ticks", symbols=12, days=2, seed=3), embedded_settings,
-                           kinds=("trades",), with_reference=False)
-    n_trades = summary.produced[embedded_settings.topic("trades")]
-    # Batches only close when the test flushes them, so what a revocation drops is visible.
+def _trades_held_in_batches(tmp_path: Path, embedded_settings: Settings, **ticks: int,
+                            ) -> tuple[Settings, int, DeadLetterSink]:
+    """Synthetic trades produced, settings whose batches close only when flushed, and a DLQ."""
+    summary = ingest_files(generate(tmp_path / "ticks", **ticks), embedded_settings, kinds=("trades",),
+                           with_reference=False)
     settings = embedded_settings.model_copy(update={"batch_rows": 10**9, "batch_seconds": 3600.0})
     topics.ensure_pipeline_topics(settings, ("trades",))
-    dlq = open_sink(settings, tmp_path / "dlq.jsonl")
+    return settings, summary.produced[settings.topic("trades")], open_sink(settings, tmp_path / "dlq.jsonl")
+
+
+def _assert_each_trade_stored_once(settings: Settings, n_trades: int) -> None:
+    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
+    keys = table.scan(selected_fields=("symbol", "exchange_date", "sequence_number")).to_arrow()
+    assert keys.num_rows == n_trades
+    assert keys.group_by(["symbol", "exchange_date", "sequence_number"]).aggregate([]).num_rows == n_trades
+
+
+def test_a_joining_writer_takes_partitions_without_stopping_the_others(tmp_path: Path,
+                                                                       embedded_settings: Settings) -> None:
+    # Batches only close when the test flushes them, so what a revocation drops is visible.
+    settings, n_trades, dlq = _trades_held_in_batches(tmp_path, embedded_settings, symbols=12, days=2, seed=3)
     every = set(range(settings.topic_partitions))
 
     first, = build_writers(settings, ("trades",), dlq)
@@ -94,10 +106,7 @@ def test_a_joining_writer_takes_partitions_without_stopping_the_others(tmp_path:
     assert set(revoked_from_first) == every - kept
 
     _catch_up_and_close(writers)
-    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
-    keys = table.scan(selected_fields=("symbol", "exchange_date", "sequence_number")).to_arrow()
-    assert keys.num_rows == n_trades
-    assert keys.group_by(["symbol", "exchange_date", "sequence_number"]).aggregate([]).num_rows == n_trades
+    _assert_each_trade_stored_once(settings, n_trades)
 
 
 def test_writers_rolled_in_over_an_eager_group_take_over_once_its_members_leave(
@@ -166,12 +175,7 @@ def test_a_batch_fenced_on_the_write_thread_is_reread_by_the_polling_thread(tmp_
     """`k2 stream run` writes full batches on a thread of their own while it goes on consuming. A
     batch found fenced there (another writer committed its offsets first) is dropped, and the
     writer seeks again from the table's offsets on the polling thread, which owns the consumer."""
-    summary = ingest_files(generate(tmp_path / "ticks", symbols=4, days=1, seed=5), embedded_settings,
-                           kinds=("trades",), with_reference=False)
-    n_trades = summary.produced[embedded_settings.topic("trades")]
-    settings = embedded_settings.model_copy(update={"batch_rows": 10**9, "batch_seconds": 3600.0})
-    topics.ensure_pipeline_topics(settings, ("trades",))
-    dlq = open_sink(settings, tmp_path / "dlq.jsonl")
+    settings, n_trades, dlq = _trades_held_in_batches(tmp_path, embedded_settings, symbols=4, days=1, seed=5)
     fenced_before = REGISTRY.get_sample_value("k2_commits_total",
                                               {"table": settings.table_identifier("trades"), "outcome": "fenced"}) or 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-test-write") as flusher:
@@ -203,7 +207,4 @@ def test_a_batch_fenced_on_the_write_thread_is_reread_by_the_polling_thread(tmp_
     fenced = REGISTRY.get_sample_value("k2_commits_total",
                                        {"table": settings.table_identifier("trades"), "outcome": "fenced"})
     assert fenced == fenced_before + 1
-    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
-    keys = table.scan(selected_fields=("symbol", "exchange_date", "sequence_number")).to_arrow()
-    assert keys.num_rows == n_trades
-    assert keys.group_by(["symbol", "exchange_date", "sequence_number"]).aggregate([]).num_rows == n_trades
+    _assert_each_trade_stored_once(settings, n_trades)

@@ -100,6 +100,18 @@ def test_pages_of_held_ticks_equal_sql(engines, kind: str):
     assert _held_files() > used, "pages were answered from held ticks"
 
 
+def _later_ticks(engine: Engine, symbols: list[str], rows: int) -> TailRows:
+    """`rows` stored trades of `symbols`, 41 minutes later and with sequence numbers no stored tick
+    has: new ticks the stream has not committed yet, as the live tail holds them."""
+    stored = engine.table("trades", fresh=True).scan().to_arrow()
+    some = stored.filter(pc.is_in(stored["symbol"], pa.array(symbols))).slice(0, rows)
+    later = some.set_column(some.schema.get_field_index("exchange_timestamp"), "exchange_timestamp",
+                            pc.add(some["exchange_timestamp"], pa.scalar(dt.timedelta(minutes=41))))
+    later = later.set_column(later.schema.get_field_index("sequence_number"), "sequence_number",
+                             pc.add(later["sequence_number"], 10_000_000))
+    return TailRows(later, ())
+
+
 def _exported(engine: Engine, kind: str, flt: TickFilter, limit: int | None, pin: Pin | None = None,
               **bounds) -> pa.Table:
     rel = ticks.tick_relation(engine, pin or engine.pin(kind), flt)
@@ -139,11 +151,7 @@ def test_an_export_larger_than_held_ticks_answer_streams_from_sql_and_equals_it(
 def test_exports_of_held_ticks_add_the_live_tail(engines):
     _, plain = engines
     symbols = _symbols(plain)
-    stored = plain.table("trades", fresh=True).scan().to_arrow()
-    some = stored.filter(pc.is_in(stored["symbol"], pa.array(symbols[:1]))).slice(0, 300)
-    later = some.set_column(some.schema.get_field_index("sequence_number"), "sequence_number",
-                            pc.add(some["sequence_number"], 10_000_000))
-    tail = TailRows(later, ())
+    tail = _later_ticks(plain, symbols[:1], 300)
     flt = TickFilter((symbols[0],))
     answered = _exports("held_ticks_export")
     got, expected = (_exported(e, "trades", flt, None, pin=replace(e.pin("trades"), tail=tail)) for e in engines)
@@ -155,14 +163,8 @@ def test_exports_of_held_ticks_add_the_live_tail(engines):
 def test_pages_of_held_ticks_add_the_live_tail(engines):
     _, plain = engines
     symbols = _symbols(plain)
-    stored = plain.table("trades", fresh=True).scan().to_arrow()
-    some = stored.filter(pc.is_in(stored["symbol"], pa.array(symbols[:2]))).slice(0, 700)
-    # Later, with sequence numbers no stored tick has: new ticks the stream has not committed yet.
-    later = some.set_column(some.schema.get_field_index("exchange_timestamp"), "exchange_timestamp",
-                            pc.add(some["exchange_timestamp"], pa.scalar(dt.timedelta(minutes=41))))
-    later = later.set_column(later.schema.get_field_index("sequence_number"), "sequence_number",
-                             pc.add(later["sequence_number"], 10_000_000))
-    tail = TailRows(later, ())
+    tail = _later_ticks(plain, symbols[:2], 700)
+    later = tail.table
     for flt in (TickFilter((symbols[0],)), TickFilter(tuple(symbols[:2]), "ASX")):
         pages = [_all_pages(e, "trades", flt, 997, pin=replace(e.pin("trades"), tail=tail)) for e in engines]
         assert pages[0] == pages[1], flt
