@@ -5,6 +5,7 @@ assignment a writer keeps the partitions it is not asked to give up, and its bat
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -201,10 +202,18 @@ def test_a_batch_fenced_on_the_write_thread_is_reread_by_the_polling_thread(tmp_
         late.settings = settings.model_copy(update={"batch_seconds": 0.0})  # its batch is due now
         late.poll(0)
         assert late.batch.empty and threads["write"] == ["k2-test-write_0"], "handed to the write thread"
+        # Later trades arrive: the next batch is due before the fenced one's fate is known, and the
+        # reseek drops it too.
+        later = ingest_files(generate(tmp_path / "later", symbols=4, days=1, seed=5, start=dt.date(2014, 3, 11)),
+                             settings, kinds=("trades",), with_reference=False)
+        _poll_until([late], lambda: bool(threads["reseek"]), "the fenced batch to be seen")
         late.settle()
         assert threads["reseek"] == [threading.current_thread().name]
         _catch_up_and_close([late])
     fenced = REGISTRY.get_sample_value("k2_commits_total",
                                        {"table": settings.table_identifier("trades"), "outcome": "fenced"})
     assert fenced == fenced_before + 1
-    _assert_each_trade_stored_once(settings, n_trades)
+    _assert_each_trade_stored_once(settings, n_trades + later.produced[settings.topic("trades")])
+    table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
+    empty = [s.snapshot_id for s in table.snapshots() if not int(s.summary.get("added-records", 0) or 0)]
+    assert not empty, "a batch the reseek dropped was committed empty"

@@ -327,6 +327,8 @@ class TableWriter:
             self.flush()
             return
         self.settle()
+        if self.batch.empty:  # the batch before it was fenced, and the reseek dropped this one too
+            return
         batch, self.batch = self.batch, Batch()
         self._writing = self.flusher.submit(contextvars.copy_context().run, self._write, batch)
 
