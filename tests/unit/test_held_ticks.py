@@ -164,13 +164,12 @@ def test_pages_of_held_ticks_add_the_live_tail(engines):
     _, plain = engines
     symbols = _symbols(plain)
     tail = _later_ticks(plain, symbols[:2], 700)
-    later = tail.table
     for flt in (TickFilter((symbols[0],)), TickFilter(tuple(symbols[:2]), "ASX")):
         pages = [_all_pages(e, "trades", flt, 997, pin=replace(e.pin("trades"), tail=tail)) for e in engines]
         assert pages[0] == pages[1], flt
         without = _all_pages(plain, "trades", flt, 997)
         grown = sum(p.rows.num_rows for p in pages[0]) - sum(p.rows.num_rows for p in without)
-        assert grown == pc.sum(pc.is_in(later["symbol"], pa.array(list(flt.symbols)))).as_py()
+        assert grown == pc.sum(pc.is_in(tail.table["symbol"], pa.array(list(flt.symbols)))).as_py()
 
 
 def test_a_page_without_symbols_is_left_to_sql(engines):

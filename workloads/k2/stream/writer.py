@@ -236,8 +236,8 @@ class TableWriter:
         self.newest_tick = 0.0  # Unix seconds of the table's newest tick (k2_table_newest_tick_timestamp_seconds)
         self._publish_newest_tick()
         # Where a full batch is written: a thread the process's writers share (`k2 stream run`), so
-        # consuming goes on while it is decoded and committed (a tenth more rows/s, one core being
-        # the bound); None writes it in `poll`. One batch at a time per writer, in order.
+        # consuming goes on while it is decoded and committed (docs/benchmarks.md, "2026-12-05 late
+        # morning"); None writes it in `poll`. One batch at a time per writer, in order.
         self.flusher = flusher
         self._writing: Future[int] | None = None
         self._fenced = False  # the batch written was fenced: reseek, on the polling thread
