@@ -159,18 +159,15 @@ def _schema_id(payload: bytes | None) -> int | None:
 def decode_table(decoder: AvroDecoder, kind: TickKind, messages: list[Message]) -> tuple[np.ndarray, pa.Table]:
     """The decodable messages as one table in the kind's schema, in message order, with the
     position in `messages` of each row."""
-    payloads = [m.value() for m in messages]
-    ids = columnar.confluent_schema_ids(payloads)
+    joined = columnar.Joined.of([m.value() for m in messages])
     target = schemas.arrow_schema(kind)
     decoded: list[tuple[np.ndarray, pa.Table]] = []
-    for schema_id in np.unique(ids[ids >= 0]).tolist():
-        where = np.flatnonzero(ids == schema_id)
+    for schema_id, where in columnar.by_schema_id(joined)[1]:
         try:
             writer = decoder.writer_schema_json(schema_id)
         except PoisonMessage:
             continue
-        framed = cast(list[bytes], [payloads[i] for i in where.tolist()])  # an id was read from each
-        result = columnar.decode(framed, writer, skip=5)
+        result = columnar.decode(joined.take(where), writer, skip=5)
         good = where[~result.bad]
         table = result.table.filter(pa.array(~result.bad)) if result.bad.any() else result.table
         decoded.append((good, columnar.conform(table, target)))

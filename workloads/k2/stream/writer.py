@@ -382,7 +382,8 @@ class TableWriter:
         """The batch's good records as one table in arrival order, their writer schema ids, and a
         dead letter (partition, offset, reason) for every other message."""
         payloads = batch.payloads
-        ids = columnar.confluent_schema_ids(payloads)
+        joined = columnar.Joined.of(payloads)
+        ids, groups = columnar.by_schema_id(joined)
         letters: list[tuple[int, str, str]] = []  # (message index, reason, detail)
         for i in np.flatnonzero(ids < 0).tolist():
             payload = payloads[i]
@@ -390,15 +391,13 @@ class TableWriter:
                       else f"magic byte {payload[0]}, expected 0")
             letters.append((i, "not_confluent_avro", f"not_confluent_avro: {detail}"))
         parts, positions, schema_ids = [], [], set()
-        for schema_id in np.unique(ids[ids >= 0]).tolist():
-            where = np.flatnonzero(ids == schema_id)
+        for schema_id, where in groups:
             try:
                 writer = self.decoder.writer_schema_json(schema_id)
             except PoisonMessage as exc:
                 letters.extend((i, exc.reason, str(exc)) for i in where.tolist())
                 continue
-            framed = cast(list[bytes], [payloads[i] for i in where.tolist()])  # an id was read from each
-            table, bad = self._decode_group(schema_id, writer, framed, letters, where)
+            table, bad = self._decode_group(schema_id, writer, joined.take(where), letters, where)
             missing = np.zeros(table.num_rows, bool)
             lacking = [k for k in self.keys if k not in table.column_names]
             for k in self.keys:
@@ -431,17 +430,17 @@ class TableWriter:
         data = pa.concat_tables(parts, promote_options="permissive")  # newer schemas may add columns
         return data.take(pa.array(np.argsort(np.concatenate(positions), kind="stable"))), schema_ids, dead
 
-    def _decode_group(self, schema_id: int, writer: dict[str, Any], payloads: list[bytes],
+    def _decode_group(self, schema_id: int, writer: dict[str, Any], framed: columnar.Joined,
                       letters: list[tuple[int, str, str]], where: np.ndarray) -> tuple[pa.Table, np.ndarray]:
         """Messages of one writer schema → (table of the good ones, bad mask); bad ones become letters."""
         try:
-            decoded = columnar.decode(payloads, writer, skip=5)
+            decoded = columnar.decode(framed, writer, skip=5)
         except columnar.Unsupported:
             # A schema beyond the columnar codec (nested types, wide decimals): fastavro per
             # message, converted to the table's own columns as before the codec existed.
             self._evolve_for({schema_id})
-            bad, records = np.zeros(len(payloads), bool), []
-            for i, payload in enumerate(payloads):
+            bad, records = np.zeros(len(framed.payloads), bool), []
+            for i, payload in enumerate(cast(list[bytes], framed.payloads)):  # an id was read from each
                 try:
                     records.append(self.decoder.decode(payload)[1])
                 except PoisonMessage as exc:
