@@ -113,10 +113,12 @@ class Batch:
     def extend(self, partitions: list[int], offsets: list[int], payloads: list[bytes | None]) -> None:
         """Messages in arrival order (each partition's offsets ascending), a poll's worth at once:
         per-message Python was a third of the stream's time."""
-        for partition, offset in dict(zip(reversed(partitions), reversed(offsets), strict=True)).items():
-            self.start.setdefault(partition, offset)  # the partition's first message in this batch
-        for partition, offset in dict(zip(partitions, offsets, strict=True)).items():
-            self.end[partition] = offset + 1
+        # A poll holds a few partitions: finding each one's first and last message is a scan in C,
+        # where a dict of every message's (partition, offset) cost 0.5 ms per 10,000.
+        backwards = partitions[::-1]
+        for partition in set(partitions):
+            self.start.setdefault(partition, offsets[partitions.index(partition)])  # its first in this batch
+            self.end[partition] = offsets[len(partitions) - 1 - backwards.index(partition)] + 1
         self.partitions.extend(partitions)
         self.offsets.extend(offsets)
         self.payloads.extend(payloads)
