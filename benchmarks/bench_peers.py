@@ -10,8 +10,9 @@ symbol-day, asks both the questions K2's API answers: daily summary with VWAP, 1
 prevailing quote. Every answer is first checked to be exactly K2's engine's, over QuestDB's PG wire
 and its HTTP /exec; only then are they timed, in alternating blocks of calls (bench_query.time_interleaved)
 beside K2's engine, K2's API (result cache off) in-process and under uvicorn over loopback HTTP,
-and bare DuckDB over the same Parquet, with ratios to bare DuckDB and of K2's API over HTTP to
-QuestDB's /exec (both HTTP + JSON on a kept-alive connection). Prints markdown tables.
+bare DuckDB over the same Parquet, and the Python HTTP floor (`http_floor.py`: uvicorn replying with
+K2's recorded answer), with ratios to bare DuckDB and to QuestDB's /exec (all HTTP + JSON on a
+kept-alive connection). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import platform
 import tempfile
 import time
 import urllib.parse
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import duckdb
 import httpx
 import psycopg2
-from bench_query import HEADERS, api_server, http_request, load_average, markdown, time_interleaved
+from bench_query import HEADERS, api_server, http_request, load_average, markdown, time_interleaved, uvicorn_server
+from http_floor import ANSWERS_ENV
 from pyiceberg.io.pyarrow import PyArrowFileIO
 
 from k2.api.app import create_app
@@ -118,12 +121,16 @@ def bench_questions(settings: Settings, qdb: QuestDB, rounds: int, warmup: int) 
     api = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(uncached, engine=engine)),
                             base_url="http://k2", headers=HEADERS)
     servers = ExitStack()
-    # Both servers over loopback HTTP, each on one kept-alive connection, as a client would ask them.
+
+    def api_call(method: str, path: str, body: dict | None) -> str:
+        response = loop.run_until_complete(api.request(method, path, json=body))
+        return response.raise_for_status().text
+
+    # Every server over loopback HTTP, each on one kept-alive connection, as a client would ask them.
     k2_conn = http.client.HTTPConnection("127.0.0.1", servers.enter_context(api_server(uncached)), timeout=30)
     exec_conn = http.client.HTTPConnection("127.0.0.1", qdb.port, timeout=30)
-
-    def api_call(method: str, path: str, body: dict | None) -> None:
-        loop.run_until_complete(api.request(method, path, json=body)).raise_for_status()
+    floor_conn = http.client.HTTPConnection("127.0.0.1", servers.enter_context(http_floor(
+        {f"{q.api[0]} {q.api[1]}": api_call(*q.api) for q in questions}, settings.warehouse)), timeout=30)
 
     def questdb_exec(sql: str) -> None:
         http_call(exec_conn, "GET", "/exec?" + urllib.parse.urlencode({"query": sql}), None)
@@ -137,19 +144,22 @@ def bench_questions(settings: Settings, qdb: QuestDB, rounds: int, warmup: int) 
     try:
         for q, sql in zip(questions, BARE_SQL, strict=True):
             used = {k: v for k, v in bare_params.items() if f"${k}" in sql}
-            bare_t, engine_t, api_t, http_t, pg_t, exec_t = time_interleaved([
+            bare_t, engine_t, api_t, http_t, floor_t, pg_t, exec_t = time_interleaved([
                 lambda s=sql, p=used: bare.execute(s, p).fetch_arrow_table(),
                 lambda q=q: peer.k2_answer(engine, q, SYMBOL, DAY),
                 lambda q=q: api_call(*q.api),
                 lambda q=q: http_call(k2_conn, *q.api),
+                lambda q=q: http_call(floor_conn, *q.api),
                 lambda q=q: questdb_pg(q.questdb_sql),
                 lambda q=q: questdb_exec(q.questdb_sql)], rounds, warmup, block=BLOCK, settle=SETTLE_S)
             rows.append((q.name, *(f"{p50 * 1e3:.2f} / {p99 * 1e3:.2f}" for p50, p99 in
-                                   (bare_t, engine_t, api_t, http_t, pg_t, exec_t)),
+                                   (bare_t, engine_t, api_t, http_t, floor_t, pg_t, exec_t)),
                          f"{engine_t[0] / bare_t[0]:.2f}×", f"{http_t[0] / bare_t[0]:.2f}×",
                          f"{pg_t[0] / bare_t[0]:.2f}×", f"{exec_t[0] / bare_t[0]:.2f}×",
-                         f"{http_t[0] / exec_t[0]:.2f}×"))
+                         f"{http_t[0] / exec_t[0]:.2f}×", f"{floor_t[0] / exec_t[0]:.2f}×",
+                         f"{(floor_t[0] + engine_t[0]) / exec_t[0]:.2f}×"))
     finally:
+        floor_conn.close()
         k2_conn.close()
         servers.close()
         exec_conn.close()
@@ -159,6 +169,18 @@ def bench_questions(settings: Settings, qdb: QuestDB, rounds: int, warmup: int) 
         pg.close()
         engine.close()
     return rows
+
+
+@contextmanager
+def http_floor(answers: dict[str, str], workdir: str) -> Iterator[int]:
+    """`http_floor.py` under uvicorn, replying with `answers` ("METHOD path" → text); yields its port."""
+    answers_file = Path(workdir) / "http-floor-answers.json"
+    answers_file.write_text(json.dumps(answers))
+    here = str(Path(__file__).parent)
+    env = {**os.environ, ANSWERS_ENV: str(answers_file),
+           "PYTHONPATH": os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))}
+    with uvicorn_server(["http_floor:create_app", "--factory"], env) as port:
+        yield port
 
 
 def main() -> None:
@@ -192,9 +214,13 @@ def main() -> None:
                   f"blocks of {BLOCK} after a {SETTLE_S} s pause, after {args.warmup} warm-up calls each; K2 "
                   "uncached; K2's API in-process (httpx's ASGI transport, no TCP hop) and under uvicorn (one "
                   "process) over loopback HTTP like QuestDB.\n")
-            print(markdown(("question", "bare DuckDB", "K2 engine", "K2 API in-process", "K2 API HTTP", "QuestDB PG",
-                            "QuestDB /exec",
-                            "engine ÷ bare", "API HTTP ÷ bare", "PG ÷ bare", "/exec ÷ bare", "K2 API HTTP ÷ /exec"),
+            print("The Python HTTP floor: uvicorn replying with K2's recorded answer to the same request, "
+                  "doing nothing else (`http_floor.py`); floor + engine is what K2 would take with no "
+                  "routing, validation, access control or JSON writing.\n")
+            print(markdown(("question", "bare DuckDB", "K2 engine", "K2 API in-process", "K2 API HTTP",
+                            "Python HTTP floor", "QuestDB PG", "QuestDB /exec",
+                            "engine ÷ bare", "API HTTP ÷ bare", "PG ÷ bare", "/exec ÷ bare", "K2 API HTTP ÷ /exec",
+                            "floor ÷ /exec", "(floor + engine) ÷ /exec"),
                            bench_questions(settings, qdb, args.rounds, args.warmup)))
             print(f"\n{load_average()} at the end.")
     finally:

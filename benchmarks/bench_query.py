@@ -246,10 +246,20 @@ def http_request(connection: http.client.HTTPConnection, method: str, path: str,
 def api_server(settings: Settings, workers: int = 1) -> Iterator[int]:
     """`k2 serve`'s app under uvicorn in its own processes on loopback, as deployed; yields its port
     once /ready answers."""
+    with uvicorn_server(["k2.api.app:create_app", "--factory", "--workers", str(workers)],
+                        process_env(settings)) as port:
+        yield port
+
+
+@contextmanager
+def uvicorn_server(app: list[str], env: dict[str, str]) -> Iterator[int]:
+    """uvicorn serving `app` (its import string and options) on loopback with the API's logging;
+    yields its port once /ready answers 200."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "k2.api.app:create_app", "--factory",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-                               "--no-access-log", "--log-level", "warning"], env=process_env(settings))
+    # A connection left idle past uvicorn's 5 s keep-alive is closed under http.client, which does
+    # not reconnect: a benchmark timing several servers in turn leaves each idle that long.
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", *app, "--host", "127.0.0.1", "--port", str(port),
+                               "--timeout-keep-alive", "60", "--no-access-log", "--log-level", "warning"], env=env)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -259,7 +269,7 @@ def api_server(settings: Settings, workers: int = 1) -> Iterator[int]:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the API server did not become ready")
+                raise RuntimeError(f"{app[0]} did not become ready")
             time.sleep(0.1)
         yield port
     finally:

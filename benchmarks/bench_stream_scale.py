@@ -1,11 +1,14 @@
-"""Stream throughput with one and with several `k2 stream run` processes of one consumer group.
+"""Stream throughput with one and with several `k2 stream run` processes of one consumer group, or
+with one process per table (`--streams per-table`: `k2 stream run --tables trades` beside
+`--tables quotes`).
 
-The processes are started and joined first (every one holding partitions of both tables), then
+The processes are started and joined first (every one holding partitions of its tables), then
 the ASX sample's trades and quotes, encoded beforehand, are produced by a bare producer as fast as
 it goes; the clock runs from the first message produced to both tables' snapshots holding every
 row. Unlike `bench_pipeline.py`'s stream figure, no consumer start or join is in it.
 
-    python benchmarks/bench_stream_scale.py --data ../shared/data/asx-2014-03 [--streams 1,2] [--batch-seconds 0.2]
+    python benchmarks/bench_stream_scale.py --data ../shared/data/asx-2014-03 [--streams 1,2,per-table] \
+        [--batch-seconds 0.2]
 """
 
 from __future__ import annotations
@@ -24,20 +27,25 @@ from bench_pipeline import KINDS, bench_settings, committed_rows, encoded, proce
 from k2 import tables, topics
 from k2.kafka import table_group
 
+PER_TABLE = "per-table"
 
-def run(data: Path, streams: int, batch_seconds: float) -> tuple[int, float]:
-    """(rows, seconds from the first message produced to every row committed)."""
+
+def run(data: Path, streams: str, batch_seconds: float) -> tuple[int, float]:
+    """(rows, seconds from the first message produced to every row committed) with `streams`
+    processes of both tables, or PER_TABLE: one process for each table."""
     settings = bench_settings(Path(tempfile.mkdtemp()), uuid.uuid4().hex[:6]).model_copy(
         update={"batch_seconds": batch_seconds})
     topics.ensure_pipeline_topics(settings, KINDS)
     messages = encoded(data, settings)
     wanted = {kind: sum(topic == settings.topic(kind) for topic, _, _ in messages) for kind in KINDS}
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
-    processes = [subprocess.Popen([K2, "stream", "run", "--tables", ",".join(KINDS), "--group-id", prefix],
-                                  env=process_env(settings)) for _ in range(streams)]
+    table_sets = [[kind] for kind in KINDS] if streams == PER_TABLE else [KINDS] * int(streams)
+    processes = [subprocess.Popen([K2, "stream", "run", "--tables", ",".join(kinds), "--group-id", prefix],
+                                  env=process_env(settings)) for kinds in table_sets]
     catalog = tables.catalog(settings)
     try:
-        wait_joined(settings, [table_group(prefix, kind) for kind in KINDS], members=streams)
+        wait_joined(settings, [table_group(prefix, kind) for kind in KINDS],
+                    members=1 if streams == PER_TABLE else int(streams))
         started = time.perf_counter()
         produce_all(settings, messages)
         while any(committed_rows(catalog, settings, kind) < wanted[kind] for kind in KINDS):
@@ -55,11 +63,11 @@ def run(data: Path, streams: int, batch_seconds: float) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("K2_ASX_DATA", "../shared/data/asx-2014-03")))
-    parser.add_argument("--streams", default="1,2", help="process counts, run in alternating rounds")
+    parser.add_argument("--streams", default="1,2", help=f"process counts or {PER_TABLE}, run in alternating rounds")
     parser.add_argument("--batch-seconds", type=float, default=0.2, help="the stream's commit interval")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    counts = [int(n) for n in args.streams.split(",")]
+    counts = args.streams.split(",")
     print(f"\n### Stream rows/s by processes of one group (commits every {args.batch_seconds:g} s), ASX sample\n")
     print("| processes | rows | produce → all committed s | rows/s |")
     print("|---:|---:|---:|---:|")

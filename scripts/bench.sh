@@ -11,7 +11,7 @@ trap 'k2 stack down' EXIT
 eval "$(k2 stack env --kube)"
 python benchmarks/bench_pipeline.py --data "$DATA"
 python benchmarks/bench_consume.py --data "$DATA"  # the stream's consumer on a backlog: K2's fetch pacing vs librdkafka's
-python benchmarks/bench_stream_scale.py --data "$DATA"  # stream rows/s with 1 and 2 processes of one group, already joined
+python benchmarks/bench_stream_scale.py --data "$DATA" --streams 1,2,per-table  # stream rows/s: 1 and 2 processes of one group, one per table; already joined
 python benchmarks/bench_scale.py --scales 1,10  # synthetic data; `make bench-scale` adds 100x
 python benchmarks/bench_row_groups.py  # why point queries stay flat as days grow (synthetic files)
 python benchmarks/bench_snapshots.py  # why the stream thins its history: cost per kept snapshot
