@@ -39,9 +39,11 @@ from k2.sources.asx import (
     _utc_offset_us,
 )
 
-# 8 MiB (about 180k lines): each process that prepares chunks (`k2.ingest.ahead`) peaks with the
-# chunk's size, at 431 MiB in all with 8 MiB and 845 MiB with 32 MiB, which was no faster.
-CHUNK_BYTES = 8 * 1024 * 1024
+# 1 MiB (about 22k lines). The producer waits for the first chunk of a file before it sends
+# anything: with 8 MiB chunks a 4 MB file was one chunk, and the ASX sample's ingest 11 % slower
+# (alternating runs, 2026-12-05). Each process that prepares chunks (`k2.ingest.ahead`) also peaks
+# with the chunk's size (431 MiB in all with 8 MiB chunks, 845 MiB with 32 MiB).
+CHUNK_BYTES = 1024 * 1024
 _MICROS_PER_DAY = 86_400_000_000
 _PRICE_TYPE = pa.decimal128(schemas.PRICE_PRECISION, schemas.PRICE_SCALE)
 _SIZE_TYPE = pa.decimal128(18, 0)
