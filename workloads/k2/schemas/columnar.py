@@ -166,19 +166,20 @@ _Band = tuple[np.ndarray, np.ndarray | None]
 def _varint_band(u: np.ndarray, present: np.ndarray | None = None) -> _Band:
     """Avro varints (unsigned LEB128 of the zigzagged value), eight bytes per uint64 word."""
     n = 1 + np.searchsorted(_VARINT_STEPS, u, side="right")
-    word = np.zeros(len(u), np.uint64)
-    for k in range(8):  # 7-bit group k → byte k
+    width = int(n.max())
+    word = u & _U64(0x7F)
+    for k in range(1, min(width, 8)):  # 7-bit group k → byte k, as many as the longest value has
         word |= (u >> _U64(7 * k) & _U64(0x7F)) << _U64(8 * k)
     # continuation bit on every byte but the last (numpy shifts by ≥ 64 give 0, so -1 is all ones)
     word |= _HIGH_BITS & ((_U64(1) << (8 * (n - 1)).astype(np.uint64)) - _U64(1))
-    width = int(n.max())
-    band = np.zeros((len(u), 10), np.uint8)
-    band[:, :8] = word.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)
+    band = word.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)[:, :width]
     if width > 8:  # values ≥ 2**56: the last one or two bytes
+        band = np.concatenate([band, np.zeros((len(u), 2), np.uint8)], axis=1)
         band[:, 8] = (u >> _U64(56) & _U64(0x7F)).astype(np.uint8) | np.where(n > 9, 0x80, 0).astype(np.uint8)
         band[:, 9] = (u >> _U64(63)).astype(np.uint8)
+        band = band[:, :width]
     uniform = present is None and width == n.min()
-    return band[:, :width], None if uniform else (n if present is None else np.where(present, n, 0))
+    return band, None if uniform else (n if present is None else np.where(present, n, 0))
 
 
 def _numpy(column: pa.Array, kind: str) -> np.ndarray:
