@@ -6,6 +6,7 @@ both manage topics the same way.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -76,7 +77,7 @@ def ensure_topic(admin: AdminClient, spec: TopicSpec, timeout: float = 30.0) -> 
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise
-            existing = describe_partitions(admin, [spec.name])[spec.name]
+            existing = _created_elsewhere(admin, spec.name, timeout)
 
     grown_from = None
     if spec.partitions < existing:
@@ -98,6 +99,18 @@ def ensure_topic(admin: AdminClient, spec: TopicSpec, timeout: float = 30.0) -> 
             changed = tuple(sorted(drift))
             log.info("topic.config_applied", topic=spec.name, keys=list(changed))
     return TopicState(spec.name, spec.partitions, grown_from=grown_from, config_changed=changed)
+
+
+def _created_elsewhere(admin: AdminClient, name: str, timeout: float) -> int:
+    """The partitions of a topic another client has just created. The broker refuses a second
+    creation before its metadata lists the topic's partitions (their leaders are still being
+    elected), so they are waited for."""
+    deadline = time.monotonic() + timeout
+    while (existing := describe_partitions(admin, [name]).get(name)) is None:
+        if time.monotonic() > deadline:
+            raise KafkaException(f"topic {name} exists, yet its partitions were not listed within {timeout:g}s")
+        time.sleep(0.05)
+    return existing
 
 
 class MissingResource(RuntimeError):
