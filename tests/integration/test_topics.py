@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from k2 import topics
+import pytest
+from confluent_kafka import KafkaException
+
+from k2 import faults, topics
 
 
 def _ensure_at_once(bootstrap: str, spec: topics.TopicSpec, creators: int) -> list[topics.TopicState | Exception]:
@@ -39,3 +42,12 @@ def test_clients_creating_one_topic_at_once_all_see_it_made(kafka, unique):
         assert not failed, f"attempt {attempt}: {failed!r}"
         assert sum(o.created for o in outcomes if isinstance(o, topics.TopicState)) == 1
         assert topics.describe_partitions(topics.admin_client(kafka.bootstrap), [spec.name]) == {spec.name: 6}
+
+
+def test_partitions_never_listed_is_a_transient_kafka_failure(kafka, unique):
+    """Waiting for another creator's partitions can time out while the broker elects leaders;
+    that is an outage to retry, not a fault to crash on (the operator and `faults.retry` back off)."""
+    admin = topics.admin_client(kafka.bootstrap)
+    with pytest.raises(KafkaException) as raised:
+        topics._created_elsewhere(admin, f"never-made.{unique}", timeout=0.3)
+    assert faults.transient_dependency(raised.value) == "kafka"

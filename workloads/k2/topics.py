@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -108,7 +108,8 @@ def _created_elsewhere(admin: AdminClient, name: str, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while (existing := describe_partitions(admin, [name]).get(name)) is None:
         if time.monotonic() > deadline:
-            raise KafkaException(f"topic {name} exists, yet its partitions were not listed within {timeout:g}s")
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True, reason=(
+                f"topic {name} exists, yet its partitions were not listed within {timeout:g}s")))
         time.sleep(0.05)
     return existing
 
