@@ -16,7 +16,8 @@ cost). Then K2 runs as its own separate processes, as deployed, each with a priv
     of one symbol with no dates (every day in range: flat if a page opens only the files it needs),
     and of one whole day's daily bar for every symbol (in requests of at most the API's 100 symbols);
 and bytes on disk (warehouse: Parquet + Iceberg metadata) per row against the CSV's, and each
-process's peak RSS (VmHWM, the kernel's high-water mark, read every 50 ms while it runs). The
+command's peak RSS (VmHWM, the kernel's high-water mark, read every 50 ms while it runs, summed
+over its processes: the stream's table processes, the ingest's workers). The
 operator is not run: it starts these same processes and holds no tick data itself. Prints one
 table with each figure's growth 10×÷1× and 100×÷1×. Temporary folders and topics are removed.
 """
@@ -42,6 +43,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import duckdb
+import psutil
 import pyiceberg
 from bench_live import _peak_mb
 from bench_pipeline import bench_settings, process_env
@@ -77,16 +79,23 @@ def run_k2(args: list[str], env: dict[str, str], log: Path) -> tuple[float, floa
 
 
 def _wait_peak_mb(proc: subprocess.Popen) -> float:
-    """Wait for the process; its peak RSS (VmHWM), read every 50 ms until it exits. Not wait4's
-    ru_maxrss: that also counts the RSS this (large) process had when it forked the child."""
-    peak = 0.0
+    """Wait for the process; the peak RSS (VmHWM, read every 50 ms until it exits) of it and of the
+    processes it started (the stream's table processes, the ingest's workers), summed: an upper
+    bound where a forked worker shares pages with its parent. Not wait4's ru_maxrss: that also
+    counts the RSS this (large) process had when it forked the child."""
+    peaks: dict[int, float] = {}
     while proc.poll() is None:
         try:
-            peak = max(peak, _peak_mb(proc.pid))  # nan (an exiting process) leaves it as it was
-        except OSError:
-            pass
+            tree = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
+        except psutil.Error:  # exiting
+            tree = [proc.pid]
+        for pid in tree:
+            try:
+                peaks[pid] = max(peaks.get(pid, 0.0), _peak_mb(pid))  # nan (an exiting process) leaves it
+            except OSError:
+                pass
         time.sleep(0.05)
-    return peak
+    return sum(peaks.values())
 
 
 def _events(log: Path) -> list[dict]:

@@ -1,6 +1,6 @@
-"""Stream throughput with one and with several `k2 stream run` processes of one consumer group, or
-with one process per table (`--streams per-table`: `k2 stream run --tables trades` beside
-`--tables quotes`).
+"""Stream throughput with one and with several `k2 stream run --one-process` processes of one
+consumer group, or as deployed, a process per table (`--streams per-table`: `k2 stream run`, whose
+table processes are `k2.stream.processes`).
 
 The processes are started and joined first (every one holding partitions of its tables), then
 the ASX sample's trades and quotes, encoded beforehand, are produced by a bare producer as fast as
@@ -39,13 +39,12 @@ def run(data: Path, streams: str, batch_seconds: float) -> tuple[int, float]:
     messages = encoded(data, settings)
     wanted = {kind: sum(topic == settings.topic(kind) for topic, _, _ in messages) for kind in KINDS}
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
-    table_sets = [[kind] for kind in KINDS] if streams == PER_TABLE else [KINDS] * int(streams)
-    processes = [subprocess.Popen([K2, "stream", "run", "--tables", ",".join(kinds), "--group-id", prefix],
-                                  env=process_env(settings)) for kinds in table_sets]
+    mode, count = ([], 1) if streams == PER_TABLE else (["--one-process"], int(streams))
+    processes = [subprocess.Popen([K2, "stream", "run", "--tables", ",".join(KINDS), "--group-id", prefix, *mode],
+                                  env=process_env(settings)) for _ in range(count)]
     catalog = tables.catalog(settings)
     try:
-        wait_joined(settings, [table_group(prefix, kind) for kind in KINDS],
-                    members=1 if streams == PER_TABLE else int(streams))
+        wait_joined(settings, [table_group(prefix, kind) for kind in KINDS], members=count)
         started = time.perf_counter()
         produce_all(settings, messages)
         while any(committed_rows(catalog, settings, kind) < wanted[kind] for kind in KINDS):

@@ -251,13 +251,21 @@ def stream_run(
     = None,
     dlq_file: Path | None = None,
     group_id: Annotated[str | None, typer.Option(help="consumer group prefix")] = None,
+    process_per_table: Annotated[bool | None, typer.Option(
+        "--process-per-table/--one-process",
+        help="each table written by a process of its own (a process uses at most one core), or every table "
+             "by this one (always so with --dlq-file) [default: K2_STREAM_PROCESS_PER_TABLE, true]")] = None,
 ) -> None:
     """Consume the Avro topics into Iceberg tables, exactly once."""
-    from k2.stream.runner import run
+    from k2.stream import processes, runner
 
     settings = _settings()
-    result = run(settings, _kinds(tables, TABLE_KINDS), until_idle=until_idle, dlq_file=dlq_file,
-                 group_id=group_id)
+    kinds = _kinds(tables, TABLE_KINDS)
+    per_table = settings.stream_process_per_table if process_per_table is None else process_per_table
+    if per_table and len(kinds) > 1 and dlq_file is None:
+        result = processes.run(settings, kinds, until_idle=until_idle, group_id=group_id)
+    else:
+        result = runner.run(settings, kinds, until_idle=until_idle, dlq_file=dlq_file, group_id=group_id)
     for table, rows in result.rows_written.items():
         console.print(f"{table}: {rows:,} rows committed")
 

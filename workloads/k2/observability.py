@@ -25,6 +25,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.multiprocess import MultiProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # Every K2 process (API, stream, ingest, operator) serves this registry: its CPU, memory, file
@@ -185,10 +186,36 @@ def liveness(check: LivenessCheck) -> Iterator[None]:
         _liveness.remove(check)
 
 
-def _app(metrics: Callable) -> Callable:
+_served: list[CollectorRegistry] = [REGISTRY]
+
+
+@contextmanager
+def serving(registry: CollectorRegistry) -> Iterator[None]:
+    """While inside, the metrics port serves `registry` instead of this process's own (a process
+    that supervises others serves what they record)."""
+    _served.append(registry)
+    try:
+        yield
+    finally:
+        _served.remove(registry)
+
+
+def processes_registry(path: str) -> CollectorRegistry:
+    """The metrics that processes started with `PROMETHEUS_MULTIPROC_DIR=path` record (prometheus-
+    client's multiprocess mode: a gauge gains a `pid` label), and this process's own CPU, memory
+    and interpreter figures."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def _app() -> Callable:
     def app(environ: dict, start_response: Callable) -> list[bytes]:
         if environ.get("PATH_INFO") != "/livez":
-            return metrics(environ, start_response)
+            return make_wsgi_app(_served[-1])(environ, start_response)
         failing = [reason for ok, reason in (check() for check in list(_liveness)) if not ok]
         start_response("503 Service Unavailable" if failing else "200 OK", [("Content-Type", "text/plain")])
         return [("\n".join(failing) or "ok").encode()]
@@ -205,6 +232,6 @@ def serve_metrics(port: int, host: str = "") -> WSGIServer | None:
     """Expose the registry (and `/livez`) on its own port, for workloads without an HTTP server."""
     if not port:
         return None
-    server = make_server(host, port, _app(make_wsgi_app(REGISTRY)), ThreadingWSGIServer, handler_class=_QuietHandler)
+    server = make_server(host, port, _app(), ThreadingWSGIServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="k2-metrics", daemon=True).start()
     return server

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
                                             "per this interval")
     stream_stall_seconds: float = Field(300.0, gt=0, le=86400, description="the stream's poll loop not turning "
                                         "for this long (a hung commit or client) fails its liveness probe")
+    stream_process_per_table: bool = Field(True, description="`k2 stream run` over several tables writes each in "
+                                           "a process of its own (k2.stream.processes): faster with a core per "
+                                           "table, a Python process's memory more per table")
 
     # data quality: sequence gaps below `gap_alert` warn, up to `gap_halt` alert, above halt
     gap_alert: int = Field(10, ge=1)

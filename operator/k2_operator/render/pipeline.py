@@ -84,6 +84,7 @@ def workload_config(spec: IngestionPipelineSpec, binding: TableBinding | None, c
         "compact_max_bytes": spec.consumer.compact_max_bytes,
         "history_detail_seconds": spec.consumer.history_detail_seconds,
         "history_interval_seconds": spec.consumer.history_interval_seconds,
+        "stream_process_per_table": spec.consumer.process_per_table,
         "gap_alert": spec.consumer.gap_alert, "gap_halt": spec.consumer.gap_halt,
         "metrics_port": ctx.workload_metrics_port, "ingest_workers": spec.source.workers,
     }

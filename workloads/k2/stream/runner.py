@@ -9,13 +9,17 @@ SIGTERM flushes and commits the open batches, then returns.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
+from pyiceberg.catalog import Catalog
+from pyiceberg.table import Table
 
 from k2 import observability, tables, topics
 from k2.dlq import DeadLetterSink, open_sink
@@ -47,37 +51,57 @@ class StreamResult:
     # From the first assignment to the last commit: no start-up, and with `until_idle` no idle wait
     # (a writer that has read everything commits at once).
     consuming_seconds: float
+    # Those two moments (time.monotonic(), one clock for every process of the machine), or None.
+    first_assigned_at: float | None = None
+    last_committed_at: float | None = None
 
     @classmethod
     def of(cls, writers: list[TableWriter], dead_letters: int, seconds: float) -> StreamResult:
-        assigned = [w.first_assigned_at for w in writers if w.first_assigned_at is not None]
-        committed = [w.last_committed_at for w in writers if w.last_committed_at is not None]
-        consuming = max(committed) - min(assigned) if assigned and committed else 0.0
-        return cls({w.table_name: w.rows_committed for w in writers}, dead_letters, seconds, max(consuming, 0.0))
+        return cls._spanning({w.table_name: w.rows_committed for w in writers}, dead_letters, seconds,
+                             [w.first_assigned_at for w in writers], [w.last_committed_at for w in writers])
+
+    @classmethod
+    def combined(cls, results: list[StreamResult], seconds: float) -> StreamResult:
+        """The results of runs side by side (a process per table) as one run's."""
+        return cls._spanning({t: n for r in results for t, n in r.rows_written.items()},
+                             sum(r.dead_letters for r in results), seconds,
+                             [r.first_assigned_at for r in results], [r.last_committed_at for r in results])
+
+    @classmethod
+    def _spanning(cls, rows_written: dict[str, int], dead_letters: int, seconds: float,
+                  assigned_at: list[float | None], committed_at: list[float | None]) -> StreamResult:
+        assigned = [t for t in assigned_at if t is not None]
+        committed = [t for t in committed_at if t is not None]
+        first, last = (min(assigned) if assigned else None), (max(committed) if committed else None)
+        consuming = last - first if first is not None and last is not None else 0.0
+        return cls(rows_written, dead_letters, seconds, max(consuming, 0.0), first, last)
 
 
 def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLetterSink,
                   group_id: str | None = None, flusher: Executor | None = None) -> list[TableWriter]:
     cat = tables.catalog(settings)
-    writers = []
-    for kind in kinds:
-        if settings.create_resources:
-            table = tables.ensure_table(cat, tables.builtin_definition(kind, settings))
-        else:
-            loaded = tables.load_table(cat, settings.table_identifier(kind))
-            if loaded is None:
-                raise topics.MissingResource(
-                    f"table {settings.table_identifier(kind)} does not exist; K2_CREATE_RESOURCES is off, so it "
-                    "must come from its IcebergTable (is it Ready?)")
-            table = loaded
-        writers.append(TableWriter(kind, settings, table, dlq, flusher=flusher,
-                                   group_id=table_group(group_id, kind) if group_id else None))
-    return writers
+    return [TableWriter(kind, settings, stream_table(cat, settings, kind), dlq, flusher=flusher,
+                        group_id=table_group(group_id, kind) if group_id else None) for kind in kinds]
+
+
+def stream_table(cat: Catalog, settings: Settings, kind: TableKind) -> Table:
+    """The table `kind` is written to: made if missing, or with `create_resources` off (deployed by
+    the operator, which makes it from its IcebergTable) only loaded, a missing one a clear error."""
+    if settings.create_resources:
+        return tables.ensure_table(cat, tables.builtin_definition(kind, settings))
+    loaded = tables.load_table(cat, settings.table_identifier(kind))
+    if loaded is None:
+        raise topics.MissingResource(
+            f"table {settings.table_identifier(kind)} does not exist; K2_CREATE_RESOURCES is off, so it "
+            "must come from its IcebergTable (is it Ready?)")
+    return loaded
 
 
 def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", "reference"), *,
         until_idle: float | None = None, dlq_file: Path | None = None, group_id: str | None = None,
-        ) -> StreamResult:
+        heartbeat: Heartbeat | None = None) -> StreamResult:
+    """Every table of `kinds` in this process. `heartbeat`: where the poll loop's progress is
+    recorded, for a supervising process (`k2.stream.processes`) to read."""
     topics.ensure_pipeline_topics(settings, kinds)
     dlq = open_sink(settings, dlq_file)
     # One thread writes every table's full batches, one at a time as before (the DLQ and the catalog
@@ -85,7 +109,7 @@ def run(settings: Settings, kinds: tuple[TableKind, ...] = ("trades", "quotes", 
     flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-stream-write")
     writers = build_writers(settings, kinds, dlq, group_id, flusher)
     started = time.monotonic()
-    progress = Progress(settings.stream_stall_seconds)
+    progress = Progress(settings.stream_stall_seconds, heartbeat)
     with StopFlag("stream.stopping") as flag, observability.liveness(progress.check):
         try:
             _consume(writers, flag, until_idle, progress)
@@ -151,20 +175,28 @@ class HistoryThinner:
         self.last = time.monotonic()
 
 
+class Heartbeat(Protocol):
+    """The monotonic time of the poll loop's last turn: a ctypes double, in shared memory when
+    another process reads it (`multiprocessing.Value("d")`)."""
+
+    value: float
+
+
 class Progress:
     """The poll loop's heartbeat. `/livez` fails once the loop has not turned for `stall_seconds`
     (a hung commit, a wedged client): `/metrics` cannot tell, prometheus-client serves it from its
     own thread whatever the loop does."""
 
-    def __init__(self, stall_seconds: float) -> None:
+    def __init__(self, stall_seconds: float, heartbeat: Heartbeat | None = None) -> None:
         self.stall_seconds = stall_seconds
-        self.last = time.monotonic()
+        self.heartbeat = heartbeat if heartbeat is not None else ctypes.c_double()
+        self.beat()
 
     def beat(self) -> None:
-        self.last = time.monotonic()
+        self.heartbeat.value = time.monotonic()
 
     def check(self) -> tuple[bool, str]:
-        idle = time.monotonic() - self.last
+        idle = time.monotonic() - self.heartbeat.value
         return idle < self.stall_seconds, (f"stream poll loop has not turned for {idle:.0f}s "
                                            f"(K2_STREAM_STALL_SECONDS={self.stall_seconds:g})")
 
