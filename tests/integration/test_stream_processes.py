@@ -75,11 +75,13 @@ def _committed(settings: Settings) -> dict[str, int]:
 
 
 def _table_processes(proc: subprocess.Popen, n: int = len(KINDS)) -> list[psutil.Process]:
-    """The run's table processes (multiprocessing spawns its resource tracker beside them)."""
-    def spawned() -> list[psutil.Process]:
-        return [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    """The run's table processes: forked by its forkserver (multiprocessing starts a resource tracker
+    beside that)."""
+    def forked() -> list[psutil.Process]:
+        servers = [c for c in psutil.Process(proc.pid).children() if "forkserver" in " ".join(c.cmdline())]
+        return servers[0].children() if servers else []
 
-    return _wait(f"{n} table processes", lambda: len(c := spawned()) == n and c, proc)
+    return _wait(f"{n} table processes", lambda: len(c := forked()) == n and c, proc)
 
 
 def _produce(settings: Settings, folder: Path) -> dict[str, int]:

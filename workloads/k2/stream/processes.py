@@ -4,8 +4,10 @@ A process writes at most one core's worth of Python: its poll loop and its writi
 GIL (consuming a message costs about 1 µs of it, decoding and committing its row about 1.5 µs).
 Tables are independent (each has its consumer group, its offsets and its commits), so each gets a
 process of its own: on the ASX sample's backlog two tables were written at 1.5 times the rows/s of
-one process on 2 cores (docs/benchmarks.md). Each is the one-table `k2.stream.runner.run`, spawned
-afresh: librdkafka's threads do not survive a fork.
+one process on 2 cores (docs/benchmarks.md). Each is the one-table `k2.stream.runner.run`, forked
+from a fresh server process that imported it (multiprocessing's forkserver): this process's own
+threads (librdkafka's) would not survive a fork, and importing it anew in each table's process
+took a second of CPU apiece.
 
 This process makes the topics and the tables first, once, so the table processes do not race to
 create them and an unreachable dependency is reported here as one process reports it. Then it
@@ -19,15 +21,21 @@ supervises:
 
 from __future__ import annotations
 
+import atexit
+import functools
 import multiprocessing
 import os
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 import structlog
 
@@ -38,7 +46,8 @@ from k2.stream import runner
 
 log = structlog.get_logger("k2.stream")
 
-_spawn = multiprocessing.get_context("spawn")
+_forked = multiprocessing.get_context("forkserver")
+_forked.set_forkserver_preload([runner.__name__])
 
 
 class TableProcessFailed(RuntimeError):
@@ -49,16 +58,18 @@ def run(settings: Settings, kinds: tuple[TableKind, ...], *, until_idle: float |
         group_id: str | None = None) -> runner.StreamResult:
     """Every table of `kinds` written by a process of its own, until stopped (or, with `until_idle`,
     until each has committed everything and is idle); the tables' results as one."""
+    started = time.monotonic()
     topics.ensure_pipeline_topics(settings, kinds)
     catalog = tables.catalog(settings)
     for kind in kinds:
         runner.stream_table(catalog, settings, kind)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="k2-stream-metrics-") as metrics_dir, ExitStack() as stack:
+    # Only now: a forkserver still importing when this process exits (a dependency away) would
+    # report the metrics folder gone, a traceback after the one clear line.
+    metrics_dir = _start_forkserver()
+    with ExitStack() as stack:
         children = {kind: _TableProcess(settings, kind, until_idle, group_id) for kind in kinds}
-        with _environment(PROMETHEUS_MULTIPROC_DIR=metrics_dir):
-            for child in children.values():
-                child.start()
+        for child in children.values():
+            child.start()
         stack.enter_context(observability.serving(observability.processes_registry(metrics_dir)))
         for child in children.values():
             stack.enter_context(observability.liveness(child.progress.check))
@@ -74,16 +85,36 @@ def run(settings: Settings, kinds: tuple[TableKind, ...], *, until_idle: float |
     return result
 
 
+def _start_forkserver() -> str:
+    """The forkserver running, and the folder where the table processes forked from it record their
+    metrics, emptied of an earlier run's files (their processes have exited)."""
+    metrics_dir = _metrics_dir()
+    for stale in Path(metrics_dir).iterdir():
+        stale.unlink()
+    with _environment(PROMETHEUS_MULTIPROC_DIR=metrics_dir):
+        forkserver.ensure_running()
+    return metrics_dir
+
+
+@functools.cache
+def _metrics_dir() -> str:
+    """One folder for as long as this process lives, like the forkserver (which imported
+    prometheus-client with it in its environment)."""
+    path = tempfile.mkdtemp(prefix="k2-stream-metrics-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 class _TableProcess:
     """One table's `k2.stream.runner.run` in a spawned process, its heartbeat and its result."""
 
     def __init__(self, settings: Settings, kind: TableKind, until_idle: float | None, group_id: str | None) -> None:
         self.kind = kind
-        heartbeat = _spawn.Value("d", time.monotonic(), lock=False)
+        heartbeat = _forked.Value("d", time.monotonic(), lock=False)
         self.progress = runner.Progress(settings.stream_stall_seconds, heartbeat)
-        self._results, sender = _spawn.Pipe(duplex=False)
-        self.process = _spawn.Process(target=_table_main, name=f"k2-stream-{kind}",
-                                      args=(settings, kind, until_idle, group_id, heartbeat, sender, os.getpid()))
+        self._results, sender = _forked.Pipe(duplex=False)
+        self.process = _forked.Process(target=_table_main, name=f"k2-stream-{kind}",
+                                       args=(settings, kind, until_idle, group_id, heartbeat, sender))
 
     def start(self) -> None:
         self.progress.beat()  # its start-up (imports, assignment) is not a stall
@@ -108,9 +139,11 @@ def _supervise(children: list[_TableProcess], flag: StopFlag) -> None:
 
 
 def _table_main(settings: Settings, kind: TableKind, until_idle: float | None, group_id: str | None,
-                heartbeat: runner.Heartbeat, results: Connection, supervisor: int) -> None:
+                heartbeat: runner.Heartbeat, results: Connection) -> None:
+    # Stopped before its loop has begun (a sibling failed at once): nothing is read, nothing to commit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     observability.configure_logging(settings.log_level)
-    threading.Thread(target=_stop_when_orphaned, args=(supervisor,), name="k2-orphan-watch", daemon=True).start()
+    threading.Thread(target=_stop_when_orphaned, name="k2-orphan-watch", daemon=True).start()
     try:
         result = runner.run(settings, (kind,), until_idle=until_idle, group_id=group_id, heartbeat=heartbeat)
     except Exception:
@@ -119,11 +152,13 @@ def _table_main(settings: Settings, kind: TableKind, until_idle: float | None, g
     results.send(result)
 
 
-def _stop_when_orphaned(supervisor: int) -> None:
+def _stop_when_orphaned() -> None:
     """SIGTERM to this process once its supervisor is gone (killed without passing a signal on)."""
-    while os.getppid() == supervisor:
-        time.sleep(1.0)
-    log.warning("stream.supervisor_gone", supervisor=supervisor)
+    supervisor = multiprocessing.parent_process()
+    if supervisor is None:
+        return
+    supervisor.join()  # its sentinel: the supervisor's end of a pipe, closed when it dies
+    log.warning("stream.supervisor_gone", supervisor=supervisor.pid)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
