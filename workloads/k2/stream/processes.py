@@ -106,7 +106,8 @@ def _metrics_dir() -> str:
 
 
 class _TableProcess:
-    """One table's `k2.stream.runner.run` in a spawned process, its heartbeat and its result."""
+    """One table's `k2.stream.runner.run` in a process forked from the forkserver, its heartbeat and
+    its result."""
 
     def __init__(self, settings: Settings, kind: TableKind, until_idle: float | None, group_id: str | None) -> None:
         self.kind = kind
