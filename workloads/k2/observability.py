@@ -27,12 +27,18 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector
 
-REGISTRY = CollectorRegistry(auto_describe=True)
-# Every K2 process (API, stream, ingest, operator) serves this registry: its CPU, memory, file
-# descriptors and start time (process_*), the interpreter (python_info) and its GC (python_gc_*).
-ProcessCollector(registry=REGISTRY)
-PlatformCollector(registry=REGISTRY)
-GCCollector(registry=REGISTRY)
+
+def _with_process_figures(registry: CollectorRegistry) -> CollectorRegistry:
+    """`registry` serving this process's CPU, memory, file descriptors and start time (process_*),
+    its interpreter (python_info) and its GC (python_gc_*)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+# Every K2 process (API, stream, ingest, operator) serves this registry.
+REGISTRY = _with_process_figures(CollectorRegistry(auto_describe=True))
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -206,10 +212,7 @@ def processes_registry(path: str) -> CollectorRegistry:
     and interpreter figures."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=path)
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    return registry
+    return _with_process_figures(registry)
 
 
 def _app() -> Callable:

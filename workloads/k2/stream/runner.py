@@ -48,12 +48,18 @@ class StreamResult:
     rows_written: dict[str, int]
     dead_letters: int
     seconds: float
-    # From the first assignment to the last commit: no start-up, and with `until_idle` no idle wait
-    # (a writer that has read everything commits at once).
-    consuming_seconds: float
-    # Those two moments (time.monotonic(), one clock for every process of the machine), or None.
+    # The first assignment and the last commit (time.monotonic(), one clock for every process of
+    # the machine), or None.
     first_assigned_at: float | None = None
     last_committed_at: float | None = None
+
+    @property
+    def consuming_seconds(self) -> float:
+        """From the first assignment to the last commit: no start-up, and with `until_idle` no idle
+        wait (a writer that has read everything commits at once)."""
+        if self.first_assigned_at is None or self.last_committed_at is None:
+            return 0.0
+        return max(self.last_committed_at - self.first_assigned_at, 0.0)
 
     @classmethod
     def of(cls, writers: list[TableWriter], dead_letters: int, seconds: float) -> StreamResult:
@@ -72,9 +78,7 @@ class StreamResult:
                   assigned_at: list[float | None], committed_at: list[float | None]) -> StreamResult:
         assigned = [t for t in assigned_at if t is not None]
         committed = [t for t in committed_at if t is not None]
-        first, last = (min(assigned) if assigned else None), (max(committed) if committed else None)
-        consuming = last - first if first is not None and last is not None else 0.0
-        return cls(rows_written, dead_letters, seconds, max(consuming, 0.0), first, last)
+        return cls(rows_written, dead_letters, seconds, min(assigned, default=None), max(committed, default=None))
 
 
 def build_writers(settings: Settings, kinds: tuple[TableKind, ...], dlq: DeadLetterSink,
