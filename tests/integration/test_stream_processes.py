@@ -64,6 +64,11 @@ def _wait(what: str, condition: Callable[[], object], proc: subprocess.Popen, ti
     raise AssertionError(f"no {what} within {timeout}s")
 
 
+def _consumed(port: int, settings: Settings) -> dict[str, int]:
+    read = {dict(labels)["table"]: n for labels, n in _samples(port, "k2_messages_consumed_total").items()}
+    return {kind: int(read.get(settings.table_identifier(kind), 0)) for kind in KINDS}
+
+
 def _committed(settings: Settings) -> dict[str, int]:
     catalog = tables.catalog(settings)
     counts = {}
@@ -100,11 +105,12 @@ def test_each_table_is_written_by_a_process_of_its_own_behind_one_metrics_port(e
             rows := _samples(port, "k2_rows_written_total"),
             len(rows) == len(KINDS) and sum(rows.values()) == sum(produced.values()) and rows)[-1], proc)
         snapshots = _samples(port, "k2_table_snapshots")  # a gauge: each process's series carries its pid
+        consumed = _consumed(port, embedded_settings)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
     finally:
         proc.kill()
-    assert _committed(embedded_settings) == produced
+    assert _committed(embedded_settings) == produced == consumed
     assert written == {(("table", embedded_settings.table_identifier(k)),): float(n) for k, n in produced.items()}
     assert {int(dict(labels)["pid"]) for labels in snapshots} == children
     assert proc.pid not in children
@@ -135,6 +141,8 @@ def test_livez_fails_while_one_tables_loop_is_stuck_and_sigterm_commits_every_op
         assert "poll loop has not turned" in reason
         stuck.resume()
         _wait("/livez to recover", lambda: _get(port, "/livez")[0] == 200, proc)
+        # every message read before the SIGTERM: what it finds unread stays in Kafka, uncommitted
+        _wait("every message read", lambda: _consumed(port, embedded_settings) == produced, proc)
         assert _committed(embedded_settings) == {kind: 0 for kind in KINDS}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0

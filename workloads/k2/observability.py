@@ -64,6 +64,8 @@ FEED_RECONNECTS = Counter("k2_feed_reconnects", "Feed connections lost or refuse
 FEED_CONNECTED = Gauge("k2_feed_connected", "1 while the feed connection is up", registry=REGISTRY)
 
 # stream
+MESSAGES_CONSUMED = Counter("k2_messages_consumed", "Messages the stream read from Kafka (rows, tombstones and "
+                            "poison alike; committed or not)", ["table"], registry=REGISTRY)
 ROWS_WRITTEN = Counter("k2_rows_written", "Rows committed to Iceberg", ["table"], registry=REGISTRY)
 FILES_WRITTEN = Counter("k2_files_written", "Data files committed to Iceberg", ["table"], registry=REGISTRY)
 DUPLICATES_DROPPED = Counter("k2_duplicates_dropped", "Rows dropped by de-duplication", ["table"],

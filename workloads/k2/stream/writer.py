@@ -48,6 +48,7 @@ from k2.observability import (
     DUPLICATES_DROPPED,
     FILES_WRITTEN,
     LAST_COMMIT,
+    MESSAGES_CONSUMED,
     NEWEST_TICK,
     ROWS_WRITTEN,
     SNAPSHOTS,
@@ -232,6 +233,7 @@ class TableWriter:
         self.dead_lettered: set[tuple[int, int]] = set()  # (partition, offset) already in the DLQ
         self.known_columns = {f.name for f in table.schema().fields}
         self.last_message_at = time.monotonic()
+        self._consumed = MESSAGES_CONSUMED.labels(self.table_name)
         self.rows_committed = 0
         self.first_assigned_at: float | None = None  # monotonic: how long it took to consume (StreamResult)
         self.last_committed_at: float | None = None
@@ -319,6 +321,7 @@ class TableWriter:
                 self._write_batch()
         if messages:
             self.last_message_at = time.monotonic()
+            self._consumed.inc(len(messages))
         if self._batch_due():
             self._write_batch()
         return len(messages)
