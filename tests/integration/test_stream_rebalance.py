@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -217,3 +217,80 @@ def test_a_batch_fenced_on_the_write_thread_is_reread_by_the_polling_thread(tmp_
     table = tables.catalog(settings).load_table(settings.table_identifier("trades"))
     empty = [s.snapshot_id for s in table.snapshots() if not int(s.summary.get("added-records", 0) or 0)]
     assert not empty, "a batch the reseek dropped was committed empty"
+
+
+def test_a_writer_given_a_new_consumer_leaves_its_group_and_resumes_from_the_table_exactly(
+        tmp_path: Path, embedded_settings: Settings) -> None:
+    """The fetch-stall watch's last remedy (`FetchStallWatch`): a consumer its group or its fetchers
+    left stuck is closed and a new one joins; what the old one had buffered is read again."""
+    settings, n_trades, dlq = _trades_held_in_batches(tmp_path, embedded_settings, symbols=6, days=1, seed=9)
+    every = set(range(settings.topic_partitions))
+    writer, = build_writers(settings, ("trades",), dlq)
+    writer.start()
+    _poll_until([writer], lambda: writer.assigned == every and writer.batch.messages == n_trades,
+                "the writer to buffer every trade")
+    assert writer.left_behind(3600), "nothing committed yet: every trade is past the table's offsets"
+    stuck = writer.consumer
+    rejoined = time.monotonic()
+    writer.rejoin()
+    assert writer.consumer is not stuck and writer.batch.empty and not writer.assigned
+    _poll_until([writer], lambda: writer.assigned == every, "the new consumer to be given every partition")
+    # a member that had not left would hold its partitions until its session timed out (10 s)
+    took = time.monotonic() - rejoined
+    assert took < 8, f"the new consumer waited {took:.0f}s for the old one's partitions"
+    while writer.batch.messages < n_trades:
+        writer.poll(0.05)
+    writer.flush()
+    assert writer.lag() == 0 and not writer.left_behind(0)
+    writer.close()
+    _assert_each_trade_stored_once(settings, n_trades)
+
+
+def test_a_rebalance_while_the_write_thread_commits_a_batch_does_not_deadlock(tmp_path: Path,
+                                                                            embedded_settings: Settings) -> None:
+    """A revocation waits for the batch being written (it must not commit past the revocation),
+    served inside the consumer's poll; confluent-kafka lets one thread at a time into a consumer,
+    so anything the write thread asked of the consumer then waited for that poll: a deadlock, seen
+    when a broker came back. The write thread asks nothing of the consumer."""
+    settings, n_trades, dlq = _trades_held_in_batches(tmp_path, embedded_settings, symbols=12, days=1, seed=4)
+    every = set(range(settings.topic_partitions))
+    first, = build_writers(settings, ("trades",), dlq, flusher=_DaemonThreads())
+    commit = first._commit
+
+    def slow_commit(*args):  # still writing when the rebalance comes
+        time.sleep(5)
+        return commit(*args)
+
+    first._commit = slow_commit  # type: ignore[method-assign]
+    first.start()
+    _poll_until([first], lambda: first.assigned == every and first.batch.messages == n_trades,
+                "the first writer to buffer every trade")
+    first._write_batch()
+    second, = build_writers(settings, ("trades",), dlq)
+    second.start()
+    gave_up = threading.Event()
+    threading.Thread(target=lambda: (_poll_until([first], lambda: first.assigned != every, "a revocation"),
+                                     gave_up.set()), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not gave_up.is_set() and time.monotonic() < deadline:
+        second.poll(0.05)
+    assert gave_up.is_set(), "the first writer's poll and its write thread wait for each other"
+    _catch_up_and_close([first, second])
+    _assert_each_trade_stored_once(settings, n_trades)
+
+
+class _DaemonThreads(Executor):
+    """Each batch written on a daemon thread of its own: a deadlocked one fails its test instead of
+    hanging the run, as a ThreadPoolExecutor's worker would at exit."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001  # the writer's settle() raises it
+                future.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True, name="k2-test-write").start()
+        return future

@@ -1,6 +1,7 @@
 """The stream's fetch-stall watch: a writer behind the log end that fetches nothing is sought
-again from its table's offsets, once per quiet period; a writer that is caught up, or that
-fetched recently, is left alone."""
+again from its table's offsets, once per quiet period, and given a new consumer when that did not
+help; a writer that its group left without partitions while nobody writes its table gets a new
+consumer too. A writer that is caught up, fed recently or just assigned is left alone."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ class Writer:
 
     table_name = "trades"
 
-    def __init__(self, *, behind: int, quiet_for: float) -> None:
+    def __init__(self, *, behind: int, quiet_for: float, assigned_for: float = 600,
+                 table_quiet_for: float = 600) -> None:
         self.behind = behind
         self.last_message_at = time.monotonic() - quiet_for
+        self.assignment_changed_at = time.monotonic() - assigned_for
+        self.table_quiet_for = table_quiet_for
         self.assigned = {0, 1}
+        self.remedies: list[str] = []
         self.flushes = 0
-        self.reseeks = 0
 
     def flush(self) -> None:
         self.flushes += 1
@@ -31,26 +35,58 @@ class Writer:
     def lag(self) -> int:
         return self.behind
 
+    def left_behind(self, quiet_seconds: float) -> bool:
+        return self.behind > 0 and self.table_quiet_for >= quiet_seconds
+
     def reseek(self) -> None:
-        self.reseeks += 1
+        self.remedies.append("reseek")
+
+    def rejoin(self) -> None:
+        self.remedies.append("rejoin")
 
 
-def test_a_quiet_writer_behind_the_log_end_is_sought_again_once_per_quiet_period():
+def _a_quiet_period_later(watch: FetchStallWatch, writer: Writer, seconds: float) -> None:
+    watch.last_action[id(writer)] -= seconds
+    writer.last_message_at -= seconds
+    writer.assignment_changed_at -= seconds
+
+
+def test_a_quiet_writer_behind_the_log_end_is_sought_again_then_given_a_new_consumer():
     stalled = Writer(behind=500, quiet_for=30)
     watch = FetchStallWatch(stall_seconds=20)
     watch.check([stalled])
-    watch.check([stalled])  # right after: no second seek until another quiet period has passed
-    assert (stalled.flushes, stalled.reseeks) == (1, 1)
-    watch.last_action[id(stalled)] -= 21
-    watch.check([stalled])
-    assert stalled.reseeks == 2
+    watch.check([stalled])  # right after: nothing more until another quiet period has passed
+    assert (stalled.flushes, stalled.remedies) == (1, ["reseek"])
+    _a_quiet_period_later(watch, stalled, 21)
+    watch.check([stalled])  # the seek fetched nothing either
+    assert stalled.remedies == ["reseek", "rejoin"]
 
 
-def test_a_caught_up_or_recently_fed_or_unassigned_writer_is_left_alone():
+def test_a_writer_fed_after_its_reseek_is_sought_again_when_it_stalls_again():
+    writer = Writer(behind=500, quiet_for=30)
+    watch = FetchStallWatch(stall_seconds=20)
+    watch.check([writer])
+    writer.last_message_at = time.monotonic()  # the seek worked
+    _a_quiet_period_later(watch, writer, 21)
+    watch.check([writer])
+    assert writer.remedies == ["reseek", "reseek"]
+
+
+def test_a_writer_its_group_left_without_partitions_rejoins_only_when_nobody_writes_its_table():
+    orphaned = Writer(behind=500, quiet_for=90, assigned_for=90)
+    spare = Writer(behind=500, quiet_for=90, assigned_for=90, table_quiet_for=5)  # a peer writes the table
+    revoked_lately = Writer(behind=500, quiet_for=90, assigned_for=30)
+    for writer in (orphaned, spare, revoked_lately):
+        writer.assigned = set()
+    FetchStallWatch(stall_seconds=20, rejoin_seconds=60).check([orphaned, spare, revoked_lately])
+    assert [w.remedies for w in (orphaned, spare, revoked_lately)] == [["rejoin"], [], []]
+
+
+def test_a_caught_up_recently_fed_or_just_assigned_writer_is_left_alone():
     caught_up = Writer(behind=0, quiet_for=30)
     fed = Writer(behind=500, quiet_for=1)
-    unassigned = Writer(behind=500, quiet_for=30)
-    unassigned.assigned = set()
-    FetchStallWatch(stall_seconds=20).check([caught_up, fed, unassigned])
-    assert [w.reseeks for w in (caught_up, fed, unassigned)] == [0, 0, 0]
-    assert fed.flushes == 0 and unassigned.flushes == 0
+    # partitions given back a moment ago, after a broker outage that left it quiet for 40 s
+    just_assigned = Writer(behind=500, quiet_for=40, assigned_for=0.1)
+    FetchStallWatch(stall_seconds=20).check([caught_up, fed, just_assigned])
+    assert [w.remedies for w in (caught_up, fed, just_assigned)] == [[], [], []]
+    assert fed.flushes == 0 and just_assigned.flushes == 0

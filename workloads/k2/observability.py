@@ -66,6 +66,9 @@ FEED_CONNECTED = Gauge("k2_feed_connected", "1 while the feed connection is up",
 # stream
 MESSAGES_CONSUMED = Counter("k2_messages_consumed", "Messages the stream read from Kafka (rows, tombstones and "
                             "poison alike; committed or not)", ["table"], registry=REGISTRY)
+STREAM_STALLS = Counter("k2_stream_stalls", "A writer behind the log that fetched nothing, by remedy: its "
+                        "partitions sought again (reseek) or a new consumer (rejoin)", ["table", "remedy"],
+                        registry=REGISTRY)
 ROWS_WRITTEN = Counter("k2_rows_written", "Rows committed to Iceberg", ["table"], registry=REGISTRY)
 FILES_WRITTEN = Counter("k2_files_written", "Data files committed to Iceberg", ["table"], registry=REGISTRY)
 DUPLICATES_DROPPED = Counter("k2_duplicates_dropped", "Rows dropped by de-duplication", ["table"],

@@ -35,8 +35,11 @@ log = structlog.get_logger("k2.stream")
 # offsets the table records. librdkafka can leave a partition's fetcher waiting after its leader
 # comes back (a broker restart; librdkafka issues 4492, 3396); a restarted consumer recovers, and
 # seeking again is that restart for the partitions alone. Nothing is lost or doubled: the table's
-# offsets are where every writer resumes anyway.
+# offsets are where every writer resumes anyway. When seeking did not help, or the writer has held
+# no partition for REJOIN_SECONDS while nobody writes its table and the log is ahead of it (its
+# group membership is what stalled), the writer gets a new consumer.
 FETCH_STALL_SECONDS = 20.0
+REJOIN_SECONDS = 60.0
 # How long one turn of the poll loop waits for a message when no writer has any. Only then: a
 # writer with nothing to read waited its share on every turn, so once one table had caught up the
 # other was read 10,000 messages per 0.1 s.
@@ -206,26 +209,43 @@ class Progress:
 
 
 class FetchStallWatch:
-    """Seeks a writer's partitions again when it has fetched nothing for FETCH_STALL_SECONDS
-    while the log end is ahead of what its table holds (see FETCH_STALL_SECONDS)."""
+    """Unstalls a writer that fetches nothing while the log end is ahead of what its table holds
+    (see FETCH_STALL_SECONDS): seeks its partitions again, and gives it a new consumer when that
+    did not help or when its group gives it no partition for long."""
 
-    def __init__(self, stall_seconds: float = FETCH_STALL_SECONDS) -> None:
+    def __init__(self, stall_seconds: float = FETCH_STALL_SECONDS, rejoin_seconds: float = REJOIN_SECONDS) -> None:
         self.stall_seconds = stall_seconds
+        self.rejoin_seconds = rejoin_seconds
         self.last_action: dict[int, float] = {}
 
     def check(self, writers: list[TableWriter]) -> None:
         now = time.monotonic()
         for writer in writers:
-            quiet_since = max(writer.last_message_at, self.last_action.get(id(writer), 0.0))
-            if now - quiet_since < self.stall_seconds or not writer.assigned:
+            acted = self.last_action.get(id(writer))
+            quiet_since = max(writer.last_message_at, writer.assignment_changed_at, acted or 0.0)
+            if now - quiet_since < self.stall_seconds:
                 continue
-            self.last_action[id(writer)] = now
-            writer.flush()  # an open batch is not a stall: commit it before measuring
-            behind = writer.lag()
-            if behind > 0:
-                log.warning("stream.fetch_stalled", table=writer.table_name, behind=behind,
-                            quiet_seconds=round(now - writer.last_message_at))
-                writer.reseek()
+            if writer.assigned:
+                self._unstall(writer, now, reseek_failed=acted is not None and writer.last_message_at < acted)
+            elif now - quiet_since >= self.rejoin_seconds and writer.left_behind(self.rejoin_seconds):
+                self._remedy(writer, now, "rejoin", quiet_seconds=round(now - quiet_since))
+
+    def _unstall(self, writer: TableWriter, now: float, reseek_failed: bool) -> None:
+        self.last_action[id(writer)] = now
+        writer.flush()  # an open batch is not a stall: commit it before measuring
+        behind = writer.lag()
+        if behind > 0:
+            self._remedy(writer, now, "rejoin" if reseek_failed else "reseek", behind=behind,
+                         quiet_seconds=round(now - writer.last_message_at))
+
+    def _remedy(self, writer: TableWriter, now: float, remedy: str, **figures: int) -> None:
+        self.last_action[id(writer)] = now
+        log.warning("stream.fetch_stalled", table=writer.table_name, remedy=remedy, **figures)
+        observability.STREAM_STALLS.labels(writer.table_name, remedy).inc()
+        if remedy == "reseek":
+            writer.reseek()
+        else:
+            writer.rejoin()
 
 
 def _consume(writers: list[TableWriter], flag: StopFlag, until_idle: float | None,

@@ -224,8 +224,10 @@ class TableWriter:
         self.sequenced = "sequence_number" in self.keys
         self.detector = GapDetector("stream", settings.gap_alert, settings.gap_halt)
         self.consumer_group = group_id or f"k2-stream-{self.table_name}"
-        self.consumer = Consumer({**stream_consumer_config(settings, self.consumer_group, consumer_config),
-                                  "on_commit": self._group_committed})
+        self._consumer_config = {**stream_consumer_config(settings, self.consumer_group, consumer_config),
+                                 "on_commit": self._group_committed}
+        self.consumer = Consumer(self._consumer_config)
+        self._group_offsets_due: dict[int, int] = {}
         self.assigned: set[int] = set()
         self.unrecorded: set[int] = set()
         self.batch = Batch()
@@ -233,6 +235,9 @@ class TableWriter:
         self.dead_lettered: set[tuple[int, int]] = set()  # (partition, offset) already in the DLQ
         self.known_columns = {f.name for f in table.schema().fields}
         self.last_message_at = time.monotonic()
+        # A writer given partitions a moment ago has not stalled, however long ago its last message
+        # came (the group rebalanced after a broker outage): FetchStallWatch measures from this too.
+        self.assignment_changed_at = time.monotonic()
         self._consumed = MESSAGES_CONSUMED.labels(self.table_name)
         self.rows_committed = 0
         self.first_assigned_at: float | None = None  # monotonic: how long it took to consume (StreamResult)
@@ -256,8 +261,9 @@ class TableWriter:
         """Partitions added to those the writer keeps (cooperative assignment is incremental)."""
         self._await_write()  # the table and the marks are read anew: a batch being written first
         faults.retry(lambda: self._resume(partitions), what=f"assign {self.table_name}")
+        self.assignment_changed_at = time.monotonic()
         if partitions and self.first_assigned_at is None:
-            self.first_assigned_at = time.monotonic()
+            self.first_assigned_at = self.assignment_changed_at
         log.info("stream.assigned", table=self.table_name, topic=self.topic,
                  offsets={tp.partition: tp.offset for tp in partitions})
         consumer.incremental_assign(partitions)
@@ -288,6 +294,7 @@ class TableWriter:
         self.batch = kept
         self.assigned -= revoked
         self.unrecorded -= revoked
+        self.assignment_changed_at = time.monotonic()
         consumer.incremental_unassign(partitions)
 
     def _load_watermarks(self) -> None:
@@ -311,6 +318,8 @@ class TableWriter:
     # consuming ----------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> int:
         """Consume what is available (bounded), flush the batch when due; returns messages seen."""
+        if self._writing is not None and self._writing.done():
+            self._await_write()  # its error raised, its offsets committed to the group, without waiting
         messages = consume_available(self.consumer, 10_000, timeout)
         partitions, offsets, payloads = self._accepted(messages)
         while payloads:
@@ -349,6 +358,7 @@ class TableWriter:
         if self._writing is not None:
             writing, self._writing = self._writing, None
             writing.result()
+        self._commit_group_offsets()
 
     def _accepted(self, messages: list[Message]) -> tuple[list[int], list[int], list[bytes | None]]:
         """(partitions, offsets, payloads) of the messages that are data of a partition this writer
@@ -551,7 +561,7 @@ class TableWriter:
         written = faults.retry(lambda: self._commit(data, batch), what=what)
         BATCH_ROWS.labels(self.table_name).observe(decoded.num_rows)
         self.crash.reach("after_commit")
-        self._commit_group_offsets(batch)
+        self._group_offsets_due = batch.end  # committed to the group by the polling thread
         if self.sequenced and data.num_rows:
             raise_marks(self.watermarks, groups, keys, seqs)
         return written
@@ -646,12 +656,18 @@ class TableWriter:
         self.assigned.clear()
         self._on_assign(self.consumer, held)
 
-    def _commit_group_offsets(self, batch: Batch) -> None:
-        """Group offsets only feed lag monitoring, so they are committed without waiting: a
+    def _commit_group_offsets(self) -> None:
+        """The last written batch's offsets, committed to the consumer group on the polling thread.
+        Group offsets only feed lag monitoring, so they are committed without waiting: a
         synchronous commit waits for librdkafka to find the group coordinator, which took 45 s a
-        batch after a broker restart, with every table of the process stalled behind it."""
+        batch after a broker restart, with every table of the process stalled behind it. Never from
+        the write thread: confluent-kafka lets one thread at a time into a consumer, and a
+        revocation served inside a poll waits for the write thread (a deadlock)."""
+        offsets, self._group_offsets_due = self._group_offsets_due, {}
+        if not offsets:
+            return
         try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in batch.end.items()],
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
                                  asynchronous=True)
         except KafkaException as exc:
             self._group_committed(exc.args[0], [])
@@ -680,25 +696,60 @@ class TableWriter:
         return True
 
     def lag(self) -> int:
-        """Messages between what is committed to the table and the log end, summed."""
+        """Messages between what is committed to the table and the log end, summed over the
+        partitions this writer holds."""
         self.settle()
         total = 0
         recorded = tables.recorded_offsets(self.table).get(self.topic, {})
         for partition in sorted(self.assigned):
-            tp = TopicPartition(self.topic, partition)
             try:
                 # The watermarks every fetch response carries are fresh while we consume; ask the
                 # broker only before the first fetch has reported them.
-                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if high < 0:
-                    low, high = self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+                behind = self._behind(partition, recorded, cached=True)
             except KafkaException as exc:  # broker away: unknown lag is not "caught up"
                 log.warning("stream.lag_unknown", table=self.table_name, partition=partition, error=str(exc))
                 return -1
-            behind = max(0, high - max(recorded.get(partition, low), low))
             CONSUMER_LAG.labels(self.table_name, self.topic, str(partition)).set(behind)
             total += behind
         return total
+
+    def _behind(self, partition: int, recorded: dict[int, int], cached: bool) -> int:
+        tp = TopicPartition(self.topic, partition)
+        low, high = self.consumer.get_watermark_offsets(tp, cached=True) if cached else (-1, -1)
+        if high < 0:
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+        return max(0, high - max(recorded.get(partition, low), low))
+
+    def left_behind(self, quiet_seconds: float) -> bool:
+        """Whether the topic holds messages past the table's offsets, in any partition, while
+        nobody has committed to the table for `quiet_seconds`: whoever holds those partitions, if
+        anyone, is not writing them. False while the broker cannot say."""
+        self.settle()
+        self.table = self.table.refresh()
+        snapshot = self.table.current_snapshot()
+        if snapshot is not None and time.time() - snapshot.timestamp_ms / 1000 < quiet_seconds:
+            return False
+        recorded = tables.recorded_offsets(self.table).get(self.topic, {})
+        try:
+            partitions = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+            return any(self._behind(p, recorded, cached=False) for p in partitions)
+        except KafkaException as exc:
+            log.warning("stream.lag_unknown", table=self.table_name, error=str(exc))
+            return False
+
+    def rejoin(self) -> None:
+        """This consumer closed and a new one subscribed in its place. librdkafka can leave a
+        consumer out of its group, or its fetchers idle, after the group coordinator comes back
+        (librdkafka issues 3082, 2944, 4492): a new consumer joins afresh, and resumes from the
+        table's offsets like any writer given partitions. Its open batch is dropped with them."""
+        self.settle()
+        self.consumer.close()  # leaves the group, revoking what it held (`_on_revoke`)
+        self.batch = Batch()
+        self.assigned.clear()
+        self.unrecorded.clear()
+        self.assignment_changed_at = time.monotonic()
+        self.consumer = Consumer(self._consumer_config)
+        self.start()
 
     def close(self) -> None:
         if self._writing is not None and (error := self._writing.exception()) is not None:
