@@ -6,10 +6,13 @@ consumer too. A writer that is caught up, fed recently or just assigned is left 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from k2.stream.runner import FetchStallWatch
+from k2.stream.writer import TableWriter
 
 pytestmark = pytest.mark.unit
 
@@ -90,3 +93,30 @@ def test_a_caught_up_recently_fed_or_just_assigned_writer_is_left_alone():
     FetchStallWatch(stall_seconds=20).check([caught_up, fed, just_assigned])
     assert [w.remedies for w in (caught_up, fed, just_assigned)] == [[], [], []]
     assert fed.flushes == 0 and just_assigned.flushes == 0
+
+
+class _Unreachable:
+    """A table whose catalog is away."""
+
+    def refresh(self):
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+
+class _Corrupt:
+    def refresh(self):
+        raise ValueError("a metadata file that does not parse")
+
+
+def _writer_whose_table(table: object) -> SimpleNamespace:
+    writer = SimpleNamespace(table=table, table_name="trades", settle=lambda: None)
+    writer._left_behind = lambda seconds: TableWriter._left_behind(writer, seconds)
+    return writer
+
+
+def test_a_writer_cannot_tell_it_is_left_behind_while_its_catalog_is_away_and_does_not_act():
+    assert TableWriter.left_behind(_writer_whose_table(_Unreachable()), 60) is False
+
+
+def test_a_fault_that_waiting_does_not_mend_is_raised_not_taken_for_an_outage():
+    with pytest.raises(ValueError, match="does not parse"):
+        TableWriter.left_behind(_writer_whose_table(_Corrupt()), 60)

@@ -723,19 +723,24 @@ class TableWriter:
     def left_behind(self, quiet_seconds: float) -> bool:
         """Whether the topic holds messages past the table's offsets, in any partition, while
         nobody has committed to the table for `quiet_seconds`: whoever holds those partitions, if
-        anyone, is not writing them. False while the broker cannot say."""
+        anyone, is not writing them. False while the catalog or the broker cannot say."""
         self.settle()
+        try:
+            return self._left_behind(quiet_seconds)
+        except Exception as exc:
+            if (dependency := faults.transient_dependency(exc)) is None:
+                raise
+            log.warning("stream.lag_unknown", table=self.table_name, dependency=dependency, error=str(exc))
+            return False
+
+    def _left_behind(self, quiet_seconds: float) -> bool:
         self.table = self.table.refresh()
         snapshot = self.table.current_snapshot()
         if snapshot is not None and time.time() - snapshot.timestamp_ms / 1000 < quiet_seconds:
             return False
         recorded = tables.recorded_offsets(self.table).get(self.topic, {})
-        try:
-            partitions = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
-            return any(self._behind(p, recorded, cached=False) for p in partitions)
-        except KafkaException as exc:
-            log.warning("stream.lag_unknown", table=self.table_name, error=str(exc))
-            return False
+        partitions = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+        return any(self._behind(p, recorded, cached=False) for p in partitions)
 
     def rejoin(self) -> None:
         """This consumer closed and a new one subscribed in its place. librdkafka can leave a
