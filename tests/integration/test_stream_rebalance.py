@@ -238,8 +238,7 @@ def test_a_writer_given_a_new_consumer_leaves_its_group_and_resumes_from_the_tab
     # a member that had not left would hold its partitions until its session timed out (10 s)
     took = time.monotonic() - rejoined
     assert took < 8, f"the new consumer waited {took:.0f}s for the old one's partitions"
-    while writer.batch.messages < n_trades:
-        writer.poll(0.05)
+    _poll_until([writer], lambda: writer.batch.messages == n_trades, "the new consumer to buffer every trade again")
     writer.flush()
     assert writer.lag() == 0 and not writer.left_behind(0)
     writer.close()
