@@ -31,6 +31,7 @@ class Writer:
         self.assigned = {0, 1}
         self.remedies: list[str] = []
         self.flushes = 0
+        self.asked_left_behind = 0
 
     def flush(self) -> None:
         self.flushes += 1
@@ -39,6 +40,7 @@ class Writer:
         return self.behind
 
     def left_behind(self, quiet_seconds: float) -> bool:
+        self.asked_left_behind += 1
         return self.behind > 0 and self.table_quiet_for >= quiet_seconds
 
     def reseek(self) -> None:
@@ -49,7 +51,9 @@ class Writer:
 
 
 def _a_quiet_period_later(watch: FetchStallWatch, writer: Writer, seconds: float) -> None:
-    watch.last_action[id(writer)] -= seconds
+    watch.last_check[id(writer)] -= seconds
+    if id(writer) in watch.reseeked_at:
+        watch.reseeked_at[id(writer)] -= seconds
     writer.last_message_at -= seconds
     writer.assignment_changed_at -= seconds
 
@@ -83,6 +87,18 @@ def test_a_writer_its_group_left_without_partitions_rejoins_only_when_nobody_wri
         writer.assigned = set()
     FetchStallWatch(stall_seconds=20, rejoin_seconds=60).check([orphaned, spare, revoked_lately])
     assert [w.remedies for w in (orphaned, spare, revoked_lately)] == [["rejoin"], [], []]
+
+
+def test_a_spare_writer_asks_whether_its_table_is_left_behind_once_a_period_not_every_turn():
+    spare = Writer(behind=500, quiet_for=90, assigned_for=90, table_quiet_for=5)  # a peer writes the table
+    spare.assigned = set()
+    watch = FetchStallWatch(stall_seconds=20, rejoin_seconds=60)
+    for _ in range(3):  # idle turns of the poll loop, 0.1 s apart
+        watch.check([spare])
+    assert spare.asked_left_behind == 1
+    _a_quiet_period_later(watch, spare, 61)
+    watch.check([spare])
+    assert (spare.asked_left_behind, spare.remedies) == (2, [])
 
 
 def test_a_caught_up_recently_fed_or_just_assigned_writer_is_left_alone():

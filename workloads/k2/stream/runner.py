@@ -216,35 +216,42 @@ class FetchStallWatch:
     def __init__(self, stall_seconds: float = FETCH_STALL_SECONDS, rejoin_seconds: float = REJOIN_SECONDS) -> None:
         self.stall_seconds = stall_seconds
         self.rejoin_seconds = rejoin_seconds
-        self.last_action: dict[int, float] = {}
+        self.last_check: dict[int, float] = {}
+        self.reseeked_at: dict[int, float] = {}
 
     def check(self, writers: list[TableWriter]) -> None:
         now = time.monotonic()
         for writer in writers:
-            acted = self.last_action.get(id(writer))
-            quiet_since = max(writer.last_message_at, writer.assignment_changed_at, acted or 0.0)
+            quiet_since = max(writer.last_message_at, writer.assignment_changed_at,
+                              self.last_check.get(id(writer), 0.0))
             if now - quiet_since < self.stall_seconds:
                 continue
             if writer.assigned:
-                self._unstall(writer, now, reseek_failed=acted is not None and writer.last_message_at < acted)
-            elif now - quiet_since >= self.rejoin_seconds and writer.left_behind(self.rejoin_seconds):
-                self._remedy(writer, now, "rejoin", quiet_seconds=round(now - quiet_since))
+                self.last_check[id(writer)] = now
+                self._unstall(writer)
+            elif now - quiet_since >= self.rejoin_seconds:
+                # its table and the broker asked once a period, not on every idle turn of the loop
+                self.last_check[id(writer)] = now
+                if writer.left_behind(self.rejoin_seconds):
+                    self._remedy(writer, "rejoin", quiet_seconds=round(now - quiet_since))
 
-    def _unstall(self, writer: TableWriter, now: float, reseek_failed: bool) -> None:
-        self.last_action[id(writer)] = now
+    def _unstall(self, writer: TableWriter) -> None:
         writer.flush()  # an open batch is not a stall: commit it before measuring
         behind = writer.lag()
         if behind > 0:
-            self._remedy(writer, now, "rejoin" if reseek_failed else "reseek", behind=behind,
-                         quiet_seconds=round(now - writer.last_message_at))
+            reseeked = self.reseeked_at.get(id(writer))
+            reseek_failed = reseeked is not None and writer.last_message_at < reseeked
+            self._remedy(writer, "rejoin" if reseek_failed else "reseek", behind=behind,
+                         quiet_seconds=round(time.monotonic() - writer.last_message_at))
 
-    def _remedy(self, writer: TableWriter, now: float, remedy: str, **figures: int) -> None:
-        self.last_action[id(writer)] = now
+    def _remedy(self, writer: TableWriter, remedy: str, **figures: int) -> None:
         log.warning("stream.fetch_stalled", table=writer.table_name, remedy=remedy, **figures)
         observability.STREAM_STALLS.labels(writer.table_name, remedy).inc()
         if remedy == "reseek":
+            self.reseeked_at[id(writer)] = time.monotonic()
             writer.reseek()
         else:
+            self.reseeked_at.pop(id(writer), None)  # a new consumer's first stall is sought again first
             writer.rejoin()
 
 
