@@ -45,6 +45,7 @@ class _HeldFile:
     times: np.ndarray  # exchange_timestamp of each row, epoch µs
     sequences: np.ndarray
     nbytes: int
+    columns: frozenset[str]  # `rows.column_names` is a new list at every read
 
 
 def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, ...], wanted: int,
@@ -64,7 +65,7 @@ def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, .
         if found is not None and found.num_rows >= wanted and low > found["__k2_ts"][wanted - 1].as_py():
             break  # this file and every later one start after the page's last row
         held = _held(engine, scan.pin, file)
-        if held is None or any(f not in held.rows.column_names for f in fields):
+        if held is None or not held.columns.issuperset(fields):
             return None
         chunks = [window.rows(held, symbol, fields, wanted) for symbol in sorted(set(flt.symbols))]
         found = _first(found, [c for c in chunks if c is not None], wanted)
@@ -97,15 +98,15 @@ def with_prevailing_quotes(engine: Engine, scan: Scan, flt: TickFilter, trades: 
             if low <= newest and high >= oldest]
     sources = [source for source in held if source is not None]
     wanted = ["exchange_timestamp", *quote_fields]
-    if not sources or len(sources) < len(held) or any(f not in s.rows.column_names for s in sources for f in wanted):
+    if not sources or len(sources) < len(held) or any(not s.columns.issuperset(wanted) for s in sources):
         return None  # a file too large to hold, or none to take column types from
-    tail = _tail_held(scan.pin, trades["__k2_symbol"].unique())
+    tail = _tail_held(scan.pin, trades)
     if tail is not None:
         sources.append(tail)
     best = _Prevailing(len(times))
     for symbol, at in _rows_by_symbol(trades):
-        exchanges = set(trades["exchange"].take(at).to_pylist())
-        if len(exchanges) != 1 or not best.search(sources, symbol, exchanges.pop(), at, times[at]):
+        exchanges = trades["exchange"].take(at).unique()
+        if len(exchanges) != 1 or not best.search(sources, symbol, exchanges[0].as_py(), at, times[at]):
             return None
     quotes = best.take(sources, wanted, fresh=times - best.times <= tolerance_us)
     record_query("held_quotes_page", "ok", started)
@@ -147,8 +148,10 @@ class _Prevailing:
 
     def take(self, sources: list[_HeldFile], columns: list[str], fresh: np.ndarray) -> pa.Table:
         """`columns` of each trade's quote, in trade order; nulls where none was found or not `fresh`."""
-        schema = sources[0].rows.select(columns).schema
         found = fresh & (self.sources >= 0)
+        if len(sources) == 1:  # the usual page, one day's file: one take, a null index where none is found
+            return sources[0].rows.select(columns).take(pa.array(self.rows, mask=~found))
+        schema = sources[0].rows.select(columns).schema
         parts, places = [], []
         for k, source in enumerate(sources):
             who = np.flatnonzero(found & (self.sources == k))
@@ -168,12 +171,12 @@ def _rows_by_symbol(trades: pa.Table) -> list[tuple[str, np.ndarray]]:
     return [(name, np.flatnonzero(codes == i)) for i, name in enumerate(encoded.dictionary.to_pylist())]
 
 
-def _tail_held(pin: Pin, symbols: pa.Array) -> _HeldFile | None:
-    """The live tail's quotes of `symbols`, indexed as a held file (per request: the tail moves)."""
+def _tail_held(pin: Pin, trades: pa.Table) -> _HeldFile | None:
+    """The live tail's quotes of the trades' symbols, indexed as a held file (per request: the tail moves)."""
     tail = pin.tail
     if tail is None or not tail.table.num_rows:
         return None
-    rows = tail.table.filter(pc.is_in(tail.table["symbol"], symbols))
+    rows = tail.table.filter(pc.is_in(tail.table["symbol"], trades["__k2_symbol"].unique()))
     if not rows.num_rows:
         return None
     return _index(rows.sort_by([("symbol", "ascending"), ("exchange_timestamp", "ascending"),
@@ -192,12 +195,11 @@ def _answerable(engine: Engine, scan: Scan, flt: TickFilter) -> bool:
 
 
 def _first(found: pa.Table | None, chunks: list[pa.Table], wanted: int) -> pa.Table | None:
-    """The first `wanted` rows of `found` and `chunks` together, in tick order."""
+    """The first `wanted` rows of `found` and `chunks` together, in tick order (each is in it)."""
     tables = ([found] if found is not None else []) + chunks
-    if not tables:
-        return None
-    merged = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return merged.sort_by(_ORDER).slice(0, wanted)
+    if len(tables) < 2:  # a page of one symbol in one file: already in order, nothing to sort
+        return tables[0].slice(0, wanted) if tables else None
+    return pa.concat_tables(tables).sort_by(_ORDER).slice(0, wanted)
 
 
 class _Window:
@@ -298,4 +300,5 @@ def _index(rows: pa.Table) -> _HeldFile:
             of_symbol[symbol] = frozenset(exchange_names[c] for c in np.unique(exchange_codes[first:end]))
     times = rows["exchange_timestamp"].cast(pa.int64()).to_numpy()
     sequences = rows["sequence_number"].to_numpy()
-    return _HeldFile(rows, spans, of_symbol, times, sequences, rows.nbytes + times.nbytes + sequences.nbytes)
+    return _HeldFile(rows, spans, of_symbol, times, sequences, rows.nbytes + times.nbytes + sequences.nbytes,
+                     frozenset(rows.column_names))
