@@ -13,8 +13,12 @@ This process makes the topics and the tables first, once, so the table processes
 create them and an unreachable dependency is reported here as one process reports it. Then it
 supervises:
 - SIGTERM or SIGINT reaches every table's process, which flushes and commits its open batch;
+  one still running `STOP_GRACE_SECONDS` later is killed, and the run fails: a process wedged in
+  librdkafka or a catalog call never runs its signal handler, and a stop must not wait forever
+  (what it had not committed is read again by the next run);
 - a table's process that fails stops the others and fails the run (it logs its own error);
-- a table's process whose supervisor is gone stops itself: none keeps writing after a SIGKILL;
+- a table's process whose supervisor is gone stops itself (within the same grace, wedged or not):
+  none keeps writing, or holds its partitions in the group, after a SIGKILL;
 - the metrics port serves every process's metrics (prometheus-client's multiprocess mode: a gauge
   gains a `pid` label), and `/livez` fails while any table's poll loop has stopped turning.
 """
@@ -48,6 +52,11 @@ log = structlog.get_logger("k2.stream")
 
 _forked = multiprocessing.get_context("forkserver")
 _forked.set_forkserver_preload([runner.__name__])
+
+
+# Under the consumer pod's termination grace (60 s, `k2_operator.render.pipeline`): the kill and
+# its log line come from here, not from the kubelet.
+STOP_GRACE_SECONDS = 45.0
 
 
 class TableProcessFailed(RuntimeError):
@@ -125,17 +134,24 @@ class _TableProcess:
         return self._results.recv()
 
 
-def _supervise(children: list[_TableProcess], flag: StopFlag) -> None:
-    """Until every table's process has exited; stopped (a signal) or one failing, stop the others."""
-    stopping = False
+def _supervise(children: list[_TableProcess], flag: StopFlag, grace: float = STOP_GRACE_SECONDS) -> None:
+    """Until every table's process has exited; stopped (a signal) or one failing, stop the others,
+    killing any still running `grace` seconds later."""
+    stopping_since: float | None = None
     while running := [c.process for c in children if c.process.exitcode is None]:
         failed = [c.kind for c in children if c.process.exitcode not in (None, 0)]
-        if (flag.stop or failed) and not stopping:
+        if (flag.stop or failed) and stopping_since is None:
             if failed:
                 log.error("stream.table_process_failed", tables=failed, stopping=[p.name for p in running])
             for process in running:
                 process.terminate()  # SIGTERM: it commits its open batch and exits
-            stopping = True
+            stopping_since = time.monotonic()
+        elif stopping_since is not None and time.monotonic() - stopping_since > grace:
+            log.error("stream.table_process_killed", tables=[p.name for p in running], grace_seconds=grace,
+                      reason="still running after SIGTERM; its open batch is read again by the next run")
+            for process in running:
+                process.kill()
+            stopping_since = float("inf")  # killed: only their exits are left to wait for
         wait([p.sentinel for p in running], timeout=0.2)
 
 
@@ -153,14 +169,19 @@ def _table_main(settings: Settings, kind: TableKind, until_idle: float | None, g
     results.send(result)
 
 
-def _stop_when_orphaned() -> None:
-    """SIGTERM to this process once its supervisor is gone (killed without passing a signal on)."""
+def _stop_when_orphaned(grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM to this process once its supervisor is gone (killed without passing a signal on);
+    an exit `grace` seconds later if that did not end it (its loop wedged, the handler never run)."""
     supervisor = multiprocessing.parent_process()
     if supervisor is None:
         return
     supervisor.join()  # its sentinel: the supervisor's end of a pipe, closed when it dies
     log.warning("stream.supervisor_gone", supervisor=supervisor.pid)
     os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    log.error("stream.table_process_exiting", reason="still running after SIGTERM with its supervisor gone",
+              grace_seconds=grace)
+    os._exit(1)
 
 
 @contextmanager
