@@ -1,14 +1,16 @@
 """Ingest and stream throughput on the ASX sample, each against a bare baseline in the same run.
 
 - ingest: parse + number + encode + produce every CSV row, vs. the bare confluent-kafka producer
-  sending the same number of already-serialized payloads (the ceiling);
+  sending the same number of already-serialized payloads (the ceiling), alternating, `--rounds`
+  times each (fresh topics every round), K2 ÷ bare per round and the median;
 - stream: Kafka → Iceberg rows/s of `k2 stream run --until-idle 0.5` on the produced backlog, over
   the whole run (start-up and the 0.5 s idle wait before it returns included) and while consuming
   (first assignment to last commit: a writer commits as soon as it has read everything), and end-to-end wall time
   CSV → Kafka → Iceberg, vs. a bare pyarrow Parquet (zstd) write of the same rows; as deployed (a
   process per table) and with `--one-process`, in the same run;
 - CSV → queryable as deployed: `k2 stream run` already running (its own process, joined) while
-  the CSV is ingested, timed until both tables' current snapshots hold every produced row.
+  the CSV is ingested, timed until both tables' current snapshots hold every produced row;
+  `--rounds` times, each on tables and topics of its own, and the median.
 
 Usage: python benchmarks/bench_pipeline.py --data ../shared/data/asx-2014-03  (needs Kafka + registry;
 `k2 stack up --embedded` or `make bench`).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -80,20 +83,23 @@ def produce_all(settings: Settings, messages: list[tuple[str, bytes, bytes]]) ->
     producer.flush(120)
 
 
-def bench_ingest(data: Path, tmp: Path) -> dict[str, float]:
-    settings = bench_settings(tmp, uuid.uuid4().hex[:6])
-    summary = ingest_files(data, settings, with_reference=False)
-    k2_rate = summary.produced_total / summary.seconds
-
-    # ceiling: the same number of pre-serialized payloads through a bare producer
-    bare_topic = f"bench.bare.{uuid.uuid4().hex[:6]}"
-    payloads = [(bare_topic, key, value) for _topic, key, value in encoded(data, settings)]
-    topics.ensure_topic(topics.admin_client(settings.kafka_bootstrap), topics.TopicSpec(bare_topic, 6))
-    started = time.perf_counter()
-    produce_all(settings, payloads)
-    bare_rate = len(payloads) / (time.perf_counter() - started)
-    return {"messages": summary.produced_total, "k2_msgs_per_s": k2_rate, "bare_msgs_per_s": bare_rate,
-            "ratio": bare_rate / k2_rate}
+def bench_ingest(data: Path, tmp: Path, rounds: int) -> list[dict[str, float]]:
+    """K2's ingest and the bare producer in turn, `rounds` times: on 2 cores either one's rate moves
+    with the machine's state, so each ratio is of two runs next to each other."""
+    payloads = encoded(data, bench_settings(tmp, uuid.uuid4().hex[:6]))
+    results = []
+    for _ in range(rounds):
+        summary = ingest_files(data, bench_settings(tmp, uuid.uuid4().hex[:6]), with_reference=False)
+        k2_rate = summary.produced_total / summary.seconds
+        # ceiling: the same number of pre-serialized payloads through a bare producer
+        settings, bare_topic = bench_settings(tmp, "bare"), f"bench.bare.{uuid.uuid4().hex[:6]}"
+        topics.ensure_topic(topics.admin_client(settings.kafka_bootstrap), topics.TopicSpec(bare_topic, 6))
+        started = time.perf_counter()
+        produce_all(settings, [(bare_topic, key, value) for _topic, key, value in payloads])
+        bare_rate = len(payloads) / (time.perf_counter() - started)
+        results.append({"messages": summary.produced_total, "k2_msgs_per_s": k2_rate, "bare_msgs_per_s": bare_rate,
+                        "ratio": k2_rate / bare_rate})
+    return results
 
 
 def bench_stream(data: Path, tmp: Path, *, per_table: bool) -> dict[str, float]:
@@ -179,18 +185,21 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("K2_ASX_DATA", "../shared/data/asx-2014-03")))
     parser.add_argument("--batch-seconds", type=float, default=0.2,
                         help="the stream's commit interval in the overlapped run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the ingest pair and of CSV → queryable")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        ingest = bench_ingest(args.data, tmp)
+        ingest = bench_ingest(args.data, tmp, args.rounds)
         streams = {"a process per table": bench_stream(args.data, tmp, per_table=True),
                    "one process": bench_stream(args.data, tmp, per_table=False)}
-        overlapped = bench_overlapped(args.data, tmp, args.batch_seconds)
-    print("\n### Ingest (CSV → Kafka), ASX sample\n")
-    print("| messages | K2 msg/s | bare producer msg/s (ceiling) | ceiling ÷ K2 |")
-    print("|---:|---:|---:|---:|")
-    print(f"| {ingest['messages']:,} | {ingest['k2_msgs_per_s']:,.0f} | {ingest['bare_msgs_per_s']:,.0f} | "
-          f"{ingest['ratio']:.2f}× |")
+        overlapped = [bench_overlapped(args.data, tmp, args.batch_seconds) for _ in range(args.rounds)]
+    print(f"\n### Ingest (CSV → Kafka), ASX sample, K2 then the bare producer, {args.rounds} rounds\n")
+    print("| round | messages | K2 msg/s | bare producer msg/s (ceiling) | K2 ÷ bare |")
+    print("|---|---:|---:|---:|---:|")
+    for i, one in enumerate(ingest, 1):
+        print(f"| {i} | {one['messages']:,} | {one['k2_msgs_per_s']:,.0f} | {one['bare_msgs_per_s']:,.0f} | "
+              f"{one['ratio']:.2f} |")
+    print(f"| median | | | | **{statistics.median(one['ratio'] for one in ingest):.2f}** |")
     print("\n### Stream (Kafka → Iceberg) and end to end, ASX sample\n")
     print("| `k2 stream run` | rows | stream rows/s (whole run, the 0.5 s idle exit wait in it) | rows/s consuming "
           "(first assignment → last commit) | "
@@ -202,10 +211,12 @@ def main() -> None:
               f"{stream['end_to_end_seconds']:.2f} | {stream['bare_parquet_seconds']:.2f} | "
               f"{stream['ratio_stream_to_bare_parquet']:.1f}× |")
     print(f"\n### CSV → queryable with the stream running (commits every {args.batch_seconds} s), ASX sample\n")
-    print("| rows | ingest s | CSV → queryable s | rows/s |")
-    print("|---:|---:|---:|---:|")
-    print(f"| {overlapped['rows']:,} | {overlapped['ingest_seconds']:.2f} | {overlapped['queryable_seconds']:.2f} | "
-          f"{overlapped['rows_per_s']:,.0f} |")
+    print("| round | rows | ingest s | CSV → queryable s | rows/s |")
+    print("|---|---:|---:|---:|---:|")
+    for i, one in enumerate(overlapped, 1):
+        print(f"| {i} | {one['rows']:,} | {one['ingest_seconds']:.2f} | {one['queryable_seconds']:.2f} | "
+              f"{one['rows_per_s']:,.0f} |")
+    print(f"| median | | | **{statistics.median(one['queryable_seconds'] for one in overlapped):.2f}** | |")
 
 
 if __name__ == "__main__":
