@@ -91,8 +91,10 @@ def table(name: str, ns: str) -> dict[str, Any]:
 
 
 def pipeline(name: str, asset_class: str) -> dict[str, Any]:
+    """An ASX pipeline; its asset class keeps its topics apart from every other's (the exchange is
+    one of the registry's)."""
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IngestionPipeline", "metadata": {"name": name},
-            "spec": {"exchange": name, "assetClass": asset_class, "topics": {"partitions": 3}}}
+            "spec": {"exchange": "asx", "assetClass": asset_class, "topics": {"partitions": 3}}}
 
 
 def query(name: str, table_name: str) -> dict[str, Any]:
@@ -147,7 +149,7 @@ def main() -> int:
         asset_class = f"b{uuid.uuid4().hex[:6]}"
         latencies = {
             "IcebergTable": [bench.apply_and_wait(table(f"lat-{i}", "bench")) for i in range(args.repeat)],
-            "IngestionPipeline": [bench.apply_and_wait(pipeline(f"p{i}x{asset_class[1:]}", asset_class))
+            "IngestionPipeline": [bench.apply_and_wait(pipeline(f"p{i}x{asset_class[1:]}", f"{asset_class}p{i}"))
                                   for i in range(args.repeat)],
             "QueryService": [bench.apply_and_wait(query(f"q-{i}", "warmup")) for i in range(args.repeat)],
         }
