@@ -18,7 +18,9 @@ latency. As in the OpenMessaging Benchmark, the feed runs `--warmup-seconds` bef
 what happens once per process (the table's first commit, the first queries' planning, the tail's
 opening) is not a sustained feed's latency. The stream commits as deployed (`batch_seconds`, 2 s);
 the API's live tail, not the commit interval, is what makes a tick visible to REST within a second.
-Peak memory is each K2 process's VmHWM from /proc at the end.
+Peak memory is each K2 command's VmHWM from /proc at the end, and its CPU the time used
+during the feed, each summed over the command's process and its children (the stream's table
+processes).
 
     python benchmarks/bench_live.py --rate 20000 --seconds 60 [--source producer] [--batch-seconds 0.2]
 """
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
@@ -72,6 +75,25 @@ def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and every process it started: a K2 command's work may be in its children (the
+    stream's table processes, the ingest's workers)."""
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:  # exiting
+        return [pid]
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    return sum(_cpu_seconds(one) for one in process_tree(pid))
+
+
+def _tree_peak_mb(pid: int) -> float:
+    """The peaks of the process and its children, summed: an upper bound where a forked child shares
+    pages with its parent."""
+    return sum(_peak_mb(one) for one in process_tree(pid))
 
 
 def _record(symbol: str, seq: int) -> dict:
@@ -346,7 +368,7 @@ def main() -> None:
         prober.flush(30)
         load.start()
         measured = {"k2 stream run": stream, "k2 api": api, **load.processes}
-        cpu_before = {name: _cpu_seconds(proc.pid) for name, proc in measured.items()}
+        cpu_before = {name: _tree_cpu_seconds(proc.pid) for name, proc in measured.items()}
         probe_seq, started, sent_before = 1, time.monotonic(), load.sent()
         next_probe = started + args.warmup_seconds
         while load.pump():
@@ -360,8 +382,8 @@ def main() -> None:
             time.sleep(0.0005)
         elapsed = time.monotonic() - started  # the warm-up's feed included, as in `sent`
         sent = load.sent() - sent_before
-        cores = {name: (_cpu_seconds(proc.pid) - cpu_before[name]) / elapsed for name, proc in measured.items()}
-        peaks = {name: (_peak_mb(proc.pid), cores[name]) for name, proc in measured.items()}
+        cores = {name: (_tree_cpu_seconds(proc.pid) - cpu_before[name]) / elapsed for name, proc in measured.items()}
+        peaks = {name: (_tree_peak_mb(proc.pid), cores[name]) for name, proc in measured.items()}
         load.stop()
         prober.flush(60)
         time.sleep(max(3.0, args.batch_seconds * 5))  # the last probes arrive

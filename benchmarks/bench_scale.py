@@ -43,9 +43,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import duckdb
-import psutil
 import pyiceberg
-from bench_live import _peak_mb
+from bench_live import _peak_mb, process_tree
 from bench_pipeline import bench_settings, process_env
 from bench_query import http_request, load_average, markdown, time_interleaved
 
@@ -85,11 +84,7 @@ def _wait_peak_mb(proc: subprocess.Popen) -> float:
     counts the RSS this (large) process had when it forked the child."""
     peaks: dict[int, float] = {}
     while proc.poll() is None:
-        try:
-            tree = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
-        except psutil.Error:  # exiting
-            tree = [proc.pid]
-        for pid in tree:
+        for pid in process_tree(proc.pid):
             try:
                 peaks[pid] = max(peaks.get(pid, 0.0), _peak_mb(pid))  # nan (an exiting process) leaves it
             except OSError:
