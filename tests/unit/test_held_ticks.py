@@ -319,3 +319,41 @@ def test_a_per_file_value_larger_than_the_budget_is_made_once_and_never_kept(eng
     assert store.get(pin, file, make) is None and store.get(pin, file, make) is None
     assert len(made) == 1 and _too_large() == before + 2 and store.currsize == 0
     assert store.get(pin, plain.plan(pin, TickFilter()).files[1], lambda scan: Sized(1000)) == Sized(1000)
+
+
+def test_an_export_whose_files_cannot_be_held_together_is_left_to_sql_and_decodes_none(engines):
+    """Each file fits the budget, all of them do not: an export reading them all from held ticks
+    would evict its own files as it went and, asked again, decode every one again (a polled export
+    over a streaming table's small files took a second a request). SQL answers it, every time."""
+    held, plain = engines
+    sizes = [heldticks._index(plain.run("t", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, "
+                                              "sequence_number", {}, {"src": one})).nbytes
+             for one in _single_file_scans(plain, "trades")]
+    budget_mb = -(-(max(sizes) + 1024) // 2**20)
+    assert sum(sizes) > budget_mb * 2**20, "together the files are more than the budget, which holds any one"
+    small = Engine(held.settings.model_copy(update={"query_tick_cache_mb": budget_mb}))
+    try:
+        flt = TickFilter((_symbols(plain)[0],))  # every day's files
+        expected = _export(plain, flt)
+        made = _made()
+        for _ in range(3):
+            assert _export(small, flt).equals(expected)
+        assert _made() == made, "no file was decoded for an export that cannot be held"
+    finally:
+        small.close()
+    roomy = Engine(held.settings)  # the default budget: the same export is held
+    try:
+        assert _export(roomy, flt).equals(expected)
+        assert _made() > made
+    finally:
+        roomy.close()
+
+
+def _export(engine: Engine, flt: TickFilter) -> pa.Table:
+    rel = ticks.tick_relation(engine, engine.pin("trades"), flt)
+    result = ticks.stream(engine, rel, fields=columns("trades"), limit=None)
+    return pa.Table.from_batches(list(result.batches), result.schema)
+
+
+def _made() -> float:
+    return REGISTRY.get_sample_value("k2_query_held_tick_files_total", {"result": "read"}) or 0

@@ -639,6 +639,14 @@ class PerFile(Generic[S]):
     def currsize(self) -> int:
         return self._held.currsize
 
+    @property
+    def budget(self) -> int:
+        return self._held.maxsize
+
+    def held(self, pin: Pin, file: DataFile) -> S | None:
+        """The value of `file` if it is held (none is made, no use counted)."""
+        return self._held.get((pin.kind, file.file_path))
+
     def get(self, pin: Pin, file: DataFile, make: Callable[[Scan], S]) -> S | None:
         """The value of `file`, made from a scan of that file alone (no tail, no catch-up) if not held;
         None for a file whose value is larger than the budget."""

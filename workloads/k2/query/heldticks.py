@@ -34,6 +34,7 @@ from k2.query.engine import Engine, Pin, Scan, record_query
 from k2.query.filters import TickFilter, micros
 
 KEY_COLUMNS = ("__k2_ts", "__k2_symbol", "__k2_seq")  # a page row's place in tick order
+_ROW_BYTES = 128  # a held row's size in memory until a held file tells (trades: about 110)
 _ORDER = [(c, "ascending") for c in KEY_COLUMNS]
 
 
@@ -77,6 +78,25 @@ def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, .
     if query is not None:
         record_query(query, "ok", started)
     return found
+
+
+def fit_together(engine: Engine, scan: Scan, flt: TickFilter) -> bool:
+    """Whether the held ticks of every file `flt` may read fit in the budget at once (a file not
+    yet held estimated from its row count). A read of more would evict its own files as it went:
+    polled, it would decode every file each time (an export of one symbol over a streaming table's
+    small files took a second a request in `bench_live`); SQL answers it instead."""
+    store = engine.held_ticks
+    if store is None or scan.time_bounds is None:
+        return False
+    window = _Window(flt, None)
+    files = [file for file, (low, high) in zip(scan.files, scan.time_bounds, strict=True) if window.may_hold(low, high)]
+    held = [store.held(scan.pin, file) for file in files]
+    known = [one for one in held if one is not None]
+    rows = sum(one.rows.num_rows for one in known)
+    row_bytes = sum(one.nbytes for one in known) / rows if rows else _ROW_BYTES
+    need = sum(one.nbytes if one is not None else file.record_count * row_bytes
+               for file, one in zip(files, held, strict=True))
+    return need <= store.budget
 
 
 def with_prevailing_quotes(engine: Engine, scan: Scan, flt: TickFilter, trades: pa.Table,

@@ -207,6 +207,10 @@ def _held_stream(engine: Engine, rel: Relation, fields: tuple[str, ...], limit: 
                  held_up_to: int) -> ResultStream | None:
     if rel.ticks is None or rel.quotes_within is not None:
         return None
+    # An export reads every file of its range (a page stops at its last row): only from held ticks
+    # when all of them can be held at once.
+    if not heldticks.fit_together(engine, rel.scans[rel.paged], rel.ticks):
+        return None
     started = time.perf_counter()
     wanted = held_up_to + 1 if limit is None else min(limit, held_up_to + 1)  # one more: too many to hold
     rows = heldticks.first_rows(engine, rel.scans[rel.paged], rel.ticks, fields, wanted, None, query=None)
