@@ -357,3 +357,26 @@ def _export(engine: Engine, flt: TickFilter) -> pa.Table:
 
 def _made() -> float:
     return REGISTRY.get_sample_value("k2_query_held_tick_files_total", {"result": "read"}) or 0
+
+
+def test_a_page_reading_more_files_than_can_be_held_together_stops_before_the_one_that_does_not_fit(engines):
+    """A page that finds no row reads every file of its range (here: a symbol between the files'
+    least and greatest, so no file is pruned). With room for one file, it must not evict what it read to decode the next, over and over:
+    it stops, SQL answers, and asked again it decodes nothing."""
+    held, plain = engines
+    sizes = [heldticks._index(plain.run("t", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, "
+                                              "sequence_number", {}, {"src": one})).nbytes
+             for one in _single_file_scans(plain, "trades")]
+    budget_mb = -(-(max(sizes) + 1024) // 2**20)
+    assert sum(sizes) > budget_mb * 2**20
+    small = Engine(held.settings.model_copy(update={"query_tick_cache_mb": budget_mb}))
+    try:
+        flt = TickFilter((_symbols(plain)[0] + "Z",))
+        expected = _all_pages(plain, "trades", flt, 100)
+        assert _all_pages(small, "trades", flt, 100) == expected
+        made = _made()
+        for _ in range(3):
+            assert _all_pages(small, "trades", flt, 100) == expected
+        assert _made() == made, "asked again, the page decoded no file"
+    finally:
+        small.close()

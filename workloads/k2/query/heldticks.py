@@ -58,14 +58,14 @@ def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, .
         return None
     assert scan.time_bounds is not None
     started = time.perf_counter()
-    window = _Window(flt, after)
+    window, reading = _Window(flt, after), _Reading(engine, scan.pin)
     found: pa.Table | None = None
     for file, (low, high) in zip(scan.files, scan.time_bounds, strict=True):
         if not window.may_hold(low, high):
             continue
         if found is not None and found.num_rows >= wanted and low > found["__k2_ts"][wanted - 1].as_py():
             break  # this file and every later one start after the page's last row
-        held = _held(engine, scan.pin, file)
+        held = reading.held(file)
         if held is None or not held.columns.issuperset(fields):
             return None
         chunks = [window.rows(held, symbol, fields, wanted) for symbol in sorted(set(flt.symbols))]
@@ -82,9 +82,8 @@ def first_rows(engine: Engine, scan: Scan, flt: TickFilter, fields: tuple[str, .
 
 def fit_together(engine: Engine, scan: Scan, flt: TickFilter) -> bool:
     """Whether the held ticks of every file `flt` may read fit in the budget at once (a file not
-    yet held estimated from its row count). A read of more would evict its own files as it went:
-    polled, it would decode every file each time (an export of one symbol over a streaming table's
-    small files took a second a request in `bench_live`); SQL answers it instead."""
+    yet held estimated from its row count): a read that does not stop early (an export) is only
+    worth starting then (`_Reading`)."""
     store = engine.held_ticks
     if store is None or scan.time_bounds is None:
         return False
@@ -92,11 +91,38 @@ def fit_together(engine: Engine, scan: Scan, flt: TickFilter) -> bool:
     files = [file for file, (low, high) in zip(scan.files, scan.time_bounds, strict=True) if window.may_hold(low, high)]
     held = [store.held(scan.pin, file) for file in files]
     known = [one for one in held if one is not None]
-    rows = sum(one.rows.num_rows for one in known)
-    row_bytes = sum(one.nbytes for one in known) / rows if rows else _ROW_BYTES
+    row_bytes = _row_bytes(sum(one.nbytes for one in known), sum(one.rows.num_rows for one in known))
     need = sum(one.nbytes if one is not None else file.record_count * row_bytes
                for file, one in zip(files, held, strict=True))
     return need <= store.budget
+
+
+def _row_bytes(nbytes: int, rows: int) -> float:
+    return nbytes / rows if rows else _ROW_BYTES
+
+
+class _Reading:
+    """The held files one request reads, within the budget together. A request needing more would
+    evict its own files as it went and, asked again, decode every one again (an export of one
+    symbol over a streaming table's small files, polled, took a second a request in `bench_live`);
+    it stops before the file that would not fit, and SQL answers it. Its files stay held, so asked
+    again it decodes nothing."""
+
+    def __init__(self, engine: Engine, pin: Pin) -> None:
+        assert engine.held_ticks is not None
+        self.engine, self.pin, self.store = engine, pin, engine.held_ticks
+        self.nbytes = self.rows = 0
+
+    def held(self, file: DataFile) -> _HeldFile | None:
+        """The file's held ticks; None when it is too large, alone (the store knows, once it has
+        decoded it) or beside those read so far (estimated from its row count)."""
+        if (self.nbytes and self.store.held(self.pin, file) is None
+                and self.nbytes + file.record_count * _row_bytes(self.nbytes, self.rows) > self.store.budget):
+            return None
+        held = _held(self.engine, self.pin, file)
+        if held is not None:
+            self.nbytes, self.rows = self.nbytes + held.nbytes, self.rows + held.rows.num_rows
+        return held
 
 
 def with_prevailing_quotes(engine: Engine, scan: Scan, flt: TickFilter, trades: pa.Table,
