@@ -326,12 +326,7 @@ def test_an_export_whose_files_cannot_be_held_together_is_left_to_sql_and_decode
     would evict its own files as it went and, asked again, decode every one again (a polled export
     over a streaming table's small files took a second a request). SQL answers it, every time."""
     held, plain = engines
-    sizes = [heldticks._index(plain.run("t", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, "
-                                              "sequence_number", {}, {"src": one})).nbytes
-             for one in _single_file_scans(plain, "trades")]
-    budget_mb = -(-(max(sizes) + 1024) // 2**20)
-    assert sum(sizes) > budget_mb * 2**20, "together the files are more than the budget, which holds any one"
-    small = Engine(held.settings.model_copy(update={"query_tick_cache_mb": budget_mb}))
+    small = Engine(held.settings.model_copy(update={"query_tick_cache_mb": _room_for_one_file(plain)}))
     try:
         flt = TickFilter((_symbols(plain)[0],))  # every day's files
         expected = _export(plain, flt)
@@ -349,6 +344,16 @@ def test_an_export_whose_files_cannot_be_held_together_is_left_to_sql_and_decode
         roomy.close()
 
 
+def _room_for_one_file(plain: Engine) -> int:
+    """A budget in MB that holds any one trades file's ticks, not all of them together."""
+    sizes = [heldticks._index(plain.run("t", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, "
+                                              "sequence_number", {}, {"src": one})).nbytes
+             for one in _single_file_scans(plain, "trades")]
+    budget_mb = -(-(max(sizes) + 1024) // 2**20)
+    assert sum(sizes) > budget_mb * 2**20, "together the files are more than the budget, which holds any one"
+    return budget_mb
+
+
 def _export(engine: Engine, flt: TickFilter) -> pa.Table:
     rel = ticks.tick_relation(engine, engine.pin("trades"), flt)
     result = ticks.stream(engine, rel, fields=columns("trades"), limit=None)
@@ -361,15 +366,11 @@ def _made() -> float:
 
 def test_a_page_reading_more_files_than_can_be_held_together_stops_before_the_one_that_does_not_fit(engines):
     """A page that finds no row reads every file of its range (here: a symbol between the files'
-    least and greatest, so no file is pruned). With room for one file, it must not evict what it read to decode the next, over and over:
-    it stops, SQL answers, and asked again it decodes nothing."""
+    least and greatest, so no file is pruned). With room for one file, it must not evict what it
+    read to decode the next, over and over: it stops, SQL answers, and asked again it decodes
+    nothing."""
     held, plain = engines
-    sizes = [heldticks._index(plain.run("t", "SELECT * FROM {src} ORDER BY symbol, exchange_timestamp, "
-                                              "sequence_number", {}, {"src": one})).nbytes
-             for one in _single_file_scans(plain, "trades")]
-    budget_mb = -(-(max(sizes) + 1024) // 2**20)
-    assert sum(sizes) > budget_mb * 2**20
-    small = Engine(held.settings.model_copy(update={"query_tick_cache_mb": budget_mb}))
+    small = Engine(held.settings.model_copy(update={"query_tick_cache_mb": _room_for_one_file(plain)}))
     try:
         flt = TickFilter((_symbols(plain)[0] + "Z",))
         expected = _all_pages(plain, "trades", flt, 100)
