@@ -14,7 +14,8 @@ A page of trades with their prevailing quotes (`with_prevailing_quotes`) takes i
 each trade's quote by a binary search per held quotes file.
 
 Files are kept per process up to `query_tick_cache_mb` (K2_QUERY_TICK_CACHE_MB), least recently
-used out first.
+used out first; a request reads held files only while they fit the budget together (`_Reading`,
+`fit_together`), so none evicts its own files.
 """
 
 from __future__ import annotations
