@@ -97,6 +97,29 @@ class _Stack:
             service.stop()
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def load_benchmark() -> Callable[[str], Any]:
+    """Loads `benchmarks/<name>.py` as a module (they are scripts, not a package; each imports the
+    others by name, so the folder is on the path while it loads)."""
+    import importlib.util
+
+    def load(name: str) -> Any:
+        sys.path.insert(0, str(BENCHMARKS))
+        try:
+            spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        finally:
+            sys.path.remove(str(BENCHMARKS))
+
+    return load
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[None]:
     """A Docker engine (started on demand) for the image, docker and kind tests, or a skip with the

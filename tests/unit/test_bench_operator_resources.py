@@ -5,28 +5,14 @@ are generated from (`k2_operator.models`)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
 from k2_operator.models import KINDS
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_operator.py"
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_operator", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("kind", [k.kind for k in KINDS])
-def test_every_resource_the_operator_benchmark_applies_is_valid(kind: str):
-    bench = _bench()
+def test_every_resource_the_operator_benchmark_applies_is_valid(kind: str, load_benchmark):
+    bench = load_benchmark("bench_operator")
     bodies = {"IcebergTable": [bench.table("lat-0", "bench")],
               "IngestionPipeline": [bench.pipeline(f"p{i}xabc123", f"babc123p{i}") for i in range(2)],
               "QueryService": [bench.query("q-0", "warmup")]}[kind]

@@ -4,14 +4,9 @@ reported the stream at 0.00 cores."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
-from pathlib import Path
-from types import ModuleType
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 # A parent that only waits while its child burns CPU, as `k2 stream run`'s supervisor waits on its tables.
 PARENT = """
@@ -21,20 +16,8 @@ child.wait()
 """
 
 
-def _bench_live() -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # its own imports of the other benchmarks
-    try:
-        spec = importlib.util.spec_from_file_location("bench_live", BENCH / "bench_live.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_a_commands_cpu_and_memory_include_its_children():
-    bench = _bench_live()
+def test_a_commands_cpu_and_memory_include_its_children(load_benchmark):
+    bench = load_benchmark("bench_live")
     parent = subprocess.Popen([sys.executable, "-c", PARENT])
     try:
         deadline = time.monotonic() + 30
