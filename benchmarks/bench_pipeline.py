@@ -86,16 +86,18 @@ def produce_all(settings: Settings, messages: list[tuple[str, bytes, bytes]]) ->
 def bench_ingest(data: Path, tmp: Path, rounds: int) -> list[dict[str, float]]:
     """K2's ingest and the bare producer in turn, `rounds` times: on 2 cores either one's rate moves
     with the machine's state, so each ratio is of two runs next to each other."""
-    payloads = encoded(data, bench_settings(tmp, uuid.uuid4().hex[:6]))
+    # ceiling: the same number of pre-serialized payloads through a bare producer, to a topic a round
+    settings = bench_settings(tmp, "bare")
+    payloads = [(key, value) for _topic, key, value in encoded(data, settings)]
     results = []
     for _ in range(rounds):
         summary = ingest_files(data, bench_settings(tmp, uuid.uuid4().hex[:6]), with_reference=False)
         k2_rate = summary.produced_total / summary.seconds
-        # ceiling: the same number of pre-serialized payloads through a bare producer
-        settings, bare_topic = bench_settings(tmp, "bare"), f"bench.bare.{uuid.uuid4().hex[:6]}"
+        bare_topic = f"bench.bare.{uuid.uuid4().hex[:6]}"
         topics.ensure_topic(topics.admin_client(settings.kafka_bootstrap), topics.TopicSpec(bare_topic, 6))
+        messages = [(bare_topic, key, value) for key, value in payloads]
         started = time.perf_counter()
-        produce_all(settings, [(bare_topic, key, value) for _topic, key, value in payloads])
+        produce_all(settings, messages)
         bare_rate = len(payloads) / (time.perf_counter() - started)
         results.append({"messages": summary.produced_total, "k2_msgs_per_s": k2_rate, "bare_msgs_per_s": bare_rate,
                         "ratio": k2_rate / bare_rate})
